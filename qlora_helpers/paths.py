@@ -1,0 +1,77 @@
+"""Where things live: the project root, run folders, caches; and atomic file writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+OUTPUTS_DIR = PROJECT_ROOT / "outputs"
+
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def cache_dir(configured: str | None = None) -> Path:
+    """Cache for converted and built models: config value, $QLORA_CACHE_DIR, or ~/.cache/qlora-notebooks."""
+    root = configured or os.environ.get("QLORA_CACHE_DIR") or "~/.cache/qlora-notebooks"
+    return Path(root).expanduser()
+
+
+def run_dir(run_name: str, outputs_dir: str | Path | None = None, create: bool = True) -> Path:
+    """The folder of one run, `outputs/<run_name>/`."""
+    from .errors import QLoraError
+
+    if not _RUN_NAME.match(run_name or ""):
+        raise QLoraError(f"Run name {run_name!r} is not usable as a folder name: use letters, "
+                         f"digits, '.', '_' and '-', starting with a letter or digit.")
+    base = Path(outputs_dir) if outputs_dir else OUTPUTS_DIR
+    if not base.is_absolute():
+        base = PROJECT_ROOT / base
+    path = base / run_name
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_json_atomic(path: str | Path, data: Any) -> Path:
+    """Write JSON to a temporary file beside `path`, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2, default=str)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def replace_dir_atomic(tmp_dir: Path, final_dir: Path) -> Path:
+    """Move a fully written folder into place; an older copy is removed only after the move."""
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    old = None
+    if final_dir.exists():
+        old = final_dir.with_name(f".{final_dir.name}.old-{os.getpid()}")
+        os.replace(final_dir, old)
+    os.replace(tmp_dir, final_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return final_dir
+
+
+def read_json(path: str | Path) -> Any:
+    from .errors import QLoraError
+
+    path = Path(path)
+    if not path.is_file():
+        raise QLoraError(f"{path} does not exist. Run the stage that writes it first "
+                         f"(python -m qlora_helpers run --stages ...).")
+    return json.loads(path.read_text(encoding="utf-8"))

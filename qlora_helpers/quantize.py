@@ -1,0 +1,132 @@
+"""Stage 02: what 4-bit quantization costs and saves, measured on the configured model.
+
+Loads the model twice (full precision and 4-bit), then compares memory, per-layer weight error
+(NF4 against FP4 on the same weights), one generation each, and held-out perplexity.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from .data import heldout_examples
+from .evaluate import heldout_loss
+from .generation import generate, render_prompt
+from .models import load_model, load_tokenizer, resolve_model
+from .paths import write_json_atomic
+from .runs import Run
+
+SAMPLE_INSTRUCTION = "Give three tips for staying healthy."
+
+
+def load_full_and_quantized(run: Run) -> dict[str, Any]:
+    """The tokenizer, the full-precision model and the 4-bit model, with their load times."""
+    cfg = run.cfg
+    resolved = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, resolved)
+    t0 = time.perf_counter()
+    full = load_model(cfg.model, cfg.quant, run.compute_dtype, run.device, quantized=False, resolved=resolved)
+    t1 = time.perf_counter()
+    quant = load_model(cfg.model, cfg.quant, run.compute_dtype, run.device, quantized=True, resolved=resolved)
+    t2 = time.perf_counter()
+    return {"tokenizer": tokenizer, "full": full, "quantized": quant, "source": resolved.description,
+            "load_seconds": {"full": t1 - t0, "quantized": t2 - t1}}
+
+
+def _quant_state_bytes(state) -> int:
+    size = state.absmax.numel() * state.absmax.element_size() + state.code.numel() * state.code.element_size()
+    if getattr(state, "nested", False) and state.state2 is not None:
+        size += _quant_state_bytes(state.state2)
+    return size
+
+
+def _linear_4bit_modules(model):
+    import bitsandbytes as bnb
+
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+
+def memory_footprint(full, quantized) -> dict[str, Any]:
+    """Whole-model and linear-weight bytes: 16-bit reference, the loaded full model, 4-bit."""
+    full_modules = dict(full.named_modules())
+    linear_full = linear_4bit = linear_params = 0
+    for name, module in _linear_4bit_modules(quantized):
+        weight = full_modules[name].weight
+        linear_params += weight.numel()
+        linear_full += weight.numel() * weight.element_size()
+        linear_4bit += module.weight.numel() * module.weight.element_size()
+        linear_4bit += _quant_state_bytes(module.weight.quant_state)
+    n_params = sum(p.numel() for p in full.parameters())
+    return {
+        "parameters": n_params,
+        "full_dtype": str(next(full.parameters()).dtype).replace("torch.", ""),
+        "model_bytes": {"fp16_reference": n_params * 2, "full": full.get_memory_footprint(),
+                        "4bit": quantized.get_memory_footprint()},
+        "linear_weight_bytes": {"fp16_reference": linear_params * 2, "full": linear_full, "4bit": linear_4bit},
+        "linear_bits_per_param": 8 * linear_4bit / linear_params,
+        "linear_4bit_vs_full": linear_4bit / linear_full,
+        "linear_4bit_vs_fp16": linear_4bit / (linear_params * 2),
+        "quantized_layers": len(_linear_4bit_modules(quantized)),
+    }
+
+
+def layer_errors(full, quantized, double_quant: bool, blocksize: int = 64) -> list[dict[str, Any]]:
+    """Relative Frobenius error ||W - deq(q(W))|| / ||W|| per quantized layer, for NF4 and FP4."""
+    import bitsandbytes.functional as F
+    import torch
+
+    full_modules = dict(full.named_modules())
+    rows = []
+    for name, module in tqdm(_linear_4bit_modules(quantized), desc="per-layer error", leave=False):
+        w = full_modules[name].weight.data.float()
+        norm = w.norm().item()
+        row = {"layer": name, "shape": list(w.shape)}
+        loaded = F.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+        row[f"{module.weight.quant_type}_loaded"] = (loaded - w).norm().item() / norm
+        for qt in ("nf4", "fp4"):
+            packed, state = F.quantize_4bit(w.to(module.weight.data.device), blocksize=blocksize,
+                                            quant_type=qt, compress_statistics=double_quant)
+            deq = F.dequantize_4bit(packed, state).float()
+            row[qt] = (deq - w).norm().item() / norm
+        rows.append(row)
+        del w
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return rows
+
+
+def compare_generations(tokenizer, models: dict[str, Any], max_new_tokens: int,
+                        instruction: str = SAMPLE_INSTRUCTION) -> dict[str, str]:
+    """One greedy answer per model to the same instruction (chat template when the tokenizer has one)."""
+    style = "chat" if tokenizer.chat_template else "alpaca"
+    prompt = render_prompt(tokenizer, instruction, style)
+    return {name: generate(model, tokenizer, [prompt], max_new_tokens)[0] for name, model in models.items()}
+
+
+def compare_perplexity(run: Run, tokenizer, models: dict[str, Any]) -> dict[str, Any]:
+    """Held-out loss/perplexity of each model on the same examples from the eval split."""
+    cfg = run.cfg
+    pairs = heldout_examples(cfg.data, cfg.eval.perplexity_samples)
+    return {name: heldout_loss(model, tokenizer, pairs, cfg.eval.batch_size, cfg.model.max_seq_length,
+                               desc=f"perplexity ({name})")
+            for name, model in models.items()}
+
+
+def summarize_errors(errors: list[dict[str, Any]]) -> dict[str, float]:
+    import statistics
+
+    return {f"{qt}_{stat}": fn([r[qt] for r in errors])
+            for qt in ("nf4", "fp4") for stat, fn in (("mean", statistics.fmean), ("max", max))}
+
+
+def write_quantization_report(run: Run, **sections: Any) -> str:
+    """Write `quantization.json`: the given sections plus the error summary and the key ratio."""
+    report = dict(sections)
+    if "layer_errors" in report:
+        report["layer_error_summary"] = summarize_errors(report["layer_errors"])
+    if "perplexity" in report:
+        ppl = report["perplexity"]
+        report["perplexity_ratio_4bit_vs_full"] = ppl["4bit"]["perplexity"] / ppl["full"]["perplexity"]
+    return str(write_json_atomic(run.path / "quantization.json", report))

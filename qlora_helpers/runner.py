@@ -1,0 +1,72 @@
+"""Run the stage notebooks headless with papermill, one run folder per run.
+
+Executed copies go to `outputs/<run>/notebooks/`; the source notebooks stay clean. The config is
+validated before any notebook starts, and a failing cell stops the run with the notebook, cell,
+error and the path of the executed copy.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Iterable
+
+from .config import load_config, resolve_config_path
+from .errors import QLoraError
+from .paths import PROJECT_ROOT, run_dir
+
+NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
+
+
+class StageFailed(QLoraError):
+    """A notebook raised while papermill executed it."""
+
+
+def available_stages() -> dict[str, Path]:
+    """{'01': notebooks/01_setup.ipynb, ...} for every numbered notebook present."""
+    return {p.name[:2]: p for p in sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))}
+
+
+def select_stages(stages: str | Iterable[str] | None) -> list[Path]:
+    known = available_stages()
+    if stages is None:
+        return list(known.values())
+    wanted = [s.strip() for s in (stages.split(",") if isinstance(stages, str) else stages) if s.strip()]
+    unknown = [s for s in wanted if s.zfill(2) not in known]
+    if unknown:
+        raise QLoraError(f"Unknown stage(s) {', '.join(unknown)}; available: {', '.join(known)}.")
+    return [known[s.zfill(2)] for s in sorted(set(wanted), key=lambda s: s.zfill(2))]
+
+
+def run_pipeline(config: str, run_name: str | None = None, overrides: Iterable[str] = (),
+                 stages: str | Iterable[str] | None = None, outputs_dir: str | None = None,
+                 progress: bool = True) -> Path:
+    """Execute the selected stage notebooks in order; return the run folder."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    overrides = list(overrides)
+    config_path = resolve_config_path(config)
+    load_config(config_path, overrides)  # fail on a bad key before any notebook starts
+    run_name = run_name or config_path.stem
+    path = run_dir(run_name, outputs_dir)
+    notebooks = select_stages(stages)
+    parameters = {"config": str(config_path), "run_name": run_name, "overrides": overrides,
+                  "outputs_dir": str(path.parent)}
+    os.environ["QLORA_HEADLESS"] = "1"  # the kernels inherit it: no interactive prompts
+    for i, notebook in enumerate(notebooks, 1):
+        out = path / "notebooks" / notebook.name
+        out.parent.mkdir(parents=True, exist_ok=True)
+        print(f"[{i}/{len(notebooks)}] {notebook.stem} -> {out.relative_to(PROJECT_ROOT) if out.is_relative_to(PROJECT_ROOT) else out}", flush=True)
+        start = time.perf_counter()
+        try:
+            papermill.execute_notebook(str(notebook), str(out), parameters=parameters,
+                                       kernel_name="python3", cwd=str(NOTEBOOK_DIR),
+                                       progress_bar=progress, log_output=False)
+        except PapermillExecutionError as exc:
+            raise StageFailed(
+                f"{notebook.name} failed in cell {exc.exec_count} ({exc.ename}: {exc.evalue}). "
+                f"The executed copy with all outputs is {out}.") from None
+        print(f"    done in {time.perf_counter() - start:.0f} s", flush=True)
+    return path

@@ -1,0 +1,104 @@
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from qlora_helpers.config import CONFIG_DIR, Config, config_from_dict, describe_config, load_config
+from qlora_helpers.errors import ConfigError
+
+PROFILES = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def test_the_four_profiles_exist():
+    assert {"default", "llama2-7b", "qlora-paper", "smoke"} <= set(PROFILES)
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_every_profile_loads_and_round_trips(profile):
+    cfg = load_config(profile)
+    assert isinstance(cfg, Config)
+    assert config_from_dict(cfg.to_dict()) == cfg
+    assert cfg.model.trust_remote_code is False
+
+
+def test_seed_and_paper_recipes():
+    seed = load_config("llama2-7b")
+    assert seed.model.source == "meta-llama/Llama-2-7b-hf"
+    assert (seed.quant.quant_type, seed.quant.double_quant, seed.quant.compute_dtype) == ("nf4", True, "bfloat16")
+    assert seed.lora.target_modules == ["q_proj", "v_proj"]
+    paper = load_config("qlora-paper")
+    assert paper.lora.target_modules == "all-linear"
+    assert (paper.lora.r, paper.lora.alpha, paper.lora.dropout) == (64, 16, 0.1)
+    assert (paper.train.lr_scheduler, paper.train.warmup_ratio, paper.train.max_grad_norm) == ("constant", 0.03, 0.3)
+    assert paper.train.optimizer == "paged_adamw_32bit" and paper.train.group_by_length
+
+
+def test_overrides_are_typed():
+    cfg = load_config("default", ["train.learning_rate=1e-4", "lora.target_modules=all-linear",
+                                  "train.max_steps=7", "model.revision=main"])
+    assert cfg.train.learning_rate == pytest.approx(1e-4)
+    assert isinstance(cfg.train.learning_rate, float)
+    assert cfg.lora.target_modules == "all-linear"
+    assert cfg.train.max_steps == 7
+    assert cfg.model.revision == "main"
+
+
+def test_unknown_key_names_key_suggestion_and_valid_keys():
+    with pytest.raises(ConfigError) as err:
+        load_config("default", ["train.learning_rat=1e-4"])
+    msg = str(err.value)
+    assert "train.learning_rat" in msg and "Did you mean 'learning_rate'" in msg and "max_steps" in msg
+
+
+def test_unknown_section():
+    with pytest.raises(ConfigError, match="Unknown key 'trainer'.*Valid keys: model, quant"):
+        load_config("default", ["trainer.x=1"])
+
+
+def test_wrong_type_names_key_value_and_expected_type():
+    with pytest.raises(ConfigError, match=r"train.max_steps = 'many' is invalid: expected int"):
+        load_config("default", ["train.max_steps=many"])
+    with pytest.raises(ConfigError, match=r"quant.load_in_4bit = 3 is invalid: expected bool"):
+        load_config("default", ["quant.load_in_4bit=3"])
+
+
+def test_bad_choice_lists_the_choices():
+    with pytest.raises(ConfigError) as err:
+        load_config("default", ["quant.quant_type=int8"])
+    assert "quant.quant_type = 'int8'" in str(err.value) and "'nf4', 'fp4'" in str(err.value)
+
+
+def test_malformed_override():
+    with pytest.raises(ConfigError, match="must look like section.key=value"):
+        load_config("default", ["train.max_steps"])
+
+
+def test_missing_config_file_lists_profiles():
+    with pytest.raises(ConfigError, match="Config file not found.*profiles: default"):
+        load_config("no/such/file.yaml")
+
+
+def test_extends_loop_is_an_error(tmp_path: Path):
+    (tmp_path / "a.yaml").write_text(f"extends: {tmp_path / 'b.yaml'}\n")
+    (tmp_path / "b.yaml").write_text(f"extends: {tmp_path / 'a.yaml'}\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_yaml_that_is_not_a_mapping(tmp_path: Path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(path)
+
+
+def test_config_is_frozen():
+    cfg = load_config("default")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.learning_rate = 1.0  # type: ignore[misc]
+
+
+def test_describe_config_explains_every_key():
+    rows = describe_config(load_config("default"))
+    assert len(rows) == sum(len(dataclasses.fields(getattr(Config(), f.name))) for f in dataclasses.fields(Config))
+    assert all(row["help"] for row in rows)

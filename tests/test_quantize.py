@@ -1,0 +1,63 @@
+import math
+
+import pytest
+import torch
+
+from qlora_helpers.config import load_config
+from qlora_helpers.evaluate import heldout_loss
+from qlora_helpers.models import load_model, load_tokenizer
+from qlora_helpers.quantize import layer_errors, memory_footprint, summarize_errors
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tiny_dir):
+    cfg = load_config("smoke")
+    full = load_model(cfg.model, cfg.quant, torch.float32, "cpu", quantized=False)
+    quant = load_model(cfg.model, cfg.quant, torch.float32, "cpu", quantized=True)
+    return cfg, load_tokenizer(cfg.model), full, quant
+
+
+def test_nf4_beats_fp4_on_every_layer(tiny_pair):
+    cfg, _, full, quant = tiny_pair
+    errors = layer_errors(full, quant, double_quant=True)
+    assert len(errors) == 2 * 7
+    for row in errors:
+        assert row["nf4"] < row["fp4"], row
+        assert row["nf4_loaded"] == pytest.approx(row["nf4"], rel=1e-6)  # what from_pretrained stored
+        assert 0.05 < row["nf4"] < 0.15  # 4-bit on Gaussian-ish weights: ~9% relative error
+    summary = summarize_errors(errors)
+    assert summary["nf4_mean"] < summary["fp4_mean"]
+
+
+def test_footprint_counts_packed_weights_and_scales(tiny_pair):
+    _, _, full, quant = tiny_pair
+    fp = memory_footprint(full, quant)
+    linear_params = fp["linear_weight_bytes"]["fp16_reference"] // 2
+    # 4 bits per weight plus double-quantized block scales, and the small codebooks
+    assert linear_params * 0.5 < fp["linear_weight_bytes"]["4bit"] < linear_params * 0.8
+    assert fp["linear_weight_bytes"]["full"] == linear_params * 4  # fp32 on CPU
+
+
+def test_heldout_loss_matches_a_direct_computation(tiny_pair):
+    cfg, tok, full, _ = tiny_pair
+    pairs = [("Say a colour:", " blue"), ("Two plus two is", " four, of course")]
+    got = heldout_loss(full, tok, pairs, batch_size=2, max_length=64)
+    nll, count = 0.0, 0
+    for prompt, response in pairs:
+        p = tok(prompt)["input_ids"]
+        r = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        ids = torch.tensor([p + r])
+        with torch.no_grad():
+            logp = full(input_ids=ids).logits[0, :-1].log_softmax(-1)
+        for pos in range(len(p) - 1, len(p) + len(r) - 1):
+            nll -= logp[pos, ids[0, pos + 1]].item()
+            count += 1
+    assert got["tokens"] == count
+    assert got["loss"] == pytest.approx(nll / count, rel=1e-5)
+    assert got["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-5)
+
+
+def test_too_long_examples_are_counted_not_cut(tiny_pair):
+    _, tok, full, _ = tiny_pair
+    got = heldout_loss(full, tok, [("short", " yes"), ("long " * 100, " no")], batch_size=2, max_length=32)
+    assert (got["examples"], got["skipped_too_long"]) == (1, 1)
