@@ -61,11 +61,31 @@ class QuantConfig:
 
 
 @dataclass(frozen=True)
+class SourceConfig:
+    path: str = _f("alpaca/alpaca_5000.json", "hub dataset id (tatsu-lab/alpaca) or a JSON, JSONL, CSV "
+                   "or Parquet file (relative paths: inside the data directory)")
+    name: Union[str, None] = _f(None, "tag for this source in reports (default: the file or id)")
+    format: Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion"] = _f(
+        "auto", "row layout; auto detects it from the columns")
+    columns: dict[str, str] = _f({}, "our field -> your column, e.g. {instruction: question, output: answer}")
+    split: str = _f("train", "split of a hub dataset")
+    weight: float = _f(1.0, "rows taken = weight x rows (below 1 subsamples, above 1 repeats)")
+    max_rows: Union[int, None] = _f(None, "cap on rows taken from this source (after weight)")
+
+
+@dataclass(frozen=True)
 class DataConfig:
     data_dir: Union[str, None] = _f(None, "offline data folder (default: $QLORA_DATA_DIR)")
-    dataset: str = _f("alpaca/alpaca_5000.json", "hub dataset id or file (relative to data_dir)")
+    sources: list[SourceConfig] = _f([SourceConfig()], "one or more sources, mixed into one training set")
+    template: Literal["alpaca", "chat"] = _f("alpaca", "Alpaca prompt template or the tokenizer's chat template")
+    train_on_prompt: bool = _f(False, "false: loss on response tokens only (prompt labels -100)")
+    too_long: Literal["drop", "truncate"] = _f("drop", "rows over model.max_seq_length: dropped or "
+                                               "cut (response end), counted either way")
+    dedupe: bool = _f(True, "drop exact duplicate rows")
     eval_size: int = _f(200, "held-out examples, split off deterministically by seed")
-    seed: int = _f(42, "seed of the train/eval split")
+    seed: int = _f(42, "seed of the train/eval split and of source sampling")
+    packing: bool = _f(False, "pack whole examples into rows of max_seq_length tokens "
+                       "(attention never crosses examples)")
 
 
 @dataclass(frozen=True)
@@ -260,6 +280,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) is list:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if typing.get_origin(tp) is dict:
+        return "a mapping of " + " to ".join(_type_name(a) for a in typing.get_args(tp))
     return getattr(tp, "__name__", str(tp))
 
 
@@ -277,7 +299,14 @@ def _check_value(key: str, tp: Any, value: Any) -> Any:
             return value
     elif origin is list:
         if isinstance(value, list):
-            return [_check_value(f"{key}[{i}]", typing.get_args(tp)[0], v) for i, v in enumerate(value)]
+            item = typing.get_args(tp)[0]
+            if dataclasses.is_dataclass(item):
+                return [build_dataclass(item, v, prefix=f"{key}[{i}].") for i, v in enumerate(value)]
+            return [_check_value(f"{key}[{i}]", item, v) for i, v in enumerate(value)]
+    elif origin is dict:
+        if isinstance(value, dict):
+            k_tp, v_tp = typing.get_args(tp)
+            return {_check_value(key, k_tp, k): _check_value(f"{key}.{k}", v_tp, v) for k, v in value.items()}
     elif tp is type(None):
         if value is None:
             return None

@@ -1,19 +1,36 @@
-"""Stage 03: training and evaluation data (sources, prompt formats, splits, tokenization).
+"""Stage 03: turn messy data files into correct, inspected training examples, or say what is wrong.
 
-Data lives outside the repo: a data directory (`data.data_dir`, or $QLORA_DATA_DIR) holds offline
-copies, so the same config works on an offline machine and, with a hub id, online.
+Flow (`prepare_data`): read each source (hub id, or a JSON / JSONL / CSV / Parquet file in the data
+directory) -> map columns -> detect the format (Alpaca, chat messages, ShareGPT, prompt/completion)
+-> validate every row (dropped rows are counted by reason, with examples) -> render the prompt
+(Alpaca template or the tokenizer's chat template) and tokenize, labels -100 on the prompt ->
+length check (drop or truncate, counted) -> dedupe -> subsample per source -> deterministic
+train/eval split -> repeat up-weighted sources in train -> save the tokenized sets with a
+fingerprint, so an unchanged rerun reuses them.
+
+Rows are plain dicts and tokenization uses the fast tokenizer's batch call: 5,000 Alpaca rows
+validate and tokenize in a few seconds. The tokenized sets are saved with `datasets`.
 """
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import json
+import math
 import os
 import random
+import statistics
+import warnings
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
-from .config import DataConfig
+from .config import DataConfig, SourceConfig
 from .errors import DataError
+
+DATA_FORMAT_VERSION = 1  # bump when the tokenized layout changes: invalidates cached sets
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task. "
@@ -26,12 +43,35 @@ ALPACA_PROMPT_WITH_INPUT = (
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
 
+# Hub ids whose offline copy (in the data directory) we know. Used when the hub is unreachable.
+OFFLINE_COPIES = {
+    "tatsu-lab/alpaca": "alpaca/alpaca_5000.json",
+    "openai/gsm8k": "gsm8k/train.jsonl",
+    "gsm8k": "gsm8k/train.jsonl",
+}
 
-def resolve_data_dir(data_cfg: DataConfig) -> Path:
+# Columns that identify each format (after column mapping).
+FORMATS = {
+    "alpaca": ("instruction", "output"),
+    "messages": ("messages",),
+    "sharegpt": ("conversations",),
+    "prompt_completion": ("prompt", "completion"),
+}
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system"}
+EXAMPLES_PER_REASON = 3
+
+
+# --- reading -------------------------------------------------------------------------------------
+
+
+def resolve_data_dir(data_cfg: DataConfig, required: bool = True) -> Path | None:
     configured = data_cfg.data_dir or os.environ.get("QLORA_DATA_DIR")
     if not configured:
+        if not required:
+            return None
         raise DataError("No data directory: set data.data_dir in the config or QLORA_DATA_DIR in "
-                        "the environment to the folder holding alpaca/alpaca_5000.json "
+                        "the environment to the folder holding your data files "
                         "(make run/test point it at ../shared/data when that exists).")
     path = Path(configured).expanduser()
     if not path.is_dir():
@@ -40,24 +80,25 @@ def resolve_data_dir(data_cfg: DataConfig) -> Path:
     return path
 
 
-def resolve_data_file(data_cfg: DataConfig, name: str | None = None) -> Path:
-    name = name or data_cfg.dataset
-    path = Path(name).expanduser()
-    if not path.is_absolute():
-        path = resolve_data_dir(data_cfg) / name
-    if not path.is_file():
-        raise DataError(f"Dataset file {path} does not exist. Check data.dataset and the data directory.")
-    return path
-
-
 def read_records(path: Path) -> list[dict[str, Any]]:
-    """Rows of a JSON array or JSONL file, with the file and position named on a parse error."""
+    """Rows of a JSON array, JSONL, CSV or Parquet file; parse errors name the file and position."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_table(path).to_pylist()
+        except Exception as exc:  # pyarrow raises several types for a bad file
+            raise DataError(f"{path}: not a readable Parquet file ({exc}).") from None
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise DataError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}). "
+        line = path.read_bytes()[:exc.start].count(b"\n") + 1
+        raise DataError(f"{path} is not UTF-8 text (line {line}, byte {exc.start}: {exc.reason}). "
                         f"Re-save it as UTF-8.") from None
-    if path.suffix == ".jsonl":
+    if suffix == ".csv":
+        return [dict(row) for row in csv.DictReader(text.splitlines())]
+    if suffix == ".jsonl":
         rows = []
         for lineno, line in enumerate(text.splitlines(), 1):
             if not line.strip():
@@ -68,6 +109,8 @@ def read_records(path: Path) -> list[dict[str, Any]]:
                 raise DataError(f"{path}, line {lineno}: not valid JSON ({exc.msg}, column "
                                 f"{exc.colno}). Fix or delete that line.") from None
         return rows
+    if suffix != ".json":
+        raise DataError(f"{path}: unsupported file type {suffix!r}; use .json, .jsonl, .csv or .parquet.")
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -78,6 +121,123 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _looks_like_file(text: str) -> bool:
+    return text.lower().endswith((".json", ".jsonl", ".csv", ".parquet")) or text.startswith(("/", ".", "~"))
+
+
+def load_source(src: SourceConfig, data_cfg: DataConfig) -> tuple[list[dict[str, Any]], str]:
+    """(rows, where they came from) for one source: a local file, a hub dataset, or its offline copy."""
+    if _looks_like_file(src.path):
+        path = Path(src.path).expanduser()
+        if not path.is_absolute():
+            path = resolve_data_dir(data_cfg) / path
+        if not path.is_file():
+            raise DataError(f"Data file {path} does not exist (data.sources path {src.path!r}). "
+                            f"Check the path and the data directory.")
+        return read_records(path), str(path)
+    return _load_hub(src, data_cfg)
+
+
+def _load_hub(src: SourceConfig, data_cfg: DataConfig) -> tuple[list[dict[str, Any]], str]:
+    try:
+        import datasets
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = datasets.load_dataset(src.path, split=src.split)
+        return ds.to_list(), f"hub:{src.path}[{src.split}]"
+    except Exception as exc:  # network, auth and missing-repo errors all land here
+        hub_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    data_dir = resolve_data_dir(data_cfg, required=False)
+    copy = OFFLINE_COPIES.get(src.path)
+    if copy and data_dir and (data_dir / copy).is_file():
+        print(f"Hub dataset {src.path!r} is unreachable ({hub_error}); using the offline copy "
+              f"{data_dir / copy}.")
+        return read_records(data_dir / copy), str(data_dir / copy)
+    known = ", ".join(OFFLINE_COPIES)
+    raise DataError(
+        f"Cannot load hub dataset {src.path!r} ({hub_error}) and no offline copy is known for it "
+        f"in {data_dir or 'the data directory (none set)'} (known: {known}). Connect to the "
+        f"network, or download the data and point data.sources at the file.")
+
+
+# --- formats and validation ------------------------------------------------------------------------
+
+
+class RowProblem(Exception):
+    """Why one row cannot be used: `reason` is a short key counted in the report."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+def map_columns(row: dict[str, Any], columns: dict[str, str]) -> dict[str, Any]:
+    if not columns:
+        return row
+    mapped = {k: v for k, v in row.items() if k not in columns.values()}
+    for ours, theirs in columns.items():
+        if theirs in row:
+            mapped[ours] = row[theirs]
+    return mapped
+
+
+def detect_format(rows: list[dict[str, Any]], src: SourceConfig, where: str) -> str:
+    """The source's format: as configured, or the first whose columns the rows have."""
+    if src.format != "auto":
+        return src.format
+    seen = set().union(*(r.keys() for r in rows[:100] if isinstance(r, dict))) if rows else set()
+    for name, needed in FORMATS.items():
+        if set(needed) <= seen:
+            return name
+    expected = "; ".join(f"{n}: {', '.join(c)}" for n, c in FORMATS.items())
+    raise DataError(
+        f"{where}: cannot tell the format from the columns {sorted(seen) or '(none)'}. Expected "
+        f"one of {expected}. Map yours with data.sources[].columns (e.g. {{instruction: question, "
+        f"output: answer}}) or set data.sources[].format.")
+
+
+def _text_field(row: dict[str, Any], name: str, required: bool = True) -> str:
+    if name not in row or row[name] is None:
+        if required:
+            raise RowProblem("missing_field", f"no '{name}'")
+        return ""
+    value = row[name]
+    if not isinstance(value, str):
+        raise RowProblem("not_a_string", f"'{name}' is {type(value).__name__}, not text")
+    if required and not value.strip():
+        raise RowProblem("empty_field", f"'{name}' is empty")
+    return value
+
+
+def normalize_row(row: Any, fmt: str) -> dict[str, Any]:
+    """One row as {'kind': 'alpaca'|'raw'|'chat', ...}, or RowProblem."""
+    if not isinstance(row, dict):
+        raise RowProblem("not_a_record", f"row is {type(row).__name__}, not an object")
+    if fmt == "alpaca":
+        return {"kind": "alpaca", "instruction": _text_field(row, "instruction"),
+                "input": _text_field(row, "input", required=False), "output": _text_field(row, "output")}
+    if fmt == "prompt_completion":
+        return {"kind": "raw", "prompt": _text_field(row, "prompt"), "completion": _text_field(row, "completion")}
+    key, role_key, text_key = (("messages", "role", "content") if fmt == "messages"
+                               else ("conversations", "from", "value"))
+    turns = row.get(key)
+    if not isinstance(turns, list) or not turns:
+        raise RowProblem("missing_field" if turns is None else "bad_messages", f"'{key}' is not a non-empty list")
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise RowProblem("bad_messages", f"{key}[{i}] is not an object")
+        role = turn.get(role_key)
+        role = SHAREGPT_ROLES.get(role, role) if fmt == "sharegpt" else role
+        if role not in ("system", "user", "assistant"):
+            raise RowProblem("bad_messages", f"{key}[{i}].{role_key} = {turn.get(role_key)!r}")
+        messages.append({"role": role, "content": _text_field(turn, text_key)})
+    if messages[-1]["role"] != "assistant":
+        raise RowProblem("bad_messages", "the last turn is not the assistant's (nothing to learn)")
+    return {"kind": "chat", "messages": messages}
+
+
 def format_alpaca(record: dict[str, Any]) -> tuple[str, str]:
     """(prompt, response) in the Stanford Alpaca template, with or without the input section."""
     fill = {"instruction": record["instruction"], "input": record.get("input") or ""}
@@ -85,28 +245,60 @@ def format_alpaca(record: dict[str, Any]) -> tuple[str, str]:
     return template.format(**fill), record["output"]
 
 
-def split_indices(n: int, eval_size: int, seed: int) -> tuple[list[int], list[int]]:
-    """A deterministic train/eval split of n rows: the same seed always gives the same split."""
-    if not 0 < eval_size < n:
-        raise DataError(f"data.eval_size={eval_size} must be between 1 and {n - 1} for {n} rows.")
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    return sorted(order[eval_size:]), sorted(order[:eval_size])
+def render(record: dict[str, Any], template: str, tokenizer) -> tuple[str, str]:
+    """(prompt, response) text. The response is the last assistant turn; earlier turns are context."""
+    kind = record["kind"]
+    if kind == "raw":
+        return record["prompt"], record["completion"]
+    if template == "alpaca":
+        if kind == "alpaca":
+            return format_alpaca(record)
+        msgs = record["messages"]
+        users = [m for m in msgs[:-1] if m["role"] == "user"]
+        if len(users) != 1 or any(m["role"] == "assistant" for m in msgs[:-1]):
+            raise RowProblem("multi_turn", "a multi-turn conversation needs data.template: chat")
+        system = " ".join(m["content"] for m in msgs[:-1] if m["role"] == "system")
+        return format_alpaca({"instruction": users[0]["content"], "input": system, "output": msgs[-1]["content"]})
+    if not tokenizer.chat_template:
+        raise DataError("data.template is 'chat' but this tokenizer has no chat template; use 'alpaca'.")
+    if kind == "alpaca":
+        user = record["instruction"] + (f"\n\n{record['input']}" if record["input"].strip() else "")
+        msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
+    else:
+        msgs = record["messages"]
+    prompt = tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
+    return prompt, msgs[-1]["content"]
 
 
-def heldout_examples(data_cfg: DataConfig, n: int) -> list[tuple[str, str]]:
-    """The first n (prompt, response) pairs of the held-out split of the configured dataset."""
-    rows = read_records(resolve_data_file(data_cfg))
-    _, eval_idx = split_indices(len(rows), data_cfg.eval_size, data_cfg.seed)
-    return [format_alpaca(rows[i]) for i in eval_idx[:n]]
+# --- tokenization ---------------------------------------------------------------------------------
 
 
-def tokenize_pair(tokenizer, prompt: str, response: str, train_on_prompt: bool = False) -> dict[str, list[int]]:
+def tokenize_pair(tokenizer, prompt: str, response: str, train_on_prompt: bool = False,
+                  prompt_special_tokens: bool = True) -> dict[str, list[int]]:
     """input_ids = prompt + response + EOS; labels are -100 on the prompt unless train_on_prompt."""
-    prompt_ids = tokenizer(prompt)["input_ids"]
+    prompt_ids = tokenizer(prompt, add_special_tokens=prompt_special_tokens)["input_ids"]
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     labels = (prompt_ids if train_on_prompt else [-100] * len(prompt_ids)) + response_ids
     return {"input_ids": prompt_ids + response_ids, "labels": labels}
+
+
+def tokenize_many(tokenizer, pairs: list[tuple[str, str]], template: str,
+                  train_on_prompt: bool) -> list[dict[str, list[int]]]:
+    """Batch version of tokenize_pair (one fast-tokenizer call per side). Chat prompts carry their
+    own special tokens in the template text, so none are added to them."""
+    if not pairs:
+        return []
+    # We check lengths ourselves (drop or truncate, counted): silence the tokenizer's own warning.
+    getattr(tokenizer, "deprecation_warnings", {})["sequence-length-is-longer-than-the-specified-maximum"] = True
+    prompts = tokenizer([p for p, _ in pairs], add_special_tokens=template != "chat")["input_ids"]
+    responses = tokenizer([r for _, r in pairs], add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    out = []
+    for p, r in zip(prompts, responses):
+        r = r + [eos]
+        out.append({"input_ids": p + r, "labels": (p if train_on_prompt else [-100] * len(p)) + r,
+                    "prompt_len": len(p)})
+    return out
 
 
 def collate(examples: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, Any]:
@@ -114,10 +306,360 @@ def collate(examples: list[dict[str, list[int]]], pad_token_id: int) -> dict[str
     import torch
 
     width = max(len(e["input_ids"]) for e in examples)
-    batch = {"input_ids": [], "attention_mask": [], "labels": []}
+    batch: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": []}
     for e in examples:
         pad = width - len(e["input_ids"])
-        batch["input_ids"].append(e["input_ids"] + [pad_token_id] * pad)
+        batch["input_ids"].append(list(e["input_ids"]) + [pad_token_id] * pad)
         batch["attention_mask"].append([1] * len(e["input_ids"]) + [0] * pad)
-        batch["labels"].append(e["labels"] + [-100] * pad)
+        batch["labels"].append(list(e["labels"]) + [-100] * pad)
     return {k: torch.tensor(v) for k, v in batch.items()}
+
+
+# --- packing ----------------------------------------------------------------------------------------
+
+
+def pack_examples(examples: list[dict[str, list[int]]], budget: int, seed: int = 0) -> list[dict[str, list[int]]]:
+    """Pack whole examples into rows of at most `budget` tokens (first fit, longest first).
+
+    Each row keeps `seq_lens`; position ids restart at 0 per example, and the first label of each
+    example is -100 so no example is trained to follow the previous one.
+    """
+    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i]["input_ids"]), i))
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in order:
+        n = len(examples[i]["input_ids"])
+        if n > budget:
+            raise ValueError(f"example of {n} tokens does not fit the packing budget {budget}")
+        for r, space in enumerate(free):
+            if n <= space:
+                rows[r].append(i)
+                free[r] -= n
+                break
+        else:
+            rows.append([i])
+            free.append(budget - n)
+    random.Random(seed).shuffle(rows)
+    packed = []
+    for members in rows:
+        row: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": [], "seq_lens": []}
+        for i in members:
+            e = examples[i]
+            row["input_ids"] += e["input_ids"]
+            row["labels"] += [-100] + list(e["labels"][1:])
+            row["position_ids"] += list(range(len(e["input_ids"])))
+            row["seq_lens"].append(len(e["input_ids"]))
+        packed.append(row)
+    return packed
+
+
+def collate_packed(rows: list[dict[str, list[int]]], pad_token_id: int, bool_mask: bool = True) -> dict[str, Any]:
+    """Batch packed rows with a 4-D block-diagonal causal mask [batch, 1, q, k].
+
+    Position ids alone do NOT keep packed examples apart under sdpa/eager attention in
+    transformers (measured: see DESIGN.md), so the mask does. sdpa takes the boolean form
+    (True = may attend); eager needs the additive float form (0 / dtype min): `bool_mask=False`.
+    Padding positions attend only to themselves, which keeps their (ignored) outputs finite.
+    """
+    import torch
+
+    width = max(len(r["input_ids"]) for r in rows)
+    mask = torch.zeros(len(rows), 1, width, width, dtype=torch.bool)
+    ids = torch.full((len(rows), width), pad_token_id)
+    labels = torch.full((len(rows), width), -100)
+    pos = torch.zeros(len(rows), width, dtype=torch.long)
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    for b, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[b, :n] = torch.tensor(r["input_ids"])
+        labels[b, :n] = torch.tensor(r["labels"])
+        pos[b, :n] = torch.tensor(r["position_ids"])
+        start = 0
+        for length in r["seq_lens"]:
+            end = start + length
+            mask[b, 0, start:end, start:end] = causal[:length, :length]
+            start = end
+        idx = torch.arange(n, width)
+        mask[b, 0, idx, idx] = True
+    if not bool_mask:
+        mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "labels": labels}
+
+
+def padding_efficiency(lengths: list[int], batch_size: int, seed: int = 0) -> float:
+    """Real tokens / tokens computed when shuffled examples are padded to the longest in each batch."""
+    order = list(lengths)
+    random.Random(seed).shuffle(order)
+    computed = sum(max(order[i:i + batch_size]) * len(order[i:i + batch_size])
+                   for i in range(0, len(order), batch_size))
+    return sum(lengths) / computed
+
+
+def packed_efficiency(examples: list[dict[str, list[int]]], budget: int) -> dict[str, Any]:
+    rows = pack_examples(examples, budget)
+    real = sum(len(e["input_ids"]) for e in examples)
+    return {"rows": len(rows), "efficiency": real / (len(rows) * budget)}
+
+
+# --- the stage ----------------------------------------------------------------------------------
+
+
+@dataclass
+class PreparedData:
+    train: list[dict[str, Any]]
+    eval: list[dict[str, Any]]
+    report: dict[str, Any]
+    reused: bool = False
+    path: Path | None = None
+
+    def eval_pairs(self) -> list[tuple[str, str]]:
+        return [(e["prompt"], e["response"]) for e in self.eval]
+
+
+@dataclass
+class _Tally:
+    rows: int = 0
+    kept: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    truncated: int = 0
+
+
+def _length_stats(values: list[int]) -> dict[str, float]:
+    if not values:
+        return {}
+    ordered = sorted(values)
+    p = lambda q: ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]  # noqa: E731
+    return {"mean": statistics.fmean(values), "p50": p(0.5), "p90": p(0.9), "p99": p(0.99),
+            "max": ordered[-1]}
+
+
+def _source_name(src: SourceConfig) -> str:
+    return src.name or Path(src.path).stem if _looks_like_file(src.path) else (src.name or src.path)
+
+
+def build_examples(data_cfg: DataConfig, tokenizer, max_length: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Load, validate, render, tokenize and dedupe every source. Returns (examples, report parts)."""
+    tallies: dict[str, _Tally] = {}
+    samples: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    examples: list[dict[str, Any]] = []
+    seen: set[tuple[str, str]] = set()
+    formats, origins = {}, {}
+
+    def drop(name: str, reason: str, row_no: int, detail: str) -> None:
+        tallies[name].dropped[reason] += 1
+        if len(samples[reason]) < EXAMPLES_PER_REASON:
+            samples[reason].append({"source": name, "row": row_no, "detail": detail[:300]})
+
+    for src in data_cfg.sources:
+        name = _source_name(src)
+        if name in tallies:
+            raise DataError(f"Two data sources are both called {name!r}; give one a data.sources[].name.")
+        rows, origins[name] = load_source(src, data_cfg)
+        tallies[name] = tally = _Tally(rows=len(rows))
+        rows = [map_columns(r, src.columns) if isinstance(r, dict) else r for r in rows]
+        fmt = formats[name] = detect_format(rows, src, origins[name])
+        rendered: list[tuple[int, str, str]] = []
+        for row_no, row in enumerate(rows, 1):
+            try:
+                prompt, response = render(normalize_row(row, fmt), data_cfg.template, tokenizer)
+            except RowProblem as problem:
+                drop(name, problem.reason, row_no, problem.detail)
+                continue
+            if data_cfg.dedupe:
+                if (prompt, response) in seen:
+                    drop(name, "duplicate", row_no, prompt[:120])
+                    continue
+                seen.add((prompt, response))
+            rendered.append((row_no, prompt, response))
+        tokenized = tokenize_many(tokenizer, [(p, r) for _, p, r in rendered], data_cfg.template,
+                                  data_cfg.train_on_prompt)
+        for (row_no, prompt, response), tok in zip(rendered, tokenized):
+            n = len(tok["input_ids"])
+            if n > max_length:
+                if data_cfg.too_long == "drop" or tok["prompt_len"] >= max_length:
+                    drop(name, "too_long", row_no, f"{n} tokens > model.max_seq_length={max_length}")
+                    continue
+                tok["input_ids"] = tok["input_ids"][:max_length]
+                tok["labels"] = tok["labels"][:max_length]
+                tally.truncated += 1
+            tally.kept += 1
+            examples.append({"source": name, "row": row_no, "prompt": prompt, "response": response,
+                             "input_ids": tok["input_ids"], "labels": tok["labels"],
+                             "prompt_len": tok["prompt_len"]})
+    parts = {"sources": {n: {"origin": origins[n], "format": formats[n], "rows": t.rows, "kept": t.kept,
+                             "truncated": t.truncated, "dropped": dict(t.dropped)}
+                         for n, t in tallies.items()},
+             "dropped_examples": dict(samples)}
+    return examples, parts
+
+
+def mix_and_split(examples: list[dict[str, Any]], data_cfg: DataConfig) -> tuple[list, list, dict[str, Any]]:
+    """Subsample sources (weight < 1, max_rows), split off eval by seed, repeat weight > 1 in train."""
+    rng = random.Random(data_cfg.seed)
+    by_source: dict[str, list] = defaultdict(list)
+    for e in examples:
+        by_source[e["source"]].append(e)
+    pool, repeat = [], {}
+    for src in data_cfg.sources:
+        rows = by_source.get(_source_name(src), [])
+        take = round(min(src.weight, 1.0) * len(rows))
+        if src.max_rows is not None:
+            take = min(take, src.max_rows)
+        pool += rows if take >= len(rows) else rng.sample(rows, take)
+        repeat[_source_name(src)] = max(src.weight, 1.0)
+    if not pool:
+        raise DataError("No usable training examples: every row was dropped (see the reasons above "
+                        "in the data report) or the sources are empty. Fix the data or the column mapping.")
+    if not 0 < data_cfg.eval_size < len(pool):
+        raise DataError(f"data.eval_size={data_cfg.eval_size} must be between 1 and {len(pool) - 1} "
+                        f"for the {len(pool)} usable examples.")
+    order = list(range(len(pool)))
+    random.Random(data_cfg.seed).shuffle(order)
+    eval_set = [pool[i] for i in sorted(order[:data_cfg.eval_size])]
+    train = [pool[i] for i in sorted(order[data_cfg.eval_size:])]
+    boosted = []
+    for e in train:
+        factor = repeat[e["source"]]
+        copies = int(factor) + (1 if rng.random() < factor - int(factor) else 0)
+        boosted += [e] * copies
+    counts = {"train": dict(Counter(e["source"] for e in boosted)),
+              "eval": dict(Counter(e["source"] for e in eval_set))}
+    return boosted, eval_set, counts
+
+
+def data_fingerprint(data_cfg: DataConfig, tokenizer, max_length: int) -> str:
+    """Changes when anything that shapes the tokenized sets changes: config, tokenizer, input files."""
+    files = []
+    for src in data_cfg.sources:
+        if _looks_like_file(src.path):
+            path = Path(src.path).expanduser()
+            if not path.is_absolute():
+                data_dir = resolve_data_dir(data_cfg, required=False)
+                path = (data_dir / path) if data_dir else path
+            stat = path.stat() if path.is_file() else None
+            files.append([str(path), stat.st_size if stat else None, stat.st_mtime_ns if stat else None])
+    tok = [tokenizer.name_or_path, len(tokenizer), tokenizer.eos_token_id, tokenizer.chat_template or ""]
+    payload = json.dumps([DATA_FORMAT_VERSION, repr(data_cfg), max_length, tok, files], sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def prepare_data(data_cfg: DataConfig, tokenizer, max_length: int, micro_batch_size: int,
+                 out_dir: Path | None = None) -> PreparedData:
+    """The stage: examples, split, report; saved under `out_dir` and reused when unchanged."""
+    fingerprint = data_fingerprint(data_cfg, tokenizer, max_length)
+    if out_dir is not None and (out_dir / "data_report.json").is_file():
+        cached = load_prepared(out_dir)
+        if cached.report.get("fingerprint") == fingerprint:
+            cached.reused = True
+            return cached
+    examples, parts = build_examples(data_cfg, tokenizer, max_length)
+    train, eval_set, counts = mix_and_split(examples, data_cfg)
+    lengths = [len(e["input_ids"]) for e in train]
+    report = {
+        "fingerprint": fingerprint,
+        "sources": parts["sources"],
+        "dropped": dict(sum((Counter(s["dropped"]) for s in parts["sources"].values()), Counter())),
+        "dropped_examples": parts["dropped_examples"],
+        "truncated": sum(s["truncated"] for s in parts["sources"].values()),
+        "kept": len(examples), "train": len(train), "eval": len(eval_set), "split_by_source": counts,
+        "lengths": {"prompt": _length_stats([e["prompt_len"] for e in train]),
+                    "response": _length_stats([len(e["input_ids"]) - e["prompt_len"] for e in train]),
+                    "total": _length_stats(lengths)},
+        "trained_tokens": sum(sum(1 for x in e["labels"] if x != -100) for e in train),
+        "padding_efficiency": {f"batch_{micro_batch_size}": {"efficiency": padding_efficiency(lengths, micro_batch_size)},
+                               "packed": packed_efficiency(train, max_length)},
+        "settings": {"template": data_cfg.template, "train_on_prompt": data_cfg.train_on_prompt,
+                     "too_long": data_cfg.too_long, "max_length": max_length, "packing": data_cfg.packing},
+    }
+    prepared = PreparedData(train, eval_set, report, path=out_dir)
+    if out_dir is not None:
+        save_prepared(prepared, out_dir)
+    return prepared
+
+
+def save_prepared(prepared: PreparedData, out_dir: Path) -> None:
+    """Tokenized sets as `datasets` folders plus the report; each written beside, then renamed."""
+    import shutil
+    import tempfile
+
+    import datasets
+
+    from .paths import replace_dir_atomic, write_json_atomic
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for split, rows in (("train", prepared.train), ("eval", prepared.eval)):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{split}.", dir=out_dir))
+        try:
+            datasets.Dataset.from_list(rows).save_to_disk(str(tmp))
+            replace_dir_atomic(tmp, out_dir / split)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    write_json_atomic(out_dir / "data_report.json", prepared.report)  # last: marks the set complete
+
+
+def load_prepared(out_dir: Path) -> PreparedData:
+    import datasets
+
+    from .paths import read_json
+
+    report = read_json(out_dir / "data_report.json")
+    train = datasets.load_from_disk(str(out_dir / "train")).to_list()
+    eval_set = datasets.load_from_disk(str(out_dir / "eval")).to_list()
+    return PreparedData(train, eval_set, report, path=out_dir)
+
+
+def heldout_pairs(data_cfg: DataConfig, tokenizer, max_length: int, n: int) -> list[tuple[str, str]]:
+    """The first n (prompt, response) pairs of the eval split that stage 03 makes (same seed)."""
+    examples, _ = build_examples(data_cfg, tokenizer, max_length)
+    _, eval_set, _ = mix_and_split(examples, data_cfg)
+    return [(e["prompt"], e["response"]) for e in eval_set[:n]]
+
+
+def iter_dropped(report: dict[str, Any]) -> Iterable[dict[str, Any]]:
+    for reason, rows in report["dropped_examples"].items():
+        for row in rows:
+            yield {"reason": reason, **row}
+
+
+def prepare_run_data(run) -> PreparedData:
+    """Stage 03 for a run: tokenizer from the run's model, sets saved under `outputs/<run>/data/`."""
+    from .models import load_tokenizer
+
+    cfg = run.cfg
+    return prepare_data(cfg.data, load_tokenizer(cfg.model), cfg.model.max_seq_length,
+                        cfg.train.micro_batch_size, out_dir=run.path / "data")
+
+
+def dropped_table(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per source: rows read, kept, truncated, and dropped by reason."""
+    reasons = sorted(report["dropped"])
+    return [{"source": name, "format": s["format"], "rows": s["rows"], "kept": s["kept"],
+             "truncated": s["truncated"], **{f"dropped: {r}": s["dropped"].get(r, 0) for r in reasons}}
+            for name, s in report["sources"].items()]
+
+
+def render_example_html(tokenizer, example: dict[str, Any]) -> str:
+    """An example as HTML: tokens without loss (label -100) greyed and struck through."""
+    import html
+
+    spans, run_ids, run_masked = [], [], None
+
+    def flush():
+        if run_ids:
+            text = html.escape(tokenizer.decode(run_ids))
+            style = ("color:#999;background:#f2f2f2;text-decoration:line-through" if run_masked
+                     else "color:#063;background:#e3f6e3")
+            spans.append(f'<span style="{style}">{text}</span>')
+
+    for token, label in zip(example["input_ids"], example["labels"]):
+        masked = label == -100
+        if masked != run_masked:
+            flush()
+            run_ids, run_masked = [], masked
+        run_ids.append(token)
+    flush()
+    head = (f'<div style="font:12px sans-serif;color:#555">{html.escape(str(example.get("source")))} '
+            f'row {example.get("row")}: {len(example["input_ids"])} tokens, '
+            f'{sum(1 for x in example["labels"] if x != -100)} trained</div>')
+    body = "".join(spans).replace("\n", "<br>")
+    return f'{head}<div style="font:13px monospace;border:1px solid #ddd;padding:6px;margin-bottom:10px">{body}</div>'

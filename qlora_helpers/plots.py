@@ -45,3 +45,38 @@ def plot_layer_errors(errors: list[dict[str, Any]]):
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+def plot_lengths(examples: list[dict[str, Any]], max_length: int):
+    """Token-length histograms: prompt vs response, and whole examples against the length limit."""
+    prompt = [e["prompt_len"] for e in examples]
+    response = [len(e["input_ids"]) - e["prompt_len"] for e in examples]
+    total = [len(e["input_ids"]) for e in examples]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    axes[0].hist(prompt, bins=50, alpha=0.6, label="prompt (masked)", color="#999999")
+    axes[0].hist(response, bins=50, alpha=0.6, label="response (trained)", color="#2a9d55")
+    axes[0].set_xlabel("tokens")
+    axes[0].set_ylabel("examples")
+    axes[0].legend()
+    axes[0].set_title("prompt vs response length")
+    axes[1].hist(total, bins=50, color="#4c72b0")
+    axes[1].axvline(max_length, color="#c44e52", linestyle="--", label=f"max_seq_length {max_length}")
+    axes[1].set_xlabel("tokens per example")
+    axes[1].legend()
+    axes[1].set_title(f"{len(total)} training examples")
+    fig.tight_layout()
+    return fig
+
+
+def plot_padding_efficiency(efficiency: dict[str, Any]):
+    """Share of computed tokens that are real tokens: padded micro-batches against packed rows."""
+    labels = [k.replace("_", " ") for k in efficiency]
+    values = [v["efficiency"] for v in efficiency.values()]
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    bars = ax.bar(labels, [100 * v for v in values], color=["#dd8452", "#2a9d55"][:len(values)])
+    ax.bar_label(bars, fmt="%.1f%%")
+    ax.set_ylim(0, 110)
+    ax.set_ylabel("real tokens / computed tokens (%)")
+    ax.set_title("Padding efficiency")
+    fig.tight_layout()
+    return fig

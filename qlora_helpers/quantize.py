@@ -11,7 +11,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .data import heldout_examples
+from .data import heldout_pairs
 from .evaluate import heldout_loss
 from .generation import generate, render_prompt
 from .models import load_model, load_tokenizer, resolve_model
@@ -108,7 +108,7 @@ def compare_generations(tokenizer, models: dict[str, Any], max_new_tokens: int,
 def compare_perplexity(run: Run, tokenizer, models: dict[str, Any]) -> dict[str, Any]:
     """Held-out loss/perplexity of each model on the same examples from the eval split."""
     cfg = run.cfg
-    pairs = heldout_examples(cfg.data, cfg.eval.perplexity_samples)
+    pairs = heldout_pairs(cfg.data, tokenizer, cfg.model.max_seq_length, cfg.eval.perplexity_samples)
     return {name: heldout_loss(model, tokenizer, pairs, cfg.eval.batch_size, cfg.model.max_seq_length,
                                desc=f"perplexity ({name})")
             for name, model in models.items()}

@@ -1,11 +1,37 @@
+import csv
 import json
+import time
 
 import pytest
+import torch
 
-from qlora_helpers.config import DataConfig
-from qlora_helpers.data import (collate, format_alpaca, heldout_examples, read_records,
-                                split_indices, tokenize_pair)
+from qlora_helpers.config import DataConfig, SourceConfig, load_config
+from qlora_helpers.data import (collate, collate_packed, format_alpaca, heldout_pairs, load_source,
+                                pack_examples, padding_efficiency, prepare_data, read_records,
+                                tokenize_pair)
 from qlora_helpers.errors import DataError
+
+
+@pytest.fixture(scope="module")
+def tok(embedded_dir):
+    from qlora_helpers.models import load_tokenizer
+
+    return load_tokenizer(load_config("default").model)
+
+
+def _cfg(tmp_path, *sources, **kw):
+    return DataConfig(data_dir=str(tmp_path), sources=list(sources), **kw)
+
+
+def _write_json(path, rows):
+    path.write_text(json.dumps(rows))
+    return path
+
+
+ROWS = [{"instruction": f"Say the number {i}.", "input": "", "output": f"{i}"} for i in range(40)]
+
+
+# --- bad input, each named -----------------------------------------------------------------------
 
 
 def test_truncated_json_names_file_and_position(tmp_path):
@@ -24,16 +50,123 @@ def test_jsonl_bad_line_is_named(tmp_path):
 
 def test_non_utf8_is_named(tmp_path):
     path = tmp_path / "latin.json"
-    path.write_bytes('[{"instruction": "caf\xe9"}]'.encode("latin-1"))
-    with pytest.raises(DataError, match="latin.json is not UTF-8"):
+    path.write_bytes('[{"instruction": "x"},\n{"instruction": "caf\xe9"}]'.encode("latin-1"))
+    with pytest.raises(DataError, match="latin.json is not UTF-8 text \\(line 2"):
         read_records(path)
 
 
-def test_split_is_deterministic_and_disjoint():
-    train, held = split_indices(100, 10, seed=3)
-    assert split_indices(100, 10, seed=3) == (train, held)
-    assert split_indices(100, 10, seed=4)[1] != held
-    assert len(held) == 10 and not set(train) & set(held) and len(train) + len(held) == 100
+def test_wrong_columns_name_them_and_the_formats(tmp_path, tok):
+    _write_json(tmp_path / "odd.json", [{"question": "q", "reply": "r"}])
+    with pytest.raises(DataError) as err:
+        prepare_data(_cfg(tmp_path, SourceConfig(path="odd.json")), tok, 256, 4)
+    msg = str(err.value)
+    assert "['question', 'reply']" in msg and "alpaca: instruction, output" in msg and "columns" in msg
+
+
+def test_column_mapping_fixes_them(tmp_path, tok):
+    rows = [{"question": f"q{i}?", "answer": f"a{i}"} for i in range(10)]
+    _write_json(tmp_path / "qa.json", rows)
+    src = SourceConfig(path="qa.json", columns={"instruction": "question", "output": "answer"})
+    prepared = prepare_data(_cfg(tmp_path, src, eval_size=2), tok, 256, 4)
+    assert prepared.report["sources"]["qa"]["format"] == "alpaca" and prepared.report["kept"] == 10
+
+
+def test_bad_rows_are_dropped_by_reason_with_examples(tmp_path, tok):
+    rows = ROWS[:20] + [
+        {"instruction": "", "output": "x"},                      # empty
+        {"output": "no instruction"},                            # missing
+        {"instruction": 5, "output": "x"},                       # not a string
+        dict(ROWS[0]),                                           # duplicate
+        {"instruction": "long", "output": "word " * 1_000_000},  # a row of a million+ characters
+    ]
+    _write_json(tmp_path / "mixed.json", rows)
+    start = time.perf_counter()
+    prepared = prepare_data(_cfg(tmp_path, SourceConfig(path="mixed.json"), eval_size=2), tok, 256, 4)
+    assert time.perf_counter() - start < 20
+    report = prepared.report
+    assert report["dropped"] == {"empty_field": 1, "missing_field": 1, "not_a_string": 1,
+                                 "duplicate": 1, "too_long": 1}
+    assert report["kept"] == 20
+    assert report["dropped_examples"]["not_a_string"][0]["row"] == 23
+    assert "'instruction' is int" in report["dropped_examples"]["not_a_string"][0]["detail"]
+
+
+def test_truncate_mode_counts_truncations(tmp_path, tok):
+    rows = ROWS[:10] + [{"instruction": "long", "output": "word " * 500}]
+    _write_json(tmp_path / "t.json", rows)
+    prepared = prepare_data(_cfg(tmp_path, SourceConfig(path="t.json"), eval_size=2, too_long="truncate"),
+                            tok, 128, 4)
+    assert prepared.report["truncated"] == 1 and prepared.report["kept"] == 11
+    assert max(len(e["input_ids"]) for e in prepared.train + prepared.eval) == 128
+
+
+def test_all_rows_filtered_out_is_an_error(tmp_path, tok):
+    _write_json(tmp_path / "empty.json", [{"instruction": "", "output": ""}] * 5)
+    with pytest.raises(DataError, match="No usable training examples"):
+        prepare_data(_cfg(tmp_path, SourceConfig(path="empty.json")), tok, 256, 4)
+
+
+def test_hub_id_offline_without_a_copy(tmp_path, tok, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(DataError, match="Cannot load hub dataset 'someone/nothing-here'.*no offline copy"):
+        load_source(SourceConfig(path="someone/nothing-here"), _cfg(tmp_path))
+
+
+def test_hub_id_offline_uses_the_known_copy(data_dir, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    rows, origin = load_source(SourceConfig(path="tatsu-lab/alpaca"), DataConfig(data_dir=str(data_dir)))
+    assert len(rows) == 5000 and origin.endswith("alpaca/alpaca_5000.json")
+    assert "using the offline copy" in capsys.readouterr().out
+
+
+def test_missing_file_is_named(tmp_path, tok):
+    with pytest.raises(DataError, match="nope.jsonl does not exist"):
+        prepare_data(_cfg(tmp_path, SourceConfig(path="nope.jsonl")), tok, 256, 4)
+
+
+# --- formats ---------------------------------------------------------------------------------------
+
+
+def test_every_format_and_file_type(tmp_path, tok):
+    chat = [{"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": f"yo {i}"}]}
+            for i in range(6)]
+    share = [{"conversations": [{"from": "human", "value": f"q {i}"}, {"from": "gpt", "value": f"a {i}"}]}
+             for i in range(6)]
+    pc = [{"prompt": f"2+{i}=", "completion": f"{2 + i}"} for i in range(6)]
+    (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in chat))
+    _write_json(tmp_path / "share.json", share)
+    with open(tmp_path / "pc.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["prompt", "completion"])
+        writer.writeheader()
+        writer.writerows(pc)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(ROWS[:6]), tmp_path / "al.parquet")
+    sources = [SourceConfig(path=p) for p in ("chat.jsonl", "share.json", "pc.csv", "al.parquet")]
+    for template in ("alpaca", "chat"):
+        prepared = prepare_data(_cfg(tmp_path, *sources, eval_size=4, template=template), tok, 256, 4)
+        fmts = {n: s["format"] for n, s in prepared.report["sources"].items()}
+        assert fmts == {"chat": "messages", "share": "sharegpt", "pc": "prompt_completion", "al": "alpaca"}
+        assert prepared.report["kept"] == 24
+        by_prompt = {e["prompt"]: e for e in prepared.train + prepared.eval}
+        assert "2+3=" in by_prompt and by_prompt["2+3="]["response"] == "5"  # prompt/completion: verbatim
+        if template == "chat":
+            assert any("<|im_start|>user\nq 1<|im_end|>" in p for p in by_prompt)
+
+
+def test_multi_turn_needs_the_chat_template(tmp_path, tok):
+    conv = [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                          {"role": "user", "content": "c"}, {"role": "assistant", "content": f"d{i}"}]}
+            for i in range(5)]
+    (tmp_path / "mt.jsonl").write_text("\n".join(json.dumps(r) for r in conv))
+    with pytest.raises(DataError, match="No usable"):
+        prepare_data(_cfg(tmp_path, SourceConfig(path="mt.jsonl"), eval_size=1), tok, 256, 4)
+    prepared = prepare_data(_cfg(tmp_path, SourceConfig(path="mt.jsonl"), eval_size=1, template="chat"), tok, 256, 4)
+    e = prepared.train[0]
+    assert "<|im_start|>assistant\nb" in e["prompt"] and e["response"].startswith("d")
 
 
 def test_alpaca_template_with_and_without_input():
@@ -43,10 +176,7 @@ def test_alpaca_template_with_and_without_input():
     assert "### Input" not in prompt
 
 
-def test_labels_mask_the_prompt_and_padding(embedded_dir):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(embedded_dir)
+def test_labels_mask_the_prompt_and_padding(tok):
     a = tokenize_pair(tok, "Question: 2+2?\nAnswer:", " 4")
     b = tokenize_pair(tok, "Q?", " a longer answer here")
     n_prompt = len(tok("Question: 2+2?\nAnswer:")["input_ids"])
@@ -56,11 +186,98 @@ def test_labels_mask_the_prompt_and_padding(embedded_dir):
     short = 1 if len(b["input_ids"]) < len(a["input_ids"]) else 0
     pads = batch["attention_mask"][short] == 0
     assert pads.any() and (batch["labels"][short][pads] == -100).all()
+    everything = tokenize_pair(tok, "Question: 2+2?\nAnswer:", " 4", train_on_prompt=True)
+    assert everything["labels"] == everything["input_ids"]
 
 
-def test_heldout_examples_from_the_real_alpaca_sample(data_dir):
-    cfg = DataConfig(data_dir=str(data_dir))
-    pairs = heldout_examples(cfg, 5)
-    assert len(pairs) == 5 and all(p.startswith("Below is an instruction") for p, _ in pairs)
-    rows = json.loads((data_dir / cfg.dataset).read_text())
-    assert len(rows) == 5000
+# --- mixtures, split, cache ---------------------------------------------------------------------------
+
+
+def test_mixture_weights_caps_and_tags(tmp_path, tok):
+    _write_json(tmp_path / "a.json", ROWS)
+    _write_json(tmp_path / "b.json", [{"instruction": f"Repeat {i}.", "output": f"{i} {i}"} for i in range(40)])
+    cfg = _cfg(tmp_path, SourceConfig(path="a.json", max_rows=10),
+               SourceConfig(path="b.json", weight=0.5), eval_size=6)
+    prepared = prepare_data(cfg, tok, 256, 4)
+    split = prepared.report["split_by_source"]
+    assert sum(split["eval"].values()) == 6
+    assert split["train"].get("a", 0) + split["eval"].get("a", 0) == 10
+    assert split["train"].get("b", 0) + split["eval"].get("b", 0) == 20
+    assert {e["source"] for e in prepared.train} == {"a", "b"}
+    boosted = prepare_data(_cfg(tmp_path, SourceConfig(path="a.json", weight=2.0), eval_size=4), tok, 256, 4)
+    assert boosted.report["train"] == 72  # 36 training rows, each twice; eval never repeats
+
+
+def test_split_is_deterministic_and_cache_is_reused(tmp_path, tok):
+    _write_json(tmp_path / "a.json", ROWS)
+    cfg = _cfg(tmp_path, SourceConfig(path="a.json"), eval_size=5)
+    first = prepare_data(cfg, tok, 256, 4, out_dir=tmp_path / "run" / "data")
+    again = prepare_data(cfg, tok, 256, 4, out_dir=tmp_path / "run" / "data")
+    assert again.reused and not first.reused
+    assert [e["input_ids"] for e in again.train] == [e["input_ids"] for e in first.train]
+    other = prepare_data(DataConfig(**{**cfg.__dict__, "seed": 7}), tok, 256, 4, out_dir=tmp_path / "run" / "data")
+    assert not other.reused and {e["row"] for e in other.eval} != {e["row"] for e in first.eval}
+    assert not list((tmp_path / "run" / "data").glob(".*"))  # no temporary leftovers
+
+
+def test_real_alpaca_sample_statistics_and_speed(data_dir, tok):
+    cfg = load_config("default").data
+    start = time.perf_counter()
+    prepared = prepare_data(cfg, tok, 512, 4)
+    elapsed = time.perf_counter() - start
+    report = prepared.report
+    assert report["sources"]["alpaca_5000"]["rows"] == 5000
+    assert report["kept"] + sum(report["dropped"].values()) == 5000
+    assert report["eval"] == 200 and report["train"] == report["kept"] - 200
+    assert 100 < report["lengths"]["total"]["mean"] < 125  # DESIGN: mean ~113 tokens
+    efficiency = report["padding_efficiency"]
+    assert efficiency["packed"]["efficiency"] > efficiency["batch_4"]["efficiency"] + 0.2
+    assert elapsed < 10, f"tokenizing and validating 5,000 rows took {elapsed:.1f} s"
+    pairs = heldout_pairs(cfg, tok, 512, 3)
+    assert pairs == prepared.eval_pairs()[:3]
+
+
+def test_padding_efficiency_by_hand():
+    assert padding_efficiency([4, 4, 4, 4], 2) == 1.0
+    assert padding_efficiency([2, 4], 2) == pytest.approx(6 / 8)
+
+
+# --- packing ----------------------------------------------------------------------------------------
+
+
+def test_packing_keeps_examples_whole_and_within_budget(tok):
+    exs = [tokenize_pair(tok, f"Prompt number {i} " * (i % 5 + 1), f" answer {i}") for i in range(30)]
+    rows = pack_examples(exs, 64)
+    assert sorted(n for r in rows for n in r["seq_lens"]) == sorted(len(e["input_ids"]) for e in exs)
+    assert all(len(r["input_ids"]) <= 64 for r in rows)
+    for r in rows:
+        starts = [sum(r["seq_lens"][:k]) for k in range(len(r["seq_lens"]))]
+        assert all(r["position_ids"][s] == 0 for s in starts) and all(r["labels"][s] == -100 for s in starts)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_loss_equals_examples_run_one_by_one(tiny_dir, tok, attn):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, attn_implementation=attn, dtype=torch.float32)
+    pairs = [("Hello there", " general kenobi"), ("What is 2+2?", " four"),
+             ("A much longer prompt with many words in it", " and a response of several words"),
+             ("Short", " x")]
+    exs = [tokenize_pair(tok, p, r, train_on_prompt=True) for p, r in pairs]
+    rows = pack_examples(exs, 48)
+    assert len(rows) < len(exs)  # something was actually packed together
+    batch = collate_packed(rows, tok.pad_token_id, bool_mask=attn == "sdpa")
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"]).logits
+        packed = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                   batch["labels"][:, 1:].reshape(-1), reduction="sum")
+        n_packed = int((batch["labels"][:, 1:] != -100).sum())
+        total, n = 0.0, 0
+        for e in exs:
+            out = model(input_ids=torch.tensor([e["input_ids"]]), labels=torch.tensor([e["labels"]]))
+            k = sum(1 for x in e["labels"][1:] if x != -100)
+            total += out.loss.item() * k
+            n += k
+    assert n_packed == n
+    assert packed.item() / n_packed == pytest.approx(total / n, rel=1e-5, abs=1e-6)

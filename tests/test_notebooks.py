@@ -18,7 +18,7 @@ def smoke_run(tmp_path_factory, tiny_dir, data_dir_module):
     outputs = tmp_path_factory.mktemp("outputs")
     os.environ["HF_TOKEN"] = SECRET
     try:
-        path = run_pipeline("smoke", "smoke", stages="01,02", outputs_dir=str(outputs), progress=False)
+        path = run_pipeline("smoke", "smoke", stages="01,02,03", outputs_dir=str(outputs), progress=False)
     finally:
         del os.environ["HF_TOKEN"]
     return path
@@ -32,7 +32,7 @@ def data_dir_module():
         pytest.skip("the offline data directory is not here")
 
 
-def test_setup_and_quantize_write_their_reports(smoke_run):
+def test_setup_quantize_and_data_write_their_reports(smoke_run):
     config = json.loads((smoke_run / "config.json").read_text())
     assert config["model"]["source"] == "random:tiny"
     env = json.loads((smoke_run / "env.json").read_text())
@@ -42,9 +42,12 @@ def test_setup_and_quantize_write_their_reports(smoke_run):
     assert report["layer_error_summary"]["nf4_mean"] < report["layer_error_summary"]["fp4_mean"]
     assert set(report["perplexity"]) == {"full", "4bit"}
     assert (smoke_run / "quantization_footprint.png").stat().st_size > 10_000
-    for name in ("01_setup.ipynb", "02_quantize.ipynb"):
+    data = json.loads((smoke_run / "data" / "data_report.json").read_text())
+    assert data["sources"]["alpaca_5000"]["rows"] == 5000 and data["eval"] == 200
+    assert (smoke_run / "data" / "train").is_dir() and (smoke_run / "data_lengths.png").is_file()
+    for name in ("01_setup.ipynb", "02_quantize.ipynb", "03_data_prep.ipynb"):
         nb = json.loads((smoke_run / "notebooks" / name).read_text())
-        assert nb["metadata"]["papermill"]["exception"] is None or nb["metadata"]["papermill"]["exception"] is False
+        assert not nb["metadata"]["papermill"]["exception"], name
 
 
 def test_the_token_never_reaches_outputs(smoke_run):
