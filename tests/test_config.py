@@ -74,7 +74,7 @@ def test_malformed_override():
 
 
 def test_missing_config_file_lists_profiles():
-    with pytest.raises(ConfigError, match="Config file not found.*profiles: default"):
+    with pytest.raises(ConfigError, match="Config file not found.*profiles: .*default.*smoke"):
         load_config("no/such/file.yaml")
 
 
