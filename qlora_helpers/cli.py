@@ -19,10 +19,51 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run-name", help="run folder name under outputs/ (default: the profile name)")
     run.add_argument("--stages", help="comma-separated stage numbers, e.g. 01,02 (default: all)")
     run.add_argument("--outputs-dir", help="where run folders go (default: outputs/)")
+    train = sub.add_parser("train", help="set up the run, prepare the data and train (no notebooks)")
+    train.add_argument("--config", default="default")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    train.add_argument("--run-name", help="run folder name under outputs/ (default: the profile name)")
+    train.add_argument("--outputs-dir", help="where run folders go (default: outputs/)")
+    train.add_argument("--num-processes", type=int, default=1,
+                       help="GPUs to train on with accelerate (DDP); the global batch is "
+                            "micro_batch_size x gradient_accumulation_steps x N")
     show = sub.add_parser("config", help="validate a config and print it with every key explained")
     show.add_argument("--config", default="default")
     show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     return parser
+
+
+def train_command(args) -> int:
+    """Set up, prepare data and train; with --num-processes N the parent prepares, then launches N
+    accelerate workers that only open the run and train."""
+    import os
+    import subprocess
+
+    from .config import resolve_config_path
+    from .data import load_prepared, prepare_run_data
+    from .runs import open_run, setup_run
+    from .train import train_adapter
+
+    run_name = args.run_name or resolve_config_path(args.config).stem
+    if "LOCAL_RANK" in os.environ:  # a worker of a multi-GPU run: the parent prepared everything
+        run = open_run(args.config, run_name, args.overrides, args.outputs_dir)
+        data = load_prepared(run.path / "data")
+    else:
+        run = setup_run(args.config, run_name, args.overrides, args.outputs_dir)
+        data = prepare_run_data(run)
+        if args.num_processes > 1:
+            cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
+                   "--num_processes", str(args.num_processes), "--mixed_precision", "no",
+                   "--dynamo_backend", "no", "-m", "qlora_helpers", "train", "--config", args.config,
+                   "--run-name", run_name]
+            cmd += [x for o in args.overrides for x in ("--set", o)]
+            cmd += ["--outputs-dir", args.outputs_dir] if args.outputs_dir else []
+            return subprocess.call(cmd)
+    summary = train_adapter(run, data)["summary"]
+    if "LOCAL_RANK" not in os.environ or os.environ["LOCAL_RANK"] == "0":
+        print(f"Adapter saved to {run.path / 'adapter'}; held-out loss "
+              f"{summary['heldout_loss_base']} -> {summary['heldout_loss_tuned']:.4f}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
 
             path = run_pipeline(args.config, args.run_name, args.overrides, args.stages, args.outputs_dir)
             print(f"Run finished: {path}")
+        elif args.command == "train":
+            return train_command(args)
         elif args.command == "config":
             from .config import describe_config, load_config
 

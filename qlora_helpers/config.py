@@ -120,6 +120,8 @@ class TrainConfig:
     logging_steps: int = _f(5, "log loss every N steps")
     save_steps: int = _f(50, "checkpoint every N steps")
     save_total_limit: int = _f(2, "keep the newest K checkpoints")
+    resume: str = _f("auto", "auto: continue from the newest complete checkpoint; never; or a checkpoint path")
+    eval_samples: int = _f(100, "held-out examples scored before and after training")
     wandb: Literal["auto", "offline", "online", "disabled"] = _f(
         "auto", "auto = online when WANDB_API_KEY is set, else offline")
 

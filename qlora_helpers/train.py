@@ -1,0 +1,442 @@
+"""Stage 04: train LoRA adapters on the frozen 4-bit base (QLoRA), resumably, with guards.
+
+Built on transformers' `Trainer` rather than TRL's `SFTTrainer`: stage 03 already hands over
+tokenized examples with prompt labels masked, and, when packing, rows with a 4-D block-diagonal
+mask. SFTTrainer's own packing (padding-free, position ids only) lets packed examples attend to
+each other under sdpa, and would re-tokenize what 03 checked. Trainer brings what we would
+otherwise write: gradient accumulation, schedules, paged optimizers, checkpoints with optimizer
+and RNG state, resume, W&B, progress bars and accelerate (DDP) for several GPUs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+from .data import PreparedData, collate, collate_packed, pack_examples
+from .errors import QLoraError
+from .paths import replace_dir_atomic, write_json_atomic
+
+COMPLETE_MARKER = "checkpoint_complete.json"
+OOM_ADVICE = (
+    "Out of GPU memory. Lower, in this order: train.micro_batch_size (raise "
+    "train.gradient_accumulation_steps to keep the batch), model.max_seq_length, keep "
+    "train.gradient_checkpointing=true, and target fewer layers (lora.target_modules=[q_proj, v_proj]) "
+    "or a smaller lora.r. Then rerun: train.resume=auto continues from the last checkpoint."
+)
+
+
+class NonFiniteLoss(QLoraError):
+    """The training loss became NaN or infinite."""
+
+
+# --- model ----------------------------------------------------------------------------------------
+
+
+def local_device(device: str) -> str:
+    """cuda:<LOCAL_RANK> in each process of a multi-GPU (accelerate/torchrun) run, else `device`."""
+    rank = os.environ.get("LOCAL_RANK")
+    return f"cuda:{rank}" if device == "cuda" and rank is not None else device
+
+
+
+def load_trainable_model(cfg: Config, device: str, compute_dtype):
+    """The base (4-bit or full precision) with fresh LoRA adapters, ready for training."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from .models import load_model, resolve_model
+
+    model = load_model(cfg.model, cfg.quant, compute_dtype, device, resolved=resolve_model(cfg.model))
+    model.config.use_cache = False  # the KV cache is for generation; training recomputes
+    gc_kwargs = {"use_reentrant": False}
+    if cfg.quant.load_in_4bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs=gc_kwargs)
+    elif cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+        model.enable_input_require_grads()
+    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=cfg.lora.target_modules, bias=cfg.lora.bias,
+                      use_dora=cfg.lora.use_dora, use_rslora=cfg.lora.use_rslora, task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def parameter_counts(model) -> dict[str, Any]:
+    """Trainable against total weights (a packed 4-bit tensor holds two weights per element)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() * (2 if type(p).__name__ == "Params4bit" else 1) for p in model.parameters())
+    return {"trainable": trainable, "total": total, "trainable_percent": 100 * trainable / total}
+
+
+# --- data for the Trainer ------------------------------------------------------------------------
+
+
+class _Rows:
+    """A list of tokenized rows as the map-style dataset Trainer expects."""
+
+    def __init__(self, rows: list[dict[str, Any]]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.rows[i]
+
+
+@dataclass
+class Collator:
+    pad_token_id: int
+    packed: bool = False
+    bool_mask: bool = True
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        if self.packed:
+            return collate_packed(rows, self.pad_token_id, self.bool_mask)
+        return collate(rows, self.pad_token_id)
+
+
+def training_rows(cfg: Config, data: PreparedData) -> list[dict[str, Any]]:
+    rows = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in data.train]
+    if cfg.data.packing:
+        return pack_examples(rows, cfg.model.max_seq_length, seed=cfg.data.seed)
+    return rows
+
+
+# --- trainer ---------------------------------------------------------------------------------------
+
+
+def training_arguments(cfg: Config, run_path: Path, runtime: dict[str, Any], report_to: list[str]):
+    from transformers import TrainingArguments
+
+    t = cfg.train
+    dtype = runtime["compute_dtype"]
+    args = TrainingArguments(
+        output_dir=str(run_path / "checkpoints"),
+        per_device_train_batch_size=t.micro_batch_size,
+        per_device_eval_batch_size=cfg.eval.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=math.ceil(t.warmup_ratio * t.max_steps) if t.max_steps > 0 else 0,
+        max_steps=t.max_steps,
+        num_train_epochs=t.num_epochs,
+        max_grad_norm=t.max_grad_norm,
+        weight_decay=t.weight_decay,
+        optim=runtime["optimizer"],
+        bf16=dtype == "bfloat16",
+        fp16=dtype == "float16",
+        use_cpu=runtime["device"] == "cpu",
+        gradient_checkpointing=False,  # set up on the model by load_trainable_model
+        train_sampling_strategy="group_by_length" if t.group_by_length and not cfg.data.packing else "random",
+        logging_steps=t.logging_steps,
+        logging_nan_inf_filter=False,  # the NaN guard must see a NaN
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        save_only_model=False,
+        eval_strategy="no",
+        seed=t.seed,
+        data_seed=t.seed,
+        report_to=report_to,
+        run_name=run_path.name,
+        remove_unused_columns=False,
+        ddp_find_unused_parameters=False,  # frozen base: DDP need not search for unused weights
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+    if args.world_size == 1 and args.n_gpu > 1:
+        # One process trains on one GPU. Trainer would otherwise wrap the model in DataParallel over
+        # every visible GPU (measured: the logged loss doubles on two H100s); several GPUs go
+        # through --num-processes N (DDP) instead.
+        args._n_gpu = 1
+    return args
+
+
+def _make_trainer_class():
+    from transformers import Trainer, TrainerCallback
+
+    class GuardedTrainer(Trainer):
+        """Trainer that stops at the first non-finite loss, before it can be checkpointed."""
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            if not math.isfinite(loss.item()):
+                raise NonFiniteLoss(
+                    f"The training loss became {loss.item()} at step {self.state.global_step + 1}. "
+                    f"Lower train.learning_rate, check the data for broken rows, or use float32 compute "
+                    f"(quant.compute_dtype=float32). Checkpoints written before this step are intact.")
+            return loss
+
+    class FiniteWeightsGuard(TrainerCallback):
+        """After each optimizer step, before any checkpoint of it: the adapters must be finite
+        (one huge step can poison the weights while the loss that caused it still looked fine)."""
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            import torch
+
+            bad = [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+            if bad:
+                raise NonFiniteLoss(
+                    f"The adapter weights became NaN or infinite at step {state.global_step} ({bad[0]}"
+                    f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}). Lower train.learning_rate, "
+                    f"keep train.max_grad_norm > 0, or use float32 compute (quant.compute_dtype=float32). "
+                    f"Checkpoints written before this step are intact.")
+
+    class MarkCompleteCallback(TrainerCallback):
+        """Marks a checkpoint complete once everything in it is written; drops Trainer's pickle of
+        its arguments (training_args.bin), which resume does not need."""
+
+        def on_save(self, args, state, control, **kwargs):
+            if not state.is_world_process_zero:
+                return
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            (folder / "training_args.bin").unlink(missing_ok=True)
+            write_json_atomic(folder / COMPLETE_MARKER, {"step": state.global_step, "time": time.time()})
+
+    return GuardedTrainer, MarkCompleteCallback, FiniteWeightsGuard
+
+
+def last_complete_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The newest checkpoint whose save finished; half-written ones (a crash mid-save) are skipped."""
+    if not checkpoint_dir.is_dir():
+        return None
+    done = [p for p in checkpoint_dir.glob("checkpoint-*") if (p / COMPLETE_MARKER).is_file()]
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def resolve_resume(cfg: Config, run_path: Path) -> str | None:
+    setting = cfg.train.resume
+    if setting == "never":
+        return None
+    if setting == "auto":
+        found = last_complete_checkpoint(run_path / "checkpoints")
+        return str(found) if found else None
+    path = Path(setting).expanduser()
+    if not (path / COMPLETE_MARKER).is_file():
+        raise QLoraError(f"train.resume={setting!r} is not a complete checkpoint folder "
+                         f"(no {COMPLETE_MARKER}). Use 'auto', 'never' or a checkpoint-N folder.")
+    return str(path)
+
+
+def configure_wandb(cfg: Config, run_path: Path) -> list[str]:
+    """report_to for the Trainer; W&B writes under the run folder, offline unless told otherwise."""
+    from .environment import wandb_mode
+
+    mode = wandb_mode(cfg.train.wandb)
+    if mode == "disabled":
+        return []
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        print("wandb is not installed: logging to the run folder only.")
+        return []
+    os.environ["WANDB_MODE"] = mode
+    os.environ.setdefault("WANDB_PROJECT", "qlora-notebooks")
+    os.environ["WANDB_DIR"] = str(run_path)
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return ["wandb"]
+
+
+def wandb_config_callback(run):
+    """Logs the resolved config and the environment report into the W&B run Trainer started."""
+    from transformers import TrainerCallback
+
+    class LogRunConfig(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            try:
+                import wandb
+            except ImportError:
+                return
+            if wandb.run is not None:
+                env = {k: v for k, v in run.env.items() if k != "hf_auth"}
+                wandb.config.update({"qlora": run.cfg.to_dict(), "environment": env}, allow_val_change=True)
+
+    return LogRunConfig()
+
+
+def _progress_callbacks(trainer) -> None:
+    """Plain tqdm in headless runs (papermill logs); Trainer's notebook table when interactive."""
+    from transformers.trainer_callback import ProgressCallback
+
+    from .environment import is_interactive
+
+    if not is_interactive():
+        try:
+            from transformers.utils.notebook import NotebookProgressCallback
+
+            trainer.remove_callback(NotebookProgressCallback)
+        except ImportError:
+            pass
+        if not any(isinstance(cb, ProgressCallback) for cb in trainer.callback_handler.callbacks):
+            trainer.add_callback(ProgressCallback)
+
+
+def live_loss_callback():
+    """A callback that redraws the loss curve in the notebook at every log (interactive only)."""
+    from transformers import TrainerCallback
+
+    from .environment import is_interactive
+
+    class LiveLoss(TrainerCallback):
+        def __init__(self):
+            self.handle = None
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            import matplotlib.pyplot as plt
+            from IPython.display import display
+
+            from .plots import plot_training
+
+            if not any("loss" in h for h in state.log_history):
+                return
+            fig = plot_training(state.log_history, only_loss=True)
+            if self.handle is None:
+                self.handle = display(fig, display_id=True)
+            else:
+                self.handle.update(fig)
+            plt.close(fig)
+
+    return [LiveLoss()] if is_interactive() else []
+
+
+def build_trainer(run, data: PreparedData, model, tokenizer, extra_callbacks=()):
+    GuardedTrainer, MarkCompleteCallback, FiniteWeightsGuard = _make_trainer_class()
+    cfg = run.cfg
+    report_to = configure_wandb(cfg, run.path)
+    args = training_arguments(cfg, run.path, run.runtime, report_to)
+    trainer = GuardedTrainer(
+        model=model, args=args, train_dataset=_Rows(training_rows(cfg, data)),
+        data_collator=Collator(tokenizer.pad_token_id, packed=cfg.data.packing,
+                               bool_mask=cfg.model.attn_implementation != "eager"),
+        callbacks=[FiniteWeightsGuard(), MarkCompleteCallback(), *live_loss_callback(), *extra_callbacks,
+                   *([wandb_config_callback(run)] if report_to else [])],
+    )
+    _progress_callbacks(trainer)
+    return trainer
+
+
+def heldout_eval_loss(run, model, tokenizer, data: PreparedData) -> float:
+    """Token-weighted held-out loss on the first train.eval_samples eval examples (as stages 02/05)."""
+    from .evaluate import heldout_loss
+
+    pairs = data.eval_pairs()[:run.cfg.train.eval_samples]
+    return heldout_loss(model, tokenizer, pairs, run.cfg.eval.batch_size, run.cfg.model.max_seq_length,
+                        desc="held-out loss")["loss"]
+
+
+def train_adapter(run, data: PreparedData, model=None, tokenizer=None, extra_callbacks=()) -> dict[str, Any]:
+    """Train, guard, checkpoint, resume; save the adapter atomically; return the results."""
+    import torch
+
+    from .models import load_tokenizer
+
+    cfg = run.cfg
+    tokenizer = tokenizer or load_tokenizer(cfg.model)
+    torch.manual_seed(cfg.train.seed)
+    model = model or load_trainable_model(cfg, local_device(run.device), run.compute_dtype)
+    trainer = build_trainer(run, data, model, tokenizer, extra_callbacks)
+    resume = resolve_resume(cfg, run.path)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()  # measure training, not model loading or building
+    base_loss = heldout_eval_loss(run, model, tokenizer, data) if resume is None else None
+    start = time.perf_counter()
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    except KeyboardInterrupt:
+        trainer._save_checkpoint(trainer.model, trial=None)  # Trainer's own full checkpoint
+        MarkCompleteCallback = _make_trainer_class()[1]
+        MarkCompleteCallback().on_save(trainer.args, trainer.state, trainer.control)
+        raise QLoraError(f"Training interrupted at step {trainer.state.global_step}; a checkpoint was "
+                         f"saved. Run again with train.resume=auto to continue.") from None
+    except torch.cuda.OutOfMemoryError:
+        raise QLoraError(OOM_ADVICE) from None
+    seconds = time.perf_counter() - start
+    tuned_loss = heldout_eval_loss(run, trainer.model, tokenizer, data)
+    history = list(trainer.state.log_history)
+    if base_loss is not None:
+        history.insert(0, {"step": 0, "heldout_loss": base_loss})
+    history.append({"step": trainer.state.global_step, "heldout_loss": tuned_loss})
+    summary = {
+        "steps": trainer.state.global_step, "resumed_from": resume, "train_seconds": seconds,
+        "train_loss": result.training_loss,
+        "final_logged_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None),
+        "heldout_loss_base": base_loss, "heldout_loss_tuned": tuned_loss,
+        "eval_examples": min(cfg.train.eval_samples, len(data.eval)), "parameters": parameter_counts(trainer.model),
+        "trained_tokens": _trained_tokens(trainer), "device": run.device,
+        "compute_dtype": run.runtime["compute_dtype"], "optimizer": run.runtime["optimizer"],
+    }
+    summary["trained_tokens_per_second"] = summary["trained_tokens"] / seconds if seconds else None
+    if torch.cuda.is_available():
+        summary["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if trainer.is_world_process_zero():
+        summary["processes"] = trainer.args.world_size
+        save_adapter(run, trainer.model, tokenizer, summary)
+        write_json_atomic(run.path / "train_log.json", {"summary": summary, "log_history": history})
+    return {"summary": summary, "log_history": history, "trainer": trainer}
+
+
+def _trained_tokens(trainer) -> int:
+    """Tokens with a label in the batches this run consumed (an estimate when resumed)."""
+    rows = trainer.train_dataset.rows
+    per_row = sum(sum(1 for x in r["labels"] if x != -100) for r in rows) / max(len(rows), 1)
+    args = trainer.args
+    seen = (trainer.state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps
+            * args.world_size)
+    return int(per_row * seen)
+
+
+def save_adapter(run, model, tokenizer, summary: dict[str, Any]) -> Path:
+    """outputs/<run>/adapter/: safetensors weights, adapter config, tokenizer, config, model card.
+    Written to a temporary folder and renamed, so a crash never leaves half an adapter."""
+    final = run.path / "adapter"
+    tmp = Path(tempfile.mkdtemp(prefix=".adapter.", dir=run.path))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        write_json_atomic(tmp / "qlora_config.json", run.cfg.to_dict())
+        (tmp / "README.md").write_text(model_card(run, summary), encoding="utf-8")
+        replace_dir_atomic(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def model_card(run, summary: dict[str, Any]) -> str:
+    cfg = run.cfg
+    sources = ", ".join(s.path for s in cfg.data.sources)
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    return f"""---
+library_name: peft
+base_model: {cfg.model.source}
+tags: [qlora, lora, peft]
+---
+# QLoRA adapter: {run.name}
+
+LoRA adapter trained with qlora-notebooks on a {'4-bit ' + cfg.quant.quant_type.upper() if cfg.quant.load_in_4bit else 'full-precision'} base.
+
+- Base model: `{cfg.model.source}`
+- Data: {sources} (template: {cfg.data.template}, loss on {'all tokens' if cfg.data.train_on_prompt else 'responses only'}, packing: {cfg.data.packing})
+- LoRA: r={cfg.lora.r}, alpha={cfg.lora.alpha}, dropout={cfg.lora.dropout}, targets={cfg.lora.target_modules}, DoRA={cfg.lora.use_dora}, rsLoRA={cfg.lora.use_rslora}
+- Training: {summary['steps']} steps, micro-batch {cfg.train.micro_batch_size} x {cfg.train.gradient_accumulation_steps} accumulation, lr {cfg.train.learning_rate} ({cfg.train.lr_scheduler}), optimizer {summary['optimizer']}, compute {summary['compute_dtype']} on {summary['device']}, seed {cfg.train.seed}
+- Trainable parameters: {summary['parameters']['trainable']:,} ({summary['parameters']['trainable_percent']:.3f}% of {summary['parameters']['total']:,})
+
+| | loss |
+|---|---|
+| training (mean over the run) | {fmt(summary['train_loss'])} |
+| last logged training loss | {fmt(summary['final_logged_loss'])} |
+| held-out, base model | {fmt(summary['heldout_loss_base'])} |
+| held-out, with this adapter | {fmt(summary['heldout_loss_tuned'])} |
+
+Held-out: the first {summary['eval_examples']} examples of the eval split (never trained on).
+Load with `PeftModel.from_pretrained(base, "<this folder>")`; the full resolved configuration is in
+`qlora_config.json`.
+"""

@@ -1,0 +1,177 @@
+"""Training on the smoke profile for real: CPU QLoRA, resume after SIGKILL, guards, atomic saves."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qlora_helpers.config import load_config
+from qlora_helpers.data import prepare_run_data
+from qlora_helpers.errors import QLoraError
+from qlora_helpers.paths import PROJECT_ROOT
+from qlora_helpers.runs import setup_run
+from qlora_helpers.train import (COMPLETE_MARKER, NonFiniteLoss, last_complete_checkpoint,
+                                 save_adapter, train_adapter, training_arguments)
+
+QUIET = ["train.wandb=disabled", "train.eval_samples=8"]
+
+
+def _train_cmd(outputs: Path, run_name: str, *overrides: str) -> list[str]:
+    cmd = [sys.executable, "-m", "qlora_helpers", "train", "--config", "smoke", "--run-name", run_name,
+           "--outputs-dir", str(outputs)]
+    for o in (*QUIET, *overrides):
+        cmd += ["--set", o]
+    return cmd
+
+
+def test_trainer_config_mapping():
+    cfg = load_config("qlora-paper", ["quant.compute_dtype=float32"])
+    runtime = {"device": "cpu", "compute_dtype": "float32", "optimizer": "adamw_torch"}
+    args = training_arguments(cfg, Path("/tmp/run-x"), runtime, report_to=[])
+    assert args.learning_rate == 2e-4 and args.lr_scheduler_type == "constant"
+    assert args.max_grad_norm == 0.3 and args.warmup_steps == 30  # 3% of 1,000 steps
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (4, 4)
+    assert args.train_sampling_strategy == "group_by_length"
+    assert args.save_steps == cfg.train.save_steps and args.save_total_limit == cfg.train.save_total_limit
+    assert args.seed == cfg.train.seed and args.output_dir == "/tmp/run-x/checkpoints"
+    assert not args.bf16 and not args.fp16 and args.logging_nan_inf_filter is False
+    packed = training_arguments(load_config("qlora-paper", ["data.packing=true"]), Path("/tmp/y"), runtime, [])
+    assert packed.train_sampling_strategy == "random"  # rows are already packed
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_dir, data_dir_module):
+    outputs = tmp_path_factory.mktemp("train-outputs")
+    run = setup_run("smoke", "cpu-train", [*QUIET, "train.max_steps=12", "train.learning_rate=5e-3",
+                                           "train.logging_steps=2", "lora.dropout=0.0"], str(outputs))
+    result = train_adapter(run, prepare_run_data(run))
+    return run, result
+
+
+@pytest.fixture(scope="module")
+def data_dir_module():
+    from tests.conftest import _data_dir
+
+    if _data_dir() is None:
+        pytest.skip("the offline data directory is not here")
+
+
+def test_cpu_training_learns_and_saves_a_complete_adapter(trained):
+    run, result = trained
+    summary = result["summary"]
+    losses = [h["loss"] for h in result["log_history"] if "loss" in h]
+    assert summary["steps"] == 12 and len(losses) == 6
+    assert losses[-1] < losses[0]
+    assert summary["heldout_loss_tuned"] < summary["heldout_loss_base"]
+    assert summary["parameters"]["trainable"] == 2 * 2 * 16 * (64 + 64) - 2 * 16 * (64 - 32)  # q,v in 2 layers
+    adapter = run.path / "adapter"
+    names = {p.name for p in adapter.iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "qlora_config.json",
+            "README.md"} <= names
+    assert not [n for n in names if n.endswith((".bin", ".pt", ".pkl"))]
+    weights = load_file(adapter / "adapter_model.safetensors")
+    assert weights and all(torch.isfinite(w).all() for w in weights.values())
+    card = (adapter / "README.md").read_text()
+    assert "base_model: random:tiny" in card and "held-out, with this adapter" in card
+    log = json.loads((run.path / "train_log.json").read_text())
+    assert log["summary"]["steps"] == 12
+
+
+def test_checkpoints_are_marked_complete_and_hold_no_argument_pickle(trained):
+    run, _ = trained
+    ckpts = sorted((run.path / "checkpoints").glob("checkpoint-*"))
+    assert ckpts and all((c / COMPLETE_MARKER).is_file() for c in ckpts)
+    assert not any((c / "training_args.bin").exists() for c in ckpts)
+    assert last_complete_checkpoint(run.path / "checkpoints") == max(ckpts, key=lambda p: int(p.name.split("-")[1]))
+
+
+def test_a_half_written_checkpoint_is_never_resumed_from(tmp_path):
+    (tmp_path / "checkpoint-4").mkdir()
+    (tmp_path / "checkpoint-4" / COMPLETE_MARKER).write_text("{}")
+    (tmp_path / "checkpoint-6").mkdir()  # crashed mid-save: no marker
+    assert last_complete_checkpoint(tmp_path).name == "checkpoint-4"
+
+
+def test_failed_adapter_save_keeps_the_previous_adapter(trained):
+    run, result = trained
+    before = (run.path / "adapter" / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(KeyError):
+        save_adapter(run, result["trainer"].model, result["trainer"].processing_class or _tok(run), {})
+    assert (run.path / "adapter" / "adapter_model.safetensors").read_bytes() == before
+    assert not list(run.path.glob(".adapter.*"))
+
+
+def _tok(run):
+    from qlora_helpers.models import load_tokenizer
+
+    return load_tokenizer(run.cfg.model)
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_good_checkpoints(tmp_path, tiny_dir, data_dir_module):
+    run = setup_run("smoke", "nan", [*QUIET, "train.max_steps=30", "train.save_steps=1",
+                                     "train.learning_rate=.inf", "train.max_grad_norm=0"], str(tmp_path))
+    with pytest.raises(NonFiniteLoss, match=r"became (nan|inf|NaN or infinite) at step \d+.*Lower train.learning_rate"):
+        train_adapter(run, prepare_run_data(run))
+    assert not (run.path / "adapter").exists()
+    for ckpt in (run.path / "checkpoints").glob("checkpoint-*"):
+        weights = load_file(ckpt / "adapter_model.safetensors")
+        assert all(torch.isfinite(w).all() for w in weights.values()), ckpt
+
+
+def _wait_for(predicate, proc, timeout=180):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.02)
+    return False
+
+
+def test_resume_after_sigkill_gives_the_same_adapter(tmp_path, tiny_dir, data_dir_module):
+    steps = ["train.max_steps=60", "train.save_steps=5", "train.learning_rate=5e-3", "lora.dropout=0.1"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    straight = subprocess.run(_train_cmd(tmp_path / "a", "run", *steps), env=env, capture_output=True, text=True)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    ckpts = tmp_path / "b" / "run" / "checkpoints"
+    proc = subprocess.Popen(_train_cmd(tmp_path / "b", "run", *steps), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed = _wait_for(lambda: (ckpts / "checkpoint-15" / COMPLETE_MARKER).is_file(), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert killed, "training finished before it could be killed"
+    assert not (tmp_path / "b" / "run" / "adapter").exists()
+
+    resumed = subprocess.run(_train_cmd(tmp_path / "b", "run", *steps), env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    summary = json.loads((tmp_path / "b" / "run" / "train_log.json").read_text())["summary"]
+    assert summary["resumed_from"] and summary["steps"] == 60
+    a = load_file(tmp_path / "a" / "run" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "b" / "run" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
+
+
+def test_interrupt_saves_a_checkpoint(tmp_path, tiny_dir, data_dir_module):
+    ckpts = tmp_path / "run" / "checkpoints"
+    proc = subprocess.Popen(_train_cmd(tmp_path, "run", "train.max_steps=400", "train.save_steps=5"),
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert _wait_for(lambda: (ckpts / "checkpoint-5" / COMPLETE_MARKER).is_file(), proc)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert "Training interrupted at step" in err and "train.resume=auto" in err
+    step = int(err.split("Training interrupted at step ")[1].split(";")[0])
+    assert (ckpts / f"checkpoint-{step}" / COMPLETE_MARKER).is_file()
