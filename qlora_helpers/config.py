@@ -128,9 +128,25 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    perplexity_samples: int = _f(32, "held-out examples for perplexity")
-    batch_size: int = _f(8, "sequences per evaluation forward pass")
-    max_new_tokens: int = _f(48, "generation length for sample outputs")
+    perplexity_samples: int = _f(32, "held-out examples for the 4-bit vs full-precision perplexity (02)")
+    batch_size: int = _f(8, "sequences per evaluation forward pass or generation batch")
+    max_new_tokens: int = _f(48, "generation length for the quick sample answer (02)")
+    loss_samples: int = _f(200, "held-out examples for loss and perplexity, base vs tuned (05)")
+    rouge_samples: int = _f(16, "held-out Alpaca examples generated and scored with ROUGE-L")
+    answer_tokens: int = _f(96, "generation length for ROUGE-L, IFEval and the side-by-side table")
+    gsm8k_path: str = _f("gsm8k/test.jsonl", "GSM8K test file (relative: in the data directory)")
+    gsm8k_samples: int = _f(16, "GSM8K test problems (the first N)")
+    gsm8k_shots: int = _f(0, "solved GSM8K train problems shown before each question")
+    gsm8k_tokens: int = _f(160, "generation length for GSM8K solutions")
+    ifeval_path: str = _f("eval/ifeval/input_data.jsonl", "IFEval prompts (relative: in the data directory)")
+    ifeval_samples: int = _f(16, "IFEval prompts (the first N)")
+    alpaca_eval_path: str = _f("eval/alpaca_eval/alpaca_eval_805_example_outputs.json",
+                               "AlpacaEval instructions for the side-by-side table")
+    mt_bench_path: str = _f("eval/mt_bench/question.jsonl", "MT-bench questions for the side-by-side table")
+    showcase_samples: int = _f(4, "AlpacaEval and MT-bench prompts each in the side-by-side table")
+    lm_eval_tasks: list[str] = _f([], "lm-evaluation-harness tasks to run on the tuned model (online), "
+                                  "or 'gsm8k_local' for the data directory's GSM8K")
+    lm_eval_limit: int = _f(16, "examples per lm-eval task")
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,15 @@
-"""Stage 05: how good is the model? Held-out loss and perplexity (also used by stage 02)."""
+"""Stage 05: how good is the tuned model against its base? Same prompts, same greedy decoding.
+
+Held-out loss and perplexity (also used by stages 02 and 04), ROUGE-L on held-out Alpaca
+examples, GSM8K exact match, IFEval verifiable instructions (`ifeval.py`), and a side-by-side table
+of answers to AlpacaEval and MT-bench prompts; lm-evaluation-harness tasks on request.
+"""
 
 from __future__ import annotations
 
 import math
+import re
+import time
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -41,3 +48,272 @@ def heldout_loss(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int
     loss = total_nll / total_tokens
     return {"loss": loss, "perplexity": math.exp(loss), "examples": len(kept),
             "skipped_too_long": len(examples) - len(kept), "tokens": total_tokens}
+
+
+# --- text metrics -------------------------------------------------------------------------------
+
+
+def rouge_l(predictions: list[str], references: list[str]) -> dict[str, Any]:
+    """Mean ROUGE-L F1 (rouge-score, Porter stemming) and the per-example scores."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    scores = [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
+    return {"rougeL_f1": sum(scores) / len(scores) if scores else 0.0, "per_example": scores}
+
+
+_NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
+
+
+def normalize_number(text: str) -> str | None:
+    """'1,234.50' -> '1234.5', '$18' -> '18', '18.0' -> '18'; None when it is not a number."""
+    cleaned = text.replace(",", "").replace("$", "").strip().rstrip(".")
+    try:
+        value = float(cleaned)
+    except ValueError:
+        return None
+    return str(int(value)) if value == int(value) else repr(value)
+
+
+def extract_final_number(text: str) -> str | None:
+    """The answer a GSM8K solution ends with: after '####' if present, else the last number."""
+    if "####" in text:
+        tail = _NUMBER.findall(text.split("####")[-1])
+        if tail:
+            return normalize_number(tail[0])
+    numbers = _NUMBER.findall(text)
+    return normalize_number(numbers[-1]) if numbers else None
+
+
+def gsm8k_exact_match(predictions: list[str], answers: list[str]) -> dict[str, Any]:
+    """Share of predictions whose final number equals the reference's '#### N'."""
+    hits = [extract_final_number(p) is not None and extract_final_number(p) == extract_final_number(a)
+            for p, a in zip(predictions, answers)]
+    return {"exact_match": sum(hits) / len(hits) if hits else 0.0, "per_example": hits}
+
+
+# --- the stage ----------------------------------------------------------------------------------
+# Base and tuned share one model: the adapter is switched off (peft's disable_adapter) for the
+# base, so both see the same 4-bit weights, the same prompts and the same greedy decoding.
+
+
+def load_tuned_model(run):
+    """(model with the run's adapter, tokenizer): the 4-bit base as trained, plus the adapter."""
+    from peft import PeftModel
+
+    from .models import load_model, load_tokenizer
+    from .errors import QLoraError
+
+    adapter = run.path / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        raise QLoraError(f"No adapter in {adapter}. Run notebooks/04_train.ipynb for run {run.name!r} first.")
+    tokenizer = load_tokenizer(run.cfg.model)
+    base = load_model(run.cfg.model, run.cfg.quant, run.compute_dtype, run.device)
+    model = PeftModel.from_pretrained(base, str(adapter))
+    model.eval()
+    return model, tokenizer
+
+
+def for_both(model, fn):
+    """{'base': fn() with the adapter off, 'tuned': fn() with it on}, with timings."""
+    start = time.perf_counter()
+    with model.disable_adapter():
+        base = fn()
+    middle = time.perf_counter()
+    tuned = fn()
+    return {"base": base, "tuned": tuned,
+            "seconds": {"base": middle - start, "tuned": time.perf_counter() - middle}}
+
+
+def _prompts(run, tokenizer, instructions: list[str]) -> list[str]:
+    from .generation import render_prompt
+
+    style = "chat" if run.cfg.data.template == "chat" else "alpaca"
+    return [render_prompt(tokenizer, text, style) for text in instructions]
+
+
+def _read(run, relative: str) -> list[dict[str, Any]]:
+    from pathlib import Path
+
+    from .data import read_records, resolve_data_dir
+
+    path = Path(relative).expanduser()
+    if not path.is_absolute():
+        path = resolve_data_dir(run.cfg.data) / path
+    if not path.is_file():
+        from .errors import DataError
+
+        raise DataError(f"Evaluation file {path} does not exist; check the eval.*_path settings and the "
+                        f"data directory.")
+    return read_records(path)
+
+
+def evaluate_loss(run, model, tokenizer, data) -> dict[str, Any]:
+    """Held-out loss and perplexity, base vs tuned, on the eval split that 03 made."""
+    pairs = data.eval_pairs()[:run.cfg.eval.loss_samples]
+    cfg = run.cfg
+    return for_both(model, lambda: heldout_loss(model, tokenizer, pairs, cfg.eval.batch_size,
+                                                cfg.model.max_seq_length))
+
+
+def evaluate_rouge(run, model, tokenizer, data) -> dict[str, Any]:
+    """ROUGE-L of generated responses against the references of held-out Alpaca examples."""
+    from .generation import generate
+
+    cfg = run.cfg.eval
+    examples = data.eval[:cfg.rouge_samples]
+    prompts = [e["prompt"] for e in examples]
+    refs = [e["response"] for e in examples]
+    out = for_both(model, lambda: generate(model, tokenizer, prompts, cfg.answer_tokens, cfg.batch_size))
+    for side in ("base", "tuned"):
+        out[side] = {"outputs": out[side], **rouge_l(out[side], refs)}
+    out["prompts"], out["references"] = prompts, refs
+    return out
+
+
+def gsm8k_instruction(question: str, shots: list[dict[str, Any]]) -> str:
+    solved = "".join(f"Question: {s['question']}\nAnswer: {s['answer']}\n\n" for s in shots)
+    return (f"{solved}Solve the math word problem step by step. End with the final answer as "
+            f"'#### <number>'.\n\nQuestion: {question}")
+
+
+def evaluate_gsm8k(run, model, tokenizer) -> dict[str, Any]:
+    """Exact match of the final number on the first N GSM8K test problems."""
+    from .generation import generate
+
+    cfg = run.cfg.eval
+    rows = _read(run, cfg.gsm8k_path)[:cfg.gsm8k_samples]
+    shots = _read(run, cfg.gsm8k_path.replace("test", "train"))[:cfg.gsm8k_shots] if cfg.gsm8k_shots else []
+    prompts = _prompts(run, tokenizer, [gsm8k_instruction(r["question"], shots) for r in rows])
+    answers = [r["answer"] for r in rows]
+    out = for_both(model, lambda: generate(model, tokenizer, prompts, cfg.gsm8k_tokens, cfg.batch_size))
+    for side in ("base", "tuned"):
+        out[side] = {"outputs": out[side], **gsm8k_exact_match(out[side], answers)}
+    out["questions"], out["answers"] = [r["question"] for r in rows], answers
+    return out
+
+
+def evaluate_ifeval(run, model, tokenizer) -> dict[str, Any]:
+    """IFEval verifiable instructions on the first N prompts (checks that need no downloads)."""
+    from . import ifeval
+    from .generation import generate
+
+    cfg = run.cfg.eval
+    rows = _read(run, cfg.ifeval_path)[:cfg.ifeval_samples]
+    prompts = _prompts(run, tokenizer, [r["prompt"] for r in rows])
+    out = for_both(model, lambda: generate(model, tokenizer, prompts, cfg.answer_tokens, cfg.batch_size))
+    for side in ("base", "tuned"):
+        out[side] = {"outputs": out[side], **ifeval.score(rows, out[side])}
+    out["prompts"] = [r["prompt"] for r in rows]
+    return out
+
+
+def evaluate_showcase(run, model, tokenizer) -> dict[str, Any]:
+    """Side-by-side answers to AlpacaEval instructions and MT-bench first turns."""
+    from .generation import generate
+
+    cfg = run.cfg.eval
+    alpaca = [r["instruction"] for r in _read(run, cfg.alpaca_eval_path)[:cfg.showcase_samples]]
+    mt = _read(run, cfg.mt_bench_path)[:cfg.showcase_samples]
+    items = ([{"source": "AlpacaEval", "prompt": p} for p in alpaca]
+             + [{"source": f"MT-bench ({q['category']})", "prompt": q["turns"][0]} for q in mt])
+    prompts = _prompts(run, tokenizer, [i["prompt"] for i in items])
+    out = for_both(model, lambda: generate(model, tokenizer, prompts, cfg.answer_tokens, cfg.batch_size))
+    for item, base, tuned in zip(items, out["base"], out["tuned"]):
+        item.update(base=base, tuned=tuned)
+    return {"items": items, "seconds": out["seconds"]}
+
+
+def write_side_by_side(run_path, items: list[dict[str, Any]]) -> dict[str, str]:
+    """generations.html and generations.md: prompt | base | tuned."""
+    import html
+
+    from .paths import write_text_atomic
+
+    cell = lambda t: html.escape(t).replace("\n", "<br>")  # noqa: E731
+    rows = "".join(f"<tr><td><b>{html.escape(i['source'])}</b><br>{cell(i['prompt'])}</td>"
+                   f"<td>{cell(i['base'])}</td><td>{cell(i['tuned'])}</td></tr>" for i in items)
+    page = ("<table style='border-collapse:collapse' border='1' cellpadding='6'>"
+            "<tr><th>prompt</th><th>base</th><th>tuned</th></tr>" + rows + "</table>")
+    md_cell = lambda t: t.replace("|", "\\|").replace("\n", "<br>")  # noqa: E731
+    md = "| source | prompt | base | tuned |\n|---|---|---|---|\n" + "".join(
+        f"| {i['source']} | {md_cell(i['prompt'])} | {md_cell(i['base'])} | {md_cell(i['tuned'])} |\n" for i in items)
+    return {"html": str(write_text_atomic(run_path / "generations.html", page)),
+            "markdown": str(write_text_atomic(run_path / "generations.md", md))}
+
+
+def summarize(results: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """{metric: {'base': x, 'tuned': y}} for the headline numbers."""
+    pick = {"held-out loss": ("loss", "loss"), "perplexity": ("loss", "perplexity"),
+            "ROUGE-L F1": ("rouge", "rougeL_f1"), "GSM8K exact match": ("gsm8k", "exact_match"),
+            "IFEval prompt-level": ("ifeval", "prompt_level_strict"),
+            "IFEval instruction-level": ("ifeval", "instruction_level_strict")}
+    return {name: {side: results[task][side][key] for side in ("base", "tuned")}
+            for name, (task, key) in pick.items() if task in results}
+
+
+def write_eval_report(run, results: dict[str, Any], extra: dict[str, Any] | None = None) -> str:
+    """eval.json: every number, with the config, seeds, sample counts and timings."""
+    from .paths import write_json_atomic
+
+    cfg = run.cfg
+    report = {"run": run.name, "summary": summarize(results), "config": cfg.to_dict(),
+              "seed": cfg.data.seed, "device": run.device, "compute_dtype": run.runtime["compute_dtype"],
+              "decoding": "greedy", "samples": {
+                  "loss": results.get("loss", {}).get("tuned", {}).get("examples"),
+                  "rouge": len(results.get("rouge", {}).get("references", [])),
+                  "gsm8k": len(results.get("gsm8k", {}).get("answers", [])),
+                  "ifeval": len(results.get("ifeval", {}).get("prompts", []))},
+              "seconds": {task: r.get("seconds") for task, r in results.items()},
+              "results": results, **(extra or {})}
+    return str(write_json_atomic(run.path / "eval.json", report))
+
+
+def lm_eval_local_tasks(run, folder) -> list[str]:
+    """Write lm-eval task files that read the data directory (offline): gsm8k_local = lm-eval's
+    own gsm8k task (prompt, few-shot, answer extraction) on gsm8k/{train,test}.jsonl."""
+    from pathlib import Path
+
+    import lm_eval
+    import yaml
+
+    from .data import resolve_data_dir
+
+    test = Path(run.cfg.eval.gsm8k_path)
+    test = test if test.is_absolute() else resolve_data_dir(run.cfg.data) / test
+    spec = yaml.safe_load((Path(lm_eval.__file__).parent / "tasks" / "gsm8k" / "gsm8k.yaml").read_text())
+    spec.pop("tag", None)
+    spec.pop("dataset_name", None)
+    spec["generation_kwargs"]["max_gen_toks"] = run.cfg.eval.gsm8k_tokens
+    spec.update(task="gsm8k_local", dataset_path="json", num_fewshot=run.cfg.eval.gsm8k_shots,
+                dataset_kwargs={"data_files": {"train": str(test.with_name("train.jsonl")), "test": str(test)}})
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "gsm8k_local.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    return ["gsm8k_local"]
+
+
+def evaluate_lm_eval(run, model, tokenizer) -> dict[str, Any]:
+    """eval.lm_eval_tasks through lm-evaluation-harness on the in-memory model, base and tuned.
+    Hub tasks need the network for their data; `gsm8k_local` reads the data directory."""
+    cfg = run.cfg.eval
+    if not cfg.lm_eval_tasks:
+        return {}
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    tasks_dir = run.path / "lm_eval_tasks"
+    lm_eval_local_tasks(run, tasks_dir)
+    manager = TaskManager(include_path=str(tasks_dir))
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size,
+              max_length=run.cfg.model.max_seq_length)
+
+    def run_tasks():
+        results = simple_evaluate(model=lm, tasks=list(cfg.lm_eval_tasks), limit=cfg.lm_eval_limit,
+                                  task_manager=manager, log_samples=False, random_seed=run.cfg.data.seed,
+                                  numpy_random_seed=run.cfg.data.seed, torch_random_seed=run.cfg.data.seed)
+        return {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+                for task, metrics in results["results"].items()}
+
+    return for_both(model, run_tasks)

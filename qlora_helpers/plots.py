@@ -101,3 +101,18 @@ def plot_training(log_history: list[dict[str, Any]], only_loss: bool = False):
         ax.set_xlabel("step")
     fig.tight_layout()
     return fig
+
+
+def plot_metrics(summary: dict[str, dict[str, float]]):
+    """Base vs tuned, one panel per metric (losses: lower is better; the rest: higher)."""
+    names = list(summary)
+    fig, axes = plt.subplots(1, len(names), figsize=(2.4 * len(names), 3.2), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        values = [summary[name]["base"], summary[name]["tuned"]]
+        bars = ax.bar(["base", "tuned"], values, color=["#999999", "#2a9d55"])
+        ax.bar_label(bars, fmt="%.3g")
+        better = "lower" if name in ("held-out loss", "perplexity") else "higher"
+        ax.set_title(f"{name}\n({better} is better)", fontsize=9)
+        ax.set_ylim(0, max(values) * 1.25 or 1)
+    fig.tight_layout()
+    return fig

@@ -18,7 +18,7 @@ def smoke_run(tmp_path_factory, tiny_dir, data_dir_module):
     outputs = tmp_path_factory.mktemp("outputs")
     os.environ["HF_TOKEN"] = SECRET
     try:
-        path = run_pipeline("smoke", "smoke", stages="01,02,03", outputs_dir=str(outputs), progress=False)
+        path = run_pipeline("smoke", "smoke", stages="01,02,03,04,05", outputs_dir=str(outputs), progress=False)
     finally:
         del os.environ["HF_TOKEN"]
     return path
@@ -32,7 +32,7 @@ def data_dir_module():
         pytest.skip("the offline data directory is not here")
 
 
-def test_setup_quantize_and_data_write_their_reports(smoke_run):
+def test_stages_01_to_05_write_their_reports(smoke_run):
     config = json.loads((smoke_run / "config.json").read_text())
     assert config["model"]["source"] == "random:tiny"
     env = json.loads((smoke_run / "env.json").read_text())
@@ -45,7 +45,16 @@ def test_setup_quantize_and_data_write_their_reports(smoke_run):
     data = json.loads((smoke_run / "data" / "data_report.json").read_text())
     assert data["sources"]["alpaca_5000"]["rows"] == 5000 and data["eval"] == 200
     assert (smoke_run / "data" / "train").is_dir() and (smoke_run / "data_lengths.png").is_file()
-    for name in ("01_setup.ipynb", "02_quantize.ipynb", "03_data_prep.ipynb"):
+    assert (smoke_run / "adapter" / "adapter_model.safetensors").is_file()
+    assert (smoke_run / "training_curves.png").is_file()
+    evaluation = json.loads((smoke_run / "eval.json").read_text())
+    assert set(evaluation["summary"]) == {"held-out loss", "perplexity", "ROUGE-L F1", "GSM8K exact match",
+                                          "IFEval prompt-level", "IFEval instruction-level"}
+    assert evaluation["samples"] == {"loss": 16, "rouge": 4, "gsm8k": 4, "ifeval": 8}
+    assert "<table" in (smoke_run / "generations.html").read_text()
+    assert (smoke_run / "generations.md").read_text().startswith("| source | prompt | base | tuned |")
+    for name in ("01_setup.ipynb", "02_quantize.ipynb", "03_data_prep.ipynb", "04_train.ipynb",
+                 "05_evaluate.ipynb"):
         nb = json.loads((smoke_run / "notebooks" / name).read_text())
         assert not nb["metadata"]["papermill"]["exception"], name
 

@@ -1,0 +1,91 @@
+import math
+
+import pytest
+import torch
+
+from qlora_helpers.config import load_config
+from qlora_helpers.evaluate import (extract_final_number, gsm8k_exact_match, heldout_loss,
+                                    lm_eval_local_tasks, rouge_l)
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("She makes 9 * 2 = $18 every day.\n#### 18", "18"),
+    ("#### 1,234", "1234"),
+    ("The answer is 42.", "42"),
+    ("It costs $3.50 in total", "3.5"),
+    ("So 10 - 3 = 7 apples, i.e. 7.0", "7"),
+    ("#### -5", "-5"),
+    ("no numbers here", None),
+])
+def test_final_number_extraction(text, expected):
+    assert extract_final_number(text) == expected
+
+
+def test_gsm8k_exact_match():
+    answers = ["Steps...\n#### 18", "Steps...\n#### 3", "Steps...\n#### 1000"]
+    result = gsm8k_exact_match(["I think 18.", "The answer is 4", "#### 1,000"], answers)
+    assert result["per_example"] == [True, False, True]
+    assert result["exact_match"] == pytest.approx(2 / 3)
+
+
+def test_rouge_l_by_hand():
+    assert rouge_l(["the cat sat on the mat"], ["the cat sat on the mat"])["rougeL_f1"] == 1.0
+    assert rouge_l(["dogs bark loudly"], ["the cat sat"])["rougeL_f1"] == 0.0
+    # LCS 5 of 5 predicted and 6 reference tokens: P=1, R=5/6, F=2PR/(P+R)
+    assert rouge_l(["the cat on the mat"], ["the cat sat on the mat"])["rougeL_f1"] == pytest.approx(10 / 11)
+
+
+class _Uniform(torch.nn.Module):
+    """A language model that gives every token of a V-word vocabulary the same probability."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab = vocab
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, attention_mask=None):
+        logits = torch.zeros(*input_ids.shape, self.vocab) + self.anchor
+        return type("Out", (), {"logits": logits})()
+
+
+def test_perplexity_of_a_uniform_model_is_the_vocabulary_size(tiny_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    result = heldout_loss(_Uniform(len(tok)), tok, [("Say:", " hello there"), ("Count:", " one two three")],
+                          batch_size=2, max_length=64)
+    assert result["perplexity"] == pytest.approx(len(tok), rel=1e-5)
+    assert result["loss"] == pytest.approx(math.log(len(tok)), rel=1e-6)
+
+
+def test_batched_generation_equals_one_by_one(embedded_dir):
+    from qlora_helpers.generation import generate, render_prompt
+    from qlora_helpers.models import load_model, load_tokenizer
+
+    cfg = load_config("default")
+    tok = load_tokenizer(cfg.model)
+    model = load_model(cfg.model, cfg.quant, torch.float32, "cpu", quantized=False)
+    prompts = [render_prompt(tok, q) for q in ("Name a colour.", "What is 2 + 2? Answer briefly.",
+                                               "Write one sentence about the sea and the wind at night.")]
+    batched = generate(model, tok, prompts, max_new_tokens=16, batch_size=3)
+    single = [generate(model, tok, [p], max_new_tokens=16, batch_size=1)[0] for p in prompts]
+    assert batched == single
+    assert all(text.strip() for text in batched)
+
+
+def test_lm_eval_local_gsm8k_task_runs_offline(tmp_path, tiny_dir, data_dir):
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qlora_helpers.runs import setup_run
+
+    run = setup_run("smoke", "lm-eval", ["train.wandb=disabled"], str(tmp_path))
+    assert lm_eval_local_tasks(run, tmp_path / "tasks") == ["gsm8k_local"]
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    lm = HFLM(pretrained=model, tokenizer=AutoTokenizer.from_pretrained(tiny_dir), batch_size=2, max_length=256)
+    out = simple_evaluate(model=lm, tasks=["gsm8k_local"], limit=2, log_samples=False,
+                          task_manager=TaskManager(include_path=str(tmp_path / "tasks")))
+    metrics = out["results"]["gsm8k_local"]
+    assert "exact_match,strict-match" in metrics and 0.0 <= metrics["exact_match,strict-match"] <= 1.0
