@@ -434,7 +434,10 @@ def _length_stats(values: list[int]) -> dict[str, float]:
 
 
 def _source_name(src: SourceConfig) -> str:
-    return src.name or Path(src.path).stem if _looks_like_file(src.path) else (src.name or src.path)
+    """The tag of a source in reports: its name, else the file's stem, else the hub id."""
+    if src.name:
+        return src.name
+    return Path(src.path).stem if _looks_like_file(src.path) else src.path
 
 
 def build_examples(data_cfg: DataConfig, tokenizer, max_length: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -579,21 +582,13 @@ def prepare_data(data_cfg: DataConfig, tokenizer, max_length: int, micro_batch_s
 
 def save_prepared(prepared: PreparedData, out_dir: Path) -> None:
     """Tokenized sets as `datasets` folders plus the report; each written beside, then renamed."""
-    import shutil
-    import tempfile
-
     import datasets
 
-    from .paths import replace_dir_atomic, write_json_atomic
+    from .paths import atomic_dir, write_json_atomic
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     for split, rows in (("train", prepared.train), ("eval", prepared.eval)):
-        tmp = Path(tempfile.mkdtemp(prefix=f".{split}.", dir=out_dir))
-        try:
+        with atomic_dir(out_dir / split) as tmp:
             datasets.Dataset.from_list(rows).save_to_disk(str(tmp))
-            replace_dir_atomic(tmp, out_dir / split)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     write_json_atomic(out_dir / "data_report.json", prepared.report)  # last: marks the set complete
 
 

@@ -132,14 +132,25 @@ def _prompts(run, tokenizer, instructions: list[str]) -> list[str]:
     return [render_prompt(tokenizer, text, style) for text in instructions]
 
 
-def _read(run, relative: str) -> list[dict[str, Any]]:
+def _eval_path(run, relative: str):
     from pathlib import Path
 
-    from .data import read_records, resolve_data_dir
+    from .data import resolve_data_dir
 
     path = Path(relative).expanduser()
-    if not path.is_absolute():
-        path = resolve_data_dir(run.cfg.data) / path
+    return path if path.is_absolute() else resolve_data_dir(run.cfg.data) / path
+
+
+def _gsm8k_files(run):
+    """(test, train): the configured test file and the train.jsonl beside it (few-shot examples)."""
+    test = _eval_path(run, run.cfg.eval.gsm8k_path)
+    return test, test.with_name("train.jsonl")
+
+
+def _read(run, relative) -> list[dict[str, Any]]:
+    from .data import read_records
+
+    path = _eval_path(run, relative)
     if not path.is_file():
         from .errors import DataError
 
@@ -182,8 +193,9 @@ def evaluate_gsm8k(run, model, tokenizer) -> dict[str, Any]:
     from .generation import generate
 
     cfg = run.cfg.eval
-    rows = _read(run, cfg.gsm8k_path)[:cfg.gsm8k_samples]
-    shots = _read(run, cfg.gsm8k_path.replace("test", "train"))[:cfg.gsm8k_shots] if cfg.gsm8k_shots else []
+    test, train = _gsm8k_files(run)
+    rows = _read(run, test)[:cfg.gsm8k_samples]
+    shots = _read(run, train)[:cfg.gsm8k_shots] if cfg.gsm8k_shots else []
     prompts = _prompts(run, tokenizer, [gsm8k_instruction(r["question"], shots) for r in rows])
     answers = [r["answer"] for r in rows]
     out = for_both(model, lambda: generate(model, tokenizer, prompts, cfg.gsm8k_tokens, cfg.batch_size))
@@ -277,16 +289,13 @@ def lm_eval_local_tasks(run, folder) -> list[str]:
     import lm_eval
     import yaml
 
-    from .data import resolve_data_dir
-
-    test = Path(run.cfg.eval.gsm8k_path)
-    test = test if test.is_absolute() else resolve_data_dir(run.cfg.data) / test
+    test, train = _gsm8k_files(run)
     spec = yaml.safe_load((Path(lm_eval.__file__).parent / "tasks" / "gsm8k" / "gsm8k.yaml").read_text())
     spec.pop("tag", None)
     spec.pop("dataset_name", None)
     spec["generation_kwargs"]["max_gen_toks"] = run.cfg.eval.gsm8k_tokens
     spec.update(task="gsm8k_local", dataset_path="json", num_fewshot=run.cfg.eval.gsm8k_shots,
-                dataset_kwargs={"data_files": {"train": str(test.with_name("train.jsonl")), "test": str(test)}})
+                dataset_kwargs={"data_files": {"train": str(train), "test": str(test)}})
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "gsm8k_local.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))

@@ -16,15 +16,13 @@ import importlib.metadata
 import json
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import ModelConfig, QuantConfig
 from .errors import ModelSourceError, QLoraError
-from .paths import cache_dir, replace_dir_atomic
+from .paths import atomic_dir, cache_dir
 
 if TYPE_CHECKING:
     import torch
@@ -137,14 +135,9 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        replace_dir_atomic(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
@@ -156,13 +149,8 @@ def ensure_embedded_tokenizer(root: Path) -> Path:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(ensure_embedded_model(root))
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_dir(folder) as tmp:
         tokenizer.save_pretrained(tmp)
-        replace_dir_atomic(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
@@ -190,14 +178,9 @@ def ensure_random_model(shape: str, root: Path, seed: int = 0) -> Path:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         with torch.device(device):
             model = LlamaForCausalLM(config).to(torch.bfloat16)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_dir(folder) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        replace_dir_atomic(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -60,9 +61,21 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return path
 
 
-def replace_dir_atomic(tmp_dir: Path, final_dir: Path) -> Path:
-    """Move a fully written folder into place; an older copy is removed only after the move."""
+@contextlib.contextmanager
+def atomic_dir(final_dir: str | Path):
+    """Yield a temporary folder beside `final_dir`; when the block succeeds, move it into place
+    (an older copy is removed only after the move); when it fails, nothing at `final_dir` changes."""
+    final_dir = Path(final_dir)
     final_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.", dir=final_dir.parent))
+    try:
+        yield tmp
+        _replace_dir(tmp, final_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _replace_dir(tmp_dir: Path, final_dir: Path) -> None:
     old = None
     if final_dir.exists():
         old = final_dir.with_name(f".{final_dir.name}.old-{os.getpid()}")
@@ -70,7 +83,6 @@ def replace_dir_atomic(tmp_dir: Path, final_dir: Path) -> Path:
     os.replace(tmp_dir, final_dir)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    return final_dir
 
 
 def read_json(path: str | Path) -> Any:

@@ -43,9 +43,6 @@ def run_pipeline(config: str, run_name: str | None = None, overrides: Iterable[s
                  stages: str | Iterable[str] | None = None, outputs_dir: str | None = None,
                  progress: bool = True) -> Path:
     """Execute the selected stage notebooks in order; return the run folder."""
-    import papermill
-    from papermill.exceptions import PapermillExecutionError
-
     overrides = list(overrides)
     config_path = resolve_config_path(config)
     load_config(config_path, overrides)  # fail on a bad key before any notebook starts
@@ -54,7 +51,22 @@ def run_pipeline(config: str, run_name: str | None = None, overrides: Iterable[s
     notebooks = select_stages(stages)
     parameters = {"config": str(config_path), "run_name": run_name, "overrides": overrides,
                   "outputs_dir": str(path.parent)}
+    previous = os.environ.get("QLORA_HEADLESS")
     os.environ["QLORA_HEADLESS"] = "1"  # the kernels inherit it: no interactive prompts
+    try:
+        _execute(notebooks, path, parameters, progress)
+    finally:
+        if previous is None:
+            os.environ.pop("QLORA_HEADLESS", None)
+        else:
+            os.environ["QLORA_HEADLESS"] = previous
+    return path
+
+
+def _execute(notebooks: list[Path], path: Path, parameters: dict, progress: bool) -> None:
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
     for i, notebook in enumerate(notebooks, 1):
         out = path / "notebooks" / notebook.name
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -69,4 +81,3 @@ def run_pipeline(config: str, run_name: str | None = None, overrides: Iterable[s
                 f"{notebook.name} failed in cell {exc.exec_count} ({exc.ename}: {exc.evalue}). "
                 f"The executed copy with all outputs is {out}.") from None
         print(f"    done in {time.perf_counter() - start:.0f} s", flush=True)
-    return path

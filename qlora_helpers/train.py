@@ -10,11 +10,8 @@ and RNG state, resume, W&B, progress bars and accelerate (DDP) for several GPUs.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +20,7 @@ from typing import Any
 from .config import Config
 from .data import PreparedData, collate, collate_packed, pack_examples
 from .errors import QLoraError
-from .paths import replace_dir_atomic, write_json_atomic
+from .paths import atomic_dir, write_json_atomic
 
 COMPLETE_MARKER = "checkpoint_complete.json"
 OOM_ADVICE = (
@@ -353,8 +350,7 @@ def train_adapter(run, data: PreparedData, model=None, tokenizer=None, extra_cal
         result = trainer.train(resume_from_checkpoint=resume)
     except KeyboardInterrupt:
         trainer._save_checkpoint(trainer.model, trial=None)  # Trainer's own full checkpoint
-        MarkCompleteCallback = _make_trainer_class()[1]
-        MarkCompleteCallback().on_save(trainer.args, trainer.state, trainer.control)
+        trainer.callback_handler.on_save(trainer.args, trainer.state, trainer.control)  # marks it complete
         raise QLoraError(f"Training interrupted at step {trainer.state.global_step}; a checkpoint was "
                          f"saved. Run again with train.resume=auto to continue.") from None
     except torch.cuda.OutOfMemoryError:
@@ -398,15 +394,11 @@ def save_adapter(run, model, tokenizer, summary: dict[str, Any]) -> Path:
     """outputs/<run>/adapter/: safetensors weights, adapter config, tokenizer, config, model card.
     Written to a temporary folder and renamed, so a crash never leaves half an adapter."""
     final = run.path / "adapter"
-    tmp = Path(tempfile.mkdtemp(prefix=".adapter.", dir=run.path))
-    try:
+    with atomic_dir(final) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         write_json_atomic(tmp / "qlora_config.json", run.cfg.to_dict())
         (tmp / "README.md").write_text(model_card(run, summary), encoding="utf-8")
-        replace_dir_atomic(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 

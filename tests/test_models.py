@@ -1,15 +1,13 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from qlora_helpers.config import ModelConfig, QuantConfig, load_config
-from qlora_helpers.errors import ModelSourceError, QLoraError
-from qlora_helpers.models import (convert_gguf, ensure_embedded_model, load_model, load_tokenizer,
-                                  resolve_model)
+from qlora_helpers.config import ModelConfig, load_config
+from qlora_helpers.errors import ModelSourceError
+from qlora_helpers.models import convert_gguf, load_model, load_tokenizer, resolve_model
 
 
 def test_missing_local_path_is_a_clear_error():

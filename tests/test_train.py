@@ -14,8 +14,6 @@ from safetensors.torch import load_file
 
 from qlora_helpers.config import load_config
 from qlora_helpers.data import prepare_run_data
-from qlora_helpers.errors import QLoraError
-from qlora_helpers.paths import PROJECT_ROOT
 from qlora_helpers.runs import setup_run
 from qlora_helpers.train import (COMPLETE_MARKER, NonFiniteLoss, last_complete_checkpoint,
                                  save_adapter, train_adapter, training_arguments)
