@@ -33,6 +33,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# FSDP + QLoRA as peft and bitsandbytes document it: whole decoder layers sharded, the adapters
+# wrapped on their own (Trainer does that for peft models), rank 0 loads and the others receive.
+FSDP_LAUNCH = ["--use_fsdp", "--fsdp_version", "1", "--fsdp_sharding_strategy", "FULL_SHARD",
+               "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP", "--fsdp_backward_prefetch", "BACKWARD_PRE",
+               "--fsdp_state_dict_type", "SHARDED_STATE_DICT", "--fsdp_cpu_ram_efficient_loading", "true",
+               "--fsdp_sync_module_states", "true", "--fsdp_use_orig_params", "false",
+               "--fsdp_offload_params", "false"]
+
+
 def train_command(args) -> int:
     """Set up, prepare data and train; with --num-processes N the parent prepares, then launches N
     accelerate workers that only open the run and train."""
@@ -52,17 +61,18 @@ def train_command(args) -> int:
         run = setup_run(args.config, run_name, args.overrides, args.outputs_dir)
         data = prepare_run_data(run)
         if args.num_processes > 1:
-            cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
-                   "--num_processes", str(args.num_processes), "--mixed_precision", "no",
-                   "--dynamo_backend", "no", "-m", "qlora_helpers", "train", "--config", args.config,
-                   "--run-name", run_name]
+            cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
+                   "--num_processes", str(args.num_processes), "--mixed_precision", "no", "--dynamo_backend", "no",
+                   *(FSDP_LAUNCH if run.cfg.train.distributed == "fsdp" else ["--multi_gpu"]),
+                   "-m", "qlora_helpers", "train", "--config", args.config, "--run-name", run_name]
             cmd += [x for o in args.overrides for x in ("--set", o)]
             cmd += ["--outputs-dir", args.outputs_dir] if args.outputs_dir else []
             return subprocess.call(cmd)
     summary = train_adapter(run, data)["summary"]
     if "LOCAL_RANK" not in os.environ or os.environ["LOCAL_RANK"] == "0":
-        print(f"Adapter saved to {run.path / 'adapter'}; held-out loss "
-              f"{summary['heldout_loss_base']} -> {summary['heldout_loss_tuned']:.4f}")
+        losses = (f"held-out loss {summary['heldout_loss_base']} -> {summary['heldout_loss_tuned']}"
+                  if summary["heldout_loss_tuned"] is not None else "held-out loss: run stage 05")
+        print(f"Adapter saved to {run.path / 'adapter'}; {losses}")
     return 0
 
 

@@ -124,6 +124,18 @@ class TrainConfig:
     eval_samples: int = _f(100, "held-out examples scored before and after training")
     wandb: Literal["auto", "offline", "online", "disabled"] = _f(
         "auto", "auto = online when WANDB_API_KEY is set, else offline")
+    distributed: Literal["ddp", "fsdp"] = _f(
+        "ddp", "how --num-processes N spreads training: ddp = a whole model per GPU; fsdp = weights "
+        "sharded across GPUs, for models that do not fit one card (needs quant.quant_storage = compute dtype)")
+    fast_path: Literal["auto", "always", "never"] = _f(
+        "auto", "GPU fast path (auto = with CUDA): unpadded packed micro-batches, varlen attention "
+        "that never crosses examples, fused kernels, recomputation by memory budget")
+    packed_tokens: int = _f(16384, "fast path: tokens per micro-batch (whole examples packed into one row); "
+                            "micro_batch_size is then 1 such row")
+    memory_budget_gib: float = _f(0.0, "fast path: GPU memory training may use; layers are recomputed only as "
+                                  "far as needed to fit (0 = 90% of what the card has free)")
+    fused_kernels: bool = _f(True, "fast path: Liger's fused RMSNorm, RoPE, SwiGLU and linear + cross-entropy "
+                             "(when liger-kernel is installed: requirements-gpu.txt)")
 
 
 @dataclass(frozen=True)

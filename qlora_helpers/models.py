@@ -244,16 +244,18 @@ def check_bitsandbytes(device: str) -> str:
 def load_model(model_cfg: ModelConfig, quant_cfg: QuantConfig, compute_dtype: torch.dtype,
                device: str, quantized: bool | None = None, quant_type: str | None = None,
                resolved: ResolvedModel | None = None) -> PreTrainedModel:
-    """Load the causal LM: 4-bit (quant settings) or full precision in `compute_dtype`, on `device`."""
+    """Load the causal LM: 4-bit (quant settings) or full precision in `compute_dtype`, on `device`
+    (None: no device map, as FSDP wants; bitsandbytes then quantizes onto the current GPU)."""
     from transformers import AutoModelForCausalLM
 
     resolved = resolved or resolve_model(model_cfg)
     quantized = quant_cfg.load_in_4bit if quantized is None else quantized
     kwargs: dict[str, Any] = dict(_hub_kwargs(model_cfg), dtype=compute_dtype,
-                                  attn_implementation=model_cfg.attn_implementation,
-                                  device_map={"": device})
+                                  attn_implementation=model_cfg.attn_implementation)
+    if device is not None:
+        kwargs["device_map"] = {"": device}
     if quantized:
-        check_bitsandbytes(device)
+        check_bitsandbytes(device or "cuda")
         kwargs["quantization_config"] = bnb_config(quant_cfg, compute_dtype, quant_type)
     try:
         model = AutoModelForCausalLM.from_pretrained(resolved.location, **kwargs)

@@ -45,24 +45,68 @@ def local_device(device: str) -> str:
 
 
 
-def load_trainable_model(cfg: Config, device: str, compute_dtype):
-    """The base (4-bit or full precision) with fresh LoRA adapters, ready for training."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+def fsdp_active(cfg: Config) -> bool:
+    """FSDP when the profile asks for it and accelerate started several processes."""
+    return cfg.train.distributed == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
+
+def check_fsdp_storage(cfg: Config, compute_dtype) -> None:
+    """FSDP flattens each wrapped layer into one tensor of one float dtype: the packed 4-bit weights
+    must be stored in the compute dtype too (bnb_4bit_quant_storage), or the layer cannot be sharded."""
+    storage = cfg.quant.quant_storage
+    dtype = str(compute_dtype).removeprefix("torch.")
+    if cfg.quant.load_in_4bit and storage != dtype:
+        raise QLoraError(f"train.distributed=fsdp with quant.quant_storage={storage}: FSDP shards only float "
+                         f"tensors of one dtype per layer. Set quant.quant_storage={dtype} (the compute dtype), "
+                         f"as configs/fsdp-qlora.yaml does.")
+
+
+def load_trainable_model(cfg: Config, device: str, compute_dtype, base=None):
+    """The base (4-bit or full precision) with fresh LoRA adapters, ready for training. On CUDA the
+    fast path (qlora_helpers.fastpath) prepares the base; `model.qlora_fast_path` says what it did.
+    Under FSDP the base loads without a device map and keeps one dtype (no fp32 upcasts), so that
+    accelerate can shard it."""
+    from peft import prepare_model_for_kbit_training
+
+    from . import fastpath
     from .models import load_model, resolve_model
 
-    model = load_model(cfg.model, cfg.quant, compute_dtype, device, resolved=resolve_model(cfg.model))
+    fsdp = fsdp_active(cfg)
+    if fsdp:
+        import torch
+
+        check_fsdp_storage(cfg, compute_dtype)
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    model = base or load_model(cfg.model, cfg.quant, compute_dtype, None if fsdp else device,
+                               resolved=resolve_model(cfg.model))
     model.config.use_cache = False  # the KV cache is for generation; training recomputes
     gc_kwargs = {"use_reentrant": False}
-    if cfg.quant.load_in_4bit:
+    fast = None
+    if fsdp:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if cfg.train.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+            model.enable_input_require_grads()
+    elif fastpath.fast_path_active(cfg.train, device):
+        fast = fastpath.prepare_fast_model(model, cfg.train, device, cfg.lora.target_modules)
+    elif cfg.quant.load_in_4bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs=gc_kwargs)
     elif cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
         model.enable_input_require_grads()
-    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=cfg.lora.target_modules, bias=cfg.lora.bias,
-                      use_dora=cfg.lora.use_dora, use_rslora=cfg.lora.use_rslora, task_type="CAUSAL_LM")
+    peft_model = add_lora(model, cfg.lora)
+    peft_model.qlora_fast_path = fast
+    return peft_model
+
+
+def add_lora(model, lora_cfg):
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+                      target_modules=lora_cfg.target_modules, bias=lora_cfg.bias,
+                      use_dora=lora_cfg.use_dora, use_rslora=lora_cfg.use_rslora, task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
 
 
@@ -94,15 +138,26 @@ class Collator:
     pad_token_id: int
     packed: bool = False
     bool_mask: bool = True
+    flat: bool = False  # the fast path: one unpadded row with the examples' boundaries
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        if self.flat:
+            from .fastpath import collate_flat
+
+            return collate_flat(rows)
         if self.packed:
             return collate_packed(rows, self.pad_token_id, self.bool_mask)
         return collate(rows, self.pad_token_id)
 
 
-def training_rows(cfg: Config, data: PreparedData) -> list[dict[str, Any]]:
+def training_rows(cfg: Config, data: PreparedData, fast: bool = False) -> list[dict[str, Any]]:
     rows = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in data.train]
+    if fast:
+        if cfg.train.packed_tokens < cfg.model.max_seq_length:
+            raise QLoraError(f"train.packed_tokens={cfg.train.packed_tokens} is below model.max_seq_length="
+                             f"{cfg.model.max_seq_length}: the longest examples would not fit a micro-batch. "
+                             f"Raise train.packed_tokens.")
+        return pack_examples(rows, cfg.train.packed_tokens, seed=cfg.data.seed)
     if cfg.data.packing:
         return pack_examples(rows, cfg.model.max_seq_length, seed=cfg.data.seed)
     return rows
@@ -111,14 +166,15 @@ def training_rows(cfg: Config, data: PreparedData) -> list[dict[str, Any]]:
 # --- trainer ---------------------------------------------------------------------------------------
 
 
-def training_arguments(cfg: Config, run_path: Path, runtime: dict[str, Any], report_to: list[str]):
+def training_arguments(cfg: Config, run_path: Path, runtime: dict[str, Any], report_to: list[str],
+                       fast: bool = False):
     from transformers import TrainingArguments
 
     t = cfg.train
     dtype = runtime["compute_dtype"]
     args = TrainingArguments(
         output_dir=str(run_path / "checkpoints"),
-        per_device_train_batch_size=t.micro_batch_size,
+        per_device_train_batch_size=1 if fast else t.micro_batch_size,  # fast: one packed row
         per_device_eval_batch_size=cfg.eval.batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         learning_rate=t.learning_rate,
@@ -133,7 +189,8 @@ def training_arguments(cfg: Config, run_path: Path, runtime: dict[str, Any], rep
         fp16=dtype == "float16",
         use_cpu=runtime["device"] == "cpu",
         gradient_checkpointing=False,  # set up on the model by load_trainable_model
-        train_sampling_strategy="group_by_length" if t.group_by_length and not cfg.data.packing else "random",
+        train_sampling_strategy=("group_by_length" if t.group_by_length and not cfg.data.packing and not fast
+                                 else "random"),
         logging_steps=t.logging_steps,
         logging_nan_inf_filter=False,  # the NaN guard must see a NaN
         save_strategy="steps",
@@ -308,12 +365,13 @@ def live_loss_callback():
 def build_trainer(run, data: PreparedData, model, tokenizer, extra_callbacks=()):
     GuardedTrainer, MarkCompleteCallback, FiniteWeightsGuard = _make_trainer_class()
     cfg = run.cfg
+    fast = getattr(model, "qlora_fast_path", None) is not None
     report_to = configure_wandb(cfg, run.path)
-    args = training_arguments(cfg, run.path, run.runtime, report_to)
+    args = training_arguments(cfg, run.path, run.runtime, report_to, fast=fast)
     trainer = GuardedTrainer(
-        model=model, args=args, train_dataset=_Rows(training_rows(cfg, data)),
+        model=model, args=args, train_dataset=_Rows(training_rows(cfg, data, fast=fast)),
         data_collator=Collator(tokenizer.pad_token_id, packed=cfg.data.packing,
-                               bool_mask=cfg.model.attn_implementation != "eager"),
+                               bool_mask=cfg.model.attn_implementation != "eager", flat=fast),
         callbacks=[FiniteWeightsGuard(), MarkCompleteCallback(), *live_loss_callback(), *extra_callbacks,
                    *([wandb_config_callback(run)] if report_to else [])],
     )
@@ -344,7 +402,10 @@ def train_adapter(run, data: PreparedData, model=None, tokenizer=None, extra_cal
     resume = resolve_resume(cfg, run.path)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()  # measure training, not model loading or building
-    base_loss = heldout_eval_loss(run, model, tokenizer, data) if resume is None else None
+    # Under FSDP the weights end up sharded across processes: the held-out loss is left to stage 05,
+    # which loads the saved adapter whole.
+    evaluate = not fsdp_active(cfg)
+    base_loss = heldout_eval_loss(run, model, tokenizer, data) if resume is None and evaluate else None
     start = time.perf_counter()
     try:
         result = trainer.train(resume_from_checkpoint=resume)
@@ -356,11 +417,12 @@ def train_adapter(run, data: PreparedData, model=None, tokenizer=None, extra_cal
     except torch.cuda.OutOfMemoryError:
         raise QLoraError(OOM_ADVICE) from None
     seconds = time.perf_counter() - start
-    tuned_loss = heldout_eval_loss(run, trainer.model, tokenizer, data)
+    tuned_loss = heldout_eval_loss(run, trainer.model, tokenizer, data) if evaluate else None
     history = list(trainer.state.log_history)
     if base_loss is not None:
         history.insert(0, {"step": 0, "heldout_loss": base_loss})
-    history.append({"step": trainer.state.global_step, "heldout_loss": tuned_loss})
+    if tuned_loss is not None:
+        history.append({"step": trainer.state.global_step, "heldout_loss": tuned_loss})
     summary = {
         "steps": trainer.state.global_step, "resumed_from": resume, "train_seconds": seconds,
         "train_loss": result.training_loss,
@@ -369,13 +431,18 @@ def train_adapter(run, data: PreparedData, model=None, tokenizer=None, extra_cal
         "eval_examples": min(cfg.train.eval_samples, len(data.eval)), "parameters": parameter_counts(trainer.model),
         "trained_tokens": _trained_tokens(trainer), "device": run.device,
         "compute_dtype": run.runtime["compute_dtype"], "optimizer": run.runtime["optimizer"],
+        "fast_path": getattr(trainer.model, "qlora_fast_path", None),
     }
     summary["trained_tokens_per_second"] = summary["trained_tokens"] / seconds if seconds else None
     if torch.cuda.is_available():
         summary["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    state_dict = None
+    if trainer.is_fsdp_enabled:  # gather the sharded adapter from every process (a collective)
+        state_dict = gather_fsdp_adapter(trainer)
     if trainer.is_world_process_zero():
         summary["processes"] = trainer.args.world_size
-        save_adapter(run, trainer.model, tokenizer, summary)
+        summary["distributed"] = "fsdp" if trainer.is_fsdp_enabled else ("ddp" if trainer.args.world_size > 1 else None)
+        save_adapter(run, trainer.model, tokenizer, summary, state_dict)
         write_json_atomic(run.path / "train_log.json", {"summary": summary, "log_history": history})
     return {"summary": summary, "log_history": history, "trainer": trainer}
 
@@ -390,12 +457,44 @@ def _trained_tokens(trainer) -> int:
     return int(per_row * seen)
 
 
-def save_adapter(run, model, tokenizer, summary: dict[str, Any]) -> Path:
+def gather_fsdp_adapter(trainer) -> dict[str, Any]:
+    """Every process unshards the weights together; rank 0 copies the adapter tensors to the CPU,
+    named as peft names them (the wrappers' name parts removed). An empty result is an error: an
+    adapter file without weights must never be written."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    wrappers = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+    state: dict[str, Any] = {}
+    wrapped = trainer.model_wrapped
+    with FSDP.summon_full_params(wrapped, writeback=False, rank0_only=True, offload_to_cpu=True):
+        if trainer.is_world_process_zero():
+            for name, param in wrapped.named_parameters():
+                if "lora_" in name:
+                    for w in wrappers:
+                        name = name.replace(w, "")
+                    state[name] = param.detach().clone()
+    if trainer.is_world_process_zero():
+        if not state:
+            raise QLoraError("FSDP: no adapter weights could be gathered from the sharded model; the adapter "
+                             "was not written. The last complete checkpoint under checkpoints/ holds the run.")
+        print(f"FSDP: gathered {len(state)} adapter tensors (e.g. {next(iter(state))})")
+    return state
+
+
+def save_adapter(run, model, tokenizer, summary: dict[str, Any], state_dict=None) -> Path:
     """outputs/<run>/adapter/: safetensors weights, adapter config, tokenizer, config, model card.
-    Written to a temporary folder and renamed, so a crash never leaves half an adapter."""
+    Written to a temporary folder and renamed, so a crash never leaves half an adapter. Under FSDP
+    `state_dict` holds the adapter tensors gathered from all processes."""
     final = run.path / "adapter"
     with atomic_dir(final) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        if state_dict is None:
+            model.save_pretrained(tmp, safe_serialization=True)
+        else:  # FSDP: peft's own save matches weights to the (wrapped) modules; write its layout directly
+            from safetensors.torch import save_file
+
+            weights = {k.replace(".default.", "."): v.contiguous() for k, v in state_dict.items()}
+            save_file(weights, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+            model.peft_config["default"].save_pretrained(str(tmp))
         tokenizer.save_pretrained(tmp)
         write_json_atomic(tmp / "qlora_config.json", run.cfg.to_dict())
         (tmp / "README.md").write_text(model_card(run, summary), encoding="utf-8")

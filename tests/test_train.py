@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from qlora_helpers.config import load_config
 from qlora_helpers.data import prepare_run_data
+from qlora_helpers.errors import QLoraError
 from qlora_helpers.runs import setup_run
 from qlora_helpers.train import (COMPLETE_MARKER, NonFiniteLoss, last_complete_checkpoint,
                                  save_adapter, train_adapter, training_arguments)
@@ -173,3 +174,19 @@ def test_interrupt_saves_a_checkpoint(tmp_path, tiny_dir, data_dir_module):
     assert "Training interrupted at step" in err and "train.resume=auto" in err
     step = int(err.split("Training interrupted at step ")[1].split(";")[0])
     assert (ckpts / f"checkpoint-{step}" / COMPLETE_MARKER).is_file()
+
+
+def test_fsdp_needs_the_weights_stored_in_the_compute_dtype(monkeypatch):
+    import torch
+
+    from qlora_helpers.train import check_fsdp_storage, fsdp_active
+
+    cfg = load_config("fsdp-qlora")
+    check_fsdp_storage(cfg, torch.bfloat16)  # the profile is consistent
+    bad = load_config("fsdp-qlora", ["quant.quant_storage=uint8"])
+    with pytest.raises(QLoraError, match="quant.quant_storage=bfloat16"):
+        check_fsdp_storage(bad, torch.bfloat16)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert not fsdp_active(cfg)  # one process: nothing to shard, the ordinary path runs
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert fsdp_active(cfg) and not fsdp_active(load_config("llama2-7b"))

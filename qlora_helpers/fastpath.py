@@ -1,0 +1,264 @@
+"""The GPU training fast path: the default on CUDA (`train.fast_path: auto`).
+
+The seed recipe feeds an H100 micro-batches of 4 padded Alpaca examples (~430 tokens): the card
+idles. Each change here is measured in benchmarks/BENCHMARKS.md (benchmarks/train_throughput.py):
+
+1. Token-budget micro-batches. Whole examples are packed into one unpadded row of up to
+   `train.packed_tokens` tokens (first fit, longest first), position ids restarting per example.
+2. Attention that never crosses examples: torch's varlen FlashAttention over the examples'
+   boundaries (`cu_seq_lens`), registered with transformers' AttentionInterface. Position ids
+   alone do not isolate packed examples under sdpa/eager/flex in transformers (DESIGN.md), and a
+   4-D block-diagonal mask costs O(tokens^2) memory. Without boundaries (evaluation, generation)
+   it falls back to transformers' own sdpa with the usual padding mask.
+3. Fused kernels from Liger (RMSNorm, RoPE, SwiGLU, and linear + cross-entropy without the logits)
+   when `liger-kernel` is installed (`requirements-gpu.txt`).
+4. No fp32 copies of the norms and the LM head (peft's k-bit preparation makes them; bf16 autocast
+   does the matmuls in bf16 either way), so the loss head stays one bf16 weight.
+5. Recomputation by memory budget: only as many decoder layers are checkpointed as the budget
+   (`train.memory_budget_gib`, or what is free on the card) needs; the rest keep activations.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import itertools
+import types
+from typing import Any
+
+VARLEN = "qlora_varlen"
+GIB = 2**30
+
+
+def fast_path_active(train_cfg, device: str) -> bool:
+    """auto: with a CUDA device; always: required (an error elsewhere); never: the plain path."""
+    from .errors import ConfigError
+
+    if train_cfg.fast_path == "never":
+        return False
+    cuda = str(device).startswith("cuda")
+    if train_cfg.fast_path == "always" and not cuda:
+        raise ConfigError("train.fast_path=always needs a CUDA GPU (its attention and fused kernels are GPU "
+                          "kernels). Use train.fast_path=auto or never on this machine.")
+    return cuda
+
+
+# --- batches ---------------------------------------------------------------------------------------
+
+
+def collate_flat(rows: list[dict[str, list[int]]]) -> dict[str, Any]:
+    """Concatenate packed rows into one unpadded row [1, T] plus the examples' boundaries
+    (cumulative lengths, as FlashAttention's varlen kernels and transformers' kwargs name them)."""
+    import torch
+
+    lens = [n for r in rows for n in r["seq_lens"]]
+    cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32)
+    cat = lambda key: torch.tensor([[x for r in rows for x in r[key]]])  # noqa: E731
+    return {"input_ids": cat("input_ids"), "labels": cat("labels"), "position_ids": cat("position_ids"),
+            "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max(lens), "max_length_k": max(lens)}
+
+
+# --- attention --------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def _torch_varlen():
+    """torch.nn.attention.varlen.varlen_attn and how this torch spells causal / GQA, or None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    return varlen_attn, "is_causal" in params, "enable_gqa" in params
+
+
+def varlen_available() -> bool:
+    return _torch_varlen() is not None
+
+
+def _varlen_reference(q, k, v, cu, scale):
+    """Per-example causal sdpa: the CPU stand-in for the kernel (tests, and no-varlen torch)."""
+    import torch
+    import torch.nn.functional as F
+
+    bounds = cu.tolist()
+    outs = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        qs, ks, vs = (t[a:b].transpose(0, 1) for t in (q, k, v))
+        outs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale,
+                                                   enable_gqa=ks.shape[0] != qs.shape[0]).transpose(0, 1))
+    return torch.cat(outs)
+
+
+def _varlen_cuda(q, k, v, cu, max_len, scale):
+    varlen_attn, has_is_causal, has_gqa = _torch_varlen()
+    if k.shape[1] != q.shape[1] and not has_gqa:
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    kwargs: dict[str, Any] = {"scale": scale}
+    if has_is_causal:
+        kwargs["is_causal"] = True
+    else:
+        kwargs["window_size"] = (-1, 0)  # causal, in the newer signature
+    if has_gqa and k.shape[1] != q.shape[1]:
+        kwargs["enable_gqa"] = True
+    return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kwargs)
+
+
+def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                             scaling: float | None = None, **kwargs):
+    """transformers attention function: varlen over the examples' boundaries when the batch carries
+    them (`cu_seq_lens_q`), transformers' sdpa otherwise. Shapes in: [b, heads, s, d]; out: [b, s, heads, d]."""
+    import torch
+
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    b, heads, s, d = query.shape
+    flat = lambda t: t.transpose(1, 2).reshape(b * s, t.shape[1], d)  # noqa: E731
+    q, k, v = flat(query), flat(key), flat(value)
+    if query.is_cuda:
+        dtype = value.dtype if value.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+        out = _varlen_cuda(q.to(dtype), k.to(dtype), v.to(dtype), cu.to(query.device),
+                           int(kwargs["max_length_q"]), scaling).to(query.dtype)
+    else:
+        out = _varlen_reference(q, k, v, cu.to(query.device), scaling)
+    return out.reshape(b, s, heads, d), None
+
+
+def _varlen_mask(*args, attention_mask=None, **kwargs):
+    """Masks for the varlen implementation: none for unpadded rows (the boundaries do the work),
+    sdpa's own for padded batches (evaluation after training uses the same model)."""
+    from transformers.masking_utils import sdpa_mask
+
+    if attention_mask is None:
+        return None
+    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
+def use_varlen_attention(model) -> None:
+    """Register the varlen attention with transformers and switch `model` to it."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(VARLEN, varlen_attention_forward)
+    AttentionMaskInterface.register(VARLEN, _varlen_mask)
+    model.set_attn_implementation(VARLEN)
+
+
+# --- fused kernels --------------------------------------------------------------------------------------
+
+
+def apply_fused_kernels(model) -> list[str]:
+    """Liger's RMSNorm, RoPE and SwiGLU on a LLaMA-family model, and its fused linear + cross-entropy
+    for the training loss. Returns what was applied ([] when Liger or a GPU is missing)."""
+    try:
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+        from liger_kernel.transformers.model.loss_utils import LigerForCausalLMLoss
+    except ImportError:
+        return []
+    if model.config.model_type != "llama" or getattr(model.config, "hidden_act", "silu") not in ("silu", "swish"):
+        return []
+    apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                fused_linear_cross_entropy=False, model=model)
+    plain_forward = model.forward
+
+    def forward(self, input_ids=None, labels=None, num_items_in_batch=None, **kwargs):
+        # Training with labels: the loss straight from the last hidden states, chunk by chunk,
+        # without ever materialising [tokens, vocab] logits. Anything else: the model's own forward.
+        if not (self.training and labels is not None):
+            return plain_forward(input_ids=input_ids, labels=labels, **kwargs)
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        hidden = self.model(input_ids=input_ids, **kwargs).last_hidden_state
+        loss = LigerForCausalLMLoss(hidden_states=hidden, lm_head_weight=self.lm_head.weight, labels=labels,
+                                    hidden_size=self.config.hidden_size, num_items_in_batch=num_items_in_batch)
+        return CausalLMOutputWithPast(loss=loss)
+
+    # keep the signature's **kwargs so Trainer passes num_items_in_batch (correct accumulation)
+    model.forward = types.MethodType(forward, model)
+    return ["rms_norm", "rope", "swiglu", "fused_linear_cross_entropy"]
+
+
+# --- recomputation by memory budget ------------------------------------------------------------------
+
+
+# Bytes kept per token and decoder layer for the backward pass, in units of 2-byte activations, as
+# multiples of the hidden size and the MLP width. Measured on an H100 (LLaMA-2-7B shape, LoRA on
+# q_proj/v_proj, Liger kernels, 16k-token rows): ~6 h + 2 m; one more h of margin, and one more m
+# when LoRA sits on down_proj (its input must then be kept). A checkpointed layer keeps its input.
+ACT_HIDDEN_FACTOR = 7
+ACT_MLP_FACTOR = 2
+
+
+def activation_bytes(model_config, tokens: int, lora_targets: Any = ()) -> tuple[int, int]:
+    """(bytes a layer keeps without recomputation, bytes with) for `tokens` tokens."""
+    h, m = model_config.hidden_size, model_config.intermediate_size
+    mlp = ACT_MLP_FACTOR + (1 if lora_targets == "all-linear" or "down_proj" in lora_targets else 0)
+    full = tokens * 2 * (ACT_HIDDEN_FACTOR * h + mlp * m)
+    return full, tokens * 2 * h
+
+
+def plan_recompute(model_config, tokens: int, budget_bytes: int, in_use_bytes: int,
+                   lora_targets: Any = ()) -> dict[str, Any]:
+    """The fewest decoder layers to recompute so that activations fit the budget beside what is
+    already allocated (the model) and one layer's recomputed activations during backward."""
+    layers = model_config.num_hidden_layers
+    full, kept = activation_bytes(model_config, tokens, lora_targets)
+    room = budget_bytes - in_use_bytes - full  # one recomputed layer is live during the backward pass
+    for recompute in range(layers + 1):
+        need = (layers - recompute) * full + recompute * kept
+        if need <= room:
+            break
+    fits = (layers - recompute) * full + recompute * kept <= room
+    return {"recompute_layers": recompute, "layers": layers, "fits": fits, "tokens": tokens,
+            "budget_gib": budget_bytes / GIB, "in_use_gib": in_use_bytes / GIB,
+            "activations_gib": ((layers - recompute) * full + recompute * kept + full) / GIB}
+
+
+def apply_recompute(model, recompute_layers: int) -> None:
+    """Checkpoint the first `recompute_layers` decoder layers (non-reentrant); the rest keep theirs."""
+    if recompute_layers <= 0:
+        return
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    layers = decoder_layers(model)
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i < recompute_layers
+
+
+def decoder_layers(model):
+    inner = getattr(model, "model", model)
+    return list(getattr(inner, "layers"))
+
+
+def budget_bytes(train_cfg, device) -> int:
+    """train.memory_budget_gib, or 90% of what the card has free plus what this process holds."""
+    import torch
+
+    if train_cfg.memory_budget_gib > 0:
+        return int(train_cfg.memory_budget_gib * GIB)
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(0.9 * (free + torch.cuda.memory_allocated(device)))
+
+
+def prepare_fast_model(model, train_cfg, device, lora_targets: Any = ()) -> dict[str, Any]:
+    """Everything the fast path does to a loaded base before LoRA goes on: varlen attention, fused
+    kernels, frozen base weights kept in their dtype, recomputation planned from the budget."""
+    import torch
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    use_varlen_attention(model)
+    kernels = apply_fused_kernels(model) if train_cfg.fused_kernels else []
+    plan = plan_recompute(model.config, train_cfg.packed_tokens, budget_bytes(train_cfg, device),
+                          torch.cuda.memory_allocated(device) + GIB,  # + workspace, optimizer, loss chunks
+                          lora_targets)
+    apply_recompute(model, plan["recompute_layers"])
+    if not plan["fits"]:
+        print(f"train.packed_tokens={train_cfg.packed_tokens} may not fit the memory budget "
+              f"({plan['budget_gib']:.1f} GiB) even recomputing every layer; lower train.packed_tokens.")
+    return {"attention": VARLEN, "fused_kernels": kernels, "recompute": plan}
