@@ -1008,18 +1008,20 @@ def compare_forms(run: Run, forms: tuple[str, ...] = ("adapter", "merged")) -> d
         del model
         gc.collect()
     report = {"device": run.device, "compute_dtype": str(run.compute_dtype), "forms": rows,
-              "machine": machine_name(run)}
+              "machine": machine_name(run.device)}
     _update_json(run.path / "latency.json", report)
     return report
 
 
-def machine_name(run: Run) -> str:
-    env = run.env
-    if run.device.startswith("cuda"):
+def machine_name(device: str) -> str:
+    """The card's name, or the CPU and its core count: every timing names its machine."""
+    import platform
+
+    if device.startswith("cuda"):
         import torch
 
         return torch.cuda.get_device_name(0)
-    return f"CPU, {os.cpu_count()} cores ({env.get('platform', {}).get('processor') or 'cpu'})"
+    return f"CPU, {os.cpu_count()} cores ({platform.processor() or platform.machine()})"
 
 
 def _update_json(path: Path, part: dict[str, Any]) -> None:
