@@ -14,6 +14,7 @@ FastAPI, uvicorn and openai are imported inside the functions that need them, so
 benchmark (`benchmarks/inference_latency.py`) runs with torch, transformers, peft and bitsandbytes alone.
 """
 
+import atexit
 import collections
 import dataclasses
 import json
@@ -878,6 +879,10 @@ class ServerProcess:
         return f"{self.url}/v1"
 
     def start(self, timeout: float = 300) -> "ServerProcess":
+        if self.proc is not None and self.proc.poll() is None:
+            raise QLoraError(f"This server is already running (pid {self.proc.pid}, {self.url}).")
+        if not port_is_free(self.run.cfg.serve.host, self.port):
+            raise QLoraError(f"Port {self.port} is taken; pick another (serve.port) or stop what uses it.")
         env = dict(os.environ)
         key_env = self.run.cfg.serve.api_key_env
         if key_env and self.api_key:
@@ -888,6 +893,7 @@ class ServerProcess:
         log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
+        atexit.register(self.stop)  # never leave a server behind when Python exits
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -929,10 +935,10 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
-        return self.proc.returncode in (0, -15) and "Finished server process" in self.log_tail(5)
+        return self.proc.returncode in (0, -15) and "Finished server process" in self.log_tail(10)
 
     def __enter__(self) -> "ServerProcess":
-        return self.start()
+        return self if self.proc is not None and self.proc.poll() is None else self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()

@@ -189,5 +189,6 @@ def test_a_full_queue_answers_503_with_retry_after(run, export):
         # the clients left: their rows are cancelled, and the server takes new work again
         ok = httpx.post(url, headers=headers, json={**body, "stream": False, "max_tokens": 2}, timeout=60)
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
-        assert srv.stop() and not srv.healthy()  # SIGTERM: a clean shutdown
+        assert srv.stop(), (srv.proc.returncode, srv.log_tail())  # SIGTERM: a clean shutdown
+        assert not srv.healthy()
 
