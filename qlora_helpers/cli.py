@@ -27,6 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--num-processes", type=int, default=1,
                        help="GPUs to train on with accelerate (DDP); the global batch is "
                             "micro_batch_size x gradient_accumulation_steps x N")
+    serve = sub.add_parser("serve", help="serve a trained run on the OpenAI API (FastAPI + uvicorn)")
+    serve.add_argument("--run", required=True, help="the run folder, e.g. outputs/default")
+    serve.add_argument("--port", type=int, help="TCP port (default: serve.port)")
+    serve.add_argument("--set", dest="overrides", action="append", default=[], metavar="serve.KEY=VALUE",
+                       help="override a serve setting, e.g. --set serve.form=adapter (repeatable)")
     show = sub.add_parser("config", help="validate a config and print it with every key explained")
     show.add_argument("--config", default="default")
     show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -86,6 +91,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Run finished: {path}")
         elif args.command == "train":
             return train_command(args)
+        elif args.command == "serve":
+            from .serve import open_run_folder, serve_run
+
+            port = [f"serve.port={args.port}"] if args.port else []
+            serve_run(open_run_folder(args.run, args.overrides + port))
         elif args.command == "config":
             from .config import describe_config, load_config
 

@@ -165,7 +165,26 @@ class EvalConfig:
 class ServeConfig:
     host: str = _f("127.0.0.1", "bind address; 0.0.0.0 exposes the API to the network")
     port: int = _f(8000, "TCP port")
-    api_key_env: Union[str, None] = _f(None, "environment variable holding the API key (None: open)")
+    api_key_env: Union[str, None] = _f(None, "NAME of the environment variable holding the API key "
+                                       "(never the key itself); null: no key asked")
+    form: Literal["auto", "merged", "adapter"] = _f(
+        "auto", "merged 16-bit model or 4-bit base + adapter; auto = merged when it fits in memory "
+        "(faster on CPU and GPU, benchmarks/BENCHMARKS.md)")
+    export_dtype: Literal["bfloat16", "float16"] = _f(
+        "bfloat16", "dtype of the merged safetensors (what vLLM/TGI load); LLaMA 2 ships float16")
+    model_name: Union[str, None] = _f(None, "model id clients send (default: the run name)")
+    context_length: Union[int, None] = _f(None, "prompt + answer tokens per request (default: "
+                                          "model.max_seq_length, what the adapter was trained on)")
+    max_concurrent: int = _f(8, "requests generated at once, as one batch: bounds memory (KV cache)")
+    max_queue: int = _f(64, "requests waiting beyond those; more get 503 + Retry-After, never OOM")
+    max_tokens: int = _f(512, "largest max_tokens a request may ask for (more: 400, never cut silently)")
+    default_max_tokens: int = _f(128, "answer length when a request names none (capped by the context)")
+    batch_wait_ms: int = _f(10, "how long the worker gathers arriving requests into one batch")
+    max_body_bytes: int = _f(1_000_000, "largest request body; more gets 413 before it is parsed")
+    bench_tokens: int = _f(32, "new tokens per request in the latency measurements (06)")
+    bench_batch: int = _f(8, "batch size of the batched latency measurement (06)")
+    load_requests: int = _f(32, "concurrent requests in 06's load test (half of them streaming)")
+    load_tokens: int = _f(12, "max_tokens of each load-test request")
 
 
 @dataclass(frozen=True)

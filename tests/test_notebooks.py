@@ -9,6 +9,7 @@ from qlora_helpers.paths import PROJECT_ROOT
 from qlora_helpers.runner import StageFailed, run_pipeline, select_stages
 
 SECRET = "hf_test_secret_must_not_leak_0123456789"
+API_KEY = "serve_test_key_must_not_leak_9876543210"
 
 
 @pytest.fixture(scope="module")
@@ -17,10 +18,12 @@ def smoke_run(tmp_path_factory, tiny_dir, data_dir_module):
 
     outputs = tmp_path_factory.mktemp("outputs")
     os.environ["HF_TOKEN"] = SECRET
+    os.environ["QLORA_TEST_API_KEY"] = API_KEY  # 06's server asks for it (serve.api_key_env)
     try:
-        path = run_pipeline("smoke", "smoke", stages="01,02,03,04,05", outputs_dir=str(outputs), progress=False)
+        path = run_pipeline("smoke", "smoke", ["serve.api_key_env=QLORA_TEST_API_KEY"],
+                            stages="01,02,03,04,05,06", outputs_dir=str(outputs), progress=False)
     finally:
-        del os.environ["HF_TOKEN"]
+        del os.environ["HF_TOKEN"], os.environ["QLORA_TEST_API_KEY"]
     return path
 
 
@@ -32,7 +35,7 @@ def data_dir_module():
         pytest.skip("the offline data directory is not here")
 
 
-def test_stages_01_to_05_write_their_reports(smoke_run):
+def test_stages_01_to_06_write_their_reports(smoke_run):
     config = json.loads((smoke_run / "config.json").read_text())
     assert config["model"]["source"] == "random:tiny"
     env = json.loads((smoke_run / "env.json").read_text())
@@ -54,15 +57,35 @@ def test_stages_01_to_05_write_their_reports(smoke_run):
     assert "<table" in (smoke_run / "generations.html").read_text()
     assert (smoke_run / "generations.md").read_text().startswith("| source | prompt | base | tuned |")
     for name in ("01_setup.ipynb", "02_quantize.ipynb", "03_data_prep.ipynb", "04_train.ipynb",
-                 "05_evaluate.ipynb"):
+                 "05_evaluate.ipynb", "06_serve.ipynb"):
         nb = json.loads((smoke_run / "notebooks" / name).read_text())
         assert not nb["metadata"]["papermill"]["exception"], name
+
+
+def test_stage_06_merges_serves_and_stops(smoke_run):
+    merge = json.loads((smoke_run / "merge.json").read_text())
+    assert merge["merged_vs_adapter_logits"]["max_abs"] < 1e-4
+    assert (smoke_run / "merged" / "model.safetensors").is_file()
+    assert "--enable-lora" in (smoke_run / "serve_commands.md").read_text()
+    smoke = json.loads((smoke_run / "serve_smoke.json").read_text())
+    assert smoke["passed"] == smoke["total"] == 12 and smoke["form"] == "merged"
+    assert any(c["check"] == "wrong API key refused" for c in smoke["checks"])
+    load = json.loads((smoke_run / "serve_load.json").read_text())
+    assert load["ok"] == load["requests"] == 32 and load["streaming"] == 16 and not load["problems"]
+    latency = json.loads((smoke_run / "latency.json").read_text())
+    assert [(r["form"], r["batch"]) for r in latency["forms"]] == [("adapter", 1), ("adapter", 4),
+                                                                  ("merged", 1), ("merged", 4)]
+    assert all(r["tokens_per_s"] > 0 and r["ttft_s"] > 0 for r in latency["forms"])
+    assert latency["server"]["single"]["ttft_s_median"] > 0 and latency["server"]["loaded"]["tokens_per_s"] > 0
+    logs = list((smoke_run / "serve").glob("server-*.log"))
+    assert len(logs) == 1 and "Finished server process" in logs[0].read_text()  # 06 stopped its server
 
 
 def test_the_token_never_reaches_outputs(smoke_run):
     for path in smoke_run.rglob("*"):
         if path.is_file():
-            assert SECRET.encode() not in path.read_bytes(), path
+            data = path.read_bytes()
+            assert SECRET.encode() not in data and API_KEY.encode() not in data, path
 
 
 def test_bad_override_fails_before_any_notebook_runs(tmp_path):

@@ -1,0 +1,194 @@
+"""Stage 06 for real: merge against base + adapter, the batching engine, and the HTTP server on
+127.0.0.1 driven by the official openai client (a tiny random LLaMA with a random, non-zero adapter)."""
+
+import json
+
+import pytest
+
+from qlora_helpers.errors import QLoraError
+
+API_KEY = "test-key-must-not-leak-4242"
+KEY_ENV = "QLORA_TEST_API_KEY"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_dir):
+    """A smoke run (01's files) with a LoRA adapter whose B matrices are random, so merging matters."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from qlora_helpers.models import load_model
+    from qlora_helpers.runs import setup_run
+    from qlora_helpers.serve import open_run_folder
+
+    outputs = tmp_path_factory.mktemp("serve-outputs")
+    setup = setup_run("smoke", "serve", [f"serve.api_key_env={KEY_ENV}"], outputs_dir=str(outputs))
+    base = load_model(setup.cfg.model, setup.cfg.quant, setup.compute_dtype, setup.device)
+    torch.manual_seed(0)
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(base, lora).save_pretrained(setup.path / "adapter")
+    return open_run_folder(setup.path)
+
+
+@pytest.fixture(scope="module")
+def export(run):
+    from qlora_helpers.serve import merge_and_export
+
+    return merge_and_export(run)
+
+
+def test_merged_logits_match_base_plus_adapter(run, export):
+    from qlora_helpers.evaluate import load_tuned_model
+    from qlora_helpers.serve import merge_adapter, probe_logits
+
+    tuned, tokenizer = load_tuned_model(run)
+    with_adapter = probe_logits(tuned, tokenizer)
+    with tuned.disable_adapter():
+        base_only = probe_logits(tuned, tokenizer)
+    merged = probe_logits(merge_adapter(run)[0], tokenizer)
+    assert (with_adapter - base_only).abs().max() > 0.05  # the adapter really changes the model
+    assert (merged - with_adapter).abs().max() < 1e-4  # and the merge keeps exactly that
+    # the same check, as merge_and_export recorded it, and the 16-bit export within bf16 rounding
+    assert export["merged_vs_adapter_logits"]["max_abs"] < 1e-4
+    assert export["exported_vs_adapter_logits"]["max_abs"] < 0.05
+    assert export["exported_vs_adapter_logits"]["same_argmax"] > 0.9
+
+
+def test_export_layouts_are_what_vllm_and_tgi_load(run, export):
+    merged, adapter = run.path / "merged", run.path / "adapter"
+    names = {p.name for p in merged.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= names
+    assert not any(n.endswith((".bin", ".pt", ".pth")) for n in names)
+    config = json.loads((merged / "config.json").read_text())
+    assert config["dtype"] == "bfloat16" and "quantization_config" not in config
+    assert {p.name for p in adapter.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
+    commands = (run.path / "serve_commands.md").read_text()
+    assert f"vllm serve {merged}" in commands and f"--lora-modules serve={adapter}" in commands
+    assert "--enable-lora" in commands and "--max-lora-rank 16" in commands
+
+
+def test_rows_of_a_batch_stop_on_their_own_and_match_single_runs(run, export):
+    from qlora_helpers.models import load_tokenizer
+    from qlora_helpers.serve import Job, generate_jobs, load_merged
+
+    model, tokenizer = load_merged(run), load_tokenizer(run.cfg.model)
+    prompts = ["The capital of France is", "Write a long story about a dragon who", "1, 2, 3,"]
+
+    def jobs(limits):
+        return [Job(tokenizer(p)["input_ids"], n, lambda *a: None, ignore_eos=True) for p, n in zip(prompts, limits)]
+
+    batch = jobs([3, 9, 6])
+    generate_jobs(model, tokenizer, batch)
+    assert [len(j.tokens) for j in batch] == [3, 9, 6]
+    assert all(j.finish_reason == "length" for j in batch)
+    for job in batch:
+        alone = jobs([len(job.tokens)] * 3)[batch.index(job)]
+        generate_jobs(model, tokenizer, [alone])
+        assert alone.tokens == job.tokens and alone.text == job.text
+    # a stop string ends the row before it, and the text never contains it
+    stop = batch[1].text[len(batch[1].text) // 2:][:3]
+    if stop.strip():
+        cut = Job(tokenizer(prompts[1])["input_ids"], 9, lambda *a: None, stop=(stop,), ignore_eos=True)
+        generate_jobs(model, tokenizer, [cut])
+        assert cut.finish_reason == "stop" and stop not in cut.text and batch[1].text.startswith(cut.text)
+
+
+def test_serve_settings_and_missing_key_are_clear_errors(run, monkeypatch):
+    from qlora_helpers.serve import api_key_from_env, open_run_folder
+
+    with pytest.raises(QLoraError, match="Only serve.. settings"):
+        open_run_folder(run.path, ["train.learning_rate=1"])
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    with pytest.raises(QLoraError, match=f"names \\${KEY_ENV}, which is not set"):
+        api_key_from_env(run)
+
+
+@pytest.fixture(scope="module")
+def server(run, export):
+    from qlora_helpers.serve import start_server
+
+    srv = start_server(run, api_key=API_KEY)
+    yield srv
+    srv.stop()
+
+
+def test_openai_client_completion_chat_and_streaming(server):
+    import openai
+
+    client = openai.OpenAI(base_url=server.base_url, api_key=API_KEY, max_retries=0)
+    assert [m.id for m in client.models.list().data] == ["serve"]
+    done = client.completions.create(model="serve", prompt="The capital of France is", max_tokens=5,
+                                     temperature=0, extra_body={"ignore_eos": True})
+    assert done.object == "text_completion" and done.choices[0].finish_reason == "length"
+    assert done.usage.completion_tokens == 5 and done.choices[0].text
+    chat = client.chat.completions.create(model="serve", messages=[{"role": "user", "content": "Hi"}],
+                                          max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens == 4
+    events = list(client.chat.completions.create(model="serve", messages=[{"role": "user", "content": "Hi"}],
+                                                 max_tokens=4, temperature=0, stream=True,
+                                                 extra_body={"ignore_eos": True}))
+    streamed = "".join(e.choices[0].delta.content or "" for e in events if e.choices)
+    assert streamed == chat.choices[0].message.content
+    assert events[-1].choices[0].finish_reason == "length"
+
+
+def test_requests_without_the_key_are_refused(server):
+    import httpx
+    import openai
+
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.base_url, api_key="wrong", max_retries=0).models.list()
+    r = httpx.post(f"{server.base_url}/completions", json={"model": "serve", "prompt": "x"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(f"{server.url}/health").json()["status"] == "ok"  # health needs no key
+    assert API_KEY not in server.log_path.read_text()
+
+
+def test_bad_requests_get_a_4xx_json_error(server, run):
+    from qlora_helpers.serve import smoke_test
+
+    checks = {c["check"]: c for c in smoke_test(server, "serve")}
+    failed = [c for c in checks.values() if not c["ok"]]
+    assert not failed, failed
+    assert checks["prompt over the context -> 400"]["detail"].startswith("400: This model's context is 256")
+    assert checks["huge max_tokens -> 400"]["detail"].startswith("400: max_tokens must be between 1 and 512")
+
+
+def test_32_concurrent_requests_half_streaming_all_complete_and_correct(server):
+    from qlora_helpers.serve import load_test
+
+    result = load_test(server, "serve", n=32, max_tokens=6)
+    assert result["problems"] == [] and result["ok"] == 32 and result["streaming"] == 16
+    assert all(r["finish_reason"] in ("stop", "length") for r in result["per_request"])
+    assert result["loaded"]["tokens_per_s"] > 0 and result["single"]["ttft_s_median"] > 0
+    assert server.health()["completed"] >= 64
+
+
+def test_a_full_queue_answers_503_with_retry_after(run, export):
+    import httpx
+
+    from qlora_helpers.serve import start_server
+
+    # one generation at a time, one waiting; long answers (2,000 tokens) keep the first one busy
+    body = {"model": "serve", "prompt": "Tell me a story", "max_tokens": 2000, "ignore_eos": True, "stream": True}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    limits = ["serve.max_concurrent=1", "serve.max_queue=1", "serve.context_length=2048", "serve.max_tokens=2000"]
+    with start_server(run, api_key=API_KEY, overrides=limits) as srv:
+        url = f"{srv.base_url}/completions"
+        with httpx.Client(headers=headers, timeout=60) as client:
+            with client.stream("POST", url, json=body) as running:
+                assert running.status_code == 200
+                lines = running.iter_lines()
+                assert next(lines).startswith("data:")  # generating now
+                with client.stream("POST", url, json=body) as waiting:
+                    assert waiting.status_code == 200  # queued (1 of 1)
+                    assert srv.health()["waiting"] == 1
+                    full = client.post(url, json={**body, "stream": False})
+                    assert full.status_code == 503 and int(full.headers["Retry-After"]) >= 1
+                    assert full.json()["error"]["code"] == "server_busy"
+        # the clients left: their rows are cancelled, and the server takes new work again
+        ok = httpx.post(url, headers=headers, json={**body, "stream": False, "max_tokens": 2}, timeout=60)
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+        assert srv.stop(), (srv.proc.returncode, srv.log_tail())  # SIGTERM: a clean shutdown
+        assert not srv.healthy()
+
