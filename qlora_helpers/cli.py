@@ -27,6 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--num-processes", type=int, default=1,
                        help="GPUs to train on with accelerate (DDP); the global batch is "
                             "micro_batch_size x gradient_accumulation_steps x N")
+    from .sweep import add_arguments as add_sweep_arguments
+
+    add_sweep_arguments(sub.add_parser("sweep", help="run the pipeline once per combination of settings "
+                                       "into outputs/sweeps/<name>/ and compare the runs"))
     show = sub.add_parser("config", help="validate a config and print it with every key explained")
     show.add_argument("--config", default="default")
     show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -76,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Run finished: {path}")
         elif args.command == "train":
             return train_command(args)
+        elif args.command == "sweep":
+            from .sweep import sweep_command
+
+            return sweep_command(args)
         elif args.command == "config":
             from .config import describe_config, load_config
 

@@ -124,6 +124,7 @@ class TrainConfig:
     eval_samples: int = _f(100, "held-out examples scored before and after training")
     wandb: Literal["auto", "offline", "online", "disabled"] = _f(
         "auto", "auto = online when WANDB_API_KEY is set, else offline")
+    wandb_group: Union[str, None] = _f(None, "W&B group that collects related runs (a sweep sets its name)")
 
 
 @dataclass(frozen=True)
