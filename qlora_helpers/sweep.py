@@ -183,7 +183,8 @@ def plan_sweep(config: str, grid: list[str] = (), overrides: list[str] = (), sta
     fixed = _flatten(spec.get("set"), f"{path.name}: set")
     combos = _combinations(path, spec, grid)
     swept = list(dict.fromkeys(k for c in combos for k in c))
-    both = sorted(set(swept) & (set(fixed) | {o.partition("=")[0].strip() for o in overrides}))
+    fixed_keys = set(fixed) | {o.partition("=")[0].strip() for o in overrides}
+    both = sorted(set(swept) & fixed_keys)
     if both:
         raise ConfigError(f"{', '.join(both)} is both fixed (set / --set) and swept (grid); keep one.")
     name = name or spec.get("name") or (path.stem if spec else f"{path.stem}-{'-'.join(k.split('.')[-1] for k in swept)}")
@@ -191,7 +192,7 @@ def plan_sweep(config: str, grid: list[str] = (), overrides: list[str] = (), sta
     base_dir = Path(outputs_dir) if outputs_dir else OUTPUTS_DIR
     folder = (base_dir if base_dir.is_absolute() else PROJECT_ROOT / base_dir) / "sweeps" / name
     settings = ([override_text(k, v) for k, v in fixed.items()] + list(overrides)
-                + [override_text("train.wandb_group", name)] * ("train.wandb_group" not in fixed))
+                + [override_text("train.wandb_group", name)] * ("train.wandb_group" not in fixed_keys))
     stage_list = [p.name[:2] for p in select_stages(stages or _stages_text(spec.get("stages")))]
     total = len(combos)
     limit = max_runs if max_runs is not None else spec.get("max_runs")
@@ -409,7 +410,11 @@ def write_comparison(folder: Path) -> dict[str, Path]:
     table = pd.DataFrame(collect_results(folder))
     written = {"csv": folder / "comparison.csv", "markdown": folder / "comparison.md"}
     write_text_atomic(written["csv"], table.to_csv(index=False))
-    write_text_atomic(written["markdown"], table.to_markdown(index=False, floatfmt=".4g") + "\n")
+    counts = {"steps", "trainable_params", "heldout_examples"}  # whole numbers, even where NaN made them float
+    floatfmt = [",.0f" if c in counts else ".4g" for c in table.columns]
+    shown = table.astype(object).where(table.notna(), None)  # tabulate leaves None cells blank, not NaN
+    markdown = shown.to_markdown(index=False, floatfmt=floatfmt, missingval="")
+    write_text_atomic(written["markdown"], markdown + "\n")
     done = table[table["status"] == "finished"] if "heldout_loss" in table else table.iloc[0:0]
     if len(done):
         fig = plot_heldout_by_key(done.to_dict("records"), state["keys"])
