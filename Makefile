@@ -14,15 +14,20 @@ ifeq ($(QLORA_DATA_DIR),)
 endif
 
 CONFIG ?= default
+SWEEP ?= lora-targets
 ARGS ?=
 
-.PHONY: run test install clean-venv
+.PHONY: run test sweep install clean-venv
 
 run: $(STAMP)
 	$(PY) -m qlora_helpers run --config $(CONFIG) $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)
+
+# A parameter sweep (configs/sweeps/$(SWEEP).yaml) -> outputs/sweeps/<name>/; rerun to resume.
+sweep: $(STAMP)
+	$(PY) -m qlora_helpers sweep --config $(SWEEP) $(ARGS)
 
 install: $(STAMP)
 

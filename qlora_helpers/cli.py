@@ -32,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="TCP port (default: serve.port)")
     serve.add_argument("--set", dest="overrides", action="append", default=[], metavar="serve.KEY=VALUE",
                        help="override a serve setting, e.g. --set serve.form=adapter (repeatable)")
+    from .sweep import add_arguments as add_sweep_arguments
+
+    add_sweep_arguments(sub.add_parser("sweep", help="run the pipeline once per combination of settings "
+                                       "into outputs/sweeps/<name>/ and compare the runs"))
     show = sub.add_parser("config", help="validate a config and print it with every key explained")
     show.add_argument("--config", default="default")
     show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -96,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
 
             port = [f"serve.port={args.port}"] if args.port else []
             serve_run(open_run_folder(args.run, args.overrides + port))
+        elif args.command == "sweep":
+            from .sweep import sweep_command
+
+            return sweep_command(args)
         elif args.command == "config":
             from .config import describe_config, load_config
 

@@ -136,6 +136,7 @@ class TrainConfig:
                                   "far as needed to fit (0 = 90% of what the card has free)")
     fused_kernels: bool = _f(True, "fast path: Liger's fused RMSNorm, RoPE, SwiGLU and linear + cross-entropy "
                              "(when liger-kernel is installed: requirements-gpu.txt)")
+    wandb_group: Union[str, None] = _f(None, "W&B group that collects related runs (a sweep sets its name)")
 
 
 @dataclass(frozen=True)

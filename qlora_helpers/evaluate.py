@@ -254,14 +254,23 @@ def write_side_by_side(run_path, items: list[dict[str, Any]]) -> dict[str, str]:
             "markdown": str(write_text_atomic(run_path / "generations.md", md))}
 
 
+def sample_counts(results: dict[str, Any]) -> dict[str, int | None]:
+    """Examples behind each task's numbers (0: the task was configured away, e.g. gsm8k_samples: 0)."""
+    return {"loss": results.get("loss", {}).get("tuned", {}).get("examples"),
+            "rouge": len(results.get("rouge", {}).get("references", [])),
+            "gsm8k": len(results.get("gsm8k", {}).get("answers", [])),
+            "ifeval": len(results.get("ifeval", {}).get("prompts", []))}
+
+
 def summarize(results: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """{metric: {'base': x, 'tuned': y}} for the headline numbers."""
+    """{metric: {'base': x, 'tuned': y}} for the headline numbers of the tasks that had examples."""
     pick = {"held-out loss": ("loss", "loss"), "perplexity": ("loss", "perplexity"),
             "ROUGE-L F1": ("rouge", "rougeL_f1"), "GSM8K exact match": ("gsm8k", "exact_match"),
             "IFEval prompt-level": ("ifeval", "prompt_level_strict"),
             "IFEval instruction-level": ("ifeval", "instruction_level_strict")}
+    counts = sample_counts(results)
     return {name: {side: results[task][side][key] for side in ("base", "tuned")}
-            for name, (task, key) in pick.items() if task in results}
+            for name, (task, key) in pick.items() if task in results and counts[task] != 0}
 
 
 def write_eval_report(run, results: dict[str, Any], extra: dict[str, Any] | None = None) -> str:
@@ -271,11 +280,7 @@ def write_eval_report(run, results: dict[str, Any], extra: dict[str, Any] | None
     cfg = run.cfg
     report = {"run": run.name, "summary": summarize(results), "config": cfg.to_dict(),
               "seed": cfg.data.seed, "device": run.device, "compute_dtype": run.runtime["compute_dtype"],
-              "decoding": "greedy", "samples": {
-                  "loss": results.get("loss", {}).get("tuned", {}).get("examples"),
-                  "rouge": len(results.get("rouge", {}).get("references", [])),
-                  "gsm8k": len(results.get("gsm8k", {}).get("answers", [])),
-                  "ifeval": len(results.get("ifeval", {}).get("prompts", []))},
+              "decoding": "greedy", "samples": sample_counts(results),
               "seconds": {task: r.get("seconds") for task, r in results.items()},
               "results": results, **(extra or {})}
     return str(write_json_atomic(run.path / "eval.json", report))

@@ -103,6 +103,51 @@ def plot_training(log_history: list[dict[str, Any]], only_loss: bool = False):
     return fig
 
 
+def plot_heldout_by_key(rows: list[dict[str, Any]], keys: list[str]):
+    """A sweep: held-out loss against each swept key (one panel per key); runs that share the
+    other keys' values are joined by a line, and the base model's loss is the dashed line."""
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.6 * len(keys), 3.6), squeeze=False)
+    base = [v for r in rows if isinstance(v := r.get("heldout_loss_base"), float) and v == v]  # v == v: not NaN
+    for ax, key in zip(axes[0], keys):
+        positions = {v: i for i, v in enumerate(dict.fromkeys(str(r[key]) for r in rows))}
+        others = [k for k in keys if k != key]
+        groups: dict[str, list[tuple[int, float]]] = {}
+        for r in rows:
+            label = ", ".join(f"{k.split('.')[-1]}={r[k]}" for k in others) or "runs"
+            groups.setdefault(label, []).append((positions[str(r[key])], r["heldout_loss"]))
+        for label, points in groups.items():
+            points.sort()
+            ax.plot(*zip(*points), marker="o", label=label)
+        if base:
+            ax.axhline(sum(base) / len(base), color="#999999", linestyle="--", label="base model")
+        ax.set_xticks(list(positions.values()), list(positions), rotation=10)
+        ax.set_xlabel(key)
+        ax.set_ylabel("held-out loss (lower is better)")
+        ax.legend(fontsize=8)
+    fig.suptitle("Held-out loss by swept setting")
+    fig.tight_layout()
+    return fig
+
+
+def plot_loss_curves(histories: dict[str, list[dict[str, Any]]]):
+    """A sweep: every run's training loss against the step, overlaid, with its held-out points."""
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    for i, (name, history) in enumerate(histories.items()):
+        color = f"C{i % 10}"
+        train = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
+        held = [(h["step"], h["heldout_loss"]) for h in history if "heldout_loss" in h]
+        if train:
+            ax.plot(*zip(*train), color=color, alpha=0.85, label=name)
+        if held:
+            ax.scatter(*zip(*held), color=color, marker="D", zorder=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("Training loss per run (diamonds: held-out loss before and after)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def plot_metrics(summary: dict[str, dict[str, float]]):
     """Base vs tuned, one panel per metric (losses: lower is better; the rest: higher)."""
     names = list(summary)

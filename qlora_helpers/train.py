@@ -10,8 +10,10 @@ and RNG state, resume, W&B, progress bars and accelerate (DDP) for several GPUs.
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -297,6 +299,8 @@ def configure_wandb(cfg: Config, run_path: Path) -> list[str]:
     os.environ.setdefault("WANDB_PROJECT", "qlora-notebooks")
     os.environ["WANDB_DIR"] = str(run_path)
     os.environ.setdefault("WANDB_SILENT", "true")
+    if cfg.train.wandb_group:
+        os.environ["WANDB_RUN_GROUP"] = cfg.train.wandb_group  # wandb.init reads it
     return ["wandb"]
 
 
@@ -313,6 +317,9 @@ def wandb_config_callback(run):
             if wandb.run is not None:
                 env = {k: v for k, v in run.env.items() if k != "hf_auth"}
                 wandb.config.update({"qlora": run.cfg.to_dict(), "environment": env}, allow_val_change=True)
+                sweep = run.path / "sweep_run.json"  # written by a sweep: its name, tag and swept values
+                if sweep.is_file():
+                    wandb.config.update({"sweep": json.loads(sweep.read_text())}, allow_val_change=True)
 
     return LogRunConfig()
 
@@ -406,7 +413,7 @@ def train_adapter(run, data: PreparedData, model=None, tokenizer=None, extra_cal
     # which loads the saved adapter whole.
     evaluate = not fsdp_active(cfg)
     base_loss = heldout_eval_loss(run, model, tokenizer, data) if resume is None and evaluate else None
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     try:
         result = trainer.train(resume_from_checkpoint=resume)
     except KeyboardInterrupt:
@@ -417,6 +424,7 @@ def train_adapter(run, data: PreparedData, model=None, tokenizer=None, extra_cal
     except torch.cuda.OutOfMemoryError:
         raise QLoraError(OOM_ADVICE) from None
     seconds = time.perf_counter() - start
+    cpu_seconds = time.process_time() - cpu_start  # all threads; unlike wall time, not slowed by other users
     tuned_loss = heldout_eval_loss(run, trainer.model, tokenizer, data) if evaluate else None
     history = list(trainer.state.log_history)
     if base_loss is not None:
@@ -425,6 +433,7 @@ def train_adapter(run, data: PreparedData, model=None, tokenizer=None, extra_cal
         history.append({"step": trainer.state.global_step, "heldout_loss": tuned_loss})
     summary = {
         "steps": trainer.state.global_step, "resumed_from": resume, "train_seconds": seconds,
+        "train_cpu_seconds": cpu_seconds,
         "train_loss": result.training_loss,
         "final_logged_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None),
         "heldout_loss_base": base_loss, "heldout_loss_tuned": tuned_loss,
@@ -439,12 +448,28 @@ def train_adapter(run, data: PreparedData, model=None, tokenizer=None, extra_cal
     state_dict = None
     if trainer.is_fsdp_enabled:  # gather the sharded adapter from every process (a collective)
         state_dict = gather_fsdp_adapter(trainer)
+    summary.update(peak_memory())
     if trainer.is_world_process_zero():
         summary["processes"] = trainer.args.world_size
         summary["distributed"] = "fsdp" if trainer.is_fsdp_enabled else ("ddp" if trainer.args.world_size > 1 else None)
         save_adapter(run, trainer.model, tokenizer, summary, state_dict)
         write_json_atomic(run.path / "train_log.json", {"summary": summary, "log_history": history})
     return {"summary": summary, "log_history": history, "trainer": trainer}
+
+
+def peak_memory() -> dict[str, Any]:
+    """On CUDA the peak tensor memory of training; elsewhere the peak resident memory of this whole
+    process (model loading included), since the CPU has no per-phase counter. The kind says which."""
+    import torch
+
+    if torch.cuda.is_available():
+        return {"peak_memory_mib": torch.cuda.max_memory_allocated() / 2**20, "peak_memory_kind": "cuda_max_allocated"}
+    try:
+        import resource
+    except ImportError:  # Windows
+        return {"peak_memory_mib": None, "peak_memory_kind": None}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return {"peak_memory_mib": rss / (2**20 if sys.platform == "darwin" else 2**10), "peak_memory_kind": "process_max_rss"}
 
 
 def _trained_tokens(trainer) -> int:

@@ -1,0 +1,488 @@
+"""Parameter sweeps: the same papermill pipeline once per combination of settings, then one table
+and two plots that answer "which settings work best?".
+
+    python -m qlora_helpers sweep --config lora-targets          # a sweep file, configs/sweeps/*.yaml
+    python -m qlora_helpers sweep --config default --grid lora.r=8,16 \\
+        --grid 'lora.target_modules=[q_proj,v_proj],all-linear' --stages 01,03,04,05
+
+Grid values are separated by commas outside brackets and quotes; each value is YAML, read exactly
+as a `--set` value (`[q_proj,v_proj]` is one list value, `'"a,b"'` one string). Every combination
+is validated with `load_config` before any run starts. Runs go one after another through
+`runner.run_pipeline`, each into its own ordinary run folder:
+
+    outputs/sweeps/<name>/
+        sweep.json                  state: every run's overrides, status, error, executed notebook
+        runs/<tag>/                 one run folder per combination (config.json, adapter/, eval.json, ...)
+        comparison.csv, comparison.md, heldout_loss.png, loss_curves.png
+
+A failed run is recorded and the sweep goes on. Rerunning the same sweep skips finished runs (the
+last requested stage wrote its output and the run's config.json matches) and, inside an unfinished
+run, the stages that already wrote theirs; failed and interrupted runs are tried again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import CONFIG_DIR, config_from_dict, load_config, resolve_config_path
+from .errors import ConfigError
+from .paths import OUTPUTS_DIR, PROJECT_ROOT, read_json, run_dir, write_json_atomic, write_text_atomic
+
+SWEEP_DIR = CONFIG_DIR / "sweeps"
+STATE_FILE = "sweep.json"
+RUN_INFO_FILE = "sweep_run.json"  # in each run folder: the sweep, its tag and its swept values (W&B config)
+# The file each stage writes last; a stage not listed counts as done when its executed notebook finished.
+STAGE_OUTPUTS = {"01": "env.json", "02": "quantization.json", "03": "data/data_report.json",
+                 "04": "train_log.json", "05": "eval.json"}
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    tag: str                        # run folder name under runs/
+    values: dict[str, Any]          # the swept keys of this run -> values
+    overrides: tuple[str, ...]      # everything passed to the runner: fixed settings, then `values`
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    name: str
+    config: Path                    # the profile every run starts from
+    stages: list[str]
+    keys: list[str]                 # the swept keys, in order
+    runs: list[SweepRun]
+    folder: Path                    # outputs/sweeps/<name>/
+    total: int = 0                  # combinations before --max-runs
+    settings: tuple[str, ...] = field(default=())
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.folder / "runs"
+
+
+# --- the grid ------------------------------------------------------------------------------------
+
+
+def parse_grid(text: str) -> tuple[str, list[Any]]:
+    """`lora.target_modules=[q_proj,v_proj],all-linear` -> ('lora.target_modules', [[...], 'all-linear']).
+
+    The values are read as one YAML flow sequence, so commas inside brackets or quotes stay inside
+    a value and each value follows the `--set` rules (`8` an int, `[a,b]` a list, `true` a bool)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or not raw.strip():
+        raise ConfigError(f"Grid {text!r} must look like section.key=value1,value2 "
+                          f"(for example lora.r=8,16 or 'lora.target_modules=[q_proj,v_proj],all-linear').")
+    try:
+        values = yaml.safe_load(f"[{raw}]")
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"Grid {text!r}: the values are not valid YAML ({exc.problem}). Separate values "
+                          f"with commas; put a list in brackets and a string with commas in quotes.") from None
+    return key, values
+
+
+def expand_grid(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Every combination, the first key varying slowest: {a: [1, 2], b: [x, y]} -> a1b1, a1by, a2bx, a2by."""
+    keys = list(grid)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+
+
+def override_text(key: str, value: Any) -> str:
+    """A `--set` string that reads back as `value` (JSON is a subset of YAML)."""
+    return f"{key}={json.dumps(value)}"
+
+
+def _flatten(settings: Any, where: str) -> dict[str, Any]:
+    """{train: {max_steps: 16}, 'lora.r': 8} -> {'train.max_steps': 16, 'lora.r': 8}."""
+    if settings is None:
+        return {}
+    if not isinstance(settings, dict):
+        raise ConfigError(f"{where} must be a mapping of sections (train: {{max_steps: 16}}) or dotted keys, "
+                          f"not {settings!r}.")
+    flat = {}
+    for key, value in settings.items():
+        if "." not in str(key) and isinstance(value, dict):
+            flat.update({f"{key}.{sub}": v for sub, v in value.items()})
+        else:
+            flat[str(key)] = value
+    return flat
+
+
+def _value_label(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def run_tags(combos: list[dict[str, Any]]) -> list[str]:
+    """Readable, unique folder names: {'lora.r': 8, 'lora.target_modules': [q_proj, v_proj]} ->
+    'r-8__target_modules-q_proj.v_proj'. Keys go by their last part unless two share it."""
+    keys = list(dict.fromkeys(k for c in combos for k in c))
+    last = [k.split(".")[-1] for k in keys]
+    short = {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last)}
+    tags = []
+    for combo in combos:
+        text = "__".join(f"{short[k]}-{_value_label(v)}" for k, v in combo.items()) or "base"
+        tag = re.sub(r"[^A-Za-z0-9._-]+", ".", text).strip(".-_") or "run"
+        digest = hashlib.sha1(json.dumps(combo, sort_keys=True).encode()).hexdigest()[:8]
+        tags.append(tag if len(tag) <= 80 else f"{tag[:60]}-{digest}")
+    for i, tag in enumerate(tags):  # the rare clash ('a b' and 'a.b' both become 'a.b'): add a hash
+        if tags.count(tag) > 1:
+            digest = hashlib.sha1(json.dumps(combos[i], sort_keys=True).encode()).hexdigest()[:8]
+            tags[i] = f"{tag}-{digest}"
+    return tags
+
+
+# --- the plan --------------------------------------------------------------------------------------
+
+
+def resolve_sweep_source(config: str) -> tuple[Path, dict[str, Any] | None]:
+    """(path, sweep spec) for a sweep file, (profile path, None) for a profile. A YAML file is a
+    sweep file when it has `grid:` or `runs:` at the top; bare names are looked up in
+    configs/sweeps/ after configs/."""
+    try:
+        path = resolve_config_path(config)
+    except ConfigError:
+        candidate = SWEEP_DIR / f"{config}.yaml"
+        if not candidate.is_file():
+            sweeps = sorted(p.stem for p in SWEEP_DIR.glob("*.yaml"))
+            profiles = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+            raise ConfigError(f"No profile or sweep file {config!r}. Profiles: {', '.join(profiles)}; "
+                              f"sweep files (configs/sweeps/): {', '.join(sweeps) or 'none'}.") from None
+        path = candidate.resolve()
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if isinstance(data, dict) and ("grid" in data or "runs" in data):
+        return path, data
+    return path, None
+
+
+SWEEP_KEYS = {"name", "config", "stages", "set", "grid", "runs", "max_runs"}
+
+
+def plan_sweep(config: str, grid: list[str] = (), overrides: list[str] = (), stages: str | None = None,
+               max_runs: int | None = None, name: str | None = None,
+               outputs_dir: str | None = None) -> SweepPlan:
+    """Read the sweep (file and/or --grid), expand it and validate every run before any starts."""
+    from .runner import select_stages
+
+    path, spec = resolve_sweep_source(config)
+    spec = dict(spec or {})
+    unknown = set(spec) - SWEEP_KEYS
+    if unknown:
+        raise ConfigError(f"{path.name}: unknown sweep key(s) {', '.join(sorted(unknown))}; "
+                          f"a sweep file has {', '.join(sorted(SWEEP_KEYS))}.")
+    profile = resolve_config_path(spec["config"]) if "config" in spec else path
+    fixed = _flatten(spec.get("set"), f"{path.name}: set")
+    combos = _combinations(path, spec, grid)
+    swept = list(dict.fromkeys(k for c in combos for k in c))
+    fixed_keys = set(fixed) | {o.partition("=")[0].strip() for o in overrides}
+    both = sorted(set(swept) & fixed_keys)
+    if both:
+        raise ConfigError(f"{', '.join(both)} is both fixed (set / --set) and swept (grid); keep one.")
+    name = name or spec.get("name") or (path.stem if spec else f"{path.stem}-{'-'.join(k.split('.')[-1] for k in swept)}")
+    run_dir(name, create=False)  # the same naming rules as a run folder
+    base_dir = Path(outputs_dir) if outputs_dir else OUTPUTS_DIR
+    folder = (base_dir if base_dir.is_absolute() else PROJECT_ROOT / base_dir) / "sweeps" / name
+    settings = ([override_text(k, v) for k, v in fixed.items()] + list(overrides)
+                + [override_text("train.wandb_group", name)] * ("train.wandb_group" not in fixed_keys))
+    stage_list = [p.name[:2] for p in select_stages(stages or _stages_text(spec.get("stages")))]
+    total = len(combos)
+    limit = max_runs if max_runs is not None else spec.get("max_runs")
+    if limit is not None:
+        if not isinstance(limit, int) or limit < 1:
+            raise ConfigError(f"max_runs must be a positive whole number, not {limit!r}.")
+        combos = combos[:limit]
+    runs = [SweepRun(tag, combo, tuple(settings + [override_text(k, v) for k, v in combo.items()]))
+            for tag, combo in zip(run_tags(combos), combos)]
+    plan = SweepPlan(name, profile, stage_list, swept, runs, folder, total, tuple(settings))
+    validate_plan(plan)
+    return plan
+
+
+def _combinations(path: Path, spec: dict[str, Any], grid_args: list[str]) -> list[dict[str, Any]]:
+    if "runs" in spec:
+        if grid_args or "grid" in spec:
+            raise ConfigError(f"{path.name} lists its runs (runs:); it cannot take a grid too. Put the "
+                              f"combinations in runs:, or use grid: alone.")
+        runs = spec["runs"]
+        if not isinstance(runs, list) or not runs:
+            raise ConfigError(f"{path.name}: runs: must be a non-empty list of mappings (- {{lora.r: 8}}).")
+        return [_flatten(r, f"{path.name}: runs[{i}]") for i, r in enumerate(runs)]
+    grid = _flatten(spec.get("grid"), f"{path.name}: grid")
+    for text in grid_args:
+        key, values = parse_grid(text)
+        grid[key] = values
+    if not grid:
+        raise ConfigError("Nothing to sweep: give --grid KEY=V1,V2 (repeatable) or a sweep file with grid:.")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"Grid key {key!r} needs a non-empty list of values, not {values!r}.")
+        dupes = [v for i, v in enumerate(values) if v in values[:i]]
+        if dupes:
+            raise ConfigError(f"Grid key {key!r} lists {dupes[0]!r} twice.")
+    return expand_grid(grid)
+
+
+def _stages_text(value: Any) -> str | None:
+    """A sweep file's `stages:` as the runner takes it; YAML reads `stages: 01` as the number 1."""
+    if value is None or isinstance(value, str):
+        return value
+    items = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, (int, str)) and not isinstance(v, bool) for v in items):
+        raise ConfigError(f"stages: {value!r} must be stage numbers, like 01,03,04,05.")
+    return ",".join(f"{v:02d}" if isinstance(v, int) else v for v in items)
+
+
+def validate_plan(plan: SweepPlan) -> None:
+    """Every run's config must load, and a run folder left by an earlier sweep must match it."""
+    from .runs import _differences
+
+    for i, run in enumerate(plan.runs, 1):
+        label = " ".join(f"{k}={_value_label(v)}" for k, v in run.values.items())
+        try:
+            cfg = load_config(plan.config, run.overrides)
+        except ConfigError as exc:
+            raise ConfigError(f"Sweep {plan.name!r}, run {i} ({label}): {exc}") from None
+        saved = plan.runs_dir / run.tag / "config.json"
+        if saved.is_file():
+            old = config_from_dict(read_json(saved))
+            if old != cfg:
+                changed = _differences(cfg.to_dict(), old.to_dict())
+                raise ConfigError(
+                    f"{saved.parent} was made with other settings ({'; '.join(changed[:3])}). Delete that "
+                    f"folder to redo the run, or give this sweep another name (--name).")
+
+
+# --- resume ------------------------------------------------------------------------------------------
+
+
+def stage_done(run_path: Path, stage: str) -> bool:
+    """Did this stage write its outputs? (The file it writes last; else its executed notebook finished.)"""
+    if stage in STAGE_OUTPUTS:
+        return (run_path / STAGE_OUTPUTS[stage]).is_file()
+    for notebook in (run_path / "notebooks").glob(f"{stage}_*.ipynb"):
+        meta = json.loads(notebook.read_text(encoding="utf-8")).get("metadata", {}).get("papermill", {})
+        return bool(meta.get("end_time")) and not meta.get("exception")
+    return False
+
+
+def remaining_stages(plan: SweepPlan, run: SweepRun) -> list[str]:
+    """The stages still to execute: none when finished, else from the first one without its outputs.
+    Runs whose config.json is missing start over (validate_plan has refused a different one)."""
+    path = plan.runs_dir / run.tag
+    if not (path / "config.json").is_file():
+        return list(plan.stages)
+    for i, stage in enumerate(plan.stages):
+        if not stage_done(path, stage):
+            return plan.stages[i:]
+    return []
+
+
+# --- running -----------------------------------------------------------------------------------------
+
+
+def _load_state(plan: SweepPlan) -> dict[str, Any]:
+    path = plan.folder / STATE_FILE
+    old = read_json(path) if path.is_file() else {}
+    previous = {r["tag"]: r for r in old.get("runs", [])}
+    runs = [{"status": "pending", "attempts": 0, **previous.get(r.tag, {}), "tag": r.tag,
+             "values": r.values, "overrides": list(r.overrides)} for r in plan.runs]
+    return {"name": plan.name, "config": str(plan.config), "stages": plan.stages, "keys": plan.keys,
+            "settings": list(plan.settings), "combinations": plan.total, "runs": runs}
+
+
+def _save_state(plan: SweepPlan, state: dict[str, Any]) -> None:
+    state["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    write_json_atomic(plan.folder / STATE_FILE, state)
+
+
+def _failed_notebook(run_path: Path) -> str | None:
+    for notebook in sorted((run_path / "notebooks").glob("*.ipynb")):
+        meta = json.loads(notebook.read_text(encoding="utf-8")).get("metadata", {}).get("papermill", {})
+        if meta.get("exception"):
+            return str(notebook)
+    return None
+
+
+def run_sweep(plan: SweepPlan, progress: bool = True) -> dict[str, Any]:
+    """Execute the plan's runs one after another; record each; write the comparison after each."""
+    from .runner import run_pipeline
+
+    state = _load_state(plan)
+    _save_state(plan, state)
+    if len(plan.runs) < plan.total:
+        print(f"[sweep {plan.name}] --max-runs: {len(plan.runs)} of {plan.total} combinations", flush=True)
+    for i, (run, record) in enumerate(zip(plan.runs, state["runs"]), 1):
+        label = " ".join(f"{k}={_value_label(v)}" for k, v in run.values.items())
+        todo = remaining_stages(plan, run)
+        head = f"[sweep {plan.name}] run {i}/{len(plan.runs)} {run.tag} ({label})"
+        if not todo:
+            print(f"{head}: finished earlier, skipped", flush=True)
+            record.update(status="finished", error=None, notebook=None)
+            continue
+        resumed = todo != plan.stages and (plan.runs_dir / run.tag / "config.json").is_file()
+        print(f"{head}: stages {','.join(todo)}" + (" (resuming: earlier stages are done)" if resumed else ""),
+              flush=True)
+        record.update(status="running", attempts=record["attempts"] + 1, error=None, notebook=None,
+                      started=time.strftime("%Y-%m-%dT%H:%M:%S"), stages_run=todo)
+        _save_state(plan, state)
+        write_json_atomic(run_dir(run.tag, plan.runs_dir) / RUN_INFO_FILE,
+                          {"sweep": plan.name, "tag": run.tag, "values": run.values})
+        start = time.perf_counter()
+        try:
+            run_pipeline(str(plan.config), run.tag, run.overrides, todo, str(plan.runs_dir), progress)
+        except KeyboardInterrupt:
+            record.update(status="interrupted", seconds=time.perf_counter() - start)
+            _save_state(plan, state)
+            raise
+        except Exception as exc:  # noqa: BLE001 -- one broken run must not stop the sweep
+            record.update(status="failed", error=f"{type(exc).__name__}: {exc}",
+                          notebook=_failed_notebook(plan.runs_dir / run.tag))
+            print(f"{head}: FAILED -- {record['error']}", flush=True)
+        else:
+            record.update(status="finished")
+        record["seconds"] = time.perf_counter() - start
+        _save_state(plan, state)
+        write_comparison(plan.folder)
+    _save_state(plan, state)
+    write_comparison(plan.folder)
+    return state
+
+
+# --- the comparison --------------------------------------------------------------------------------
+
+
+def _read_optional(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def collect_results(folder: Path) -> list[dict[str, Any]]:
+    """One row per run of the sweep: its swept values, status, and what its stages measured."""
+    state = read_json(folder / STATE_FILE)
+    rows = []
+    for record in state["runs"]:
+        path = folder / "runs" / record["tag"]
+        row = {"run": record["tag"], **{k: _value_label(v) for k, v in record["values"].items()},
+               "status": record["status"]}
+        log = _read_optional(path / "train_log.json")
+        if log:
+            s = log["summary"]
+            row.update({"train_seconds": s.get("train_seconds"), "train_cpu_seconds": s.get("train_cpu_seconds"),
+                        "steps": s.get("steps"),
+                        "trainable_params": s.get("parameters", {}).get("trainable"),
+                        "peak_memory_mib": s.get("peak_memory_mib"), "memory_kind": s.get("peak_memory_kind"),
+                        "final_train_loss": s.get("final_logged_loss"),
+                        "heldout_loss_base": s.get("heldout_loss_base"), "heldout_loss": s.get("heldout_loss_tuned"),
+                        "heldout_examples": s.get("eval_examples")})
+            if s.get("resumed_from"):
+                row["note"] = "training resumed: its time covers the resumed part only"
+        report = _read_optional(path / "eval.json")
+        if report:  # stage 05 measured on its own sample (eval.loss_samples): it replaces 04's
+            summary = report["summary"]
+            loss = summary.pop("held-out loss", None)
+            if loss:
+                row.update(heldout_loss_base=loss["base"], heldout_loss=loss["tuned"],
+                           heldout_examples=report["samples"]["loss"])
+            row.update({name: sides["tuned"] for name, sides in summary.items()})
+        if record["status"] == "failed":
+            row["note"] = record.get("error", "")[:200]
+        rows.append(row)
+    return rows
+
+
+def write_comparison(folder: Path) -> dict[str, Path]:
+    """comparison.csv / .md and the two plots, from every run's train_log.json and eval.json."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from .plots import plot_heldout_by_key, plot_loss_curves, save
+
+    folder = Path(folder)
+    state = read_json(folder / STATE_FILE)
+    table = pd.DataFrame(collect_results(folder))
+    written = {"csv": folder / "comparison.csv", "markdown": folder / "comparison.md"}
+    write_text_atomic(written["csv"], table.to_csv(index=False))
+    counts = {"steps", "trainable_params", "heldout_examples"}  # whole numbers, even where NaN made them float
+    floatfmt = [",.0f" if c in counts else ".4g" for c in table.columns]
+    shown = table.astype(object).where(table.notna(), None)  # tabulate leaves None cells blank, not NaN
+    markdown = shown.to_markdown(index=False, floatfmt=floatfmt, missingval="")
+    write_text_atomic(written["markdown"], markdown + "\n")
+    done = table[table["status"] == "finished"] if "heldout_loss" in table else table.iloc[0:0]
+    if len(done):
+        fig = plot_heldout_by_key(done.to_dict("records"), state["keys"])
+        written["heldout_plot"] = save(fig, folder / "heldout_loss.png")
+        plt.close(fig)
+    curves = {r["tag"]: _read_optional(folder / "runs" / r["tag"] / "train_log.json") for r in state["runs"]}
+    curves = {tag: log["log_history"] for tag, log in curves.items() if log}
+    if curves:
+        fig = plot_loss_curves(curves)
+        written["curves_plot"] = save(fig, folder / "loss_curves.png")
+        plt.close(fig)
+    return written
+
+
+def sweeps_dir(outputs_dir: str | None = None) -> Path:
+    """Where sweeps live: <outputs>/sweeps/, or the sweeps folder a sweep's own run sits in."""
+    base = Path(outputs_dir) if outputs_dir else OUTPUTS_DIR
+    base = base if base.is_absolute() else PROJECT_ROOT / base
+    inside = [p for p in (base, *base.parents) if p.name == "sweeps"]
+    return inside[0] if inside else base / "sweeps"
+
+
+def latest_sweep(outputs_dir: str | None = None) -> dict[str, Any]:
+    """The most recently updated sweep: {'summary': one line, 'table': DataFrame or None, 'figures': [...]}."""
+    import pandas as pd
+
+    root = sweeps_dir(outputs_dir)
+    found = sorted(root.glob(f"*/{STATE_FILE}"), key=lambda p: p.stat().st_mtime)
+    found = [p for p in found if (p.parent / "comparison.csv").is_file()]
+    if not found:
+        return {"summary": f"No sweep in {root} yet. Try: python -m qlora_helpers sweep --config lora-targets",
+                "table": None, "figures": []}
+    folder = found[-1].parent
+    state = read_json(folder / STATE_FILE)
+    statuses = [r["status"] for r in state["runs"]]
+    counts = ", ".join(f"{statuses.count(s)} {s}" for s in dict.fromkeys(statuses))
+    figures = [folder / name for name in ("heldout_loss.png", "loss_curves.png") if (folder / name).is_file()]
+    return {"summary": f"sweep {state['name']} ({folder}): {len(statuses)} runs, {counts}; updated {state.get('updated')}",
+            "table": pd.read_csv(folder / "comparison.csv"), "figures": figures}
+
+
+# --- command line ---------------------------------------------------------------------------------
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--config", default="default",
+                        help="a sweep file (configs/sweeps/*.yaml, e.g. lora-targets) or a profile with --grid")
+    parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                        help="values to sweep, comma-separated outside brackets/quotes, each read like a --set "
+                             "value: --grid lora.r=8,16 --grid 'lora.target_modules=[q_proj,v_proj],all-linear'")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a setting fixed for every run (repeatable)")
+    parser.add_argument("--stages", help="comma-separated stages per run (default: the sweep file's, else all)")
+    parser.add_argument("--max-runs", type=int, help="run only the first N combinations")
+    parser.add_argument("--name", help="sweep name (default: the sweep file's name, else profile + swept keys)")
+    parser.add_argument("--outputs-dir", help="outputs root; the sweep goes to <root>/sweeps/<name>/")
+
+
+def sweep_command(args) -> int:
+    plan = plan_sweep(args.config, args.grid, args.overrides, args.stages, args.max_runs, args.name,
+                      args.outputs_dir)
+    try:
+        state = run_sweep(plan)
+    except KeyboardInterrupt:
+        print(f"Sweep {plan.name} interrupted; run the same command again to finish the missing runs.")
+        return 130
+    print((plan.folder / "comparison.md").read_text(encoding="utf-8"))
+    failed = [r["tag"] for r in state["runs"] if r["status"] != "finished"]
+    print(f"Sweep {plan.name}: {len(state['runs']) - len(failed)} of {len(state['runs'])} runs finished; "
+          f"comparison in {plan.folder}" + (f"; failed: {', '.join(failed)} (rerun to retry)" if failed else ""))
+    return 1 if failed else 0

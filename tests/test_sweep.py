@@ -1,0 +1,197 @@
+"""Sweeps: grid parsing and validation, resume, failures, and a real two-run sweep on the smoke profile."""
+
+import json
+import struct
+
+import pandas as pd
+import pytest
+
+from qlora_helpers.cli import main
+from qlora_helpers.config import load_config
+from qlora_helpers.errors import ConfigError
+from qlora_helpers.paths import write_json_atomic
+from qlora_helpers.sweep import (expand_grid, latest_sweep, parse_grid, plan_sweep, remaining_stages,
+                                 run_sweep, run_tags, sweeps_dir)
+
+# Stage 05 made light: held-out loss and two ROUGE examples; the other tasks configured away.
+LIGHT = ["train.eval_samples=4", "eval.loss_samples=8", "eval.rouge_samples=2", "eval.answer_tokens=8",
+         "eval.gsm8k_samples=0", "eval.ifeval_samples=0", "eval.showcase_samples=0"]
+
+
+def test_grid_values_are_read_like_set_values():
+    assert parse_grid("lora.r=8,16") == ("lora.r", [8, 16])
+    assert parse_grid("lora.target_modules=[q_proj,v_proj],all-linear") == (
+        "lora.target_modules", [["q_proj", "v_proj"], "all-linear"])
+    assert parse_grid('data.template=chat, "a,b"') == ("data.template", ["chat", "a,b"])
+    assert parse_grid("train.gradient_checkpointing=true,false")[1] == [True, False]
+    for bad in ("lora.r", "lora.r=", "=8,16", "lora.r=[8,16"):
+        with pytest.raises(ConfigError, match="Grid"):
+            parse_grid(bad)
+
+
+def test_expansion_is_the_cartesian_product_with_readable_unique_tags():
+    combos = expand_grid({"lora.target_modules": [["q_proj", "v_proj"], "all-linear"], "lora.r": [8, 16]})
+    assert combos == [{"lora.target_modules": ["q_proj", "v_proj"], "lora.r": 8},
+                      {"lora.target_modules": ["q_proj", "v_proj"], "lora.r": 16},
+                      {"lora.target_modules": "all-linear", "lora.r": 8},
+                      {"lora.target_modules": "all-linear", "lora.r": 16}]
+    assert run_tags(combos)[:3] == ["target_modules-q_proj.v_proj__r-8", "target_modules-q_proj.v_proj__r-16",
+                                    "target_modules-all-linear__r-8"]
+    # keys sharing a last part keep their section; values that clean up alike still get distinct tags
+    tags = run_tags([{"train.seed": 1, "data.seed": 2}, {"data.template": "a b"}, {"data.template": "a.b"}])
+    assert tags[0] == "train.seed-1__data.seed-2" and len(set(tags)) == 3
+
+
+def test_the_shipped_sweep_validates_every_run(tmp_path):
+    plan = plan_sweep("lora-targets", outputs_dir=str(tmp_path))
+    assert plan.name == "lora-targets" and plan.stages == ["01", "03", "04", "05"] and len(plan.runs) == 4
+    assert plan.folder == tmp_path / "sweeps" / "lora-targets" and not plan.folder.exists()
+    cfg = load_config(plan.config, plan.runs[2].overrides)
+    assert cfg.lora.target_modules == "all-linear" and cfg.lora.r == 8 and cfg.train.max_steps == 12
+    assert cfg.train.wandb_group == "lora-targets" and cfg.eval.gsm8k_samples == 0
+    assert len(plan_sweep("lora-targets", max_runs=3, outputs_dir=str(tmp_path)).runs) == 3
+
+
+def test_a_bad_key_or_value_fails_before_any_run_starts(tmp_path):
+    with pytest.raises(ConfigError, match=r"run 1 \(lora.nope=1\).*Unknown key 'lora.nope'"):
+        plan_sweep("smoke", ["lora.nope=1,2"], outputs_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match=r"run 2 \(lora.r=abc\).*lora.r = 'abc' is invalid"):
+        plan_sweep("smoke", ["lora.r=8,abc"], outputs_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match="both fixed"):
+        plan_sweep("smoke", ["lora.r=8,16"], ["lora.r=4"], outputs_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match="lists 8 twice"):
+        plan_sweep("smoke", ["lora.r=8,8"], outputs_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match="Nothing to sweep"):
+        plan_sweep("smoke", outputs_dir=str(tmp_path))
+    assert main(["sweep", "--config", "smoke", "--grid", "lora.nope=1", "--outputs-dir", str(tmp_path)]) == 1
+    assert not (tmp_path / "sweeps").exists()
+
+
+def test_a_sweep_file_may_list_its_runs(tmp_path):
+    spec = tmp_path / "pairs.yaml"
+    spec.write_text("config: smoke\nstages: 01\nruns:\n  - {lora.r: 4, lora.alpha: 8}\n  - lora: {r: 8, alpha: 16}\n")
+    plan = plan_sweep(str(spec), outputs_dir=str(tmp_path))
+    assert [r.values for r in plan.runs] == [{"lora.r": 4, "lora.alpha": 8}, {"lora.r": 8, "lora.alpha": 16}]
+    assert plan.name == "pairs" and plan.stages == ["01"]
+    with pytest.raises(ConfigError, match="cannot take a grid"):
+        plan_sweep(str(spec), ["lora.dropout=0,0.1"], outputs_dir=str(tmp_path))
+
+
+def test_resume_skips_finished_stages_and_refuses_a_changed_run(tmp_path):
+    plan = plan_sweep("smoke", ["lora.r=4,8"], stages="01,03,04,05", outputs_dir=str(tmp_path))
+    run = plan.runs[0]
+    folder = plan.runs_dir / run.tag
+    assert remaining_stages(plan, run) == ["01", "03", "04", "05"]  # nothing there yet
+    write_json_atomic(folder / "config.json", load_config(plan.config, run.overrides).to_dict())
+    for name in ("env.json", "data/data_report.json", "train_log.json"):
+        write_json_atomic(folder / name, {})
+    assert remaining_stages(plan, run) == ["05"]  # killed during 05: only 05 runs again
+    write_json_atomic(folder / "eval.json", {})
+    assert remaining_stages(plan, run) == []  # finished: skipped
+    (folder / "data" / "data_report.json").unlink()
+    assert remaining_stages(plan, run) == ["03", "04", "05"]  # a hole: everything after it reruns
+    write_json_atomic(folder / "config.json", load_config(plan.config, [*run.overrides, "lora.dropout=0.2"]).to_dict())
+    with pytest.raises(ConfigError, match=r"made with other settings \(lora.dropout"):
+        plan_sweep("smoke", ["lora.r=4,8"], stages="01,03,04,05", outputs_dir=str(tmp_path))
+
+
+def test_failed_runs_are_recorded_the_sweep_goes_on_and_a_rerun_retries(tmp_path, capsys):
+    # stage 02 alone, without 01: each run fails in its first cell, quickly and for real
+    args = ["sweep", "--config", "smoke", "--grid", "lora.r=4,8", "--stages", "02", "--outputs-dir", str(tmp_path)]
+    assert main(args) == 1
+    state = json.loads((tmp_path / "sweeps" / "smoke-r" / "sweep.json").read_text())
+    assert [r["status"] for r in state["runs"]] == ["failed", "failed"]  # the second ran after the first failed
+    for record in state["runs"]:
+        assert "has not been set up" in record["error"] and record["attempts"] == 1
+        assert record["notebook"].endswith(f"runs/{record['tag']}/notebooks/02_quantize.ipynb")
+    assert "failed: r-4, r-8 (rerun to retry)" in capsys.readouterr().out
+    assert main(args) == 1
+    state = json.loads((tmp_path / "sweeps" / "smoke-r" / "sweep.json").read_text())
+    assert [r["attempts"] for r in state["runs"]] == [2, 2]
+    table = pd.read_csv(tmp_path / "sweeps" / "smoke-r" / "comparison.csv")
+    assert list(table["status"]) == ["failed", "failed"] and table["note"].str.contains("StageFailed").all()
+
+
+def _wandb_records(path):
+    """The records of an offline W&B run file (W&B's leveldb-style log of protobuf records)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, pos, chunk, block = path.read_bytes(), 7, b"", 32768
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk, pos = chunk + data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):  # a full record, or the last piece of one
+            record = pb.Record()
+            record.ParseFromString(chunk)
+            chunk = b""
+            yield record
+
+
+@pytest.fixture(scope="module")
+def smoke_sweep(tmp_path_factory, tiny_dir):
+    from tests.conftest import _data_dir
+
+    if _data_dir() is None:
+        pytest.skip("the offline data directory is not here")
+    outputs = tmp_path_factory.mktemp("sweep-outputs")
+    plan = plan_sweep("smoke", ["lora.r=4,8"], LIGHT, stages="01,03,04,05", name="tiny-r",
+                      outputs_dir=str(outputs))
+    return plan, run_sweep(plan, progress=False)
+
+
+def test_a_real_sweep_compares_its_runs(smoke_sweep):
+    plan, state = smoke_sweep
+    assert [r["status"] for r in state["runs"]] == ["finished", "finished"]
+    table = pd.read_csv(plan.folder / "comparison.csv")
+    assert list(table["run"]) == ["r-4", "r-8"] and list(table["lora.r"]) == [4, 8]
+    assert (table["train_seconds"] > 0).all() and (table["train_cpu_seconds"] > 0).all() and (table["steps"] == 4).all()
+    assert (table["peak_memory_mib"] > 100).all() and set(table["memory_kind"]) <= {"process_max_rss",
+                                                                                  "cuda_max_allocated"}
+    assert table["trainable_params"][1] == 2 * table["trainable_params"][0]  # rank 8 has twice rank 4's
+    assert table["final_train_loss"].notna().all() and (table["heldout_examples"] == 8).all()
+    assert (table["heldout_loss"] < table["heldout_loss_base"] + 1).all() and table["ROUGE-L F1"].notna().all()
+    assert "GSM8K exact match" not in table and "IFEval prompt-level" not in table  # 0 samples: not a score
+    for r in plan.runs:  # the table's numbers are the runs' own reports
+        report = json.loads((plan.runs_dir / r.tag / "eval.json").read_text())
+        assert table.set_index("run").loc[r.tag, "heldout_loss"] == pytest.approx(report["summary"]["held-out loss"]["tuned"])
+    assert (plan.folder / "comparison.md").read_text().startswith("| run ")
+    for name in ("heldout_loss.png", "loss_curves.png"):
+        assert (plan.folder / name).stat().st_size > 10_000
+
+
+def test_every_run_of_a_sweep_is_in_one_wandb_group_with_its_values(smoke_sweep):
+    plan, _ = smoke_sweep
+    for r in plan.runs:
+        assert json.loads((plan.runs_dir / r.tag / "config.json").read_text())["train"]["wandb_group"] == "tiny-r"
+        (run_file,) = (plan.runs_dir / r.tag / "wandb").glob("offline-run-*/run-*.wandb")
+        records = list(_wandb_records(run_file))
+        assert {x.run.run_group for x in records if x.WhichOneof("record_type") == "run"} == {"tiny-r"}
+        logged = {u.key: json.loads(u.value_json) for x in records if x.WhichOneof("record_type") == "config"
+                  for u in x.config.update}
+        assert logged["sweep"] == {"sweep": "tiny-r", "tag": r.tag, "values": r.values}
+
+
+def test_rerunning_a_finished_sweep_runs_nothing(smoke_sweep, capsys):
+    plan, _ = smoke_sweep
+    executed = sorted(plan.runs_dir.glob("*/notebooks/*.ipynb"))
+    before = {p: p.stat().st_mtime_ns for p in executed}
+    state = run_sweep(plan_sweep("smoke", ["lora.r=4,8"], LIGHT, stages="01,03,04,05", name="tiny-r",
+                                 outputs_dir=str(plan.folder.parent.parent)), progress=False)
+    assert [r["status"] for r in state["runs"]] == ["finished", "finished"]
+    assert capsys.readouterr().out.count("finished earlier, skipped") == 2
+    assert {p: p.stat().st_mtime_ns for p in executed} == before and len(executed) == 8
+
+
+def test_the_latest_sweep_is_found_for_notebook_05(smoke_sweep, tmp_path):
+    plan, _ = smoke_sweep
+    outputs = plan.folder.parent.parent
+    assert sweeps_dir(str(outputs)) == outputs / "sweeps"
+    assert sweeps_dir(str(plan.runs_dir)) == outputs / "sweeps"  # a sweep's own run looks at its sweep
+    latest = latest_sweep(str(outputs))
+    assert latest["summary"].startswith("sweep tiny-r") and "2 finished" in latest["summary"]
+    assert len(latest["table"]) == 2 and [p.name for p in latest["figures"]] == ["heldout_loss.png", "loss_curves.png"]
+    empty = latest_sweep(str(tmp_path))
+    assert empty["table"] is None and "No sweep" in empty["summary"]
