@@ -17,6 +17,18 @@ OUTPUTS_DIR = PROJECT_ROOT / "outputs"
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp / mkdtemp make owner-only files (0600) and folders (0700); what we write is an ordinary
+# output (a server in another account, a colleague, a container reads it), so it gets the modes an
+# ordinary open() or mkdir() would give under the process's umask.
+_UMASK = _umask()
+
+
 def cache_dir(configured: str | None = None) -> Path:
     """Cache for converted and built models: config value, $QLORA_CACHE_DIR, or ~/.cache/qlora-notebooks."""
     root = configured or os.environ.get("QLORA_CACHE_DIR") or "~/.cache/qlora-notebooks"
@@ -54,6 +66,7 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -68,6 +81,7 @@ def atomic_dir(final_dir: str | Path):
     final_dir = Path(final_dir)
     final_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.", dir=final_dir.parent))
+    os.chmod(tmp, 0o777 & ~_UMASK)
     try:
         yield tmp
         _replace_dir(tmp, final_dir)
