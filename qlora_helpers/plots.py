@@ -129,21 +129,40 @@ def plot_heldout_by_key(rows: list[dict[str, Any]], keys: list[str]):
     return fig
 
 
-def plot_loss_curves(histories: dict[str, list[dict[str, Any]]]):
-    """A sweep: every run's training loss against the step, overlaid, with its held-out points."""
-    fig, ax = plt.subplots(figsize=(8, 4.2))
+def plot_loss_curves(histories: dict[str, list[dict[str, Any]]], same_batches: bool = True):
+    """A sweep: every run's training loss against the step, overlaid, with its held-out points.
+
+    One batch's loss swings more than the runs differ, so when every run saw the same batches
+    (`same_batches`: the sweep changes no data setting or seed) a second panel shows each run's
+    loss minus the first run's at the same step: the gap the settings make, batch noise removed."""
+    first_name, first = next(iter(histories.items()), (None, []))
+    reference = {h["step"]: h["loss"] for h in first if "loss" in h and "step" in h}
+    gaps = same_batches and len(histories) > 1 and bool(reference)
+    fig, axes = plt.subplots(1, 2 if gaps else 1, figsize=(13 if gaps else 8, 4.2), squeeze=False)
+    styles = ["-", "--", "-.", ":"]
     for i, (name, history) in enumerate(histories.items()):
-        color = f"C{i % 10}"
+        look = {"color": f"C{i % 10}", "linestyle": styles[i % len(styles)], "alpha": 0.9}
         train = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
         held = [(h["step"], h["heldout_loss"]) for h in history if "heldout_loss" in h]
         if train:
-            ax.plot(*zip(*train), color=color, alpha=0.85, label=name)
+            axes[0][0].plot(*zip(*train), label=name, **look)
         if held:
-            ax.scatter(*zip(*held), color=color, marker="D", zorder=3)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title("Training loss per run (diamonds: held-out loss before and after)")
-    ax.legend(fontsize=7)
+            axes[0][0].scatter(*zip(*held), color=look["color"], marker="D", zorder=3)
+        if gaps and i:
+            gap = [(step, loss - reference[step]) for step, loss in train if step in reference]
+            if gap:
+                axes[0][1].plot(*zip(*gap), marker="o", markersize=3, label=name, **look)
+    axes[0][0].set_xlabel("step")
+    axes[0][0].set_ylabel("loss")
+    axes[0][0].set_title("Training loss per run (diamonds: held-out loss before and after)", fontsize=10)
+    axes[0][0].legend(fontsize=7)
+    if gaps:
+        ax = axes[0][1]
+        ax.axhline(0, color="C0", linestyle="-", label=f"{first_name} (reference)")
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss minus the reference run's")
+        ax.set_title("Same batches, difference from the first run (below 0: lower loss)", fontsize=10)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
 

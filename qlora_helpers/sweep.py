@@ -420,10 +420,16 @@ def write_comparison(folder: Path) -> dict[str, Path]:
         fig = plot_heldout_by_key(done.to_dict("records"), state["keys"])
         written["heldout_plot"] = save(fig, folder / "heldout_loss.png")
         plt.close(fig)
-    curves = {r["tag"]: _read_optional(folder / "runs" / r["tag"] / "train_log.json") for r in state["runs"]}
-    curves = {tag: log["log_history"] for tag, log in curves.items() if log}
+    curves = {}
+    for record in state["runs"]:
+        log = _read_optional(folder / "runs" / record["tag"] / "train_log.json")
+        if log:
+            label = ", ".join(f"{k.split('.')[-1]}={_value_label(v)}" for k, v in record["values"].items())
+            curves[label or record["tag"]] = log["log_history"]
     if curves:
-        fig = plot_loss_curves(curves)
+        # the runs trained on the same batches in the same order unless the sweep changes the data or a seed
+        same_batches = not any(k.startswith("data.") or k.endswith("seed") for k in state["keys"])
+        fig = plot_loss_curves(curves, same_batches=same_batches)
         written["curves_plot"] = save(fig, folder / "loss_curves.png")
         plt.close(fig)
     return written

@@ -130,6 +130,22 @@ def _wandb_records(path):
             yield record
 
 
+def test_the_loss_plot_shows_each_runs_gap_to_the_first_on_the_same_batches():
+    import numpy as np
+
+    from qlora_helpers.plots import plot_loss_curves
+
+    histories = {"r=4": [{"step": 2, "loss": 2.5}, {"step": 4, "loss": 2.1}, {"step": 4, "heldout_loss": 2.0}],
+                 "r=8": [{"step": 2, "loss": 2.4}, {"step": 4, "loss": 2.3}]}
+    fig = plot_loss_curves(histories)
+    curves, gaps = fig.axes
+    (gap,) = [line for line in gaps.get_lines() if line.get_label() == "r=8"]
+    assert list(gap.get_xdata()) == [2, 4] and np.allclose(gap.get_ydata(), [-0.1, 0.2])
+    assert {line.get_label() for line in curves.get_lines()} == {"r=4", "r=8"}
+    assert len(plot_loss_curves(histories, same_batches=False).axes) == 1  # other batches: no gap panel
+    assert len(plot_loss_curves({"r=4": histories["r=4"]}).axes) == 1
+
+
 @pytest.fixture(scope="module")
 def smoke_sweep(tmp_path_factory, tiny_dir):
     from tests.conftest import _data_dir
