@@ -30,11 +30,16 @@ CONFIG_DIR = PROJECT_ROOT / "configs"
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
-    """A dataclass field with a one-line `help` (shown in errors and `describe_config`)."""
+def _f(default: Any, help: str, low: float | None = None, gt: float | None = None, lt: float | None = None,
+       nonzero: bool = False, **kw: Any) -> Any:
+    """A dataclass field with a one-line `help` (shown in errors and `describe_config`) and the range
+    its number must be in: `low` <= value, `gt` < value, value < `lt`, `nonzero` (None always passes)."""
+    meta = {"help": help, "range": {k: v for k, v in (("low", low), ("gt", gt), ("lt", lt)) if v is not None}}
+    if nonzero:
+        meta["range"]["nonzero"] = True
     if isinstance(default, (list, dict, tuple)):
-        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
 
 
 @dataclass(frozen=True)
@@ -46,7 +51,7 @@ class ModelConfig:
     trust_remote_code: bool = _f(False, "run model code shipped with a hub repo; off unless you trust it")
     cache_dir: Union[str, None] = _f(None, "where converted/built models are cached "
                                      "(default: $QLORA_CACHE_DIR or ~/.cache/qlora-notebooks)")
-    max_seq_length: int = _f(512, "longest sequence in tokens; SmolLM2's tokenizer sets none itself")
+    max_seq_length: int = _f(512, "longest sequence in tokens; SmolLM2's tokenizer sets none itself", low=1)
     attn_implementation: Literal["sdpa", "eager"] = _f("sdpa", "attention kernel transformers uses")
 
 
@@ -69,8 +74,8 @@ class SourceConfig:
         "auto", "row layout; auto detects it from the columns")
     columns: dict[str, str] = _f({}, "our field -> your column, e.g. {instruction: question, output: answer}")
     split: str = _f("train", "split of a hub dataset")
-    weight: float = _f(1.0, "rows taken = weight x rows (below 1 subsamples, above 1 repeats)")
-    max_rows: Union[int, None] = _f(None, "cap on rows taken from this source (after weight)")
+    weight: float = _f(1.0, "rows taken = weight x rows (below 1 subsamples, above 1 repeats)", gt=0)
+    max_rows: Union[int, None] = _f(None, "cap on rows taken from this source (after weight)", low=1)
 
 
 @dataclass(frozen=True)
@@ -82,7 +87,7 @@ class DataConfig:
     too_long: Literal["drop", "truncate"] = _f("drop", "rows over model.max_seq_length: dropped or "
                                                "cut (response end), counted either way")
     dedupe: bool = _f(True, "drop exact duplicate rows")
-    eval_size: int = _f(200, "held-out examples, split off deterministically by seed")
+    eval_size: int = _f(200, "held-out examples, split off deterministically by seed", low=1)
     seed: int = _f(42, "seed of the train/eval split and of source sampling")
     packing: bool = _f(False, "pack whole examples into rows of max_seq_length tokens "
                        "(attention never crosses examples)")
@@ -90,9 +95,9 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class LoraConfig:
-    r: int = _f(16, "adapter rank: capacity of the update")
-    alpha: int = _f(32, "scale = alpha / r (or alpha / sqrt(r) with rslora)")
-    dropout: float = _f(0.05, "dropout on the adapter input; 0 is fastest")
+    r: int = _f(16, "adapter rank: capacity of the update", low=1)
+    alpha: int = _f(32, "scale = alpha / r (or alpha / sqrt(r) with rslora)", gt=0)
+    dropout: float = _f(0.05, "dropout on the adapter input; 0 is fastest", low=0, lt=1)
     target_modules: Union[list[str], str] = _f(["q_proj", "v_proj"],
                                               "layers that get adapters, or 'all-linear'")
     bias: Literal["none", "all", "lora_only"] = _f("none", "which biases train")
@@ -103,25 +108,25 @@ class LoraConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = _f(42, "seed for weights init, dropout and data order")
-    learning_rate: float = _f(2e-4, "peak learning rate of the adapters")
+    learning_rate: float = _f(2e-4, "peak learning rate of the adapters", gt=0)
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = _f(
         "cosine", "learning-rate schedule after warmup")
-    warmup_ratio: float = _f(0.03, "fraction of steps spent warming up")
-    max_steps: int = _f(100, "optimizer steps (-1: run num_epochs)")
-    num_epochs: float = _f(1.0, "epochs when max_steps is -1")
-    micro_batch_size: int = _f(4, "sequences per forward pass")
-    gradient_accumulation_steps: int = _f(4, "micro batches per optimizer step")
-    max_grad_norm: float = _f(1.0, "gradient clipping")
-    weight_decay: float = _f(0.0, "AdamW weight decay on the adapters")
+    warmup_ratio: float = _f(0.03, "fraction of steps spent warming up", low=0, lt=1)
+    max_steps: int = _f(100, "optimizer steps (-1: run num_epochs)", low=-1, nonzero=True)
+    num_epochs: float = _f(1.0, "epochs when max_steps is -1", gt=0)
+    micro_batch_size: int = _f(4, "sequences per forward pass", low=1)
+    gradient_accumulation_steps: int = _f(4, "micro batches per optimizer step", low=1)
+    max_grad_norm: float = _f(1.0, "gradient clipping", low=0)
+    weight_decay: float = _f(0.0, "AdamW weight decay on the adapters", low=0)
     optimizer: Literal["auto", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch"] = _f(
         "auto", "auto = paged AdamW 32-bit on CUDA, torch AdamW on CPU")
     gradient_checkpointing: bool = _f(True, "recompute activations: less memory, ~30% more compute")
     group_by_length: bool = _f(False, "batch similar lengths together to waste less padding")
-    logging_steps: int = _f(5, "log loss every N steps")
-    save_steps: int = _f(50, "checkpoint every N steps")
-    save_total_limit: int = _f(2, "keep the newest K checkpoints")
+    logging_steps: int = _f(5, "log loss every N steps", low=1)
+    save_steps: int = _f(50, "checkpoint every N steps", low=1)
+    save_total_limit: int = _f(2, "keep the newest K checkpoints", low=1)
     resume: str = _f("auto", "auto: continue from the newest complete checkpoint; never; or a checkpoint path")
-    eval_samples: int = _f(100, "held-out examples scored before and after training")
+    eval_samples: int = _f(100, "held-out examples scored before and after training", low=0)
     wandb: Literal["auto", "offline", "online", "disabled"] = _f(
         "auto", "auto = online when WANDB_API_KEY is set, else offline")
     distributed: Literal["ddp", "fsdp"] = _f(
@@ -131,9 +136,9 @@ class TrainConfig:
         "auto", "GPU fast path (auto = with CUDA): unpadded packed micro-batches, varlen attention "
         "that never crosses examples, fused kernels, recomputation by memory budget")
     packed_tokens: int = _f(16384, "fast path: tokens per micro-batch (whole examples packed into one row); "
-                            "micro_batch_size is then 1 such row")
+                            "micro_batch_size is then 1 such row", low=1)
     memory_budget_gib: float = _f(0.0, "fast path: GPU memory training may use; layers are recomputed only as "
-                                  "far as needed to fit (0 = 90% of what the card has free)")
+                                  "far as needed to fit (0 = 90% of what the card has free)", low=0)
     fused_kernels: bool = _f(True, "fast path: Liger's fused RMSNorm, RoPE, SwiGLU and linear + cross-entropy "
                              "(when liger-kernel is installed: requirements-gpu.txt)")
     wandb_group: Union[str, None] = _f(None, "W&B group that collects related runs (a sweep sets its name)")
@@ -141,31 +146,31 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    perplexity_samples: int = _f(32, "held-out examples for the 4-bit vs full-precision perplexity (02)")
-    batch_size: int = _f(8, "sequences per evaluation forward pass or generation batch")
-    max_new_tokens: int = _f(48, "generation length for the quick sample answer (02)")
-    loss_samples: int = _f(200, "held-out examples for loss and perplexity, base vs tuned (05)")
-    rouge_samples: int = _f(16, "held-out Alpaca examples generated and scored with ROUGE-L")
-    answer_tokens: int = _f(96, "generation length for ROUGE-L, IFEval and the side-by-side table")
+    perplexity_samples: int = _f(32, "held-out examples for the 4-bit vs full-precision perplexity (02)", low=1)
+    batch_size: int = _f(8, "sequences per evaluation forward pass or generation batch", low=1)
+    max_new_tokens: int = _f(48, "generation length for the quick sample answer (02)", low=1)
+    loss_samples: int = _f(200, "held-out examples for loss and perplexity, base vs tuned (05)", low=1)
+    rouge_samples: int = _f(16, "held-out Alpaca examples generated and scored with ROUGE-L", low=0)
+    answer_tokens: int = _f(96, "generation length for ROUGE-L, IFEval and the side-by-side table", low=1)
     gsm8k_path: str = _f("gsm8k/test.jsonl", "GSM8K test file (relative: in the data directory)")
-    gsm8k_samples: int = _f(16, "GSM8K test problems (the first N)")
-    gsm8k_shots: int = _f(0, "solved GSM8K train problems shown before each question")
-    gsm8k_tokens: int = _f(160, "generation length for GSM8K solutions")
+    gsm8k_samples: int = _f(16, "GSM8K test problems (the first N)", low=0)
+    gsm8k_shots: int = _f(0, "solved GSM8K train problems shown before each question", low=0)
+    gsm8k_tokens: int = _f(160, "generation length for GSM8K solutions", low=1)
     ifeval_path: str = _f("eval/ifeval/input_data.jsonl", "IFEval prompts (relative: in the data directory)")
-    ifeval_samples: int = _f(16, "IFEval prompts (the first N)")
+    ifeval_samples: int = _f(16, "IFEval prompts (the first N)", low=0)
     alpaca_eval_path: str = _f("eval/alpaca_eval/alpaca_eval_805_example_outputs.json",
                                "AlpacaEval instructions for the side-by-side table")
     mt_bench_path: str = _f("eval/mt_bench/question.jsonl", "MT-bench questions for the side-by-side table")
-    showcase_samples: int = _f(4, "AlpacaEval and MT-bench prompts each in the side-by-side table")
+    showcase_samples: int = _f(4, "AlpacaEval and MT-bench prompts each in the side-by-side table", low=0)
     lm_eval_tasks: list[str] = _f([], "lm-evaluation-harness tasks to run on the tuned model (online), "
                                   "or 'gsm8k_local' for the data directory's GSM8K")
-    lm_eval_limit: int = _f(16, "examples per lm-eval task")
+    lm_eval_limit: int = _f(16, "examples per lm-eval task", low=1)
 
 
 @dataclass(frozen=True)
 class ServeConfig:
     host: str = _f("127.0.0.1", "bind address; 0.0.0.0 exposes the API to the network")
-    port: int = _f(8000, "TCP port")
+    port: int = _f(8000, "TCP port", low=1, lt=65536)
     api_key_env: Union[str, None] = _f(None, "NAME of the environment variable holding the API key "
                                        "(never the key itself); null: no key asked")
     form: Literal["auto", "merged", "adapter"] = _f(
@@ -175,17 +180,17 @@ class ServeConfig:
         "bfloat16", "dtype of the merged safetensors (what vLLM/TGI load); LLaMA 2 ships float16")
     model_name: Union[str, None] = _f(None, "model id clients send (default: the run name)")
     context_length: Union[int, None] = _f(None, "prompt + answer tokens per request (default: "
-                                          "model.max_seq_length, what the adapter was trained on)")
-    max_concurrent: int = _f(8, "requests generated at once, as one batch: bounds memory (KV cache)")
-    max_queue: int = _f(64, "requests waiting beyond those; more get 503 + Retry-After, never OOM")
-    max_tokens: int = _f(512, "largest max_tokens a request may ask for (more: 400, never cut silently)")
-    default_max_tokens: int = _f(128, "answer length when a request names none (capped by the context)")
-    batch_wait_ms: int = _f(10, "how long the worker gathers arriving requests into one batch")
-    max_body_bytes: int = _f(1_000_000, "largest request body; more gets 413 before it is parsed")
-    bench_tokens: int = _f(32, "new tokens per request in the latency measurements (06)")
-    bench_batch: int = _f(8, "batch size of the batched latency measurement (06)")
-    load_requests: int = _f(32, "concurrent requests in 06's load test (half of them streaming)")
-    load_tokens: int = _f(12, "max_tokens of each load-test request")
+                                          "model.max_seq_length, what the adapter was trained on)", low=1)
+    max_concurrent: int = _f(8, "requests generated at once, as one batch: bounds memory (KV cache)", low=1)
+    max_queue: int = _f(64, "requests waiting beyond those; more get 503 + Retry-After, never OOM", low=0)
+    max_tokens: int = _f(512, "largest max_tokens a request may ask for (more: 400, never cut silently)", low=1)
+    default_max_tokens: int = _f(128, "answer length when a request names none (capped by the context)", low=1)
+    batch_wait_ms: int = _f(10, "how long the worker gathers arriving requests into one batch", low=0)
+    max_body_bytes: int = _f(1_000_000, "largest request body; more gets 413 before it is parsed", low=1)
+    bench_tokens: int = _f(32, "new tokens per request in the latency measurements (06)", low=1)
+    bench_batch: int = _f(8, "batch size of the batched latency measurement (06)", low=1)
+    load_requests: int = _f(32, "concurrent requests in 06's load test (half of them streaming)", low=0)
+    load_tokens: int = _f(12, "max_tokens of each load-test request", low=1)
 
 
 @dataclass(frozen=True)
@@ -302,7 +307,8 @@ def build_dataclass(cls: type, data: Any, prefix: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{where} must be a mapping, got {data!r}.")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = list(fields)
     for key in data:
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
@@ -318,7 +324,21 @@ def build_dataclass(cls: type, data: Any, prefix: str) -> Any:
             values[name] = build_dataclass(hints[name], data[name], prefix=f"{key}.")
         else:
             values[name] = _check_value(key, hints[name], data[name])
+            _check_range(key, values[name], fields[name].metadata)
     return cls(**values)
+
+
+def _check_range(key: str, value: Any, meta: Any) -> None:
+    rng = meta.get("range", {})
+    if not rng or not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    wrong = (("low" in rng and value < rng["low"]) or ("gt" in rng and value <= rng["gt"])
+             or ("lt" in rng and value >= rng["lt"]) or (rng.get("nonzero") and value == 0))
+    if wrong:
+        limits = [f">= {rng['low']}" if "low" in rng else None, f"> {rng['gt']}" if "gt" in rng else None,
+                  f"< {rng['lt']}" if "lt" in rng else None, "not 0" if rng.get("nonzero") else None]
+        raise ConfigError(f"'{key}' is {value!r}: it must be {' and '.join(x for x in limits if x)} "
+                          f"({meta['help']}).")
 
 
 def _type_name(tp: Any) -> str:

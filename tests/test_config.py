@@ -62,6 +62,28 @@ def test_wrong_type_names_key_value_and_expected_type():
         load_config("default", ["quant.load_in_4bit=3"])
 
 
+@pytest.mark.parametrize("override, expected", [
+    ("lora.r=0", "'lora.r' is 0: it must be >= 1 (adapter rank"),
+    ("train.max_steps=0", "'train.max_steps' is 0: it must be >= -1 and not 0"),
+    ("train.learning_rate=-1e-4", "'train.learning_rate' is -0.0001: it must be > 0"),
+    ("lora.dropout=1.0", "'lora.dropout' is 1.0: it must be >= 0 and < 1"),
+    ("eval.loss_samples=0", "'eval.loss_samples' is 0: it must be >= 1"),
+    ("train.eval_samples=-4", "'train.eval_samples' is -4: it must be >= 0"),
+    ("serve.port=65536", "'serve.port' is 65536: it must be >= 1 and < 65536"),
+    ("data.sources=[{path: a.json, weight: 0}]", "'data.sources[0].weight' is 0.0: it must be > 0"),
+])
+def test_out_of_range_numbers_name_the_key_and_the_range(override, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config("default", [override])
+    assert expected in str(err.value)
+
+
+def test_range_edges_and_null_are_accepted():
+    cfg = load_config("default", ["train.max_steps=-1", "train.eval_samples=0", "lora.dropout=0",
+                                  "serve.context_length=null", "eval.gsm8k_samples=0", "serve.port=65535"])
+    assert cfg.train.max_steps == -1 and cfg.train.eval_samples == 0 and cfg.serve.context_length is None
+
+
 def test_bad_choice_lists_the_choices():
     with pytest.raises(ConfigError) as err:
         load_config("default", ["quant.quant_type=int8"])
