@@ -25,6 +25,9 @@ def heldout_loss(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int
     """
     import torch
 
+    if not pairs:
+        raise ValueError("No held-out examples to score: the eval split is empty or the *_samples "
+                         "setting that chose them is 0.")
     examples = [tokenize_pair(tokenizer, p, r) for p, r in pairs]
     kept = [e for e in examples if len(e["input_ids"]) <= max_length]
     if not kept:

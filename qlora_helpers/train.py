@@ -410,8 +410,8 @@ def train_adapter(run, data: PreparedData, model=None, tokenizer=None, extra_cal
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()  # measure training, not model loading or building
     # Under FSDP the weights end up sharded across processes: the held-out loss is left to stage 05,
-    # which loads the saved adapter whole.
-    evaluate = not fsdp_active(cfg)
+    # which loads the saved adapter whole; so it is with train.eval_samples: 0.
+    evaluate = not fsdp_active(cfg) and cfg.train.eval_samples > 0
     base_loss = heldout_eval_loss(run, model, tokenizer, data) if resume is None and evaluate else None
     start, cpu_start = time.perf_counter(), time.process_time()
     try:
@@ -437,7 +437,7 @@ def train_adapter(run, data: PreparedData, model=None, tokenizer=None, extra_cal
         "train_loss": result.training_loss,
         "final_logged_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None),
         "heldout_loss_base": base_loss, "heldout_loss_tuned": tuned_loss,
-        "eval_examples": min(cfg.train.eval_samples, len(data.eval)), "parameters": parameter_counts(trainer.model),
+        "eval_examples": min(cfg.train.eval_samples, len(data.eval)) if evaluate else 0, "parameters": parameter_counts(trainer.model),
         "trained_tokens": _trained_tokens(trainer), "device": run.device,
         "compute_dtype": run.runtime["compute_dtype"], "optimizer": run.runtime["optimizer"],
         "fast_path": getattr(trainer.model, "qlora_fast_path", None),
@@ -552,7 +552,7 @@ LoRA adapter trained with qlora-notebooks on a {'4-bit ' + cfg.quant.quant_type.
 | held-out, base model | {fmt(summary['heldout_loss_base'])} |
 | held-out, with this adapter | {fmt(summary['heldout_loss_tuned'])} |
 
-Held-out: the first {summary['eval_examples']} examples of the eval split (never trained on).
+Held-out: {f"the first {summary['eval_examples']} examples of the eval split (never trained on)" if summary['eval_examples'] else "not measured during training (stage 05 measures it)"}.
 Load with `PeftModel.from_pretrained(base, "<this folder>")`; the full resolved configuration is in
 `qlora_config.json`.
 """

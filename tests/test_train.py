@@ -98,6 +98,15 @@ def test_a_half_written_checkpoint_is_never_resumed_from(tmp_path):
     assert last_complete_checkpoint(tmp_path).name == "checkpoint-4"
 
 
+def test_eval_samples_zero_trains_without_the_held_out_loss(tmp_path, tiny_dir, data_dir_module):
+    run = setup_run("smoke", "no-eval", ["train.wandb=disabled", "train.eval_samples=0", "train.max_steps=2"],
+                    str(tmp_path))
+    summary = train_adapter(run, prepare_run_data(run))["summary"]
+    assert summary["steps"] == 2 and summary["heldout_loss_base"] is None and summary["heldout_loss_tuned"] is None
+    assert summary["eval_examples"] == 0 and summary["final_logged_loss"] is not None
+    assert "not measured during training" in (run.path / "adapter" / "README.md").read_text()
+
+
 def test_failed_adapter_save_keeps_the_previous_adapter(trained):
     run, result = trained
     before = (run.path / "adapter" / "adapter_model.safetensors").read_bytes()
