@@ -1,7 +1,14 @@
 """Sweeps: grid parsing and validation, resume, failures, and a real two-run sweep on the smoke profile."""
 
+import contextlib
+import io
 import json
+import os
+import signal
 import struct
+import subprocess
+import sys
+import time
 
 import pandas as pd
 import pytest
@@ -57,6 +64,9 @@ def test_a_bad_key_or_value_fails_before_any_run_starts(tmp_path):
         plan_sweep("smoke", ["lora.nope=1,2"], outputs_dir=str(tmp_path))
     with pytest.raises(ConfigError, match=r"run 2 \(lora.r=abc\).*lora.r = 'abc' is invalid"):
         plan_sweep("smoke", ["lora.r=8,abc"], outputs_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match=r"run 2 \(lora.r=0\).*'lora.r' is 0: it must be >= 1"):
+        plan_sweep("smoke", ["lora.r=8,0"], outputs_dir=str(tmp_path))
+    assert not (tmp_path / "sweeps").exists()  # refused before anything was written
     with pytest.raises(ConfigError, match="both fixed"):
         plan_sweep("smoke", ["lora.r=8,16"], ["lora.r=4"], outputs_dir=str(tmp_path))
     with pytest.raises(ConfigError, match="lists 8 twice"):
@@ -155,11 +165,41 @@ def smoke_sweep(tmp_path_factory, tiny_dir):
     outputs = tmp_path_factory.mktemp("sweep-outputs")
     plan = plan_sweep("smoke", ["lora.r=4,8"], LIGHT, stages="01,03,04,05", name="tiny-r",
                       outputs_dir=str(outputs))
-    return plan, run_sweep(plan, progress=False)
+    # The command a user types, killed (SIGKILL, no chance to clean up) once the second run is past
+    # its first stage; then the same sweep again, which must do only what is missing.
+    args = [sys.executable, "-m", "qlora_helpers", "sweep", "--config", "smoke", "--grid", "lora.r=4,8",
+            *[a for o in LIGHT for a in ("--set", o)], "--stages", "01,03,04,05", "--name", "tiny-r",
+            "--outputs-dir", str(outputs)]
+    proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    second = plan.runs_dir / plan.runs[1].tag / "notebooks"
+    deadline = time.monotonic() + 900
+    while proc.poll() is None and time.monotonic() < deadline and not (second / "03_data_prep.ipynb").exists():
+        time.sleep(0.2)
+    assert proc.poll() is None, f"the sweep ended (exit {proc.returncode}) before it could be killed mid-way"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed = {p.name: p.stat().st_mtime_ns for p in second.glob("*.ipynb")}
+    before = json.loads((plan.folder / "sweep.json").read_text())
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        state = run_sweep(plan, progress=False)
+    return plan, state, {"state_at_kill": before, "notebooks_at_kill": killed, "log": log.getvalue()}
+
+
+def test_a_killed_sweep_finishes_only_the_missing_runs_when_rerun(smoke_sweep):
+    plan, state, kill = smoke_sweep
+    first, second = plan.runs
+    assert [r["status"] for r in kill["state_at_kill"]["runs"]] == ["finished", "running"]
+    assert f"run 1/2 {first.tag} (lora.r=4): finished earlier, skipped" in kill["log"]
+    resumed = next(line for line in kill["log"].splitlines() if f"run 2/2 {second.tag}" in line)
+    assert "resuming" in resumed and "01" not in resumed.split("stages ")[1]  # 01 had finished: not rerun
+    notebooks = plan.runs_dir / second.tag / "notebooks"
+    assert (notebooks / "01_setup.ipynb").stat().st_mtime_ns == kill["notebooks_at_kill"]["01_setup.ipynb"]
+    assert [r["attempts"] for r in state["runs"]] == [1, 2]
 
 
 def test_a_real_sweep_compares_its_runs(smoke_sweep):
-    plan, state = smoke_sweep
+    plan, state, _ = smoke_sweep
     assert [r["status"] for r in state["runs"]] == ["finished", "finished"]
     table = pd.read_csv(plan.folder / "comparison.csv")
     assert list(table["run"]) == ["r-4", "r-8"] and list(table["lora.r"]) == [4, 8]
@@ -179,7 +219,7 @@ def test_a_real_sweep_compares_its_runs(smoke_sweep):
 
 
 def test_every_run_of_a_sweep_is_in_one_wandb_group_with_its_values(smoke_sweep):
-    plan, _ = smoke_sweep
+    plan, *_ = smoke_sweep
     for r in plan.runs:
         assert json.loads((plan.runs_dir / r.tag / "config.json").read_text())["train"]["wandb_group"] == "tiny-r"
         (run_file,) = (plan.runs_dir / r.tag / "wandb").glob("offline-run-*/run-*.wandb")
@@ -191,7 +231,7 @@ def test_every_run_of_a_sweep_is_in_one_wandb_group_with_its_values(smoke_sweep)
 
 
 def test_rerunning_a_finished_sweep_runs_nothing(smoke_sweep, capsys):
-    plan, _ = smoke_sweep
+    plan, *_ = smoke_sweep
     executed = sorted(plan.runs_dir.glob("*/notebooks/*.ipynb"))
     before = {p: p.stat().st_mtime_ns for p in executed}
     state = run_sweep(plan_sweep("smoke", ["lora.r=4,8"], LIGHT, stages="01,03,04,05", name="tiny-r",
@@ -202,7 +242,7 @@ def test_rerunning_a_finished_sweep_runs_nothing(smoke_sweep, capsys):
 
 
 def test_the_latest_sweep_is_found_for_notebook_05(smoke_sweep, tmp_path):
-    plan, _ = smoke_sweep
+    plan, *_ = smoke_sweep
     outputs = plan.folder.parent.parent
     assert sweeps_dir(str(outputs)) == outputs / "sweeps"
     assert sweeps_dir(str(plan.runs_dir)) == outputs / "sweeps"  # a sweep's own run looks at its sweep
