@@ -484,8 +484,14 @@ class BatchEngine:
         if self._thread is not None:
             self._thread.join(timeout=60)
 
+    def _drop_cancelled(self) -> None:
+        """Requests whose clients left give up their place in the queue at once (call under the lock)."""
+        if any(j.cancelled for j in self.waiting):
+            self.waiting = collections.deque(j for j in self.waiting if not j.cancelled)
+
     def submit(self, job: Job) -> None:
         with self._cond:
+            self._drop_cancelled()
             if len(self.waiting) >= self.max_queue:
                 batches_ahead = 1 + len(self.waiting) // self.max_batch
                 raise QueueFull(len(self.waiting), max(1, round(batches_ahead * self._batch_seconds)))
@@ -493,14 +499,18 @@ class BatchEngine:
             self._cond.notify_all()
 
     def stats(self) -> dict[str, int]:
-        return {"running": self.running, "waiting": len(self.waiting), "completed": self.completed,
-                "max_batch": self.max_batch, "max_queue": self.max_queue}
+        with self._cond:
+            self._drop_cancelled()
+            return {"running": self.running, "waiting": len(self.waiting), "completed": self.completed,
+                    "max_batch": self.max_batch, "max_queue": self.max_queue}
 
     def _take_batch(self) -> list[Job]:
+        self._drop_cancelled()
+        if not self.waiting:
+            return []
         key = self.waiting[0].sampling_key
-        batch = [j for j in self.waiting if j.sampling_key == key and not j.cancelled][:self.max_batch]
-        cancelled = [j for j in self.waiting if j.cancelled]
-        for job in batch + cancelled:
+        batch = [j for j in self.waiting if j.sampling_key == key][:self.max_batch]
+        for job in batch:
             self.waiting.remove(job)
         return batch
 

@@ -2,6 +2,7 @@
 127.0.0.1 driven by the official openai client (a tiny random LLaMA with a random, non-zero adapter)."""
 
 import json
+import time
 
 import pytest
 
@@ -186,7 +187,12 @@ def test_a_full_queue_answers_503_with_retry_after(run, export):
                     full = client.post(url, json={**body, "stream": False})
                     assert full.status_code == 503 and int(full.headers["Retry-After"]) >= 1
                     assert full.json()["error"]["code"] == "server_busy"
-        # the clients left: their rows are cancelled, and the server takes new work again
+        # the clients left: their rows are cancelled and give up their places as soon as the server
+        # has seen them go (a moment: the disconnects reach its event loop asynchronously)
+        deadline = time.monotonic() + 30
+        while srv.health()["waiting"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert srv.health()["waiting"] == 0
         ok = httpx.post(url, headers=headers, json={**body, "stream": False, "max_tokens": 2}, timeout=60)
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
         assert srv.stop(), (srv.proc.returncode, srv.log_tail())  # SIGTERM: a clean shutdown
