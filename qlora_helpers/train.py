@@ -98,13 +98,19 @@ def load_trainable_model(cfg: Config, device: str, compute_dtype, base=None):
     elif cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
         model.enable_input_require_grads()
-    peft_model = add_lora(model, cfg.lora)
+    peft_model = add_lora(model, cfg.lora, seed=cfg.train.seed)
     peft_model.qlora_fast_path = fast
     return peft_model
 
 
-def add_lora(model, lora_cfg):
+def add_lora(model, lora_cfg, seed: int | None = None):
+    """Fresh adapters. LoRA's A matrices start random: with `seed` (train.seed) they are the same in
+    every run, whatever drew random numbers before (notebook 04 builds the model in its own cell)."""
     from peft import LoraConfig, get_peft_model
+    from transformers import set_seed
+
+    if seed is not None:
+        set_seed(seed)
 
     lora = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
                       target_modules=lora_cfg.target_modules, bias=lora_cfg.bias,

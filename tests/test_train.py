@@ -16,7 +16,7 @@ from qlora_helpers.config import load_config
 from qlora_helpers.data import prepare_run_data
 from qlora_helpers.errors import QLoraError
 from qlora_helpers.runs import setup_run
-from qlora_helpers.train import (COMPLETE_MARKER, NonFiniteLoss, last_complete_checkpoint,
+from qlora_helpers.train import (COMPLETE_MARKER, NonFiniteLoss, last_complete_checkpoint, load_trainable_model,
                                  save_adapter, train_adapter, training_arguments)
 
 QUIET = ["train.wandb=disabled", "train.eval_samples=8"]
@@ -105,6 +105,21 @@ def test_eval_samples_zero_trains_without_the_held_out_loss(tmp_path, tiny_dir, 
     assert summary["steps"] == 2 and summary["heldout_loss_base"] is None and summary["heldout_loss_tuned"] is None
     assert summary["eval_examples"] == 0 and summary["final_logged_loss"] is not None
     assert "not measured during training" in (run.path / "adapter" / "README.md").read_text()
+
+
+def test_fresh_adapters_follow_train_seed_not_earlier_random_draws(tmp_path, tiny_dir):
+    import torch
+
+    def lora_a(seed_before: int, *overrides: str) -> dict:
+        run = setup_run("smoke", "seeded", ["train.wandb=disabled", *overrides], str(tmp_path))
+        torch.manual_seed(seed_before)  # what a notebook may have drawn before building the model
+        model = load_trainable_model(run.cfg, run.device, run.compute_dtype)
+        return {k: v.detach().clone() for k, v in model.named_parameters() if "lora_A" in k}
+
+    first, second, other = lora_a(1), lora_a(2), lora_a(1, "train.seed=7")
+    assert first and first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)  # the same adapters in every run
+    assert not any(torch.equal(first[k], other[k]) for k in first)  # another train.seed, other adapters
 
 
 def test_failed_adapter_save_keeps_the_previous_adapter(trained):
