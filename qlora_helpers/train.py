@@ -409,7 +409,6 @@ def train_adapter(run, data: PreparedData, model=None, tokenizer=None, extra_cal
 
     cfg = run.cfg
     tokenizer = tokenizer or load_tokenizer(cfg.model)
-    torch.manual_seed(cfg.train.seed)
     model = model or load_trainable_model(cfg, local_device(run.device), run.compute_dtype)
     trainer = build_trainer(run, data, model, tokenizer, extra_callbacks)
     resume = resolve_resume(cfg, run.path)
