@@ -182,7 +182,7 @@ class ServeConfig:
     context_length: Union[int, None] = _f(None, "prompt + answer tokens per request (default: "
                                           "model.max_seq_length, what the adapter was trained on)", low=1)
     max_concurrent: int = _f(8, "requests generated at once, as one batch: bounds memory (KV cache)", low=1)
-    max_queue: int = _f(64, "requests waiting beyond those; more get 503 + Retry-After, never OOM", low=0)
+    max_queue: int = _f(64, "requests waiting beyond those; more get 503 + Retry-After, never OOM", low=1)
     max_tokens: int = _f(512, "largest max_tokens a request may ask for (more: 400, never cut silently)", low=1)
     default_max_tokens: int = _f(128, "answer length when a request names none (capped by the context)", low=1)
     batch_wait_ms: int = _f(10, "how long the worker gathers arriving requests into one batch", low=0)

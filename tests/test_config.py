@@ -70,6 +70,7 @@ def test_wrong_type_names_key_value_and_expected_type():
     ("eval.loss_samples=0", "'eval.loss_samples' is 0: it must be >= 1"),
     ("train.eval_samples=-4", "'train.eval_samples' is -4: it must be >= 0"),
     ("serve.port=65536", "'serve.port' is 65536: it must be >= 1 and < 65536"),
+    ("serve.max_queue=0", "'serve.max_queue' is 0: it must be >= 1"),  # 0 would refuse every request
     ("data.sources=[{path: a.json, weight: 0}]", "'data.sources[0].weight' is 0.0: it must be > 0"),
 ])
 def test_out_of_range_numbers_name_the_key_and_the_range(override, expected):
