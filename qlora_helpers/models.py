@@ -261,8 +261,61 @@ def load_model(model_cfg: ModelConfig, quant_cfg: QuantConfig, compute_dtype: to
         model = AutoModelForCausalLM.from_pretrained(resolved.location, **kwargs)
     except OSError as exc:
         raise _hub_error(resolved, exc) from None
+    if quantized:
+        keep_4bit_on_autograd_path(model)
     model.eval()
     return model
+
+
+# --- bitsandbytes' CPU kernels --------------------------------------------------------------------
+#
+# On a CPU with AVX512-BF16 (recent Xeon and EPYC, many laptops), bitsandbytes (0.47 up to at least
+# 0.50) repacks a Linear4bit's weights into a CPU-only layout the first time it runs in eval mode
+# without gradients, permanently. From then on `matmul_4bit` calls `gemv_4bit`, which computes in
+# bf16 and has no autograd kernel: no gradient reaches any LoRA adapter on a 4-bit layer (training
+# "runs" with grad_norm 0), and every 4-bit number is a bf16 number next to fp32 ones.
+#
+# Decision: every model this project loads keeps bitsandbytes' ordinary path (dequantize, then a
+# matmul in the compute dtype, with autograd). That includes the inference-only stages: 02 compares
+# 4-bit with full precision, 05 compares base with tuned through the same layers, 06 checks the merge
+# against the 4-bit model; each comparison needs one compute dtype, and the faster bf16 kernel would
+# make the CPU-flag of the machine decide the numbers. The reports name the kernel that ran
+# (`four_bit_kernel`). Fast CPU inference is llama.cpp's job (06's GGUF form), not this kernel's.
+
+
+def _linear_4bit_layers(model) -> list:
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return []
+    return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+
+def keep_4bit_on_autograd_path(model) -> int:
+    """Turn off bitsandbytes' CPU bf16 repacking on every 4-bit layer, and undo it (with
+    bitsandbytes' own inverse) where it already happened. Returns how many layers were undone."""
+    undone = 0
+    for layer in _linear_4bit_layers(model):
+        layer.support_avx512bf16_for_cpu = False  # read by Linear4bit.forward before it repacks
+        weight = layer.weight
+        if getattr(weight.quant_state, "packing_format_for_cpu", False):
+            # only versions that pack have the inverse (bitsandbytes' own, as in its .cuda())
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+            undone += 1
+    return undone
+
+
+def four_bit_kernel(model) -> str | None:
+    """Which bitsandbytes kernel the model's 4-bit layers run now, for the reports (None: no 4-bit layer)."""
+    layers = _linear_4bit_layers(model)
+    if not layers:
+        return None
+    device = layers[0].weight.device.type
+    if any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers):
+        return f"{device}: bf16 packed CPU kernel (gemv_4bit, no autograd)"
+    return f"{device}: dequantize + matmul in {layers[0].compute_dtype or 'the input dtype'}".replace("torch.", "")
 
 
 def _hub_error(resolved: ResolvedModel, exc: Exception) -> QLoraError:

@@ -37,6 +37,19 @@ class NonFiniteLoss(QLoraError):
     """The training loss became NaN or infinite."""
 
 
+class NotLearning(QLoraError):
+    """The adapters get no usable gradient, or the optimizer does not move them."""
+
+
+NOT_LEARNING_CHECKS = (
+    "Check: bitsandbytes' version and CPU kernel (env.json; on AVX512-BF16 CPUs an eval pass can "
+    "repack 4-bit layers into a layout without gradients), that lora.target_modules names layers "
+    "the model has and that they are used in the forward pass, and train.learning_rate.")
+# Relative change of all trainable weights after an optimizer step below which they "did not move":
+# fp32 rounding is ~1e-7 relative; a real AdamW step at any usable learning rate is far above 1e-6.
+MIN_RELATIVE_UPDATE = 1e-6
+
+
 # --- model ----------------------------------------------------------------------------------------
 
 
@@ -71,7 +84,7 @@ def load_trainable_model(cfg: Config, device: str, compute_dtype, base=None):
     from peft import prepare_model_for_kbit_training
 
     from . import fastpath
-    from .models import load_model, resolve_model
+    from .models import keep_4bit_on_autograd_path, load_model, resolve_model
 
     fsdp = fsdp_active(cfg)
     if fsdp:
@@ -81,6 +94,9 @@ def load_trainable_model(cfg: Config, device: str, compute_dtype, base=None):
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     model = base or load_model(cfg.model, cfg.quant, compute_dtype, None if fsdp else device,
                                resolved=resolve_model(cfg.model))
+    if keep_4bit_on_autograd_path(model):  # a base that ran inference elsewhere first
+        print("The 4-bit layers had been repacked for bitsandbytes' CPU inference kernel (no "
+              "gradients); restored the trainable layout.")
     model.config.use_cache = False  # the KV cache is for generation; training recomputes
     gc_kwargs = {"use_reentrant": False}
     fast = None
@@ -238,6 +254,56 @@ def _make_trainer_class():
                     f"(quant.compute_dtype=float32). Checkpoints written before this step are intact.")
             return loss
 
+        def _get_grad_norm(self, model, grad_norm=None):
+            # Trainer computes the norm of all trainable gradients once per optimizer step (after
+            # accumulation, unscaled under fp16); a zero norm means nothing can learn.
+            norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+            value = float(norm)
+            step = self.state.global_step + 1
+            if value == 0.0:
+                raise NotLearning(
+                    f"The adapters got a zero gradient at optimizer step {step}: training would run but "
+                    f"learn nothing. {NOT_LEARNING_CHECKS}")
+            if not math.isfinite(value) and not self.args.fp16:  # fp16's loss scaler skips such steps
+                raise NonFiniteLoss(
+                    f"The gradient norm became {value} at optimizer step {step}. Lower "
+                    f"train.learning_rate, check the data for broken rows, or use float32 compute "
+                    f"(quant.compute_dtype=float32). Checkpoints written before this step are intact.")
+            return norm
+
+    class AdaptersMoveGuard(TrainerCallback):
+        """After the first optimizer steps with a learning rate above zero, the adapters must have
+        moved (fp16's loss scaler may skip a few early steps, so it gets more patience)."""
+
+        def __init__(self):
+            self.start = None
+            self.idle_steps = 0
+            self.lr = 0.0
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            self.start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+        def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+            self.lr = max(group["lr"] for group in optimizer.param_groups) if optimizer else 0.0
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            import torch
+
+            if self.start is None or self.lr <= 0:
+                return
+            params = {n: p for n, p in model.named_parameters() if n in self.start}
+            moved = torch.sqrt(sum(((params[n].detach().float() - w.float()) ** 2).sum() for n, w in self.start.items()))
+            size = torch.sqrt(sum((w.float() ** 2).sum() for w in self.start.values()))
+            if moved > MIN_RELATIVE_UPDATE * max(float(size), 1e-12):
+                self.start = None  # checked once: free the copy
+                return
+            self.idle_steps += 1
+            if self.idle_steps >= (10 if args.fp16 else 1):
+                raise NotLearning(
+                    f"The adapters have not moved after {state.global_step} optimizer step(s) at learning "
+                    f"rate {self.lr:g} (relative change {float(moved) / max(float(size), 1e-12):.1e}). "
+                    f"{NOT_LEARNING_CHECKS}")
+
     class FiniteWeightsGuard(TrainerCallback):
         """After each optimizer step, before any checkpoint of it: the adapters must be finite
         (one huge step can poison the weights while the loss that caused it still looked fine)."""
@@ -264,7 +330,7 @@ def _make_trainer_class():
             (folder / "training_args.bin").unlink(missing_ok=True)
             write_json_atomic(folder / COMPLETE_MARKER, {"step": state.global_step, "time": time.time()})
 
-    return GuardedTrainer, MarkCompleteCallback, FiniteWeightsGuard
+    return GuardedTrainer, MarkCompleteCallback, FiniteWeightsGuard, AdaptersMoveGuard
 
 
 def last_complete_checkpoint(checkpoint_dir: Path) -> Path | None:
@@ -376,7 +442,7 @@ def live_loss_callback():
 
 
 def build_trainer(run, data: PreparedData, model, tokenizer, extra_callbacks=()):
-    GuardedTrainer, MarkCompleteCallback, FiniteWeightsGuard = _make_trainer_class()
+    GuardedTrainer, MarkCompleteCallback, FiniteWeightsGuard, AdaptersMoveGuard = _make_trainer_class()
     cfg = run.cfg
     fast = getattr(model, "qlora_fast_path", None) is not None
     report_to = configure_wandb(cfg, run.path)
@@ -385,7 +451,8 @@ def build_trainer(run, data: PreparedData, model, tokenizer, extra_callbacks=())
         model=model, args=args, train_dataset=_Rows(training_rows(cfg, data, fast=fast)),
         data_collator=Collator(tokenizer.pad_token_id, packed=cfg.data.packing,
                                bool_mask=cfg.model.attn_implementation != "eager", flat=fast),
-        callbacks=[FiniteWeightsGuard(), MarkCompleteCallback(), *live_loss_callback(), *extra_callbacks,
+        callbacks=[FiniteWeightsGuard(), *([] if fsdp_active(cfg) else [AdaptersMoveGuard()]),
+                   MarkCompleteCallback(), *live_loss_callback(), *extra_callbacks,
                    *([wandb_config_callback(run)] if report_to else [])],
     )
     _progress_callbacks(trainer)
@@ -405,7 +472,7 @@ def train_adapter(run, data: PreparedData, model=None, tokenizer=None, extra_cal
     """Train, guard, checkpoint, resume; save the adapter atomically; return the results."""
     import torch
 
-    from .models import load_tokenizer
+    from .models import keep_4bit_on_autograd_path, load_tokenizer
 
     cfg = run.cfg
     tokenizer = tokenizer or load_tokenizer(cfg.model)
@@ -418,6 +485,7 @@ def train_adapter(run, data: PreparedData, model=None, tokenizer=None, extra_cal
     # which loads the saved adapter whole; so it is with train.eval_samples: 0.
     evaluate = not fsdp_active(cfg) and cfg.train.eval_samples > 0
     base_loss = heldout_eval_loss(run, model, tokenizer, data) if resume is None and evaluate else None
+    keep_4bit_on_autograd_path(model)  # whatever ran before, the 4-bit layers must pass gradients
     start, cpu_start = time.perf_counter(), time.process_time()
     try:
         result = trainer.train(resume_from_checkpoint=resume)
