@@ -67,20 +67,23 @@ class QuantConfig:
 
 @dataclass(frozen=True)
 class SourceConfig:
-    path: str = _f("alpaca/alpaca_5000.json", "hub dataset id (tatsu-lab/alpaca) or a JSON, JSONL, CSV "
-                   "or Parquet file (relative paths: inside the data directory)")
+    path: str = _f("tatsu-lab/alpaca", "hub dataset id (tatsu-lab/alpaca; offline: its copy in the data "
+                   "directory) or a JSON, JSONL, CSV or Parquet file (relative paths: inside the data directory)")
     name: Union[str, None] = _f(None, "tag for this source in reports (default: the file or id)")
     format: Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion"] = _f(
         "auto", "row layout; auto detects it from the columns")
     columns: dict[str, str] = _f({}, "our field -> your column, e.g. {instruction: question, output: answer}")
     split: str = _f("train", "split of a hub dataset")
+    sample: Union[int, None] = _f(None, "draw this many rows at random (by data.seed) from the source; "
+                                  "the drawn row numbers are recorded in the data report", low=1)
     weight: float = _f(1.0, "rows taken = weight x rows (below 1 subsamples, above 1 repeats)", gt=0)
     max_rows: Union[int, None] = _f(None, "cap on rows taken from this source (after weight)", low=1)
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    data_dir: Union[str, None] = _f(None, "offline data folder (default: $QLORA_DATA_DIR)")
+    data_dir: Union[str, None] = _f(None, "offline data folder, relative to the project root (default: "
+                                    "$QLORA_DATA_DIR)")
     sources: list[SourceConfig] = _f([SourceConfig()], "one or more sources, mixed into one training set")
     template: Literal["alpaca", "chat"] = _f("alpaca", "Alpaca prompt template or the tokenizer's chat template")
     train_on_prompt: bool = _f(False, "false: loss on response tokens only (prompt labels -100)")
@@ -152,15 +155,18 @@ class EvalConfig:
     loss_samples: int = _f(200, "held-out examples for loss and perplexity, base vs tuned (05)", low=1)
     rouge_samples: int = _f(16, "held-out Alpaca examples generated and scored with ROUGE-L", low=0)
     answer_tokens: int = _f(96, "generation length for ROUGE-L, IFEval and the side-by-side table", low=1)
-    gsm8k_path: str = _f("gsm8k/test.jsonl", "GSM8K test file (relative: in the data directory)")
+    # Evaluation sets: a hub id (load_dataset's `path`; offline: its copy in the data directory) or a file
+    gsm8k_path: str = _f("openai/gsm8k", "GSM8K: hub id (test split; few-shot from train) or a test file "
+                         "with train.jsonl beside it (relative: in the data directory)")
     gsm8k_samples: int = _f(16, "GSM8K test problems (the first N)", low=0)
     gsm8k_shots: int = _f(0, "solved GSM8K train problems shown before each question", low=0)
     gsm8k_tokens: int = _f(160, "generation length for GSM8K solutions", low=1)
-    ifeval_path: str = _f("eval/ifeval/input_data.jsonl", "IFEval prompts (relative: in the data directory)")
+    ifeval_path: str = _f("google/IFEval", "IFEval prompts: hub id or file (relative: in the data directory)")
     ifeval_samples: int = _f(16, "IFEval prompts (the first N)", low=0)
-    alpaca_eval_path: str = _f("eval/alpaca_eval/alpaca_eval_805_example_outputs.json",
-                               "AlpacaEval instructions for the side-by-side table")
-    mt_bench_path: str = _f("eval/mt_bench/question.jsonl", "MT-bench questions for the side-by-side table")
+    alpaca_eval_path: str = _f("tatsu-lab/alpaca_eval", "AlpacaEval instructions for the side-by-side "
+                               "table: hub id or file")
+    mt_bench_path: str = _f("HuggingFaceH4/mt_bench_prompts", "MT-bench questions for the side-by-side "
+                            "table: hub id or file")
     showcase_samples: int = _f(4, "AlpacaEval and MT-bench prompts each in the side-by-side table", low=0)
     lm_eval_tasks: list[str] = _f([], "lm-evaluation-harness tasks to run on the tuned model (online), "
                                   "or 'gsm8k_local' for the data directory's GSM8K")

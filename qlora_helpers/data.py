@@ -15,12 +15,15 @@ validate and tokenize in a few seconds. The tokenized sets are saved with `datas
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import math
 import os
 import random
+import socket
 import statistics
+import urllib.parse
 import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -29,6 +32,7 @@ from typing import Any, Iterable
 
 from .config import DataConfig, SourceConfig
 from .errors import DataError
+from .paths import PROJECT_ROOT
 
 DATA_FORMAT_VERSION = 1  # bump when the tokenized layout changes: invalidates cached sets
 
@@ -43,12 +47,31 @@ ALPACA_PROMPT_WITH_INPUT = (
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
 
-# Hub ids whose offline copy (in the data directory) we know. Used when the hub is unreachable.
-OFFLINE_COPIES = {
-    "tatsu-lab/alpaca": "alpaca/alpaca_5000.json",
-    "openai/gsm8k": "gsm8k/train.jsonl",
-    "gsm8k": "gsm8k/train.jsonl",
+
+@dataclass(frozen=True)
+class HubDataset:
+    """A hub dataset we know: its config name, and per split the offline copy in the data directory."""
+    config: str | None
+    offline: dict[str, str]
+
+
+# Hub ids the profiles name, with the files of the offline data directory that stand in for them
+# when the hub is out of reach (the layout of the project's shared data folder; see the README).
+HUB_DATASETS = {
+    "tatsu-lab/alpaca": HubDataset(None, {"train": "alpaca/alpaca_5000.json"}),
+    "openai/gsm8k": HubDataset("main", {"train": "gsm8k/train.jsonl", "test": "gsm8k/test.jsonl"}),
+    "google/IFEval": HubDataset(None, {"train": "eval/ifeval/input_data.jsonl"}),
+    "tatsu-lab/alpaca_eval": HubDataset("alpaca_eval",
+                                        {"eval": "eval/alpaca_eval/alpaca_eval_805_example_outputs.json"}),
+    "HuggingFaceH4/mt_bench_prompts": HubDataset(None, {"train": "eval/mt_bench/question.jsonl"}),
 }
+HUB_DATASETS["gsm8k"] = HUB_DATASETS["openai/gsm8k"]
+HUB_PROBE_SECONDS = 3.0
+
+
+class DataUnavailable(DataError):
+    """A data source is neither reachable on the hub nor present in the data directory."""
+
 
 # Columns that identify each format (after column mapping).
 FORMATS = {
@@ -66,18 +89,40 @@ EXAMPLES_PER_REASON = 3
 
 
 def resolve_data_dir(data_cfg: DataConfig, required: bool = True) -> Path | None:
+    """data.data_dir (relative: to the project root), else $QLORA_DATA_DIR, else None."""
     configured = data_cfg.data_dir or os.environ.get("QLORA_DATA_DIR")
     if not configured:
         if not required:
             return None
-        raise DataError("No data directory: set data.data_dir in the config or QLORA_DATA_DIR in "
-                        "the environment to the folder holding your data files "
-                        "(make run/test point it at ../shared/data when that exists).")
+        raise DataUnavailable("No data directory: set QLORA_DATA_DIR in the environment (or data.data_dir "
+                              "in the config) to the folder holding your data files.")
     path = Path(configured).expanduser()
+    if not path.is_absolute() and data_cfg.data_dir:
+        path = PROJECT_ROOT / path
     if not path.is_dir():
         raise DataError(f"Data directory {path} does not exist (from "
                         f"{'data.data_dir' if data_cfg.data_dir else 'QLORA_DATA_DIR'}).")
     return path
+
+
+@functools.lru_cache(maxsize=None)
+def _endpoint_unreachable(endpoint: str) -> str | None:
+    url = urllib.parse.urlsplit(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=HUB_PROBE_SECONDS).close()
+    except OSError as exc:
+        return f"{url.hostname}:{port} unreachable: {exc}"
+    return None
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached now (None: it can). One quick connection per process
+    and endpoint instead of `datasets`' own retries, which take ~25 s per dataset when offline."""
+    for flag in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(flag, "").lower() in ("1", "true", "yes", "on"):
+            return f"{flag} is set"
+    return _endpoint_unreachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
@@ -91,7 +136,7 @@ def read_records(path: Path) -> list[dict[str, Any]]:
         except Exception as exc:  # pyarrow raises several types for a bad file
             raise DataError(f"{path}: not a readable Parquet file ({exc}).") from None
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a leading byte-order mark is not data
     except UnicodeDecodeError as exc:
         line = path.read_bytes()[:exc.start].count(b"\n") + 1
         raise DataError(f"{path} is not UTF-8 text (line {line}, byte {exc.start}: {exc.reason}). "
@@ -108,6 +153,9 @@ def read_records(path: Path) -> list[dict[str, Any]]:
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}, line {lineno}: not valid JSON ({exc.msg}, column "
                                 f"{exc.colno}). Fix or delete that line.") from None
+            except RecursionError:
+                raise DataError(f"{path}, line {lineno}: JSON nested too deeply to read (thousands of "
+                                f"levels); a record is a flat object of text fields. Fix or delete that line.") from None
         return rows
     if suffix != ".json":
         raise DataError(f"{path}: unsupported file type {suffix!r}; use .json, .jsonl, .csv or .parquet.")
@@ -116,49 +164,70 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: not valid JSON at line {exc.lineno}, column {exc.colno} "
                         f"({exc.msg}). Is the file truncated?") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply to read (thousands of levels); the file must "
+                        f"hold an array of flat records.") from None
     if not isinstance(rows, list):
         raise DataError(f"{path} must hold a JSON array of records, not a {type(rows).__name__}.")
     return rows
 
 
-def _looks_like_file(text: str) -> bool:
+def looks_like_file(text: str) -> bool:
     return text.lower().endswith((".json", ".jsonl", ".csv", ".parquet")) or text.startswith(("/", ".", "~"))
 
 
-def load_source(src: SourceConfig, data_cfg: DataConfig) -> tuple[list[dict[str, Any]], str]:
-    """(rows, where they came from) for one source: a local file, a hub dataset, or its offline copy."""
-    if _looks_like_file(src.path):
-        path = Path(src.path).expanduser()
-        if not path.is_absolute():
-            path = resolve_data_dir(data_cfg) / path
-        if not path.is_file():
-            raise DataError(f"Data file {path} does not exist (data.sources path {src.path!r}). "
-                            f"Check the path and the data directory.")
-        return read_records(path), str(path)
-    return _load_hub(src, data_cfg)
+def load_table(ref: str, data_cfg: DataConfig, split: str = "train") -> tuple[list[dict[str, Any]], str]:
+    """(rows, where they came from) for a file (relative: in the data directory) or a hub dataset id
+    (from the hub, else its offline copy). DataUnavailable when neither is there."""
+    if not looks_like_file(ref):
+        return _load_hub(ref, split, data_cfg)
+    path = Path(ref).expanduser()
+    if not path.is_absolute():
+        path = resolve_data_dir(data_cfg) / path
+    if not path.is_file():
+        raise DataUnavailable(f"Data file {path} does not exist (from {ref!r}). Check the path and the "
+                              f"data directory (QLORA_DATA_DIR or data.data_dir).")
+    return read_records(path), str(path)
 
 
-def _load_hub(src: SourceConfig, data_cfg: DataConfig) -> tuple[list[dict[str, Any]], str]:
-    try:
-        import datasets
+def load_source(src: SourceConfig, data_cfg: DataConfig) -> tuple[list[dict[str, Any]], str, dict[str, Any] | None]:
+    """(rows, origin, sample record) for one training source; `sample: N` draws N rows by data.seed."""
+    rows, origin = load_table(src.path, data_cfg, src.split)
+    if src.sample is None:
+        return rows, origin, None
+    chosen = sorted(random.Random(data_cfg.seed).sample(range(len(rows)), min(src.sample, len(rows))))
+    record = {"rows": len(chosen), "of": len(rows), "seed": data_cfg.seed, "indices": chosen}
+    return [rows[i] for i in chosen], origin, record
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ds = datasets.load_dataset(src.path, split=src.split)
-        return ds.to_list(), f"hub:{src.path}[{src.split}]"
-    except Exception as exc:  # network, auth and missing-repo errors all land here
-        hub_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+def _load_hub(ref: str, split: str, data_cfg: DataConfig) -> tuple[list[dict[str, Any]], str]:
+    known = HUB_DATASETS.get(ref)
+    why = hub_unreachable()
+    if why is None:
+        try:
+            import datasets
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds = datasets.load_dataset(ref, known.config if known else None, split=split)
+            return ds.to_list(), f"hub:{ref}[{split}]"
+        except Exception as exc:  # network, auth and missing-repo errors all land here
+            why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    copy = known.offline.get(split) if known else None
     data_dir = resolve_data_dir(data_cfg, required=False)
-    copy = OFFLINE_COPIES.get(src.path)
     if copy and data_dir and (data_dir / copy).is_file():
-        print(f"Hub dataset {src.path!r} is unreachable ({hub_error}); using the offline copy "
-              f"{data_dir / copy}.")
+        print(f"Hub dataset {ref!r} is unreachable ({why}); using the offline copy {data_dir / copy}.")
         return read_records(data_dir / copy), str(data_dir / copy)
-    known = ", ".join(OFFLINE_COPIES)
-    raise DataError(
-        f"Cannot load hub dataset {src.path!r} ({hub_error}) and no offline copy is known for it "
-        f"in {data_dir or 'the data directory (none set)'} (known: {known}). Connect to the "
-        f"network, or download the data and point data.sources at the file.")
+    if not copy:
+        raise DataUnavailable(
+            f"Cannot load hub dataset {ref!r} ({why}) and no offline copy is known for it (known: "
+            f"{', '.join(HUB_DATASETS)}). Connect to the network, or download the data and point the "
+            f"setting at the file.")
+    where = f"{data_dir} has no {copy}" if data_dir else "no data directory is set"
+    raise DataUnavailable(
+        f"Cannot load hub dataset {ref!r} ({why}), and its offline copy is not there ({where}). Either "
+        f"connect to the network (the hub id then loads as it is), or set QLORA_DATA_DIR to a folder "
+        f"holding {copy} (the project's shared data folder has it).")
 
 
 # --- formats and validation ------------------------------------------------------------------------
@@ -437,7 +506,7 @@ def _source_name(src: SourceConfig) -> str:
     """The tag of a source in reports: its name, else the file's stem, else the hub id."""
     if src.name:
         return src.name
-    return Path(src.path).stem if _looks_like_file(src.path) else src.path
+    return Path(src.path).stem if looks_like_file(src.path) else src.path
 
 
 def build_examples(data_cfg: DataConfig, tokenizer, max_length: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -446,7 +515,7 @@ def build_examples(data_cfg: DataConfig, tokenizer, max_length: int) -> tuple[li
     samples: dict[str, list[dict[str, Any]]] = defaultdict(list)
     examples: list[dict[str, Any]] = []
     seen: set[tuple[str, str]] = set()
-    formats, origins = {}, {}
+    formats, origins, drawn = {}, {}, {}
 
     def drop(name: str, reason: str, row_no: int, detail: str) -> None:
         tallies[name].dropped[reason] += 1
@@ -457,7 +526,7 @@ def build_examples(data_cfg: DataConfig, tokenizer, max_length: int) -> tuple[li
         name = _source_name(src)
         if name in tallies:
             raise DataError(f"Two data sources are both called {name!r}; give one a data.sources[].name.")
-        rows, origins[name] = load_source(src, data_cfg)
+        rows, origins[name], drawn[name] = load_source(src, data_cfg)
         tallies[name] = tally = _Tally(rows=len(rows))
         rows = [map_columns(r, src.columns) if isinstance(r, dict) else r for r in rows]
         fmt = formats[name] = detect_format(rows, src, origins[name])
@@ -490,7 +559,8 @@ def build_examples(data_cfg: DataConfig, tokenizer, max_length: int) -> tuple[li
                              "input_ids": tok["input_ids"], "labels": tok["labels"],
                              "prompt_len": tok["prompt_len"]})
     parts = {"sources": {n: {"origin": origins[n], "format": formats[n], "rows": t.rows, "kept": t.kept,
-                             "truncated": t.truncated, "dropped": dict(t.dropped)}
+                             "truncated": t.truncated, "dropped": dict(t.dropped),
+                             **({"sample": drawn[n]} if drawn[n] else {})}
                          for n, t in tallies.items()},
              "dropped_examples": dict(samples)}
     return examples, parts
@@ -534,7 +604,7 @@ def data_fingerprint(data_cfg: DataConfig, tokenizer, max_length: int) -> str:
     """Changes when anything that shapes the tokenized sets changes: config, tokenizer, input files."""
     files = []
     for src in data_cfg.sources:
-        if _looks_like_file(src.path):
+        if looks_like_file(src.path):
             path = Path(src.path).expanduser()
             if not path.is_absolute():
                 data_dir = resolve_data_dir(data_cfg, required=False)

@@ -7,14 +7,17 @@ of answers to AlpacaEval and MT-bench prompts; lm-evaluation-harness tasks on re
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import time
+from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from .data import collate, tokenize_pair
+from .data import (HUB_DATASETS, DataUnavailable, collate, load_table, looks_like_file, resolve_data_dir,
+                   tokenize_pair)
 
 
 def heldout_loss(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int,
@@ -135,31 +138,53 @@ def _prompts(run, tokenizer, instructions: list[str]) -> list[str]:
     return [render_prompt(tokenizer, text, style) for text in instructions]
 
 
-def _eval_path(run, relative: str):
-    from pathlib import Path
-
-    from .data import resolve_data_dir
-
-    path = Path(relative).expanduser()
-    return path if path.is_absolute() else resolve_data_dir(run.cfg.data) / path
-
-
-def _gsm8k_files(run):
-    """(test, train): the configured test file and the train.jsonl beside it (few-shot examples)."""
-    test = _eval_path(run, run.cfg.eval.gsm8k_path)
-    return test, test.with_name("train.jsonl")
+def _gsm8k_tables(run, with_shots: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(test rows, train rows for few-shot). eval.gsm8k_path is a hub id (its test and train splits)
+    or a test file with train.jsonl beside it."""
+    ref = run.cfg.eval.gsm8k_path
+    test, test_from = load_table(ref, run.cfg.data, split="test")
+    if not with_shots:
+        return test, []
+    train_ref = str(Path(test_from).with_name("train.jsonl")) if looks_like_file(ref) else ref
+    return test, load_table(train_ref, run.cfg.data, split="train")[0]
 
 
-def _read(run, relative) -> list[dict[str, Any]]:
-    from .data import read_records
+def _gsm8k_files(run) -> tuple[Path, Path]:
+    """(test, train) files for lm-eval's gsm8k_local task: the configured file and train.jsonl beside
+    it, or a hub id's offline copies in the data directory."""
+    ref = run.cfg.eval.gsm8k_path
+    if looks_like_file(ref):
+        test = Path(load_table(ref, run.cfg.data, split="test")[1])
+        return test, test.with_name("train.jsonl")
+    copies = HUB_DATASETS[ref].offline if ref in HUB_DATASETS else {}
+    folder = resolve_data_dir(run.cfg.data)
+    if "test" not in copies or not (folder / copies["test"]).is_file():
+        raise DataUnavailable(f"gsm8k_local reads files: {ref!r} has no offline copy in {folder}.")
+    return folder / copies["test"], folder / copies["train"]
 
-    path = _eval_path(run, relative)
-    if not path.is_file():
-        from .errors import DataError
 
-        raise DataError(f"Evaluation file {path} does not exist; check the eval.*_path settings and the "
-                        f"data directory.")
-    return read_records(path)
+def _read(run, ref: str, split: str = "train") -> list[dict[str, Any]]:
+    return load_table(ref, run.cfg.data, split=split)[0]
+
+
+def needs_data(task):
+    """A task of stage 05 whose data is neither on the hub nor in the data directory is skipped, with
+    the reason, instead of failing the stage: {'skipped': why} takes the place of its results."""
+    @functools.wraps(task)
+    def run_task(run, *args, **kwargs):
+        try:
+            return task(run, *args, **kwargs)
+        except DataUnavailable as exc:
+            print(f"{task.__name__}: skipped, no data: {exc}")
+            return {"skipped": str(exc)}
+    return run_task
+
+
+def headline(result: dict[str, Any], key: str) -> dict[str, Any] | str:
+    """{'base': x, 'tuned': y} for one metric of a task, or why the task was skipped."""
+    if "skipped" in result:
+        return f"skipped: {result['skipped']}"
+    return {side: result[side][key] for side in ("base", "tuned")}
 
 
 def evaluate_loss(run, model, tokenizer, data) -> dict[str, Any]:
@@ -191,14 +216,15 @@ def gsm8k_instruction(question: str, shots: list[dict[str, Any]]) -> str:
             f"'#### <number>'.\n\nQuestion: {question}")
 
 
+@needs_data
 def evaluate_gsm8k(run, model, tokenizer) -> dict[str, Any]:
     """Exact match of the final number on the first N GSM8K test problems."""
     from .generation import generate
 
     cfg = run.cfg.eval
-    test, train = _gsm8k_files(run)
-    rows = _read(run, test)[:cfg.gsm8k_samples]
-    shots = _read(run, train)[:cfg.gsm8k_shots] if cfg.gsm8k_shots else []
+    test, train = _gsm8k_tables(run, with_shots=cfg.gsm8k_shots > 0)
+    rows = test[:cfg.gsm8k_samples]
+    shots = train[:cfg.gsm8k_shots]
     prompts = _prompts(run, tokenizer, [gsm8k_instruction(r["question"], shots) for r in rows])
     answers = [r["answer"] for r in rows]
     out = for_both(model, lambda: generate(model, tokenizer, prompts, cfg.gsm8k_tokens, cfg.batch_size))
@@ -208,6 +234,7 @@ def evaluate_gsm8k(run, model, tokenizer) -> dict[str, Any]:
     return out
 
 
+@needs_data
 def evaluate_ifeval(run, model, tokenizer) -> dict[str, Any]:
     """IFEval verifiable instructions on the first N prompts (checks that need no downloads)."""
     from . import ifeval
@@ -223,15 +250,16 @@ def evaluate_ifeval(run, model, tokenizer) -> dict[str, Any]:
     return out
 
 
+@needs_data
 def evaluate_showcase(run, model, tokenizer) -> dict[str, Any]:
     """Side-by-side answers to AlpacaEval instructions and MT-bench first turns."""
     from .generation import generate
 
     cfg = run.cfg.eval
-    alpaca = [r["instruction"] for r in _read(run, cfg.alpaca_eval_path)[:cfg.showcase_samples]]
+    alpaca = [r["instruction"] for r in _read(run, cfg.alpaca_eval_path, split="eval")[:cfg.showcase_samples]]
     mt = _read(run, cfg.mt_bench_path)[:cfg.showcase_samples]
-    items = ([{"source": "AlpacaEval", "prompt": p} for p in alpaca]
-             + [{"source": f"MT-bench ({q['category']})", "prompt": q["turns"][0]} for q in mt])
+    items = ([{"source": "AlpacaEval", "prompt": p} for p in alpaca]  # hub rows: prompt; the file's: turns
+             + [{"source": f"MT-bench ({q['category']})", "prompt": (q.get("turns") or q["prompt"])[0]} for q in mt])
     prompts = _prompts(run, tokenizer, [i["prompt"] for i in items])
     out = for_both(model, lambda: generate(model, tokenizer, prompts, cfg.answer_tokens, cfg.batch_size))
     for item, base, tuned in zip(items, out["base"], out["tuned"]):
@@ -276,12 +304,16 @@ def summarize(results: dict[str, Any]) -> dict[str, dict[str, float]]:
             for name, (task, key) in pick.items() if task in results and counts[task] != 0}
 
 
-def write_eval_report(run, results: dict[str, Any], extra: dict[str, Any] | None = None) -> str:
-    """eval.json: every number, with the config, seeds, sample counts and timings."""
+def write_eval_report(run, results: dict[str, Any], extra: dict[str, Any] | None = None, model=None) -> str:
+    """eval.json: every number, with the config, seeds, sample counts, timings, the 4-bit kernel that
+    ran (`model`) and the tasks skipped for want of data, with the reason."""
+    from .models import four_bit_kernel
     from .paths import write_json_atomic
 
     cfg = run.cfg
-    report = {"run": run.name, "summary": summarize(results), "config": cfg.to_dict(),
+    skipped = {task: r["skipped"] for task, r in results.items() if isinstance(r, dict) and "skipped" in r}
+    report = {"run": run.name, "summary": summarize(results), "config": cfg.to_dict(), "skipped": skipped,
+              "four_bit_kernel": four_bit_kernel(model) if model is not None else None,
               "seed": cfg.data.seed, "device": run.device, "compute_dtype": run.runtime["compute_dtype"],
               "decoding": "greedy", "samples": sample_counts(results),
               "seconds": {task: r.get("seconds") for task, r in results.items()},

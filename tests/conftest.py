@@ -1,4 +1,10 @@
-"""Shared fixtures: one model cache per test session, the offline data directory, run folders."""
+"""Shared fixtures: one model cache per test session, the real data directory, run folders.
+
+Every end-to-end test runs on the tests' own data (tests/assets/data, the smoke profile's), so a bare
+clone runs them all. The few tests that check the real shared data (marked `realdata`) need the
+data directory (QLORA_DATA_DIR, or ../shared/data beside the repo): without it they are deselected
+and the summary says so; with QLORA_REQUIRE_DATA=1 (CI) a missing data directory fails the run.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +16,39 @@ import pytest
 
 from qlora_helpers.paths import PROJECT_ROOT
 
+REQUIRE_DATA = os.environ.get("QLORA_REQUIRE_DATA") == "1"
+
 
 def _data_dir() -> Path | None:
     configured = os.environ.get("QLORA_DATA_DIR")
     candidates = [Path(configured)] if configured else [PROJECT_ROOT.parent / "shared" / "data"]
     return next((p for p in candidates if (p / "alpaca" / "alpaca_5000.json").is_file()), None)
+
+
+def pytest_collection_modifyitems(config, items):
+    if _data_dir() is not None:
+        return
+    needing = [item for item in items if item.get_closest_marker("realdata")]
+    if not needing:
+        return
+    if REQUIRE_DATA:
+        raise pytest.UsageError(
+            f"QLORA_REQUIRE_DATA=1 but the real data directory is missing ({len(needing)} tests need it): "
+            f"set QLORA_DATA_DIR to a folder holding alpaca/alpaca_5000.json (the project's shared data).")
+    config.hook.pytest_deselected(items=needing)
+    items[:] = [item for item in items if not item.get_closest_marker("realdata")]
+    config._qlora_realdata_deselected = [item.nodeid for item in needing]
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    left_out = getattr(config, "_qlora_realdata_deselected", [])
+    if left_out:
+        terminalreporter.write_sep("=", "real-data checks not run", yellow=True)
+        terminalreporter.write_line(
+            f"{len(left_out)} tests check the real shared data and were deselected: no data directory "
+            f"(set QLORA_DATA_DIR to the folder holding alpaca/alpaca_5000.json to run them).")
+        for nodeid in left_out:
+            terminalreporter.write_line(f"  {nodeid}")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -29,6 +63,9 @@ def session_env(tmp_path_factory):
     if data:
         os.environ["QLORA_DATA_DIR"] = str(data)
     os.environ.setdefault("WANDB_MODE", "offline")
+    # No test reaches a hub, online or not (the hub path is tested against a local stand-in).
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     yield cache
 
 
@@ -53,9 +90,9 @@ def embedded_dir(embedded_timing) -> Path:
 
 @pytest.fixture
 def data_dir() -> Path:
+    """The real shared data directory (tests using it are marked `realdata`; see the module doc)."""
     path = _data_dir()
-    if path is None:
-        pytest.skip("the offline data directory (../shared/data or QLORA_DATA_DIR) is not here")
+    assert path is not None, "a realdata test ran without the data directory (collection should have deselected it)"
     return path
 
 

@@ -1,15 +1,20 @@
 import csv
 import json
+import shutil
+import socket
 import time
 
 import pytest
 import torch
 
 from qlora_helpers.config import DataConfig, SourceConfig, load_config
-from qlora_helpers.data import (collate, collate_packed, format_alpaca, heldout_pairs, load_source,
+from qlora_helpers.data import (DataUnavailable, collate, collate_packed, format_alpaca, heldout_pairs, load_source,
                                 pack_examples, padding_efficiency, prepare_data, read_records,
                                 tokenize_pair)
 from qlora_helpers.errors import DataError
+from qlora_helpers.paths import PROJECT_ROOT
+
+ASSETS = PROJECT_ROOT / "tests" / "assets" / "data"
 
 
 @pytest.fixture(scope="module")
@@ -113,12 +118,96 @@ def test_hub_id_offline_without_a_copy(tmp_path, tok, monkeypatch):
         load_source(SourceConfig(path="someone/nothing-here"), _cfg(tmp_path))
 
 
-def test_hub_id_offline_uses_the_known_copy(data_dir, monkeypatch, capsys):
+def _offline_copy_dir(tmp_path):
+    """A data directory laid out like the shared one, holding the tests' own records as the copy."""
+    folder = tmp_path / "data"
+    (folder / "alpaca").mkdir(parents=True)
+    shutil.copy(ASSETS / "instructions.json", folder / "alpaca" / "alpaca_5000.json")
+    return folder
+
+
+def test_hub_id_offline_uses_the_known_copy(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    rows, origin = load_source(SourceConfig(path="tatsu-lab/alpaca"), DataConfig(data_dir=str(data_dir)))
-    assert len(rows) == 5000 and origin.endswith("alpaca/alpaca_5000.json")
+    rows, origin, sample = load_source(SourceConfig(path="tatsu-lab/alpaca"), DataConfig(data_dir=str(_offline_copy_dir(tmp_path))))
+    assert len(rows) == 96 and origin.endswith("alpaca/alpaca_5000.json") and sample is None
     assert "using the offline copy" in capsys.readouterr().out
+
+
+def test_hub_unreachable_and_no_copy_names_both_ways(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("QLORA_DATA_DIR", raising=False)
+    with pytest.raises(DataUnavailable, match=r"(?s)'tatsu-lab/alpaca'.*HF_HUB_OFFLINE is set.*connect to the "
+                                              r"network.*QLORA_DATA_DIR to a folder holding alpaca/alpaca_5000.json"):
+        load_source(SourceConfig(path="tatsu-lab/alpaca"), DataConfig())
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataUnavailable, match=f"{empty} has no alpaca/alpaca_5000.json"):
+        load_source(SourceConfig(path="tatsu-lab/alpaca"), DataConfig(data_dir=str(empty)))
+
+
+@pytest.fixture
+def reachable_hub(monkeypatch):
+    """HF_ENDPOINT at a real listening socket on 127.0.0.1, so the reachability probe passes; the
+    hub's datasets themselves cannot run here, so `datasets.load_dataset` serves a local file (the
+    one stand-in) and records how it was called."""
+    import datasets
+
+    server = socket.create_server(("127.0.0.1", 0))
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    calls = []
+    real = datasets.load_dataset
+
+    def from_local_file(path, name=None, split=None, **kwargs):
+        calls.append((path, name, split))
+        files = {"tatsu-lab/alpaca": ASSETS / "instructions.json", "openai/gsm8k": ASSETS / "gsm8k" / f"{split}.jsonl"}
+        return real("json", data_files=str(files[path]), split="train")
+
+    monkeypatch.setattr(datasets, "load_dataset", from_local_file)
+    yield calls
+    server.close()
+
+
+def test_hub_dataset_is_loaded_from_the_hub_and_sampled_by_seed(reachable_hub, tmp_path):
+    cfg = DataConfig(sources=[SourceConfig(path="tatsu-lab/alpaca", sample=50)], seed=3)
+    rows, origin, sample = load_source(cfg.sources[0], cfg)
+    assert reachable_hub == [("tatsu-lab/alpaca", None, "train")] and origin == "hub:tatsu-lab/alpaca[train]"
+    assert len(rows) == 50 and sample["rows"] == 50 and sample["of"] == 96 and sample["seed"] == 3
+    assert sample["indices"] == sorted(sample["indices"]) and len(set(sample["indices"])) == 50
+    records = json.loads((ASSETS / "instructions.json").read_text())
+    assert rows == [records[i] for i in sample["indices"]]
+    again = load_source(cfg.sources[0], cfg)[2]["indices"]
+    other = load_source(cfg.sources[0], DataConfig(sources=cfg.sources, seed=4))[2]["indices"]
+    assert again == sample["indices"] and other != sample["indices"]
+    rows, _, _ = load_source(SourceConfig(path="openai/gsm8k", split="test"), cfg)
+    assert reachable_hub[-1] == ("openai/gsm8k", "main", "test") and len(rows) == 6
+
+
+def test_the_sample_is_recorded_in_the_data_report(reachable_hub, tok):
+    cfg = DataConfig(sources=[SourceConfig(path="tatsu-lab/alpaca", sample=40)], eval_size=8)
+    report = prepare_data(cfg, tok, 256, 4).report
+    source = report["sources"]["tatsu-lab/alpaca"]
+    assert source["origin"] == "hub:tatsu-lab/alpaca[train]" and source["rows"] == 40
+    assert source["sample"]["of"] == 96 and len(source["sample"]["indices"]) == 40
+
+
+def test_jsonl_with_byte_order_mark_and_crlf_loads(tmp_path):
+    rows = [{"instruction": "Say hi.", "output": "Hi."}, {"instruction": "Say bye.", "output": "Bye."}]
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b"".join(json.dumps(r).encode() + b"\r\n" for r in rows))
+    assert read_records(path) == rows
+    array = tmp_path / "bom.json"
+    array.write_bytes(b"\xef\xbb\xbf" + json.dumps(rows).encode())
+    assert read_records(array) == rows
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_deeply_nested_json_is_a_data_error_naming_the_file(tmp_path, suffix):
+    path = tmp_path / f"deep{suffix}"
+    path.write_text("[" * 300_000 + "]" * 300_000 + "\n")
+    with pytest.raises(DataError, match=f"{path.name}.*nested too deeply"):
+        read_records(path)
 
 
 def test_missing_file_is_named(tmp_path, tok):
@@ -220,13 +309,14 @@ def test_split_is_deterministic_and_cache_is_reused(tmp_path, tok):
     assert not list((tmp_path / "run" / "data").glob(".*"))  # no temporary leftovers
 
 
+@pytest.mark.realdata
 def test_real_alpaca_sample_statistics_and_speed(data_dir, tok):
     cfg = load_config("default").data
     start = time.perf_counter()
     prepared = prepare_data(cfg, tok, 512, 4)
     elapsed = time.perf_counter() - start
     report = prepared.report
-    assert report["sources"]["alpaca_5000"]["rows"] == 5000
+    assert report["sources"]["tatsu-lab/alpaca"]["rows"] == 5000
     assert report["kept"] + sum(report["dropped"].values()) == 5000
     assert report["eval"] == 200 and report["train"] == report["kept"] - 200
     assert 100 < report["lengths"]["total"]["mean"] < 125  # DESIGN: mean ~113 tokens

@@ -73,7 +73,7 @@ def test_batched_generation_equals_one_by_one(embedded_dir):
     assert all(text.strip() for text in batched)
 
 
-def test_lm_eval_local_gsm8k_task_runs_offline(tmp_path, tiny_dir, data_dir):
+def test_lm_eval_local_gsm8k_task_runs_offline(tmp_path, tiny_dir):
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager

@@ -43,6 +43,7 @@ def test_check(iid, kwargs, good, bad):
     assert ifeval.check_response(bad, [iid], [kwargs]) == {iid: False}
 
 
+@pytest.mark.realdata
 def test_every_instruction_in_the_data_is_checked_or_skipped_with_a_reason(data_dir):
     rows = [json.loads(line) for line in (data_dir / "eval/ifeval/input_data.jsonl").read_text().splitlines()]
     ids = {i for r in rows for i in r["instruction_id_list"]}

@@ -13,7 +13,7 @@ API_KEY = "serve_test_key_must_not_leak_9876543210"
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory, tiny_dir, data_dir_module):
+def smoke_run(tmp_path_factory, tiny_dir):
     import os
 
     outputs = tmp_path_factory.mktemp("outputs")
@@ -27,14 +27,6 @@ def smoke_run(tmp_path_factory, tiny_dir, data_dir_module):
     return path
 
 
-@pytest.fixture(scope="module")
-def data_dir_module():
-    from tests.conftest import _data_dir
-
-    if _data_dir() is None:
-        pytest.skip("the offline data directory is not here")
-
-
 def test_stages_01_to_06_write_their_reports(smoke_run):
     config = json.loads((smoke_run / "config.json").read_text())
     assert config["model"]["source"] == "random:tiny"
@@ -46,7 +38,7 @@ def test_stages_01_to_06_write_their_reports(smoke_run):
     assert set(report["perplexity"]) == {"full", "4bit"}
     assert (smoke_run / "quantization_footprint.png").stat().st_size > 10_000
     data = json.loads((smoke_run / "data" / "data_report.json").read_text())
-    assert data["sources"]["alpaca_5000"]["rows"] == 5000 and data["eval"] == 200
+    assert data["sources"]["instructions"]["rows"] == 96 and data["eval"] == 16  # tests/assets/data
     assert (smoke_run / "data" / "train").is_dir() and (smoke_run / "data_lengths.png").is_file()
     assert (smoke_run / "adapter" / "adapter_model.safetensors").is_file()
     assert (smoke_run / "training_curves.png").is_file()

@@ -158,10 +158,6 @@ def test_the_loss_plot_shows_each_runs_gap_to_the_first_on_the_same_batches():
 
 @pytest.fixture(scope="module")
 def smoke_sweep(tmp_path_factory, tiny_dir):
-    from tests.conftest import _data_dir
-
-    if _data_dir() is None:
-        pytest.skip("the offline data directory is not here")
     outputs = tmp_path_factory.mktemp("sweep-outputs")
     plan = plan_sweep("smoke", ["lora.r=4,8"], LIGHT, stages="01,03,04,05", name="tiny-r",
                       outputs_dir=str(outputs))

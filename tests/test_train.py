@@ -46,20 +46,12 @@ def test_trainer_config_mapping():
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_dir, data_dir_module):
+def trained(tmp_path_factory, tiny_dir):
     outputs = tmp_path_factory.mktemp("train-outputs")
     run = setup_run("smoke", "cpu-train", [*QUIET, "train.max_steps=12", "train.learning_rate=5e-3",
                                            "train.logging_steps=2", "lora.dropout=0.0"], str(outputs))
     result = train_adapter(run, prepare_run_data(run))
     return run, result
-
-
-@pytest.fixture(scope="module")
-def data_dir_module():
-    from tests.conftest import _data_dir
-
-    if _data_dir() is None:
-        pytest.skip("the offline data directory is not here")
 
 
 def test_cpu_training_learns_and_saves_a_complete_adapter(trained):
@@ -98,7 +90,7 @@ def test_a_half_written_checkpoint_is_never_resumed_from(tmp_path):
     assert last_complete_checkpoint(tmp_path).name == "checkpoint-4"
 
 
-def test_eval_samples_zero_trains_without_the_held_out_loss(tmp_path, tiny_dir, data_dir_module):
+def test_eval_samples_zero_trains_without_the_held_out_loss(tmp_path, tiny_dir):
     run = setup_run("smoke", "no-eval", ["train.wandb=disabled", "train.eval_samples=0", "train.max_steps=2"],
                     str(tmp_path))
     summary = train_adapter(run, prepare_run_data(run))["summary"]
@@ -137,7 +129,7 @@ def _tok(run):
     return load_tokenizer(run.cfg.model)
 
 
-def test_nan_loss_stops_with_a_clear_message_and_keeps_good_checkpoints(tmp_path, tiny_dir, data_dir_module):
+def test_nan_loss_stops_with_a_clear_message_and_keeps_good_checkpoints(tmp_path, tiny_dir):
     run = setup_run("smoke", "nan", [*QUIET, "train.max_steps=30", "train.save_steps=1",
                                      "train.learning_rate=.inf", "train.max_grad_norm=0"], str(tmp_path))
     with pytest.raises(NonFiniteLoss, match=r"became (nan|inf|NaN or infinite) at step \d+.*Lower train.learning_rate"):
@@ -159,7 +151,7 @@ def _wait_for(predicate, proc, timeout=180):
     return False
 
 
-def test_resume_after_sigkill_gives_the_same_adapter(tmp_path, tiny_dir, data_dir_module):
+def test_resume_after_sigkill_gives_the_same_adapter(tmp_path, tiny_dir):
     steps = ["train.max_steps=60", "train.save_steps=5", "train.learning_rate=5e-3", "lora.dropout=0.1"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     straight = subprocess.run(_train_cmd(tmp_path / "a", "run", *steps), env=env, capture_output=True, text=True)
@@ -185,7 +177,7 @@ def test_resume_after_sigkill_gives_the_same_adapter(tmp_path, tiny_dir, data_di
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
 
 
-def test_interrupt_saves_a_checkpoint(tmp_path, tiny_dir, data_dir_module):
+def test_interrupt_saves_a_checkpoint(tmp_path, tiny_dir):
     ckpts = tmp_path / "run" / "checkpoints"
     proc = subprocess.Popen(_train_cmd(tmp_path, "run", "train.max_steps=400", "train.save_steps=5"),
                             env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
@@ -214,3 +206,74 @@ def test_fsdp_needs_the_weights_stored_in_the_compute_dtype(monkeypatch):
     assert not fsdp_active(cfg)  # one process: nothing to shard, the ordinary path runs
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert fsdp_active(cfg) and not fsdp_active(load_config("llama2-7b"))
+
+
+# --- training that cannot silently learn nothing ----------------------------------------------------
+
+
+def _dequantized(model) -> list[torch.Tensor]:
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit
+
+    return [dequantize_4bit(m.weight.data, m.weight.quant_state).clone()
+            for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+
+def _pack_for_cpu_inference(model) -> int:
+    """What an eval pass on an AVX512-BF16 CPU does to every 4-bit layer (bitsandbytes' own function)."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for m in layers:
+        m.weight.data, m.weight.quant_state = _convert_weight_packed_for_cpu(m.weight.data, m.weight.quant_state)
+    return len(layers)
+
+
+def test_training_after_bitsandbytes_cpu_repacking_still_learns(tmp_path, tiny_dir):
+    """On AVX512-BF16 CPUs, bitsandbytes repacks 4-bit layers for a gradient-free bf16 kernel after an
+    eval pass; training must restore the ordinary layout, whatever CPU runs this test."""
+    from qlora_helpers.models import four_bit_kernel, load_model
+
+    run = setup_run("smoke", "repacked", [*QUIET, "train.max_steps=8", "train.learning_rate=5e-3",
+                                          "train.logging_steps=1", "lora.dropout=0.0"], str(tmp_path))
+    base = load_model(run.cfg.model, run.cfg.quant, run.compute_dtype, run.device)
+    assert all(not m.support_avx512bf16_for_cpu for m in base.modules() if hasattr(m, "support_avx512bf16_for_cpu"))
+    original = _dequantized(base)
+    assert _pack_for_cpu_inference(base) == 14
+    assert four_bit_kernel(base).startswith("cpu: bf16 packed")
+    model = load_trainable_model(run.cfg, run.device, run.compute_dtype, base=base)
+    assert four_bit_kernel(model) == "cpu: dequantize + matmul in float32"
+    restored = _dequantized(base)
+    # the packing casts the (double-quantized) scales to bf16, so the round trip is close, not exact
+    assert len(restored) == len(original) == 14
+    assert all(torch.allclose(a, b, rtol=0, atol=2e-2 * a.abs().max()) for a, b in zip(original, restored))
+    result = train_adapter(run, prepare_run_data(run), model=model)
+    norms = [h["grad_norm"] for h in result["log_history"] if "grad_norm" in h]
+    losses = [h["loss"] for h in result["log_history"] if "loss" in h]
+    assert len(norms) == 8 and min(norms) > 0
+    assert losses[-1] < losses[0]
+    assert result["summary"]["heldout_loss_tuned"] < result["summary"]["heldout_loss_base"]
+
+
+def test_zero_gradient_stops_training_with_what_to_check(tmp_path, tiny_dir):
+    from qlora_helpers.train import NotLearning
+
+    run = setup_run("smoke", "no-grad", ["train.wandb=disabled", "train.eval_samples=0", "train.max_steps=3"],
+                    str(tmp_path))
+    model = load_trainable_model(run.cfg, run.device, run.compute_dtype)
+    # a model whose adapters cannot learn: the final norm's output keeps its value, loses its gradient
+    model.get_base_model().model.norm.register_forward_hook(lambda module, args, out: out * 0 + out.detach())
+    with pytest.raises(NotLearning, match=r"zero gradient at optimizer step 1.*bitsandbytes' version and CPU kernel"
+                                          r".*lora.target_modules.*learning_rate"):
+        train_adapter(run, prepare_run_data(run), model=model)
+    assert not (run.path / "adapter").exists()
+
+
+def test_adapters_that_do_not_move_stop_training(tmp_path, tiny_dir):
+    from qlora_helpers.train import NotLearning
+
+    run = setup_run("smoke", "no-move", ["train.wandb=disabled", "train.eval_samples=0", "train.max_steps=3",
+                                         "train.learning_rate=1e-30"], str(tmp_path))
+    with pytest.raises(NotLearning, match=r"have not moved after \d optimizer step\(s\) at learning rate 1e-30"):
+        train_adapter(run, prepare_run_data(run))
