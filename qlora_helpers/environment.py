@@ -56,6 +56,17 @@ def _bitsandbytes_backend() -> dict[str, Any]:
             "native_library": type(getattr(cextension, "lib", None)).__name__}
 
 
+def cpu_flags(names: tuple[str, ...] = ("avx512_bf16", "amx_bf16", "avx512f", "avx2")) -> dict[str, bool] | None:
+    """The CPU features that change which kernels run (bitsandbytes repacks 4-bit layers for a bf16
+    kernel on AVX512-BF16 CPUs; see models.keep_4bit_on_autograd_path). None where unreadable."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return {name: name in flags for name in names}
+
+
 def collect_environment() -> dict[str, Any]:
     """Versions, devices and memory, as plain JSON-able values."""
     import psutil
@@ -71,6 +82,7 @@ def collect_environment() -> dict[str, Any]:
         "gpus": _gpus(),
         "bf16_supported": bool(cuda and torch.cuda.is_bf16_supported()),
         "cpu_cores": os.cpu_count(),
+        "cpu_flags": cpu_flags(),
         "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "bitsandbytes": _bitsandbytes_backend(),
         "in_colab": "google.colab" in sys.modules,
@@ -170,6 +182,9 @@ def environment_summary(env: dict[str, Any]) -> list[dict[str, Any]]:
                                              f"{gpu['memory_gib']} GiB"))
     if not env["gpus"]:
         rows.append(("CPU", f"{env['cpu_cores']} cores, {env['ram_gib']} GiB RAM (no GPU)"))
+    flags = env.get("cpu_flags") or {}
+    if flags:
+        rows.append(("CPU features", ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in flags.items())))
     bnb = env["bitsandbytes"]
     rows.append(("bitsandbytes", f"{bnb['version']} (backend: {bnb['backend']})" if bnb["available"]
                  else f"unavailable: {bnb['error']}"))

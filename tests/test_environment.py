@@ -12,6 +12,9 @@ def test_collect_environment_on_this_machine():
     assert env["bitsandbytes"]["available"]
     rows = {r["what"]: r["value"] for r in environment_summary(env)}
     assert "bitsandbytes" in rows and "Python" in rows
+    in_cpuinfo = " avx512_bf16" in open("/proc/cpuinfo").read() or "\tavx512_bf16" in open("/proc/cpuinfo").read()
+    assert env["cpu_flags"]["avx512_bf16"] == in_cpuinfo
+    assert f"avx512_bf16 {'yes' if in_cpuinfo else 'no'}" in rows["CPU features"]
 
 
 def _env(cuda: bool, bf16: bool):
