@@ -89,3 +89,25 @@ def test_lm_eval_local_gsm8k_task_runs_offline(tmp_path, tiny_dir):
                           task_manager=TaskManager(include_path=str(tmp_path / "tasks")))
     metrics = out["results"]["gsm8k_local"]
     assert "exact_match,strict-match" in metrics and 0.0 <= metrics["exact_match,strict-match"] <= 1.0
+
+
+def test_a_task_without_data_is_skipped_and_recorded(tmp_path, tiny_dir, monkeypatch, capsys):
+    """Hub unreachable, no offline copy: 05 skips that task with the reason and keeps the others."""
+    import json
+
+    from qlora_helpers.evaluate import evaluate_ifeval, evaluate_showcase, headline, write_eval_report
+    from qlora_helpers.runs import setup_run
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    run = setup_run("smoke", "no-data", ["train.wandb=disabled", "eval.ifeval_path=google/IFEval",
+                                         "eval.mt_bench_path=missing/questions.jsonl"], str(tmp_path))
+    ifeval = evaluate_ifeval(run, None, None)  # skipped before any model is needed
+    assert set(ifeval) == {"skipped"} and "'google/IFEval'" in ifeval["skipped"]
+    assert "tests/assets/data has no eval/ifeval/input_data.jsonl" in ifeval["skipped"]
+    showcase = evaluate_showcase(run, None, None)
+    assert "missing/questions.jsonl does not exist" in showcase["skipped"]
+    assert "evaluate_ifeval: skipped, no data" in capsys.readouterr().out
+    assert headline(ifeval, "prompt_level_strict").startswith("skipped: Cannot load hub dataset 'google/IFEval'")
+    report = json.loads(open(write_eval_report(run, {"ifeval": ifeval, "showcase": showcase})).read())
+    assert set(report["skipped"]) == {"ifeval", "showcase"} and report["summary"] == {}
+    assert report["samples"]["ifeval"] == 0
