@@ -696,9 +696,13 @@ def prepare_run_data(run) -> PreparedData:
 
 
 def dropped_table(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per source: rows read, kept, truncated, and dropped by reason."""
+    """One row per source: where it came from, the sample drawn, rows read, kept, truncated, and
+    dropped by reason."""
     reasons = sorted(report["dropped"])
-    return [{"source": name, "format": s["format"], "rows": s["rows"], "kept": s["kept"],
+    sampled = lambda s: (f"{s['sample']['rows']:,} of {s['sample']['of']:,} (seed {s['sample']['seed']})"  # noqa: E731
+                         if "sample" in s else "all")
+    return [{"source": name, "from": s["origin"], "sampled": sampled(s), "format": s["format"],
+             "rows": s["rows"], "kept": s["kept"],
              "truncated": s["truncated"], **{f"dropped: {r}": s["dropped"].get(r, 0) for r in reasons}}
             for name, s in report["sources"].items()]
 

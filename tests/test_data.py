@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from qlora_helpers.config import DataConfig, SourceConfig, load_config
-from qlora_helpers.data import (DataUnavailable, collate, collate_packed, format_alpaca, heldout_pairs, load_source,
-                                pack_examples, padding_efficiency, prepare_data, read_records,
-                                tokenize_pair)
+from qlora_helpers.data import (DataUnavailable, collate, collate_packed, dropped_table, format_alpaca,
+                                heldout_pairs, load_source, pack_examples, padding_efficiency, prepare_data,
+                                read_records, tokenize_pair)
 from qlora_helpers.errors import DataError
 from qlora_helpers.paths import PROJECT_ROOT
 
@@ -190,6 +190,8 @@ def test_the_sample_is_recorded_in_the_data_report(reachable_hub, tok):
     source = report["sources"]["tatsu-lab/alpaca"]
     assert source["origin"] == "hub:tatsu-lab/alpaca[train]" and source["rows"] == 40
     assert source["sample"]["of"] == 96 and len(source["sample"]["indices"]) == 40
+    (row,) = dropped_table(report)  # what notebook 03 shows
+    assert row["from"] == "hub:tatsu-lab/alpaca[train]" and row["sampled"] == "40 of 96 (seed 42)"
 
 
 def test_jsonl_with_byte_order_mark_and_crlf_loads(tmp_path):
