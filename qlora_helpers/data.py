@@ -399,7 +399,8 @@ def pack_examples(examples: list[dict[str, list[int]]], budget: int, seed: int =
     for i in order:
         n = len(examples[i]["input_ids"])
         if n > budget:
-            raise ValueError(f"example of {n} tokens does not fit the packing budget {budget}")
+            raise DataError(f"An example of {n} tokens does not fit a packed row of {budget} tokens: raise the "
+                            f"packing budget (train.packed_tokens, model.max_seq_length) or drop longer rows.")
         for r, space in enumerate(free):
             if n <= space:
                 rows[r].append(i)

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from .data import (HUB_DATASETS, DataUnavailable, collate, load_table, looks_like_file, resolve_data_dir,
                    tokenize_pair)
+from .errors import DataError, QLoraError
 
 
 def heldout_loss(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int,
@@ -29,12 +30,13 @@ def heldout_loss(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int
     import torch
 
     if not pairs:
-        raise ValueError("No held-out examples to score: the eval split is empty or the *_samples "
-                         "setting that chose them is 0.")
+        raise DataError("No held-out examples to score: the eval split is empty or the *_samples "
+                        "setting that chose them is 0. Raise data.eval_size or that setting.")
     examples = [tokenize_pair(tokenizer, p, r) for p, r in pairs]
     kept = [e for e in examples if len(e["input_ids"]) <= max_length]
     if not kept:
-        raise ValueError(f"All {len(examples)} examples are longer than max_length={max_length}.")
+        raise DataError(f"All {len(examples)} held-out examples are longer than model.max_seq_length="
+                        f"{max_length}; raise model.max_seq_length or check the data.")
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
     was_training = model.training
@@ -108,7 +110,6 @@ def load_tuned_model(run):
     from peft import PeftModel
 
     from .models import load_model, load_tokenizer
-    from .errors import QLoraError
 
     adapter = run.path / "adapter"
     if not (adapter / "adapter_config.json").is_file():

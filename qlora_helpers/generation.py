@@ -5,13 +5,15 @@ from __future__ import annotations
 from tqdm.auto import tqdm
 
 from .data import format_alpaca
+from .errors import ConfigError
 
 
 def render_prompt(tokenizer, instruction: str, style: str = "alpaca") -> str:
     """An instruction as the model should see it: the Alpaca template or the tokenizer's chat template."""
     if style == "chat":
         if not tokenizer.chat_template:
-            raise ValueError("This tokenizer has no chat template; use style='alpaca'.")
+            raise ConfigError("This tokenizer has no chat template, so data.template=chat cannot render "
+                              "prompts; set data.template=alpaca or use a model whose tokenizer has one.")
         return tokenizer.apply_chat_template([{"role": "user", "content": instruction}],
                                              tokenize=False, add_generation_prompt=True)
     return format_alpaca({"instruction": instruction, "output": ""})[0]

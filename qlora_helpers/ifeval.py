@@ -17,6 +17,8 @@ import json
 import re
 from typing import Any, Callable
 
+from .errors import DataError
+
 SKIPPED = {"language:response_language": "needs langdetect's downloaded language profiles"}
 
 
@@ -25,7 +27,7 @@ def _compare(count: int, relation: str, target: int) -> bool:
         return count < target
     if relation == "at least":
         return count >= target
-    raise ValueError(f"unknown relation {relation!r}")
+    raise DataError(f"IFEval kwargs name an unknown relation {relation!r}; valid: 'less than', 'at least'.")
 
 
 def _words(text: str) -> list[str]:

@@ -373,3 +373,23 @@ def test_packed_loss_equals_examples_run_one_by_one(tiny_dir, tok, attn):
             n += k
     assert n_packed == n
     assert packed.item() / n_packed == pytest.approx(total / n, rel=1e-5, abs=1e-6)
+
+
+def test_user_errors_are_qlora_errors_that_name_the_setting(tok):
+    import copy
+
+    from qlora_helpers.errors import ConfigError, QLoraError
+    from qlora_helpers.evaluate import heldout_loss
+    from qlora_helpers.generation import render_prompt
+
+    with pytest.raises(DataError, match=r"packed row of 8 tokens.*train.packed_tokens"):
+        pack_examples([{"input_ids": list(range(12)), "labels": list(range(12))}], budget=8)
+    with pytest.raises(DataError, match=r"No held-out examples.*data.eval_size"):
+        heldout_loss(None, tok, [], batch_size=2, max_length=64)
+    with pytest.raises(DataError, match=r"longer than model.max_seq_length=4"):
+        heldout_loss(None, tok, [("A long prompt here", "and a long answer")], batch_size=2, max_length=4)
+    plain = copy.copy(tok)
+    plain.chat_template = None
+    with pytest.raises(ConfigError, match="data.template=alpaca"):
+        render_prompt(plain, "Hi", style="chat")
+    assert issubclass(DataError, QLoraError) and issubclass(ConfigError, QLoraError)
