@@ -18,13 +18,17 @@ CONFIG ?= default
 SWEEP ?= lora-targets
 ARGS ?=
 
-.PHONY: run test sweep install clean-venv
+.PHONY: run test test-unit sweep install clean-venv
 
 run: $(STAMP)
 	$(PY) -m qlora_helpers run --config $(CONFIG) $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)
+
+# The fast tier: no model, tokenizer, server or notebook (see tests/conftest.py).
+test-unit: $(STAMP)
+	$(PY) -m pytest -q -m unit $(ARGS)
 
 # A parameter sweep (configs/sweeps/$(SWEEP).yaml) -> outputs/sweeps/<name>/; rerun to resume.
 sweep: $(STAMP)

@@ -25,7 +25,23 @@ def _data_dir() -> Path | None:
     return next((p for p in candidates if (p / "alpaca" / "alpaca_5000.json").is_file()), None)
 
 
+# Tiers (pyproject's markers): a test that needs a model or tokenizer (these fixtures, directly or
+# through another fixture) is `integration`; one marked with a tier keeps it (a test that starts
+# notebook kernels without a model says `integration` itself); the rest
+# are `unit`, fast enough to run on every save (`make test-unit`).
+MODEL_FIXTURES = {"tiny_dir", "embedded_dir", "embedded_timing"}
+
+
+def _mark_tiers(items) -> None:
+    for item in items:
+        if any(item.get_closest_marker(tier) for tier in ("gpu", "browser", "integration")):
+            continue
+        needs_model = MODEL_FIXTURES & set(getattr(item, "fixturenames", ()))
+        item.add_marker(pytest.mark.integration if needs_model else pytest.mark.unit)
+
+
 def pytest_collection_modifyitems(config, items):
+    _mark_tiers(items)
     if _data_dir() is not None:
         return
     needing = [item for item in items if item.get_closest_marker("realdata")]

@@ -105,6 +105,7 @@ def test_resume_skips_finished_stages_and_refuses_a_changed_run(tmp_path):
         plan_sweep("smoke", ["lora.r=4,8"], stages="01,03,04,05", outputs_dir=str(tmp_path))
 
 
+@pytest.mark.integration  # starts notebook kernels
 def test_failed_runs_are_recorded_the_sweep_goes_on_and_a_rerun_retries(tmp_path, capsys):
     # stage 02 alone, without 01: each run fails in its first cell, quickly and for real
     args = ["sweep", "--config", "smoke", "--grid", "lora.r=4,8", "--stages", "02", "--outputs-dir", str(tmp_path)]
