@@ -140,7 +140,11 @@ class TrainConfig:
     memory_budget_gib: float = _f(0.0, "fast path: GPU memory training may use; layers are recomputed only as "
                                   "far as needed to fit (0 = 90% of what the card has free)", low=0)
     fused_kernels: bool = _f(True, "fast path: Liger's fused RMSNorm, RoPE, SwiGLU and linear + cross-entropy "
-                             "(when liger-kernel is installed: requirements-gpu.txt)")
+                             "(when liger-kernel is installed: requirements-gpu.txt, and Triton supports the card)")
+    fast_attention: Literal["auto", "varlen", "masked"] = _f(
+        "auto", "fast path's attention, both never crossing packed examples: varlen = torch's varlen "
+        "FlashAttention (compute capability 8.0+); masked = SDPA with a block-diagonal mask (any card, "
+        "more memory); auto = varlen where the card runs it")
     wandb_group: Union[str, None] = _f(None, "W&B group that collects related runs (a sweep sets its name)")
 
 
