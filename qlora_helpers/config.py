@@ -404,12 +404,19 @@ def _check_value(key: str, tp: Any, value: Any) -> Any:
     raise ConfigError(f"{key} = {value!r} is invalid: expected {_type_name(tp)}.")
 
 
-def describe_config(cfg: Config) -> list[dict[str, Any]]:
-    """Rows of (key, value, help) for a table in the notebooks."""
+def describe_config(cfg: Config, changed_only: bool = False) -> list[dict[str, Any]]:
+    """Rows of (key, value, help) for a table in the notebooks; with `changed_only`, only the keys
+    whose value differs from the code's default, with that default beside it."""
     rows = []
     for section in dataclasses.fields(cfg):
         sub = getattr(cfg, section.name)
+        default = type(sub)()
         for f in dataclasses.fields(sub):
-            rows.append({"key": f"{section.name}.{f.name}", "value": getattr(sub, f.name),
-                         "help": f.metadata.get("help", "")})
+            value, was = getattr(sub, f.name), getattr(default, f.name)
+            if changed_only and value == was:
+                continue
+            row = {"key": f"{section.name}.{f.name}", "value": value}
+            if changed_only:
+                row["default"] = was
+            rows.append(dict(row, help=f.metadata.get("help", "")))
     return rows

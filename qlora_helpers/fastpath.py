@@ -89,6 +89,21 @@ def describe_choice(choice: dict[str, Any], dtype) -> str:
             f"{precision}")
 
 
+def describe_fast_path(fast: dict[str, Any] | None, device: str) -> str:
+    """What training used, for people: the fast path's choices, or why the plain path ran."""
+    if fast is None:
+        if not str(device).startswith("cuda"):
+            return ("plain path (CPU): padded micro-batches and transformers' sdpa attention; the fast "
+                    "path (packed rows, fused kernels) is for CUDA GPUs")
+        return "plain path (train.fast_path=never): padded micro-batches and transformers' sdpa attention"
+    attention = "varlen FlashAttention" if fast["attention"] == VARLEN else "SDPA with a block-diagonal mask"
+    kernels = ", ".join(fast["fused_kernels"]) or "none"
+    plan = fast["recompute"]
+    return (f"fast path on {fast.get('card', 'CUDA')}: packed rows of {plan['tokens']} tokens, {attention}, "
+            f"fused kernels: {kernels}; {plan['recompute_layers']} of {plan['layers']} layers recomputed "
+            f"to fit {plan['budget_gib']:.1f} GiB")
+
+
 # --- batches ---------------------------------------------------------------------------------------
 
 

@@ -173,3 +173,13 @@ def test_fast_rows_need_room_for_the_longest_example():
     ok = load_config("smoke", ["train.packed_tokens=128", "model.max_seq_length=128"])
     rows = training_rows(ok, data, fast=True)
     assert len(rows) == 1 and rows[0]["seq_lens"] in ([20, 10], [10, 20])
+
+
+def test_describe_fast_path_never_says_none():
+    assert fastpath.describe_fast_path(None, "cpu").startswith("plain path (CPU)")
+    assert "fast_path=never" in fastpath.describe_fast_path(None, "cuda:0")
+    fast = {"attention": fastpath.MASKED, "card": "Tesla T4 (compute capability 7.5)", "fused_kernels": [],
+            "recompute": {"tokens": 4096, "recompute_layers": 3, "layers": 30, "budget_gib": 13.5}}
+    assert fastpath.describe_fast_path(fast, "cuda") == (
+        "fast path on Tesla T4 (compute capability 7.5): packed rows of 4096 tokens, SDPA with a "
+        "block-diagonal mask, fused kernels: none; 3 of 30 layers recomputed to fit 13.5 GiB")
