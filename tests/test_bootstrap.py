@@ -63,8 +63,8 @@ print(json.dumps({"file": qlora_helpers.__file__, "child": child.stdout.strip(),
 """
 
 
-@pytest.mark.slow
-def test_simulated_colab_first_run(tmp_path):
+@pytest.fixture
+def colab(tmp_path):
     """A fresh Colab-like runtime: a venv that sees this one's packages (as Colab preinstalls torch,
     ipykernel, ipywidgets), a fake `google.colab`, the repository only as a git remote, pip with no
     index (everything it needs is already installed, so nothing downloads)."""
@@ -91,15 +91,21 @@ def test_simulated_colab_first_run(tmp_path):
     (fake / "google" / "colab" / "__init__.py").write_text('"""A stand-in for Colab\'s runtime module."""\n')
     content = tmp_path / "content"  # Colab's working folder, without the project
     content.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "VIRTUAL_ENV"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "VIRTUAL_ENV", "QLORA_HEADLESS"))}
     env.update(QLORA_REPO_URL=str(remote), PYTHONPATH=str(fake), PIP_NO_INDEX="1",
                PIP_NO_BUILD_ISOLATION="0",  # pip's spelling of --no-build-isolation: setuptools is here
                PIP_CONFIG_FILE=os.devnull, CUDA_VISIBLE_DEVICES="")
-    done = subprocess.run([python, "-c", _COLAB_SCRIPT, str(NOTEBOOKS[0])], cwd=content, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return {"python": python, "env": env, "content": content, "clone": content / "qlora-notebooks",
+            "remote": remote}
+
+
+@pytest.mark.slow
+def test_simulated_colab_first_run(colab):
+    done = subprocess.run([colab["python"], "-c", _COLAB_SCRIPT, str(NOTEBOOKS[0])], cwd=colab["content"],
+                          env=colab["env"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.strip().splitlines()
-    clone = content / "qlora-notebooks"
+    clone = colab["clone"]
     assert lines[0].startswith(f"installed qlora_helpers from {clone}; kept torch")
     assert "[gpu]" not in lines[0]
     assert lines[1] == f"qlora_helpers from {clone} (installed earlier in this runtime)"
@@ -107,3 +113,27 @@ def test_simulated_colab_first_run(tmp_path):
     assert result["file"] == str(clone / "qlora_helpers" / "__init__.py")
     assert result["child"] == result["file"]  # child processes (papermill kernels, 06's server) too
     assert result["kept"] and (clone / bootstrap.MARKER).is_file()
+
+
+@pytest.mark.slow
+def test_simulated_colab_runs_01_and_03_headless(colab, tiny_dir, data_dir, tmp_path):
+    """The notebooks opened alone (as Colab opens them from GitHub), run top to bottom by papermill
+    in the simulated runtime: 01 installs and sets up, 03 prepares the data, no restart, no error,
+    and the kernel's packages unchanged."""
+    import importlib.metadata as md
+
+    kept = {n: md.version(n) for n in ("torch", "ipykernel", "ipywidgets")}
+    opened = tmp_path / "opened"  # the .ipynb files alone, as a browser would hand them to Colab
+    opened.mkdir()
+    for nb in ("01_setup.ipynb", "03_data_prep.ipynb"):
+        (opened / nb).write_bytes((colab["remote"] / "notebooks" / nb).read_bytes())
+        done = subprocess.run([colab["python"], "-m", "papermill", str(opened / nb), str(tmp_path / f"ran-{nb}"),
+                               "-p", "config", "smoke", "-p", "run_name", "colab", "--cwd", str(colab["content"]),
+                               "--no-progress-bar", "--execution-timeout", "600"],
+                              cwd=colab["content"], env=colab["env"], capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, (nb, done.stderr[-3000:])
+    run = colab["clone"] / "outputs" / "colab"
+    assert (run / "env.json").is_file() and (run / "data" / "data_report.json").is_file()
+    first = json.loads((tmp_path / "ran-01_setup.ipynb").read_text())["cells"][1]["outputs"][0]["text"]
+    assert "".join(first).startswith(f"installed qlora_helpers from {colab['clone']}")
+    assert {n: md.version(n) for n in kept} == kept
