@@ -42,7 +42,7 @@ def plot_4bit_levels(levels: dict[str, list[float]], sigma: float):
     xs = [i / 200 - 1 for i in range(401)]
     pdf = [NormalDist(0, sigma).pdf(x) for x in xs]
     top = max(pdf)
-    fig, ax = plt.subplots(figsize=(8, 3.4))
+    fig, ax = plt.subplots(figsize=(9.5, 3.4))
     ax.fill_between(xs, pdf, color="#dddddd", label="normal weights / block absmax")
     for i, (qt, color) in enumerate((("nf4", "#dd8452"), ("fp4", "#4c72b0"))):
         y = top * (1.12 + 0.14 * i)
@@ -51,7 +51,7 @@ def plot_4bit_levels(levels: dict[str, list[float]], sigma: float):
     ax.set_xlabel("weight / absmax of its block")
     ax.set_yticks([])
     ax.set_title("The 16 values a 4-bit code can stand for")
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)  # outside: the levels span the axes
     fig.tight_layout()
     return fig
 
@@ -65,8 +65,9 @@ def plot_latency(forms: list[dict[str, Any]]):
                                 (axes[1], "tokens_per_s", "tokens/s (all rows)", "%.0f")):
         bars = ax.bar(labels, [r[key] for r in forms], color=colors)
         ax.bar_label(bars, fmt=fmt)
+        ax.margins(y=0.15)  # room for the labels
         ax.set_title(title)
-    fig.suptitle("4-bit base + adapter against merged 16-bit")
+    fig.suptitle("4-bit base + adapter against the merged model")
     fig.tight_layout()
     return fig
 
