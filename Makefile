@@ -1,4 +1,5 @@
-# The two commands: `make run` (the whole pipeline on the default profile) and `make test`.
+# The two commands: `make run` (the whole pipeline on the default profile) and `make test`;
+# `make lab` opens the notebooks in JupyterLab.
 # Each creates .venv and installs the pinned requirements when it is missing or stale.
 PYTHON ?= python3
 VENV := .venv
@@ -18,7 +19,7 @@ CONFIG ?= default
 SWEEP ?= lora-targets
 ARGS ?=
 
-.PHONY: run test test-unit sweep install clean-venv
+.PHONY: run test test-unit sweep install lab clean-venv
 
 run: $(STAMP)
 	$(PY) -m qlora_helpers run --config $(CONFIG) $(ARGS)
@@ -35,6 +36,15 @@ sweep: $(STAMP)
 	$(PY) -m qlora_helpers sweep --config $(SWEEP) $(ARGS)
 
 install: $(STAMP)
+
+# JupyterLab (requirements-lab.txt, pinned) in .venv, serving notebooks/; ARGS="--no-browser --port 8889" ...
+LAB_STAMP := $(VENV)/.lab-installed
+lab: $(LAB_STAMP)
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root) $(ARGS)
+
+$(LAB_STAMP): $(STAMP) requirements-lab.txt
+	$(PY) -m pip install -q -r requirements-lab.txt
+	touch $(LAB_STAMP)
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

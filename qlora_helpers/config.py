@@ -143,7 +143,11 @@ class TrainConfig:
     memory_budget_gib: float = _f(0.0, "fast path: GPU memory training may use; layers are recomputed only as "
                                   "far as needed to fit (0 = 90% of what the card has free)", low=0)
     fused_kernels: bool = _f(True, "fast path: Liger's fused RMSNorm, RoPE, SwiGLU and linear + cross-entropy "
-                             "(when liger-kernel is installed: requirements-gpu.txt)")
+                             "(when liger-kernel is installed: requirements-gpu.txt, and Triton supports the card)")
+    fast_attention: Literal["auto", "varlen", "masked"] = _f(
+        "auto", "fast path's attention, both never crossing packed examples: varlen = torch's varlen "
+        "FlashAttention (compute capability 8.0+); masked = SDPA with a block-diagonal mask (any card, "
+        "more memory); auto = varlen where the card runs it")
     wandb_group: Union[str, None] = _f(None, "W&B group that collects related runs (a sweep sets its name)")
 
 
@@ -406,12 +410,19 @@ def _check_value(key: str, tp: Any, value: Any) -> Any:
     raise ConfigError(f"{key} = {value!r} is invalid: expected {_type_name(tp)}.")
 
 
-def describe_config(cfg: Config) -> list[dict[str, Any]]:
-    """Rows of (key, value, help) for a table in the notebooks."""
+def describe_config(cfg: Config, changed_only: bool = False) -> list[dict[str, Any]]:
+    """Rows of (key, value, help) for a table in the notebooks; with `changed_only`, only the keys
+    whose value differs from the code's default, with that default beside it."""
     rows = []
     for section in dataclasses.fields(cfg):
         sub = getattr(cfg, section.name)
+        default = type(sub)()
         for f in dataclasses.fields(sub):
-            rows.append({"key": f"{section.name}.{f.name}", "value": getattr(sub, f.name),
-                         "help": f.metadata.get("help", "")})
+            value, was = getattr(sub, f.name), getattr(default, f.name)
+            if changed_only and value == was:
+                continue
+            row = {"key": f"{section.name}.{f.name}", "value": value}
+            if changed_only:
+                row["default"] = was
+            rows.append(dict(row, help=f.metadata.get("help", "")))
     return rows

@@ -132,7 +132,9 @@ def hf_auth_status() -> dict[str, Any]:
 
 
 def is_interactive() -> bool:
-    """True in a Jupyter/Colab session a person drives; False under papermill or plain Python."""
+    """True in a Jupyter/Colab session a person drives; False under papermill, nbconvert, plain
+    Python or QLORA_HEADLESS. Batch executors (papermill through nbclient, nbconvert --execute) run
+    the same kernel as JupyterLab but send every cell with `allow_stdin` off: no one could answer."""
     if os.environ.get("QLORA_HEADLESS"):
         return False
     try:
@@ -140,20 +142,59 @@ def is_interactive() -> bool:
     except ImportError:
         return False
     shell = get_ipython()
-    return shell is not None and type(shell).__name__ in ("ZMQInteractiveShell", "Shell")
+    if shell is None or type(shell).__name__ not in ("ZMQInteractiveShell", "Shell"):
+        return False
+    kernel = getattr(shell, "kernel", None)
+    return bool(getattr(kernel, "_allow_stdin", False))
 
 
-def offer_hf_login() -> str:
-    """Offer the notebook login widget when no token is set and a person is at the keyboard."""
+def needs_hub_token(model_source: str) -> bool:
+    """Whether model.source is a hub id (which may be gated), rather than `embedded`, a
+    `random:<shape>` test model or a local folder, none of which needs a token."""
+    from .models import _HUB_ID
+
+    source = model_source.strip()
+    if source == "embedded" or source.startswith("random:") or Path(source).expanduser().exists():
+        return False
+    return bool(_HUB_ID.match(source))
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """A TCP connection to the hub's endpoint opens (and HF_HUB_OFFLINE is not set)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def offer_hf_login(model_source: str) -> str:
+    """One line on Hugging Face access for this model. The login box appears only when the model
+    is a hub id, no token is found, the hub is reachable and a person is at the keyboard; so a
+    batch run or an offline machine never waits on it."""
+    if not needs_hub_token(model_source):
+        return f"model.source={model_source} loads without a Hugging Face token."
     if hf_auth_status()["token_found"]:
-        return "Hugging Face token found; gated models (LLaMA 2) will load if your account has access."
+        return "Hugging Face token found; gated models (LLaMA 2) load if your account has access."
+    todo = (f"set HF_TOKEN in the environment (a read token from huggingface.co/settings/tokens) before "
+            f"starting Jupyter or the run, if {model_source} is gated")
+    if not hub_reachable():
+        return f"No Hugging Face token, and the hub is out of reach from here: {todo}, and run where the hub is reachable."
     if not is_interactive():
-        return ("No Hugging Face token. Set HF_TOKEN in the environment to use gated hub models; "
-                "the embedded model needs none.")
+        return f"No Hugging Face token (batch run, so no login box): {todo}."
     from huggingface_hub import notebook_login
 
-    notebook_login()
-    return "Log in above to use gated hub models; the embedded model needs no token."
+    try:
+        notebook_login()
+    except Exception as exc:  # the widget or device-code login failing must not stop the notebook
+        return f"The login box failed ({type(exc).__name__}): {todo}."
+    return f"Log in above if {model_source} is gated; the token is kept in the Hugging Face cache, never in this notebook."
 
 
 def wandb_mode(setting: str) -> str:

@@ -38,7 +38,7 @@ def heldout_loss(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int
         raise DataError(f"All {len(examples)} held-out examples are longer than model.max_seq_length="
                         f"{max_length}; raise model.max_seq_length or check the data.")
     device = next(model.parameters()).device
-    total_nll, total_tokens = 0.0, 0
+    per_example: list[list[float]] = []
     was_training = model.training
     model.eval()  # no dropout while measuring
     with torch.no_grad():
@@ -49,13 +49,14 @@ def heldout_loss(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int
             labels = batch["labels"][:, 1:]
             nll = torch.nn.functional.cross_entropy(
                 logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                ignore_index=-100, reduction="sum")
-            total_nll += nll.item()
-            total_tokens += int((labels != -100).sum())
+                ignore_index=-100, reduction="none").view(labels.shape).sum(1)
+            per_example += [[n, t] for n, t in zip(nll.tolist(), (labels != -100).sum(1).tolist())]
     model.train(was_training)
+    total_nll, total_tokens = sum(n for n, _ in per_example), sum(t for _, t in per_example)
     loss = total_nll / total_tokens
     return {"loss": loss, "perplexity": math.exp(loss), "examples": len(kept),
-            "skipped_too_long": len(examples) - len(kept), "tokens": total_tokens}
+            "skipped_too_long": len(examples) - len(kept), "tokens": total_tokens,
+            "per_example": per_example}  # [summed NLL, response tokens] of each scored example
 
 
 # --- text metrics -------------------------------------------------------------------------------
@@ -305,6 +306,74 @@ def summarize(results: dict[str, Any]) -> dict[str, dict[str, float]]:
             for name, (task, key) in pick.items() if task in results and counts[task] != 0}
 
 
+# --- is the difference real? ------------------------------------------------------------------------
+
+
+def paired_bootstrap(base, tuned, weights=None, transform=None, resamples: int = 2000, seed: int = 0,
+                     level: float = 0.95) -> dict[str, Any]:
+    """Difference tuned - base of a (weighted) mean over the same examples, with a percentile
+    bootstrap interval: each resample draws example indices with replacement and uses the same
+    indices for both sides, so what the two models share per example cancels. `transform` maps each
+    side's mean before the difference (exp: perplexity from mean loss). Seeded: reproducible."""
+    import numpy as np
+
+    b, t = np.asarray(base, dtype=float), np.asarray(tuned, dtype=float)
+    if b.shape != t.shape or b.ndim != 1 or len(b) == 0:
+        raise ValueError(f"paired_bootstrap needs two equally long, non-empty lists (got {len(b)} and {len(t)}).")
+    w = np.ones_like(b) if weights is None else np.asarray(weights, dtype=float)
+    f = np.vectorize(transform) if transform else (lambda x: x)
+
+    def difference(idx):
+        ww = w[idx]
+        return f((t[idx] * ww).sum(-1) / ww.sum(-1)) - f((b[idx] * ww).sum(-1) / ww.sum(-1))
+
+    idx = np.random.default_rng(seed).integers(0, len(b), size=(resamples, len(b)))
+    low, high = np.quantile(difference(idx), [(1 - level) / 2, (1 + level) / 2])
+    return {"difference": float(difference(np.arange(len(b)))), "low": float(low), "high": float(high),
+            "level": level, "n": len(b), "resamples": resamples, "seed": seed,
+            "distinguishable": bool(low > 0 or high < 0)}
+
+
+# metric: (task, how each side's per-example values are read: values, weights; transform, lower is better)
+_PAIRED = {
+    "held-out loss": ("loss", lambda r: ([n / k for n, k in r["per_example"]], [k for _, k in r["per_example"]]), None, True),
+    "perplexity": ("loss", lambda r: ([n / k for n, k in r["per_example"]], [k for _, k in r["per_example"]]), math.exp, True),
+    "ROUGE-L F1": ("rouge", lambda r: (r["per_example"], None), None, False),
+    "GSM8K exact match": ("gsm8k", lambda r: ([float(h) for h in r["per_example"]], None), None, False),
+    "IFEval prompt-level": ("ifeval", lambda r: ([p[0] for p in r["per_prompt"]], None), None, False),
+    "IFEval instruction-level": ("ifeval", lambda r: ([p[1] / p[2] for p in r["per_prompt"]],
+                                                      [p[2] for p in r["per_prompt"]]), None, False),
+}
+
+
+def compare_paired(results: dict[str, Any], seed: int = 0) -> list[dict[str, Any]]:
+    """Every base -> tuned difference of the headline metrics with its paired bootstrap 95% interval,
+    and a sentence saying whether it can be told from zero."""
+    rows = []
+    for metric, (task, read, transform, lower_better) in _PAIRED.items():
+        if task not in results or not results[task].get("tuned"):
+            continue
+        (base, weights), (tuned, _) = read(results[task]["base"]), read(results[task]["tuned"])
+        if not base:
+            continue
+        r = paired_bootstrap(base, tuned, weights, transform, seed=seed)
+        rows.append({"metric": metric, **r, "verdict": describe_difference(metric, r, lower_better)})
+    return rows
+
+
+def describe_difference(metric: str, r: dict[str, Any], lower_is_better: bool = False) -> str:
+    """One sentence: the difference, its interval, and whether it is distinguishable from zero."""
+    span = f"{r['difference']:+.4g} (95% interval {r['low']:+.4g} to {r['high']:+.4g}, {r['n']} paired examples)"
+    if not r["distinguishable"] and r["low"] == r["high"]:
+        return f"{metric}: tuned - base = {span}: no difference; the two models score alike on every example."
+    if not r["distinguishable"]:
+        half = (r["high"] - r["low"]) / 2
+        return (f"{metric}: tuned - base = {span}: not distinguishable from zero; with this many examples "
+                f"only differences beyond about ±{half:.3g} would show.")
+    better = (r["difference"] < 0) == lower_is_better
+    return f"{metric}: tuned - base = {span}: distinguishable from zero, tuned is {'better' if better else 'worse'}."
+
+
 def write_eval_report(run, results: dict[str, Any], extra: dict[str, Any] | None = None, model=None) -> str:
     """eval.json: every number, with the config, seeds, sample counts, timings, the 4-bit kernel that
     ran (`model`) and the tasks skipped for want of data, with the reason."""
@@ -318,7 +387,7 @@ def write_eval_report(run, results: dict[str, Any], extra: dict[str, Any] | None
               "seed": cfg.data.seed, "device": run.device, "compute_dtype": run.runtime["compute_dtype"],
               "decoding": "greedy", "samples": sample_counts(results),
               "seconds": {task: r.get("seconds") for task, r in results.items()},
-              "results": results, **(extra or {})}
+              "differences": compare_paired(results), "results": results, **(extra or {})}
     return str(write_json_atomic(run.path / "eval.json", report))
 
 

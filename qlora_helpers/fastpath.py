@@ -7,11 +7,12 @@ idles. Each change here is measured in benchmarks/BENCHMARKS.md (benchmarks/trai
    `train.packed_tokens` tokens (first fit, longest first), position ids restarting per example.
 2. Attention that never crosses examples: torch's varlen FlashAttention over the examples'
    boundaries (`cu_seq_lens`), registered with transformers' AttentionInterface. Position ids
-   alone do not isolate packed examples under sdpa/eager/flex in transformers (DESIGN.md), and a
-   4-D block-diagonal mask costs O(tokens^2) memory. Without boundaries (evaluation, generation)
-   it falls back to transformers' own sdpa with the usual padding mask.
+   alone do not isolate packed examples under sdpa/eager/flex in transformers (DESIGN.md). The
+   varlen kernels need compute capability 8.0+; on older cards (T4, RTX 20xx) SDPA with a 4-D
+   block-diagonal mask does the same job with O(tokens^2) mask memory. Without boundaries
+   (evaluation, generation) both fall back to transformers' own sdpa with the usual padding mask.
 3. Fused kernels from Liger (RMSNorm, RoPE, SwiGLU, and linear + cross-entropy without the logits)
-   when `liger-kernel` is installed (`requirements-gpu.txt`).
+   when `liger-kernel` is installed (`requirements-gpu.txt`) and Triton supports the card.
 4. No fp32 copies of the norms and the LM head (peft's k-bit preparation makes them; bf16 autocast
    does the matmuls in bf16 either way), so the loss head stays one bf16 weight.
 5. Recomputation by memory budget: only as many decoder layers are checkpointed as the budget
@@ -27,7 +28,10 @@ import types
 from typing import Any
 
 VARLEN = "qlora_varlen"
+MASKED = "qlora_masked"
 GIB = 2**30
+VARLEN_MIN_CAPABILITY = (8, 0)  # torch's varlen FlashAttention kernels: Ampere and newer
+TRITON_MIN_CAPABILITY = (8, 0)  # the NVIDIA cards Triton's README lists as supported (Liger is Triton)
 
 
 def fast_path_active(train_cfg, device: str) -> bool:
@@ -41,6 +45,63 @@ def fast_path_active(train_cfg, device: str) -> bool:
         raise ConfigError("train.fast_path=always needs a CUDA GPU (its attention and fused kernels are GPU "
                           "kernels). Use train.fast_path=auto or never on this machine.")
     return cuda
+
+
+def choose_fast_path(train_cfg, device) -> dict[str, Any]:
+    """What of the fast path runs on this card: varlen attention at compute capability 8.0+ (else
+    the block-diagonal mask), Liger where Triton supports the card. `always` on a card below 8.0, or
+    `fast_attention: varlen` there, is a ConfigError naming what to set instead."""
+    import importlib.util
+
+    import torch
+
+    from .errors import ConfigError
+
+    cap = tuple(torch.cuda.get_device_capability(device))
+    card = f"{torch.cuda.get_device_name(device)} (compute capability {cap[0]}.{cap[1]})"
+    varlen_ok = cap >= VARLEN_MIN_CAPABILITY and varlen_available()
+    if not varlen_ok and (train_cfg.fast_path == "always" or train_cfg.fast_attention == "varlen"):
+        setting = "train.fast_path=always" if train_cfg.fast_path == "always" else "train.fast_attention=varlen"
+        raise ConfigError(f"{setting} needs torch's varlen FlashAttention, which runs at compute capability "
+                          f"8.0+ (A100, RTX 30xx and newer); this card is {card}. Use train.fast_path=auto "
+                          f"(packing with a block-diagonal attention mask) or never.")
+    attention = VARLEN if train_cfg.fast_attention == "varlen" or (train_cfg.fast_attention == "auto" and varlen_ok) \
+        else MASKED
+    liger = importlib.util.find_spec("liger_kernel") is not None
+    fused = train_cfg.fused_kernels and liger and cap >= TRITON_MIN_CAPABILITY
+    why_not_fused = ("off (train.fused_kernels=false)" if not train_cfg.fused_kernels else
+                     "off (liger-kernel is not installed: requirements-gpu.txt)" if not liger else
+                     "off (Triton supports compute capability 8.0+)" if not fused else "Liger")
+    return {"card": card, "capability": cap, "attention": attention, "fused": fused,
+            "fused_note": why_not_fused, "bf16": bool(torch.cuda.is_bf16_supported())}
+
+
+def describe_choice(choice: dict[str, Any], dtype) -> str:
+    """One line: what the fast path chose on this card, and why where it gave something up."""
+    import torch
+
+    attention = ("varlen FlashAttention" if choice["attention"] == VARLEN else
+                 "SDPA with a block-diagonal mask" + ("" if choice["capability"] >= VARLEN_MIN_CAPABILITY else
+                                                       " (varlen FlashAttention needs 8.0+)"))
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16 with loss scaling" + (
+        "" if choice["bf16"] else " (no bf16 on this card)")}.get(dtype, str(dtype).removeprefix("torch."))
+    return (f"fast path on {choice['card']}: packed rows, {attention}, fused kernels {choice['fused_note']}, "
+            f"{precision}")
+
+
+def describe_fast_path(fast: dict[str, Any] | None, device: str) -> str:
+    """What training used, for people: the fast path's choices, or why the plain path ran."""
+    if fast is None:
+        if not str(device).startswith("cuda"):
+            return ("plain path (CPU): padded micro-batches and transformers' sdpa attention; the fast "
+                    "path (packed rows, fused kernels) is for CUDA GPUs")
+        return "plain path (train.fast_path=never): padded micro-batches and transformers' sdpa attention"
+    attention = "varlen FlashAttention" if fast["attention"] == VARLEN else "SDPA with a block-diagonal mask"
+    kernels = ", ".join(fast["fused_kernels"]) or "none"
+    plan = fast["recompute"]
+    return (f"fast path on {fast.get('card', 'CUDA')}: packed rows of {plan['tokens']} tokens, {attention}, "
+            f"fused kernels: {kernels}; {plan['recompute_layers']} of {plan['layers']} layers recomputed "
+            f"to fit {plan['budget_gib']:.1f} GiB")
 
 
 # --- batches ---------------------------------------------------------------------------------------
@@ -139,14 +200,46 @@ def _varlen_mask(*args, attention_mask=None, **kwargs):
     return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
 
 
-def use_varlen_attention(model) -> None:
-    """Register the varlen attention with transformers and switch `model` to it."""
+def block_diagonal_mask(cu, length: int, device=None):
+    """[1, 1, length, length] boolean mask (True = may attend): causal within each example of a
+    packed row, nothing across examples. The form sdpa takes (DESIGN.md's packing pitfall)."""
+    import torch
+
+    lens = (cu[1:] - cu[:-1]).to(device)
+    example = torch.repeat_interleave(torch.arange(len(lens), device=device), lens)
+    same = example[:, None] == example[None, :]
+    return (same & torch.ones(length, length, dtype=torch.bool, device=device).tril())[None, None]
+
+
+def masked_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                             scaling: float | None = None, **kwargs):
+    """transformers attention function for cards without the varlen kernels: SDPA with the
+    block-diagonal mask when the batch carries boundaries, transformers' sdpa otherwise."""
+    import torch.nn.functional as F
+
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    mask = block_diagonal_mask(cu, query.shape[2], query.device)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
+                                         dropout_p=dropout if module.training else 0.0,
+                                         enable_gqa=key.shape[1] != query.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+def use_varlen_attention(model, name: str = VARLEN) -> None:
+    """Register the packed-row attention `name` (VARLEN or MASKED) with transformers and switch
+    `model` to it."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    AttentionInterface.register(VARLEN, varlen_attention_forward)
-    AttentionMaskInterface.register(VARLEN, _varlen_mask)
-    model.set_attn_implementation(VARLEN)
+    forward = {VARLEN: varlen_attention_forward, MASKED: masked_attention_forward}[name]
+    AttentionInterface.register(name, forward)
+    AttentionMaskInterface.register(name, _varlen_mask)
+    model.set_attn_implementation(name)
 
 
 # --- fused kernels --------------------------------------------------------------------------------------
@@ -250,10 +343,12 @@ def prepare_fast_model(model, train_cfg, device, lora_targets: Any = ()) -> dict
     kernels, frozen base weights kept in their dtype, recomputation planned from the budget."""
     import torch
 
+    choice = choose_fast_path(train_cfg, device)
     for p in model.parameters():
         p.requires_grad_(False)
-    use_varlen_attention(model)
-    kernels = apply_fused_kernels(model) if train_cfg.fused_kernels else []
+    use_varlen_attention(model, choice["attention"])
+    kernels = apply_fused_kernels(model) if choice["fused"] else []
+    print(describe_choice(choice, model.dtype))
     plan = plan_recompute(model.config, train_cfg.packed_tokens, budget_bytes(train_cfg, device),
                           torch.cuda.memory_allocated(device) + GIB,  # + workspace, optimizer, loss chunks
                           lora_targets)
@@ -261,4 +356,4 @@ def prepare_fast_model(model, train_cfg, device, lora_targets: Any = ()) -> dict
     if not plan["fits"]:
         print(f"train.packed_tokens={train_cfg.packed_tokens} may not fit the memory budget "
               f"({plan['budget_gib']:.1f} GiB) even recomputing every layer; lower train.packed_tokens.")
-    return {"attention": VARLEN, "fused_kernels": kernels, "recompute": plan}
+    return {"attention": choice["attention"], "card": choice["card"], "fused_kernels": kernels, "recompute": plan}

@@ -208,6 +208,7 @@ def check_response(response: str, instruction_ids: list[str], kwargs: list[dict]
 def score(rows: list[dict[str, Any]], responses: list[str]) -> dict[str, Any]:
     """Prompt-level (every implemented instruction followed) and instruction-level accuracy."""
     prompt_hits, instruction_hits, instructions, scored, skipped = 0, 0, 0, 0, {}
+    per_prompt = []  # [all followed, instructions followed, instructions] of each scored prompt
     for row, response in zip(rows, responses):
         result = check_response(response, row["instruction_id_list"], row["kwargs"])
         for iid in row["instruction_id_list"]:
@@ -219,7 +220,8 @@ def score(rows: list[dict[str, Any]], responses: list[str]) -> dict[str, Any]:
         prompt_hits += all(result.values())
         instruction_hits += sum(result.values())
         instructions += len(result)
+        per_prompt.append([int(all(result.values())), sum(result.values()), len(result)])
     return {"prompt_level_strict": prompt_hits / scored if scored else 0.0,
             "instruction_level_strict": instruction_hits / instructions if instructions else 0.0,
             "prompts_scored": scored, "instructions_scored": instructions,
-            "skipped_instructions": skipped, "skipped_why": SKIPPED}
+            "skipped_instructions": skipped, "skipped_why": SKIPPED, "per_prompt": per_prompt}

@@ -34,6 +34,44 @@ def plot_footprint(footprint: dict[str, Any]):
     return fig
 
 
+def plot_4bit_levels(levels: dict[str, list[float]], sigma: float):
+    """NF4's and FP4's 16 levels over the normal distribution of weights scaled by their block's
+    absmax (standard deviation `sigma`): NF4 spends its levels where the weights are."""
+    from statistics import NormalDist
+
+    xs = [i / 200 - 1 for i in range(401)]
+    pdf = [NormalDist(0, sigma).pdf(x) for x in xs]
+    top = max(pdf)
+    fig, ax = plt.subplots(figsize=(9.5, 3.4))
+    ax.fill_between(xs, pdf, color="#dddddd", label="normal weights / block absmax")
+    for i, (qt, color) in enumerate((("nf4", "#dd8452"), ("fp4", "#4c72b0"))):
+        y = top * (1.12 + 0.14 * i)
+        ax.vlines(levels[qt], 0, y, colors=color, alpha=0.35, linewidth=1)
+        ax.plot(levels[qt], [y] * len(levels[qt]), "o", color=color, label=f"{qt.upper()} levels")
+    ax.set_xlabel("weight / absmax of its block")
+    ax.set_yticks([])
+    ax.set_title("The 16 values a 4-bit code can stand for")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)  # outside: the levels span the axes
+    fig.tight_layout()
+    return fig
+
+
+def plot_latency(forms: list[dict[str, Any]]):
+    """Time to first token and tokens/s for each served form at each batch size (06)."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    labels = [f"{r['form']}\nbatch {r['batch']}" for r in forms]
+    colors = ["#4c72b0" if r["form"] == "adapter" else "#dd8452" for r in forms]
+    for ax, key, title, fmt in ((axes[0], "ttft_s", "time to first token (s)", "%.2f"),
+                                (axes[1], "tokens_per_s", "tokens/s (all rows)", "%.0f")):
+        bars = ax.bar(labels, [r[key] for r in forms], color=colors)
+        ax.bar_label(bars, fmt=fmt)
+        ax.margins(y=0.15)  # room for the labels
+        ax.set_title(title)
+    fig.suptitle("4-bit base + adapter against the merged model")
+    fig.tight_layout()
+    return fig
+
+
 def plot_layer_errors(errors: list[dict[str, Any]]):
     """Histogram of per-layer relative weight error, NF4 against FP4 on the same weights."""
     fig, ax = plt.subplots(figsize=(7, 3.6))

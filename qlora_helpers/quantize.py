@@ -6,7 +6,9 @@ Loads the model twice (full precision and 4-bit), then compares memory, per-laye
 
 from __future__ import annotations
 
+import math
 import time
+from statistics import NormalDist
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -19,6 +21,9 @@ from .paths import write_json_atomic
 from .runs import Run
 
 SAMPLE_INSTRUCTION = "Give three tips for staying healthy."
+# NF4 puts its outermost levels at the normal quantile 0.9677 (bitsandbytes' create_normal_map) and
+# divides by it: in units of a block's absmax, normal weights then have this standard deviation.
+NF4_SIGMA = 1 / NormalDist().inv_cdf(0.9677083)
 
 
 def load_full_and_quantized(run: Run) -> dict[str, Any]:
@@ -95,6 +100,22 @@ def layer_errors(full, quantized, double_quant: bool, blocksize: int = 64) -> li
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return rows
+
+
+def quantization_levels() -> dict[str, list[float]]:
+    """The 16 values each 4-bit code stands for, in units of its block's absmax, as bitsandbytes
+    defines NF4 and FP4."""
+    from bitsandbytes.functional import get_4bit_type
+
+    return {qt: sorted(get_4bit_type(qt, device="cpu").tolist()) for qt in ("nf4", "fp4")}
+
+
+def normal_mass_per_level(levels: list[float], sigma: float = NF4_SIGMA) -> list[float]:
+    """Share of normally distributed (scaled) weights that round to each level: nearest level wins,
+    so each level owns the interval between the midpoints to its neighbours."""
+    cdf = NormalDist(0, sigma).cdf
+    edges = [-math.inf, *((a + b) / 2 for a, b in zip(levels[:-1], levels[1:])), math.inf]
+    return [cdf(b) - cdf(a) for a, b in zip(edges[:-1], edges[1:])]
 
 
 def compare_generations(tokenizer, models: dict[str, Any], max_new_tokens: int,

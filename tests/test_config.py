@@ -121,6 +121,15 @@ def test_config_is_frozen():
         cfg.train.learning_rate = 1.0  # type: ignore[misc]
 
 
+def test_describe_config_changed_only_lists_what_the_profile_sets():
+    rows = describe_config(load_config("smoke", ["lora.r=8"]), changed_only=True)
+    by_key = {r["key"]: r for r in rows}
+    assert by_key["model.source"]["value"] == "random:tiny" and by_key["model.source"]["default"] == "embedded"
+    assert by_key["lora.r"]["value"] == 8 and by_key["lora.r"]["default"] == 16
+    assert "quant.quant_type" not in by_key and all(r["value"] != r["default"] for r in rows)
+    assert len(rows) < len(describe_config(Config())) / 3
+
+
 def test_describe_config_explains_every_key():
     rows = describe_config(load_config("default"))
     assert len(rows) == sum(len(dataclasses.fields(getattr(Config(), f.name))) for f in dataclasses.fields(Config))

@@ -111,3 +111,64 @@ def test_a_task_without_data_is_skipped_and_recorded(tmp_path, tiny_dir, monkeyp
     report = json.loads(open(write_eval_report(run, {"ifeval": ifeval, "showcase": showcase})).read())
     assert set(report["skipped"]) == {"ifeval", "showcase"} and report["summary"] == {}
     assert report["samples"]["ifeval"] == 0
+
+
+def test_paired_bootstrap_on_known_inputs():
+    from qlora_helpers.evaluate import paired_bootstrap
+
+    # one of four examples flips from wrong to right: the resampled count of flips is Binomial(4, 1/4),
+    # so the 2.5% and 97.5% points of the mean difference are 0 and 3/4: zero is inside
+    r = paired_bootstrap([0, 0, 0, 0], [1, 0, 0, 0])
+    assert (r["difference"], r["low"], r["high"], r["n"]) == (0.25, 0.0, 0.75, 4)
+    assert not r["distinguishable"]
+    # the same shift on every example: every resample sees exactly that shift
+    r = paired_bootstrap([0.1, 0.5, 0.9, 0.3], [1.1, 1.5, 1.9, 1.3])
+    assert r["difference"] == pytest.approx(1.0) and r["low"] == pytest.approx(1.0) and r["distinguishable"]
+    assert paired_bootstrap([0, 1, 0, 1, 1], [1, 1, 0, 0, 1], seed=3) == paired_bootstrap([0, 1, 0, 1, 1], [1, 1, 0, 0, 1], seed=3)
+
+
+def test_paired_bootstrap_pairs_examples():
+    """Big differences between examples, a small consistent gain: paired, the gain shows."""
+    import random
+
+    from qlora_helpers.evaluate import paired_bootstrap
+
+    rng = random.Random(0)
+    base = [rng.uniform(0, 1) for _ in range(40)]
+    tuned = [b + 0.05 + rng.uniform(-0.01, 0.01) for b in base]
+    r = paired_bootstrap(base, tuned)
+    assert r["distinguishable"] and 0.04 < r["low"] < r["difference"] < r["high"] < 0.06
+
+
+def test_paired_bootstrap_weights_and_transform():
+    import math
+
+    from qlora_helpers.evaluate import paired_bootstrap
+
+    # per-example mean losses weighted by token counts: the token-weighted loss difference
+    base, tuned, tokens = [2.0, 1.0], [1.0, 1.0], [3, 1]
+    r = paired_bootstrap(base, tuned, tokens)
+    assert r["difference"] == pytest.approx((1.0 * 3 + 1.0) / 4 - (2.0 * 3 + 1.0) / 4)
+    ppl = paired_bootstrap(base, tuned, tokens, math.exp)
+    assert ppl["difference"] == pytest.approx(math.exp(1.0) - math.exp(1.75))
+    with pytest.raises(ValueError, match="equally long"):
+        paired_bootstrap([1, 2], [1])
+
+
+def test_compare_paired_says_in_words_whether_it_is_real():
+    from qlora_helpers.evaluate import compare_paired
+
+    results = {
+        "loss": {"base": {"per_example": [[20.0, 10]] * 30}, "tuned": {"per_example": [[15.0, 10]] * 30}},
+        "rouge": {"base": {"per_example": [0.2, 0.3, 0.1, 0.4]}, "tuned": {"per_example": [0.3, 0.2, 0.1, 0.4]}},
+        "gsm8k": {"base": {"per_example": [False] * 4}, "tuned": {"per_example": [False] * 4}},
+        "ifeval": {"base": {"per_prompt": [[1, 2, 2], [0, 0, 1]]}, "tuned": {"per_prompt": [[1, 2, 2], [1, 1, 1]]}},
+    }
+    rows = {r["metric"]: r for r in compare_paired(results)}
+    assert set(rows) == {"held-out loss", "perplexity", "ROUGE-L F1", "GSM8K exact match",
+                         "IFEval prompt-level", "IFEval instruction-level"}
+    assert rows["held-out loss"]["difference"] == pytest.approx(-0.5)
+    assert rows["held-out loss"]["verdict"].endswith("distinguishable from zero, tuned is better.")
+    assert "not distinguishable from zero" in rows["ROUGE-L F1"]["verdict"]
+    assert rows["GSM8K exact match"]["verdict"].endswith("the two models score alike on every example.")
+    assert rows["IFEval instruction-level"]["difference"] == pytest.approx(3 / 3 - 2 / 3)

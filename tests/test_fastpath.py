@@ -33,16 +33,18 @@ def test_collate_flat_marks_every_boundary():
     assert all(batch["labels"][0, s] == -100 for s in starts)  # no example learns to follow another
 
 
-def test_varlen_attention_packed_equals_separate(tiny_dir):
-    """The flat packed row through the varlen attention gives each example exactly the logits and
-    loss it gets alone: attention never crosses examples."""
+@pytest.mark.parametrize("attention", [fastpath.VARLEN, fastpath.MASKED])
+def test_packed_attention_equals_separate(tiny_dir, attention):
+    """The flat packed row through the varlen attention (or, for cards below compute capability 8.0,
+    the block-diagonal mask) gives each example exactly the logits it gets alone: attention never
+    crosses examples."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
     examples = _examples([11, 4, 17, 8, 13])
     rows = pack_examples(examples, budget=64, seed=0)
     batch = fastpath.collate_flat(rows)
-    fastpath.use_varlen_attention(model)
+    fastpath.use_varlen_attention(model, attention)
     with torch.no_grad():
         packed = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
         order = [i for r in rows for i in _members(r, examples)]
@@ -67,7 +69,8 @@ def _members(row, examples):
     return out
 
 
-def test_flat_loss_equals_padded_loss(tiny_dir):
+@pytest.mark.parametrize("attention", [fastpath.VARLEN, fastpath.MASKED])
+def test_flat_loss_equals_padded_loss(tiny_dir, attention):
     """Same weights, same tokens: the fast path's loss equals the padded batch's token-weighted loss."""
     from transformers import AutoModelForCausalLM
 
@@ -77,7 +80,7 @@ def test_flat_loss_equals_padded_loss(tiny_dir):
     examples = _examples([21, 9, 30, 14], seed=3)
     with torch.no_grad():
         padded = model(**collate(examples, pad_token_id=0)).loss
-        fastpath.use_varlen_attention(model)
+        fastpath.use_varlen_attention(model, attention)
         flat = model(**fastpath.collate_flat(pack_examples(examples, budget=128))).loss
     torch.testing.assert_close(flat, padded, rtol=1e-5, atol=1e-6)
 
@@ -106,6 +109,58 @@ def test_fast_path_switch(tiny_dir):
         fastpath.fast_path_active(load_config("smoke", ["train.fast_path=always"]).train, "cpu")
 
 
+def test_block_diagonal_mask():
+    mask = fastpath.block_diagonal_mask(torch.tensor([0, 2, 5]), 5)[0, 0].int().tolist()
+    assert mask == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 1]]
+
+
+@pytest.fixture
+def card(monkeypatch):
+    """Replace the GPU's identity: (capability, bf16, name), and whether liger-kernel is installed."""
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+
+    def set_card(capability, bf16, name, liger=True):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+        monkeypatch.setattr(fastpath, "varlen_available", lambda: True)
+        monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: (object() if liger else None)
+                            if n == "liger_kernel" else real_find_spec(n, *a))
+    return set_card
+
+
+def test_auto_on_a_t4_packs_with_the_mask_in_fp16(card):
+    card((7, 5), False, "Tesla T4")
+    choice = fastpath.choose_fast_path(load_config("smoke").train, "cuda")
+    assert choice["attention"] == fastpath.MASKED and not choice["fused"]
+    assert fastpath.describe_choice(choice, torch.float16) == (
+        "fast path on Tesla T4 (compute capability 7.5): packed rows, SDPA with a block-diagonal mask "
+        "(varlen FlashAttention needs 8.0+), fused kernels off (Triton supports compute capability 8.0+), "
+        "fp16 with loss scaling (no bf16 on this card)")
+
+
+@pytest.mark.parametrize("capability", [(8, 0), (9, 0), (12, 0)])
+def test_auto_on_ampere_and_newer_uses_varlen_and_liger(card, capability):
+    card(capability, True, "NVIDIA H100 80GB HBM3")
+    choice = fastpath.choose_fast_path(load_config("smoke").train, "cuda")
+    assert choice["attention"] == fastpath.VARLEN and choice["fused"]
+    line = fastpath.describe_choice(choice, torch.bfloat16)
+    assert "varlen FlashAttention, fused kernels Liger, bf16" in line
+    card(capability, True, "NVIDIA H100 80GB HBM3", liger=False)
+    assert not fastpath.choose_fast_path(load_config("smoke").train, "cuda")["fused"]
+    masked = fastpath.choose_fast_path(load_config("smoke", ["train.fast_attention=masked"]).train, "cuda")
+    assert masked["attention"] == fastpath.MASKED
+
+
+@pytest.mark.parametrize("setting", ["train.fast_path=always", "train.fast_attention=varlen"])
+def test_varlen_demanded_on_a_t4_is_a_clear_error(card, setting):
+    card((7, 5), False, "Tesla T4")
+    with pytest.raises(ConfigError, match=r"8\.0\+.*Tesla T4 \(compute capability 7\.5\).*fast_path=auto"):
+        fastpath.choose_fast_path(load_config("smoke", [setting]).train, "cuda")
+
+
 def test_fast_rows_need_room_for_the_longest_example():
     from qlora_helpers.data import PreparedData
     from qlora_helpers.errors import QLoraError
@@ -118,3 +173,13 @@ def test_fast_rows_need_room_for_the_longest_example():
     ok = load_config("smoke", ["train.packed_tokens=128", "model.max_seq_length=128"])
     rows = training_rows(ok, data, fast=True)
     assert len(rows) == 1 and rows[0]["seq_lens"] in ([20, 10], [10, 20])
+
+
+def test_describe_fast_path_never_says_none():
+    assert fastpath.describe_fast_path(None, "cpu").startswith("plain path (CPU)")
+    assert "fast_path=never" in fastpath.describe_fast_path(None, "cuda:0")
+    fast = {"attention": fastpath.MASKED, "card": "Tesla T4 (compute capability 7.5)", "fused_kernels": [],
+            "recompute": {"tokens": 4096, "recompute_layers": 3, "layers": 30, "budget_gib": 13.5}}
+    assert fastpath.describe_fast_path(fast, "cuda") == (
+        "fast path on Tesla T4 (compute capability 7.5): packed rows of 4096 tokens, SDPA with a "
+        "block-diagonal mask, fused kernels: none; 3 of 30 layers recomputed to fit 13.5 GiB")

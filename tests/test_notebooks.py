@@ -108,3 +108,52 @@ def test_source_notebooks_are_untouched_by_runs():
     for path in (PROJECT_ROOT / "notebooks").glob("*.ipynb"):
         nb = json.loads(path.read_text())
         assert all(not c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code")
+
+
+def _cell_text(nb: dict) -> str:
+    return "".join(o.get("text", "") if isinstance(o.get("text"), str) else "".join(o.get("text", []))
+                   for c in nb["cells"] for o in c.get("outputs", []))
+
+
+def test_papermill_run_directly_never_waits_for_a_login(tmp_path, tiny_dir, monkeypatch):
+    """`papermill` without our runner (no QLORA_HEADLESS), no token, a gated hub model, and a hub
+    that accepts connections but never answers: 01 must finish and say what to do in one line."""
+    import socket
+
+    import papermill
+
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "QLORA_HEADLESS", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no cached login
+    silent_hub = socket.create_server(("127.0.0.1", 0))  # connects, never replies: a login would hang
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{silent_hub.getsockname()[1]}")
+    out = tmp_path / "01_setup.ipynb"
+    try:
+        papermill.execute_notebook(str(PROJECT_ROOT / "notebooks" / "01_setup.ipynb"), str(out),
+                                   parameters={"config": "smoke", "run_name": "direct",
+                                               "overrides": ["model.source=meta-llama/Llama-2-7b-hf"],
+                                               "outputs_dir": str(tmp_path)},
+                                   cwd=str(PROJECT_ROOT / "notebooks"), kernel_name="python3",
+                                   progress_bar=False, execution_timeout=300)
+    finally:
+        silent_hub.close()
+    text = _cell_text(json.loads(out.read_text()))
+    line = next(l for l in text.splitlines() if "Hugging Face token" in l)
+    assert line.startswith("No Hugging Face token (batch run, so no login box): set HF_TOKEN")
+    assert (tmp_path / "direct" / "env.json").is_file()
+
+
+def test_papermill_runs_01_on_the_smoke_profile_as_it_is(tmp_path, tiny_dir, monkeypatch):
+    """The notebook's own defaults but the profile, run by plain papermill: no login question."""
+    import papermill
+
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "QLORA_HEADLESS"):
+        monkeypatch.delenv(name, raising=False)
+    out = tmp_path / "01_setup.ipynb"
+    papermill.execute_notebook(str(PROJECT_ROOT / "notebooks" / "01_setup.ipynb"), str(out),
+                               parameters={"config": "smoke", "outputs_dir": str(tmp_path)},
+                               cwd=str(PROJECT_ROOT / "notebooks"), kernel_name="python3",
+                               progress_bar=False, execution_timeout=300)
+    text = _cell_text(json.loads(out.read_text()))
+    assert "model.source=random:tiny loads without a Hugging Face token." in text
+    assert "(not Colab: nothing to install)" in text

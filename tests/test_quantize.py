@@ -61,3 +61,22 @@ def test_too_long_examples_are_counted_not_cut(tiny_pair):
     _, tok, full, _ = tiny_pair
     got = heldout_loss(full, tok, [("short", " yes"), ("long " * 100, " no")], batch_size=2, max_length=32)
     assert (got["examples"], got["skipped_too_long"]) == (1, 1)
+
+
+def test_nf4_levels_split_normal_weights_evenly_fp4_does_not():
+    from qlora_helpers.plots import plot_4bit_levels
+    from qlora_helpers.quantize import NF4_SIGMA, normal_mass_per_level, quantization_levels
+
+    levels = quantization_levels()
+    assert len(levels["nf4"]) == len(levels["fp4"]) == 16
+    assert levels["nf4"][0] == -1.0 and levels["nf4"][-1] == 1.0 and 0.0 in levels["nf4"]
+    assert NF4_SIGMA == pytest.approx(0.541, abs=1e-3)
+    nf4, fp4 = normal_mass_per_level(levels["nf4"]), normal_mass_per_level(levels["fp4"])
+    assert sum(nf4) == pytest.approx(1.0) and sum(fp4) == pytest.approx(1.0)
+    assert max(nf4) / min(nf4) < 1.3  # about 1/16 each: every code carries information
+    assert min(fp4) < 0.01  # FP4: codes around its duplicate zero almost never used
+    bits = {qt: -sum(p * math.log2(p) for p in mass) for qt, mass in (("nf4", nf4), ("fp4", fp4))}
+    assert bits["nf4"] > 3.99 > bits["fp4"]
+    fig = plot_4bit_levels(levels, NF4_SIGMA)
+    markers = [line for line in fig.axes[0].lines if len(line.get_xdata()) == 16]
+    assert [list(m.get_xdata()) for m in markers] == [levels["nf4"], levels["fp4"]]
