@@ -120,7 +120,7 @@ def test_simulated_colab_first_run(colab):
 
 
 @pytest.mark.slow
-def test_simulated_colab_runs_01_and_03_headless(colab, tiny_dir, data_dir, tmp_path):
+def test_simulated_colab_runs_01_and_03_headless(colab, tiny_dir, tmp_path):
     """The notebooks opened alone (as Colab opens them from GitHub), run top to bottom by papermill
     in the simulated runtime: 01 installs and sets up, 03 prepares the data, no restart, no error,
     and the kernel's packages unchanged."""
