@@ -40,13 +40,14 @@ def test_hub_id_offline_says_what_to_do(monkeypatch):
     assert "hf_secret_token_value" not in str(err.value)
 
 
-def test_embedded_conversion_is_cached_and_much_faster_second_time(embedded_timing):
+def test_embedded_conversion_is_cached_and_reused(embedded_timing):
     folder = embedded_timing["folder"]
     assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
     assert not list(folder.glob("*.bin")) and not list(folder.glob("*.pt"))  # no pickles
     assert "quantization_config" not in json.loads((folder / "config.json").read_text())
-    # measured here: ~30 s to convert, milliseconds to reuse
-    assert embedded_timing["second"] < embedded_timing["first"] / 20, embedded_timing
+    # the second call reuses the cached folder (observed, not timed: ~30 s to convert, milliseconds to
+    # reuse on an idle machine, but a wall-clock ratio flakes on a busy one)
+    assert not embedded_timing["rewritten"], embedded_timing
 
 
 def test_embedded_model_generates_sensibly(embedded_dir):
