@@ -27,6 +27,7 @@ from ..data import RowProblem, render
 from ..runs import Run
 from .engine import BatchEngine, Job, QueueFull
 from .run import context_length, model_name
+from .sampling import SamplingParams
 
 
 # --- errors ---------------------------------------------------------------------------------------
@@ -201,8 +202,8 @@ async def start_jobs(state: Serving, prompts: list[str], req: Sampling,
     jobs = []
     for ids in encoded:
         events = Events(loop)
-        job = Job(ids, plan_tokens(state, ids, max_tokens), events.emit, req.temperature, req.top_p,
-                  stop_strings(req), req.ignore_eos)
+        params = SamplingParams(temperature=req.temperature, top_p=req.top_p)
+        job = Job(ids, plan_tokens(state, ids, max_tokens), events.emit, params, stop_strings(req), req.ignore_eos)
         jobs.append((job, events))
     if len(jobs) > state.engine.max_queue:
         raise APIError(400, f"At most {state.engine.max_queue} prompts per request.", param="prompt")
@@ -247,7 +248,7 @@ def streamed(state: Serving, jobs: list[tuple[Job, Events]], chunk: Callable[[in
                 while True:
                     kind, payload = await queue.queue.get()
                     if kind == "text":
-                        yield sse(chunk(index, payload, None))
+                        yield sse(chunk(index, payload[0], None))
                     elif kind == "done":
                         yield sse(chunk(index, None, payload))
                         break
