@@ -259,7 +259,7 @@ def smoke_test(server: ServerProcess, model: str) -> list[dict[str, Any]]:
                                                    json={**body, "max_tokens": 10**9}))
     check("prompt over the context -> 400", lambda: expect(400, "POST", "/v1/completions",
                                                            json={**body, "prompt": "word " * 100_000}))
-    check("unknown field -> 400", lambda: expect(400, "POST", "/v1/completions", json={**body, "best_of": 3}))
+    check("unknown field -> 400", lambda: expect(400, "POST", "/v1/completions", json={**body, "frobnicate": 3}))
     return checks
 
 

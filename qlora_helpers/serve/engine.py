@@ -85,11 +85,11 @@ def advance(job: Job, token: int, tokenizer, entry: dict | None) -> None:
     string, max_tokens). transformers' streamers do this for one row; the engine needs it per row."""
     if job.first_token_at is None:
         job.first_token_at = time.perf_counter()
+    if entry is not None:
+        job.logprobs.append(entry)  # the EOS that ends a row too (its logprob matters; vLLM reports it)
     if token == tokenizer.eos_token_id and not job.ignore_eos:
         return finish(job, "stop")
     job.tokens.append(token)
-    if entry is not None:
-        job.logprobs.append(entry)
     text = tokenizer.decode(job.tokens, skip_special_tokens=True)
     if text.endswith("\ufffd") and len(job.tokens) < job.max_tokens:
         return  # half of a multi-byte character: wait for the rest

@@ -6,6 +6,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -26,6 +27,11 @@ def serve_run(run: Run) -> None:
     """Load the model (serve.form), then serve the API with uvicorn until Ctrl-C or SIGTERM."""
     import uvicorn
 
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+    log = logging.getLogger("qlora_helpers.serve")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
     api_key = api_key_from_env(run)
     choice = choose_form(run)
     print(f"loading {choice['form']} ({choice['reason']})", flush=True)

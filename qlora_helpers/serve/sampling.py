@@ -26,6 +26,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     min_tokens: int = 0  # EOS is not chosen before this many tokens
+    logit_bias: tuple[tuple[int, float], ...] = ()  # OpenAI's: (token id, added to its logit)
     logprobs: int | None = None  # report the chosen token's logprob and this many alternatives
     prompt_logprobs: bool = False  # report the prompt tokens' logprobs too (completions' echo)
 
@@ -37,7 +38,11 @@ class SamplingParams:
 
 
 def penalize(scores: torch.Tensor, params: SamplingParams, prompt_ids: list[int], tokens: list[int]) -> torch.Tensor:
-    """`scores` [1, vocab] with the row's penalties applied (a new tensor when any applies)."""
+    """`scores` [1, vocab] with the row's penalties and logit bias applied (a new tensor when any applies)."""
+    if params.logit_bias:
+        scores = scores.clone()
+        for token, bias in params.logit_bias:
+            scores[0, token] += bias
     if params.repetition_penalty != 1.0:
         seen = torch.tensor([prompt_ids + tokens], device=scores.device)
         scores = RepetitionPenaltyLogitsProcessor(params.repetition_penalty)(seen, scores)
