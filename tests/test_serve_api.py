@@ -220,3 +220,74 @@ def test_framework_errors_chunked_bodies_cors_and_the_request_log(server):
     assert unauthorised.status_code == 401
     log = server.log_tail(400)
     assert " GET /v1/models 401 " in log and " POST /v1/completions 400 " in log and API_KEY not in log
+
+
+# --- fuzz: ~1,000 requests over the request schema, valid and hostile --------------------------------------
+
+FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n",
+          "stream", "stream_options", "stop", "seed", "presence_penalty", "frequency_penalty", "logit_bias",
+          "logprobs", "top_logprobs", "echo", "best_of", "suffix", "user", "top_k", "min_tokens",
+          "repetition_penalty", "ignore_eos", "response_format", "tools", "tool_choice", "store", "metadata",
+          "service_tier", "unknown_field"]
+VALUES = [None, True, False, -1, 0, 1, 2, 3, 2**70, -2**70, 0.5, -3.7, 1e308, float("nan"), float("inf"), "",
+          "x", "serve", "\ud800", "a\udfffb", "日本語", "<|im_end|>", "w " * 300, [], [1, 2], [[5, 6], [7]], [[]],
+          [-3], ["a", "b"], ["a", 1], [{"role": "user", "content": "hi"}], [{"role": "system", "content": "s"}],
+          [{"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "image_url"}]}],
+          [{"role": "tool", "content": "x"}], [{"role": "user"}], {}, {"type": "text"}, {"type": "json_object"},
+          {"include_usage": True}, {"1": 5}, {"x": [1]}]
+
+
+def fuzz_request(rng):
+    """(method, path, body bytes) drawn from the schema: mostly valid bodies with 1-3 fields changed."""
+    roll = rng.random()
+    if roll < 0.04:
+        return "GET", rng.choice(["/models", "/models/serve", "/models/%F0%9F", "/health", "/nope"]), None
+    if roll < 0.08:
+        return rng.choice(["PUT", "DELETE", "GET"]), "/completions", b"{}"
+    chat = rng.random() < 0.5
+    body = {"model": "serve", "max_tokens": rng.randint(1, 3), "temperature": rng.choice([0, 0.7, None])}
+    body.update({"messages": [{"role": "user", "content": "hi"}]} if chat else {"prompt": "Hello there"})
+    if rng.random() < 0.3:
+        body["stream"] = True
+    for _ in range(rng.randint(0, 3)):
+        body[rng.choice(FIELDS)] = rng.choice(VALUES)
+    text = json.dumps(body)
+    if rng.random() < 0.05:
+        text = text[: rng.randint(0, len(text))]  # truncated JSON
+    elif rng.random() < 0.03:
+        text = json.dumps(rng.choice([[], "x", 3, None]))  # JSON, but not an object
+    return "POST", "/chat/completions" if chat else "/completions", text.encode("utf-8", "surrogatepass")
+
+
+def test_fuzz_every_answer_is_2xx_or_an_openai_4xx_and_the_server_stays_healthy(server):
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = random.Random(16)
+    requests = [fuzz_request(rng) for _ in range(1000)]
+
+    def send(http, method, path, body):
+        headers = {**HEADERS, "Content-Type": "application/json"}
+        with http.stream(method, f"{server.base_url}{path}", content=body, headers=headers) as r:
+            data = r.read()
+        if 200 <= r.status_code < 300:
+            ok = (r.headers["content-type"].startswith("text/event-stream") and data.rstrip().endswith(b"[DONE]")
+                  ) or "error" not in json.loads(data)
+            return r.status_code, ok, data[:200]
+        try:
+            error = json.loads(data)["error"]
+            ok = 400 <= r.status_code < 500 and set(error) == {"message", "type", "param", "code"}
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        return r.status_code, ok, data[:200]
+
+    with httpx.Client(timeout=120) as http, ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(lambda req: (req, send(http, *req)), requests))
+    bad = [(req[:2], req[2][:120] if req[2] else None, res) for req, res in results if not res[1]]
+    statuses = sorted({res[0] for _, res in results})
+    print(f"\nfuzz: {len(results)} requests, statuses {statuses}, "
+          f"{sum(200 <= r[0] < 300 for _, r in results)} answered 2xx")
+    assert not bad, bad[:5]
+    assert server.health()["status"] == "ok"
+    ok = post(server, "/completions", {"model": "serve", "prompt": "Hi", "max_tokens": 2})
+    assert ok.status_code == 200 and server.health()["running"] == 0
