@@ -149,3 +149,27 @@ def test_the_engine_thread_lets_a_short_request_overtake_a_long_one(model_and_to
     finally:
         engine.stop()
     assert engine.completed == 2 and short.tokens == alone(model, tokenizer, PROMPTS[0], 5)
+
+
+def test_a_job_whose_prefill_fails_ends_alone_with_an_error(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    engine = BatchEngine(model, tokenizer, max_batch=4, max_queue=4).start()
+    ended = {}
+    events = {name: threading.Event() for name in ("good", "bad")}
+
+    def emit_for(name):
+        def emit(kind, payload):
+            if kind in ("done", "error"):
+                ended[name] = (kind, payload)
+                events[name].set()
+        return emit
+
+    try:
+        good = Job(tokenizer(PROMPTS[0])["input_ids"], 6, emit_for("good"), ignore_eos=True)
+        bad = Job([model.config.vocab_size + 5], 6, emit_for("bad"))  # no such token: the embedding fails
+        engine.submit(good), engine.submit(bad)
+        assert events["good"].wait(60) and events["bad"].wait(60)
+    finally:
+        engine.stop()
+    assert ended["bad"][0] == "error" and "generation failed" in ended["bad"][1]
+    assert ended["good"] == ("done", "length") and good.tokens == alone(model, tokenizer, PROMPTS[0], 6)

@@ -310,20 +310,27 @@ class BatchEngine:
             self.running = len(self.batch.jobs) + len(joining)
             return joining
 
+    def _join(self, joining: list[Job]) -> list[Job]:
+        """Prefill each joining job; one whose prefill fails ends with an error alone. The jobs
+        that ended at once (EOS or max_tokens on the first token, or the error) are returned."""
+        done = []
+        for job in joining:
+            try:
+                self.batch.add(job)
+            except Exception as exc:  # noqa: BLE001 - its client must hear about it
+                job.finish_reason = "error"
+                job.emit("error", f"generation failed: {type(exc).__name__}: {exc}")
+            if job.finish_reason is not None:
+                done.append(job)
+        return done
+
     def _work(self) -> None:
         while (joining := self._admit()) is not None:
-            done = []
+            done = self._join(joining)
             try:
-                for job in joining:
-                    self.batch.add(job)
-                    if job.finish_reason is not None:
-                        done.append(job)
                 done += self.batch.step()
-            except Exception as exc:  # noqa: BLE001 - every waiting client must hear about it
-                for job in joining:
-                    if job.finish_reason is None and job not in self.batch.jobs:
-                        job.finish_reason = "error"
-                        job.emit("error", f"generation failed: {type(exc).__name__}: {exc}")
+            except Exception as exc:  # noqa: BLE001 - every client in the batch must hear about it
+                done += self.batch.jobs
                 self.batch.fail(f"generation failed: {type(exc).__name__}: {exc}")
             with self._cond:
                 self.running = len(self.batch.jobs)
