@@ -91,6 +91,8 @@ def test_a_non_streaming_client_that_leaves_is_cancelled(server):
                      + f"Authorization: Bearer {API_KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
         wait_until(lambda: server.health()["running"] == 1)
     wait_until(lambda: server.health()["completed"] > done_before and server.health()["running"] == 0)
+    # the request's log line (written when its handler returns, maybe just after the row left)
+    wait_until(lambda: "(client disconnected)" in server.log_tail(400))
     line = [x for x in server.log_tail(400).splitlines() if "(client disconnected)" in x][-1]
     tokens = int(line.split("completion_tokens=")[1].split()[0])
     assert " 499 " in line and tokens < 1500, line

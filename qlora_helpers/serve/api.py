@@ -320,9 +320,12 @@ async def completions(req: CompletionRequest, request: Request, state: Serving =
             return out.envelope(rid, "text_completion", state.name, [out.completion_choice(
                 state.tokenizer, index, dataclasses.replace(job, tokens=[], logprobs=[]), True, texts[index], "", None)])
 
+        offsets = [len(texts[i]) if echo else 0 for i in range(len(jobs))]  # text_offset of the next piece
+
         def piece(index, job, text, entries, finish):
-            return out.envelope(rid, "text_completion", state.name,
-                                [out.completion_chunk(state.tokenizer, index, job, text, entries, 0, finish)])
+            choice = out.completion_chunk(state.tokenizer, index, job, text, entries, offsets[index], finish)
+            offsets[index] += len(text)
+            return out.envelope(rid, "text_completion", state.name, [choice])
         tail = out.envelope(rid, "text_completion", state.name, []) if req.stream_options and \
             req.stream_options.include_usage else None
         return streamed(request, jobs, head, piece, tail)

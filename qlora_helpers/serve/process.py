@@ -27,10 +27,11 @@ def serve_run(run: Run) -> None:
     """Load the model (serve.form), then serve the API with uvicorn until Ctrl-C or SIGTERM."""
     import uvicorn
 
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
-    log = logging.getLogger("qlora_helpers.serve")
-    log.addHandler(handler)
+    log = logging.getLogger("qlora_helpers.serve")  # the request log, next to uvicorn's lines
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+        log.addHandler(handler)
     log.setLevel(logging.INFO)
     api_key = api_key_from_env(run)
     choice = choose_form(run)

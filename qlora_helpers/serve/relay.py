@@ -5,6 +5,7 @@ turns them into server-sent events. A client that leaves cancels its rows within
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from fastapi import Request
@@ -43,22 +44,25 @@ def submit(engine, request: Request, jobs: list[Job]) -> None:
 
 
 async def collect(request: Request, jobs: list[Job]) -> bool:
-    """Wait until every job is done; False (and the jobs cancelled) if the client leaves first."""
+    """Wait until every job is done; False (and the jobs cancelled) if the client leaves first.
+    The client is checked every DISCONNECT_POLL_S, however busy the queue (text comes every step)."""
+    checked = time.monotonic()
     for job in jobs:
-        while True:
+        kind = None
+        while kind != "done":
             try:
                 kind, payload = await asyncio.wait_for(job.emit.queue.get(), timeout=DISCONNECT_POLL_S)
             except asyncio.TimeoutError:
+                kind = None
+            if kind == "error":
+                raise APIError(500, payload, kind="server_error", code="generation_failed")
+            if time.monotonic() - checked >= DISCONNECT_POLL_S:
+                checked = time.monotonic()
                 if await request.is_disconnected():
                     for j in jobs:
                         j.cancelled = True
                     request.state.outcome = "disconnected"
                     return False
-                continue
-            if kind == "error":
-                raise APIError(500, payload, kind="server_error", code="generation_failed")
-            if kind == "done":
-                break
     return True
 
 
