@@ -131,6 +131,21 @@ def test_openai_fields_are_accepted_and_honoured(server, client):
         client.models.retrieve("other")
 
 
+def test_n_choices_and_streamed_logprobs(client):
+    base = dict(model="serve", prompt="Once upon a time", max_tokens=4, extra_body={"ignore_eos": True})
+    two = client.completions.create(**base, n=2, temperature=0)
+    assert [c.index for c in two.choices] == [0, 1] and two.choices[0].text == two.choices[1].text
+    assert two.usage.completion_tokens == 8
+    sampled = client.completions.create(**base, n=2, temperature=1.0, seed=3)
+    assert sampled.choices[0].text != sampled.choices[1].text  # each copy draws its own sample
+    whole = client.completions.create(**base, temperature=0, logprobs=2)
+    chunks = [c.choices[0] for c in client.completions.create(**base, temperature=0, logprobs=2, stream=True)
+              if c.choices and c.choices[0].logprobs]
+    streamed = [lp for c in chunks for lp in c.logprobs.token_logprobs]
+    assert streamed == pytest.approx(whole.choices[0].logprobs.token_logprobs)
+    assert [o for c in chunks for o in c.logprobs.text_offset] == whole.choices[0].logprobs.text_offset
+
+
 def test_echo_logprobs_and_token_prompts_are_what_the_model_computes(server, run):
     import torch
 
