@@ -191,11 +191,14 @@ class ServeConfig:
     model_name: Union[str, None] = _f(None, "model id clients send (default: the run name)")
     context_length: Union[int, None] = _f(None, "prompt + answer tokens per request (default: "
                                           "model.max_seq_length, what the adapter was trained on)", low=1)
-    max_concurrent: int = _f(8, "requests generated at once, as one batch: bounds memory (KV cache)", low=1)
+    max_concurrent: int = _f(8, "rows generated at once (requests join and leave between decode steps): "
+                             "bounds memory (KV cache)", low=1)
     max_queue: int = _f(64, "requests waiting beyond those; more get 503 + Retry-After, never OOM", low=1)
     max_tokens: int = _f(512, "largest max_tokens a request may ask for (more: 400, never cut silently)", low=1)
-    default_max_tokens: int = _f(128, "answer length when a request names none (capped by the context)", low=1)
-    batch_wait_ms: int = _f(10, "how long the worker gathers arriving requests into one batch", low=0)
+    batch_wait_ms: int = _f(10, "when idle, how long the worker gathers arriving requests before "
+                            "prefilling them (busy, they join at the next decode step)", low=0)
+    cors_origins: list[str] = _f([], "browser origins allowed to call the API (CORS), e.g. "
+                                 "[http://localhost:3000]; empty: no CORS headers")
     max_body_bytes: int = _f(1_000_000, "largest request body; more gets 413 before it is parsed", low=1)
     bench_tokens: int = _f(32, "new tokens per request in the latency measurements (06)", low=1)
     bench_batch: int = _f(8, "batch size of the batched latency measurement (06)", low=1)

@@ -314,27 +314,50 @@ def format_alpaca(record: dict[str, Any]) -> tuple[str, str]:
     return template.format(**fill), record["output"]
 
 
+def render_conversation(messages: list[dict[str, str]], template: str, tokenizer) -> str:
+    """The prompt for a conversation whose next turn is the assistant's: what 03 trains on for
+    multi-turn data and what the server sends the model for a chat request (one rule for both).
+
+    `chat`: the tokenizer's chat template. `alpaca`: system messages are the preamble (the Input
+    section), the earlier turns follow as context in the Input ("User: ..." / "Assistant: ..."
+    lines), the last user turn is the Instruction. ValueError when there is no user turn, or
+    an assistant turn follows the last one."""
+    if template == "chat":
+        if not tokenizer.chat_template:
+            raise DataError("data.template is 'chat' but this tokenizer has no chat template; use 'alpaca'.")
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    last = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
+    if last is None:
+        raise ValueError("the conversation has no user message (the alpaca template needs one as the instruction)")
+    if last != len(messages) - 1 and any(m["role"] == "assistant" for m in messages[last + 1:]):
+        raise ValueError("an assistant turn follows the last user message; end the conversation with a user turn")
+    system = "\n".join(m["content"] for m in messages if m["role"] == "system")
+    earlier = "\n".join(f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}"
+                        for m in messages[:last] if m["role"] != "system")
+    context = "\n\n".join(part for part in (system, earlier and f"Conversation so far:\n{earlier}") if part)
+    return format_alpaca({"instruction": messages[last]["content"], "input": context, "output": ""})[0]
+
+
 def render(record: dict[str, Any], template: str, tokenizer) -> tuple[str, str]:
-    """(prompt, response) text. The response is the last assistant turn; earlier turns are context."""
+    """(prompt, response) text. The response is the last assistant turn; earlier turns are context
+    (`render_conversation`)."""
     kind = record["kind"]
     if kind == "raw":
         return record["prompt"], record["completion"]
-    if template == "alpaca":
-        if kind == "alpaca":
-            return format_alpaca(record)
+    if kind == "chat":
         msgs = record["messages"]
-        users = [m for m in msgs[:-1] if m["role"] == "user"]
-        if len(users) != 1 or any(m["role"] == "assistant" for m in msgs[:-1]):
-            raise RowProblem("multi_turn", "a multi-turn conversation needs data.template: chat")
-        system = " ".join(m["content"] for m in msgs[:-1] if m["role"] == "system")
-        return format_alpaca({"instruction": users[0]["content"], "input": system, "output": msgs[-1]["content"]})
+        try:
+            return render_conversation(msgs[:-1], template, tokenizer), msgs[-1]["content"]
+        except DataError:
+            raise
+        except ValueError as exc:
+            raise RowProblem("bad_messages", str(exc)) from None
+    if template == "alpaca":
+        return format_alpaca(record)
     if not tokenizer.chat_template:
         raise DataError("data.template is 'chat' but this tokenizer has no chat template; use 'alpaca'.")
-    if kind == "alpaca":
-        user = record["instruction"] + (f"\n\n{record['input']}" if record["input"].strip() else "")
-        msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
-    else:
-        msgs = record["messages"]
+    user = record["instruction"] + (f"\n\n{record['input']}" if record["input"].strip() else "")
+    msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
     prompt = tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
     return prompt, msgs[-1]["content"]
 

@@ -248,16 +248,31 @@ def test_every_format_and_file_type(tmp_path, tok):
             assert any("<|im_start|>user\nq 1<|im_end|>" in p for p in by_prompt)
 
 
-def test_multi_turn_needs_the_chat_template(tmp_path, tok):
-    conv = [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-                          {"role": "user", "content": "c"}, {"role": "assistant", "content": f"d{i}"}]}
+def test_multi_turn_renders_with_both_templates(tmp_path, tok):
+    conv = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a"},
+                          {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"},
+                          {"role": "assistant", "content": f"d{i}"}]}
             for i in range(5)]
     (tmp_path / "mt.jsonl").write_text("\n".join(json.dumps(r) for r in conv))
-    with pytest.raises(DataError, match="No usable"):
-        prepare_data(_cfg(tmp_path, SourceConfig(path="mt.jsonl"), eval_size=1), tok, 256, 4)
+    # alpaca: the system message and the earlier turns are the Input, the last user turn the Instruction
+    prepared = prepare_data(_cfg(tmp_path, SourceConfig(path="mt.jsonl"), eval_size=1), tok, 256, 4)
+    e = prepared.train[0]
+    assert "### Instruction:\nc\n\n### Input:\nBe brief.\n\nConversation so far:\nUser: a\nAssistant: b" \
+        in e["prompt"] and e["response"].startswith("d")
     prepared = prepare_data(_cfg(tmp_path, SourceConfig(path="mt.jsonl"), eval_size=1, template="chat"), tok, 256, 4)
     e = prepared.train[0]
     assert "<|im_start|>assistant\nb" in e["prompt"] and e["response"].startswith("d")
+
+
+def test_render_conversation_rule():
+    from qlora_helpers.data import render_conversation
+
+    one = render_conversation([{"role": "user", "content": "Add 2 and 3."}], "alpaca", None)
+    assert one == format_alpaca({"instruction": "Add 2 and 3.", "output": ""})[0]
+    for bad in ([{"role": "system", "content": "s"}],
+                [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]):
+        with pytest.raises(ValueError, match="no user message|assistant turn follows"):
+            render_conversation(bad, "alpaca", None)
 
 
 def test_alpaca_template_with_and_without_input():

@@ -1,0 +1,344 @@
+"""The engine: scheduling and generation, no HTTP.
+
+Iteration-level scheduling (Orca's idea, what vLLM and TGI do): one worker thread runs decode
+steps over the rows generating now. Between two steps, finished and cancelled rows leave and
+waiting requests join (each prefilled alone, then merged into the batch's KV cache), so a short
+request never waits for a long one to finish. Every row has its own sampling settings
+(`sampling.py`), so requests with different settings share a step.
+
+The batch's KV cache is transformers' `DynamicCache`, left-padded to a common length; each row's
+attention mask hides its padding and its positions count its own tokens only, so a row computes
+what it would compute alone. `decode_step` is the one forward call per step: the seam where a
+compiled static-cache step can replace it on CUDA.
+
+A `Job` is one prompt's generation. Its `emit(kind, payload)` is called from the worker thread with
+('text', (piece, logprob entries)) as text comes, then ('done', finish_reason) or ('error', message).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+import time
+from typing import Any, Callable
+
+import torch
+from transformers import DynamicCache
+
+from ..errors import QLoraError
+from .sampling import SamplingParams, choose_token, logprob_entry
+
+
+@dataclasses.dataclass(eq=False)
+class Job:
+    """One prompt's generation: its settings, then its state as the worker fills it in."""
+    prompt_ids: list[int]
+    max_tokens: int
+    emit: Callable[[str, Any], None]
+    sampling: SamplingParams = SamplingParams()
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    text: str = ""
+    sent: int = 0
+    logprobs: list[dict] = dataclasses.field(default_factory=list)  # one entry per generated token
+    logprobs_sent: int = 0
+    prompt_logprobs: list[dict | None] = dataclasses.field(default_factory=list)  # when sampling.prompt_logprobs
+    finish_reason: str | None = None
+    cancelled: bool = False
+    submitted: float = dataclasses.field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    done_at: float | None = None
+    generator: torch.Generator | None = None
+
+
+def _stop_holdback(text: str, stops: tuple[str, ...]) -> int:
+    """Characters at the end of `text` that could still become a stop string (not sent yet)."""
+    hold = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:k]):
+                hold = max(hold, k)
+                break
+    return hold
+
+
+def _send(job: Job, upto: int) -> None:
+    """Emit the text up to `upto` not sent yet, with the logprob entries that came since the last piece."""
+    entries = job.logprobs[job.logprobs_sent:]
+    if upto > job.sent or entries:
+        job.emit("text", (job.text[job.sent:upto], entries))
+        job.sent, job.logprobs_sent = max(job.sent, upto), len(job.logprobs)
+
+
+def finish(job: Job, reason: str) -> None:
+    """End the row: the rest of its text (unless nobody listens any more), then 'done'."""
+    job.finish_reason, job.done_at = reason, time.perf_counter()
+    if not job.cancelled:
+        _send(job, len(job.text))
+    job.emit("done", reason)
+
+
+def advance(job: Job, token: int, tokenizer, entry: dict | None) -> None:
+    """One new token for `job`: append it, decode, send the new text, or end the row (EOS, a stop
+    string, max_tokens). transformers' streamers do this for one row; the engine needs it per row."""
+    if job.first_token_at is None:
+        job.first_token_at = time.perf_counter()
+    if entry is not None:
+        job.logprobs.append(entry)  # the EOS that ends a row too (its logprob matters; vLLM reports it)
+    if token == tokenizer.eos_token_id and not job.ignore_eos:
+        return finish(job, "stop")
+    job.tokens.append(token)
+    text = tokenizer.decode(job.tokens, skip_special_tokens=True)
+    if text.endswith("\ufffd") and len(job.tokens) < job.max_tokens:
+        return  # half of a multi-byte character: wait for the rest
+    job.text = text
+    for stop in job.stop:
+        at = text.find(stop, max(0, job.sent - len(stop)))
+        if at >= 0:
+            job.text = text[:at]
+            return finish(job, "stop")
+    if len(job.tokens) >= job.max_tokens:
+        return finish(job, "length")
+    _send(job, len(text) - _stop_holdback(text, job.stop))
+
+
+def decode_step(model, cache: DynamicCache, tokens: torch.Tensor, mask: torch.Tensor,
+                positions: torch.Tensor) -> torch.Tensor:
+    """One forward step: each row's pending token [rows, 1] at its own position -> logits [rows, vocab]."""
+    out = model(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=cache,
+                use_cache=True)
+    return out.logits[:, -1].float()
+
+
+def _pad_cache(cache: DynamicCache, width: int) -> None:
+    """Left-pad every layer's keys and values with `width` zero positions (masked out)."""
+    for layer in cache.layers:
+        layer.keys = torch.nn.functional.pad(layer.keys, (0, 0, width, 0))
+        layer.values = torch.nn.functional.pad(layer.values, (0, 0, width, 0))
+
+
+class Batch:
+    """The rows generating now: a left-padded KV cache that holds every row's tokens but its pending
+    (last chosen, not yet fed) one, the matching attention mask, and the pending tokens."""
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+        self.device = next(model.parameters()).device
+        self.jobs: list[Job] = []
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None  # [rows, cached positions], 1 = a real token
+        self.pending: list[int] = []
+
+    def _choose(self, job: Job, logits: torch.Tensor) -> int:
+        """The row's next token from its logits [vocab]; records its logprob entry when asked."""
+        params = job.sampling
+        token = choose_token(logits, params, job.prompt_ids, job.tokens, self.tokenizer.eos_token_id,
+                             job.generator)
+        entry = None
+        if params.logprobs is not None:
+            entry = logprob_entry(torch.log_softmax(logits, dim=-1), token, params.logprobs)
+        advance(job, token, self.tokenizer, entry)
+        return token
+
+    @torch.no_grad()
+    def add(self, job: Job) -> None:
+        """Prefill `job` alone, choose its first token, and merge it into the batch (unless it is done)."""
+        job.generator = job.sampling.generator(self.device)
+        ids = torch.tensor([job.prompt_ids], device=self.device)
+        cache = DynamicCache(config=self.model.config)
+        keep = 0 if job.sampling.prompt_logprobs else 1  # 0: logits at every position
+        logits = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=keep).logits[0].float()
+        if job.sampling.prompt_logprobs:
+            self._record_prompt_logprobs(job, logits)
+        token = self._choose(job, logits[-1])
+        if job.finish_reason is not None:
+            return
+        mask = torch.ones(1, ids.shape[1], dtype=torch.long, device=self.device)
+        if self.cache is None:
+            self.cache, self.mask = cache, mask
+        else:
+            width = max(self.mask.shape[1], mask.shape[1])
+            for c, m in ((self.cache, self.mask), (cache, mask)):
+                _pad_cache(c, width - m.shape[1])
+            pad = torch.nn.functional.pad
+            self.mask = torch.cat([pad(self.mask, (width - self.mask.shape[1], 0)), pad(mask, (width - mask.shape[1], 0))])
+            for mine, theirs in zip(self.cache.layers, cache.layers):
+                mine.keys = torch.cat([mine.keys, theirs.keys])
+                mine.values = torch.cat([mine.values, theirs.values])
+        self.jobs.append(job)
+        self.pending.append(token)
+
+    def _record_prompt_logprobs(self, job: Job, logits: torch.Tensor) -> None:
+        """Completions' echo: each prompt token's logprob given the tokens before it (none for the first)."""
+        logprobs = torch.log_softmax(logits, dim=-1)
+        top = job.sampling.logprobs or 0
+        job.prompt_logprobs = [None] + [logprob_entry(logprobs[i], t, top)
+                                        for i, t in enumerate(job.prompt_ids[1:])]
+
+    @torch.no_grad()
+    def step(self) -> list[Job]:
+        """One decode step for every row; returns the jobs that ended (they have left the batch)."""
+        cancelled = [j for j in self.jobs if j.cancelled]
+        self._keep([not j.cancelled for j in self.jobs])
+        if not self.jobs:
+            return cancelled
+        positions = self.mask.sum(dim=1, keepdim=True)  # each row's own count of real tokens
+        self.mask = torch.nn.functional.pad(self.mask, (0, 1), value=1)
+        tokens = torch.tensor([[t] for t in self.pending], device=self.device)
+        logits = decode_step(self.model, self.cache, tokens, self.mask, positions)
+        self.pending = [self._choose(job, row) for job, row in zip(self.jobs, logits)]
+        done = [j for j in self.jobs if j.finish_reason is not None]
+        self._keep([j.finish_reason is None for j in self.jobs])
+        return cancelled + done
+
+    def _keep(self, keep: list[bool]) -> None:
+        """Keep only the rows marked True (cancelled ones are finished), then drop padding no row needs."""
+        if all(keep):
+            return
+        for job, k in zip(self.jobs, keep):
+            if not k and job.finish_reason is None:
+                finish(job, "cancelled")
+        index = torch.tensor([i for i, k in enumerate(keep) if k], dtype=torch.long, device=self.device)
+        self.jobs = [j for j, k in zip(self.jobs, keep) if k]
+        self.pending = [t for t, k in zip(self.pending, keep) if k]
+        if not self.jobs:
+            self.cache = self.mask = None
+            return
+        self.mask = self.mask[index]
+        unused = int((self.mask.sum(dim=0) == 0).long().cumprod(dim=0).sum())  # leading all-padding columns
+        self.mask = self.mask[:, unused:]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[index, :, unused:]
+            layer.values = layer.values[index, :, unused:]
+
+    def fail(self, message: str) -> None:
+        """Every row ends with an error (the step raised); the batch starts empty."""
+        for job in self.jobs:
+            if job.finish_reason is None:
+                job.finish_reason = "error"
+                job.emit("error", message)
+        self.jobs, self.pending, self.cache, self.mask = [], [], None, None
+
+
+def generate_jobs(model, tokenizer, jobs: list[Job]) -> None:
+    """Run `jobs` to the end as one batch (no queue, no thread): what the latency measurement uses."""
+    batch = Batch(model, tokenizer)
+    for job in jobs:
+        batch.add(job)
+    while batch.jobs:
+        batch.step()
+
+
+# --- the engine: a bounded queue in front of the worker --------------------------------------------
+
+
+class QueueFull(QLoraError):
+    """Too many requests are waiting; the client should retry after `retry_after` seconds."""
+
+    def __init__(self, waiting: int, retry_after: int):
+        super().__init__(f"The server is busy ({waiting} requests waiting); retry in {retry_after} s.")
+        self.retry_after = retry_after
+
+
+class BatchEngine:
+    """Runs generations on one worker thread, at most `max_batch` rows at once; waiting requests
+    join at the next step. At most `max_queue` wait; more raise `QueueFull`. So memory stays bounded
+    by max_batch x context, whatever the load."""
+
+    def __init__(self, model, tokenizer, max_batch: int, max_queue: int, batch_wait_ms: int = 10):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.max_queue, self.batch_wait = max_batch, max_queue, batch_wait_ms / 1000
+        self.waiting: collections.deque[Job] = collections.deque()
+        self.batch = Batch(model, tokenizer)
+        self.running = 0
+        self.completed = 0
+        self._job_seconds = 1.0
+        self._cond = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> "BatchEngine":
+        self._thread = threading.Thread(target=self._work, name="qlora-generate", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+
+    def _drop_cancelled(self) -> None:
+        """Requests whose clients left give up their place in the queue at once (call under the lock)."""
+        if any(j.cancelled for j in self.waiting):
+            self.waiting = collections.deque(j for j in self.waiting if not j.cancelled)
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            self._drop_cancelled()
+            if len(self.waiting) >= self.max_queue:
+                rounds = 1 + len(self.waiting) // self.max_batch
+                raise QueueFull(len(self.waiting), max(1, round(rounds * self._job_seconds)))
+            self.waiting.append(job)
+            self._cond.notify_all()
+
+    def stats(self) -> dict[str, int]:
+        with self._cond:
+            self._drop_cancelled()
+            return {"running": self.running, "waiting": len(self.waiting), "completed": self.completed,
+                    "max_batch": self.max_batch, "max_queue": self.max_queue}
+
+    def _admit(self) -> list[Job] | None:
+        """Wait for work; the jobs that join at this step (None: stop). Idle, it waits batch_wait for
+        more arrivals, so a burst is prefilled together."""
+        with self._cond:
+            while not self.waiting and not self.batch.jobs and not self._stop:
+                self._cond.wait()
+            if self._stop:
+                return None
+            if not self.batch.jobs and self.waiting:
+                deadline = self.waiting[0].submitted + self.batch_wait
+                while len(self.waiting) < self.max_batch and time.perf_counter() < deadline and not self._stop:
+                    self._cond.wait(timeout=max(0.0, deadline - time.perf_counter()))
+            self._drop_cancelled()
+            joining = []
+            while self.waiting and len(self.batch.jobs) + len(joining) < self.max_batch:
+                joining.append(self.waiting.popleft())
+            self.running = len(self.batch.jobs) + len(joining)
+            return joining
+
+    def _join(self, joining: list[Job]) -> list[Job]:
+        """Prefill each joining job; one whose prefill fails ends with an error alone. The jobs
+        that ended at once (EOS or max_tokens on the first token, or the error) are returned."""
+        done = []
+        for job in joining:
+            try:
+                self.batch.add(job)
+            except Exception as exc:  # noqa: BLE001 - its client must hear about it
+                job.finish_reason = "error"
+                job.emit("error", f"generation failed: {type(exc).__name__}: {exc}")
+            if job.finish_reason is not None:
+                done.append(job)
+        return done
+
+    def _work(self) -> None:
+        while (joining := self._admit()) is not None:
+            done = self._join(joining)
+            try:
+                done += self.batch.step()
+            except Exception as exc:  # noqa: BLE001 - every client in the batch must hear about it
+                done += self.batch.jobs
+                self.batch.fail(f"generation failed: {type(exc).__name__}: {exc}")
+            with self._cond:
+                self.running = len(self.batch.jobs)
+                self.completed += len(done)
+                for job in done:
+                    self._job_seconds = 0.7 * self._job_seconds + 0.3 * ((job.done_at or time.perf_counter())
+                                                                         - job.submitted)
+        with self._cond:
+            for job in list(self.waiting) + self.batch.jobs:
+                job.emit("error", "the server is shutting down")
+            self.waiting.clear()

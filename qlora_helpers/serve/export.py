@@ -1,0 +1,220 @@
+"""Export: de-quantize the 4-bit base, merge the adapter, check the merge, write what vLLM and TGI load.
+
+peft's own `merge_and_unload` on a 4-bit model re-quantizes the merged weights (lossy); merging into
+the de-quantized weights keeps exactly what base + adapter computes, which `merge_and_export`
+checks on a few probe texts (relative to the logits' scale) before and after saving.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from typing import Any
+
+from ..errors import QLoraError
+from ..paths import atomic_dir, write_json_atomic, write_text_atomic
+from ..runs import Run
+from .run import adapter_dir, context_length, model_name
+
+# The merged model must compute what base + adapter computes: fp32 (or bf16) rounding of the
+# reordered sums moves logits by ~1e-6 of their scale, a wrong merge by ~1e-1. The bound sits between.
+MERGE_TOLERANCE = 1e-4  # max |merged - adapter| / max |adapter logit|
+# Saved in 16 bits, each weight is rounded to 8 (bf16) or 11 (fp16) mantissa bits: ~1e-2 of the scale.
+EXPORT_TOLERANCE = 5e-2
+
+PROBE_TEXTS = ["Below is an instruction that describes a task. Write a short poem about the sea.",
+               "The capital of France is", "def add(a, b):\n    return"]
+
+
+# --- merge and export ---------------------------------------------------------------------------
+
+
+def merge_adapter(run: Run):
+    """(merged model in the compute dtype, tokenizer): the 4-bit base de-quantized, the adapter merged.
+
+    peft's own `merge_and_unload` on a 4-bit model re-quantizes the merged weights (lossy); merging
+    into the de-quantized weights keeps exactly what base + adapter computes.
+    """
+    from peft import PeftModel
+
+    from ..models import load_model, load_tokenizer
+
+    adapter = adapter_dir(run)
+    tokenizer = load_tokenizer(run.cfg.model)
+    base = load_model(run.cfg.model, run.cfg.quant, run.compute_dtype, run.device)
+    if run.cfg.quant.load_in_4bit:
+        base = base.dequantize(dtype=run.compute_dtype)
+    merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+    merged.eval()
+    return merged, tokenizer
+
+
+def probe_logits(model, tokenizer, texts: list[str] = PROBE_TEXTS):
+    """Logits of a few texts (one by one, no padding), stacked into one float32 CPU tensor."""
+    import torch
+
+    device = next(model.parameters()).device
+    out = []
+    with torch.no_grad():
+        for text in texts:
+            ids = tokenizer(text, return_tensors="pt").to(device)
+            out.append(model(**ids).logits[0].float().cpu())
+    return torch.cat(out)
+
+
+def logit_gap(a, b, bound: float) -> dict[str, float | bool]:
+    """How far logits `a` are from the reference `b`, relative to the reference's scale, and
+    whether that is within `bound`."""
+    diff = (a - b).abs()
+    scale = float(b.abs().max()) or 1.0
+    relative = float(diff.max()) / scale
+    return {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()), "logit_scale": scale,
+            "max_relative": relative, "bound": bound, "within_bound": relative <= bound,
+            "same_argmax": float((a.argmax(-1) == b.argmax(-1)).float().mean())}
+
+
+def merge_and_export(run: Run) -> dict[str, Any]:
+    """Merge, check the merged logits against base + adapter, save 16-bit safetensors to
+    `outputs/<run>/merged/`, reload it and check again; write `merge.json` and `serve_commands.md`."""
+    import torch
+
+    from ..evaluate import load_tuned_model
+
+    start = time.perf_counter()
+    tuned, tokenizer = load_tuned_model(run)
+    reference = probe_logits(tuned, tokenizer)
+    del tuned
+    merged, _ = merge_adapter(run)
+    in_memory = logit_gap(probe_logits(merged, tokenizer), reference, MERGE_TOLERANCE)
+    if not in_memory["within_bound"]:
+        raise QLoraError(f"The merged model does not compute what base + adapter computes: logits "
+                         f"differ by {in_memory['max_relative']:.2e} of their scale (bound "
+                         f"{MERGE_TOLERANCE:g}). Serve with serve.form=adapter and report this.")
+    folder = run.path / "merged"
+    export_dtype = getattr(torch, run.cfg.serve.export_dtype)
+    merged.to(export_dtype)
+    with atomic_dir(folder) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    del merged
+    gc.collect()
+    reloaded = load_merged(run)
+    exported = logit_gap(probe_logits(reloaded, tokenizer), reference, EXPORT_TOLERANCE)
+    del reloaded
+    files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
+    report = {"merged_dir": str(folder), "adapter_dir": str(adapter_dir(run)),
+              "export_dtype": run.cfg.serve.export_dtype, "compute_dtype": str(run.compute_dtype),
+              "probe_tokens": int(reference.shape[0]),
+              "merged_vs_adapter_logits": in_memory, "exported_vs_adapter_logits": exported,
+              "files": files, "merged_mib": round(sum(files.values()) / 2**20, 1),
+              "seconds": round(time.perf_counter() - start, 1)}
+    write_json_atomic(run.path / "merge.json", report)
+    write_text_atomic(run.path / "serve_commands.md", export_commands(run))
+    return report
+
+
+def load_merged(run: Run):
+    """The exported 16-bit model, loaded in the compute dtype on the run's device."""
+    from transformers import AutoModelForCausalLM
+
+    folder = run.path / "merged"
+    if not (folder / "config.json").is_file():
+        raise QLoraError(f"No merged model in {folder}: run merge_and_export (06_serve) first.")
+    model = AutoModelForCausalLM.from_pretrained(
+        str(folder), dtype=run.compute_dtype, device_map={"": run.device},
+        attn_implementation=run.cfg.model.attn_implementation)
+    model.eval()
+    return model
+
+
+def base_location(run: Run) -> str:
+    """The full-precision base a LoRA-serving engine needs next to the adapter (folder or hub id)."""
+    from ..models import resolve_model
+
+    return resolve_model(run.cfg.model).location
+
+
+def export_commands(run: Run) -> str:
+    """Markdown with the exact vLLM and TGI commands for the merged folder and the adapter folder."""
+    name, ctx = model_name(run), context_length(run)
+    merged, adapter = run.path / "merged", run.path / "adapter"
+    rank = max(8, run.cfg.lora.r)
+    return f"""# Serving run {run.name} at scale
+
+Merged 16-bit model (`{merged}`): an ordinary transformers folder (config.json, model.safetensors,
+tokenizer). Adapter (`{adapter}`): peft's layout (adapter_config.json, adapter_model.safetensors).
+
+## vLLM (OpenAI-compatible server on port 8000)
+
+```bash
+# merged weights
+vllm serve {merged} --served-model-name {name} --max-model-len {ctx} --dtype {run.cfg.serve.export_dtype}
+# full-precision base + the LoRA adapter (switchable per request with "model": "{name}")
+vllm serve {base_location(run)} --enable-lora --lora-modules {name}={adapter} \\
+    --max-lora-rank {rank} --max-model-len {ctx}
+```
+
+## Text Generation Inference (Docker, port 8080)
+
+```bash
+docker run --gpus all --shm-size 1g -p 8080:80 -v {run.path}:/data \\
+    ghcr.io/huggingface/text-generation-inference:latest --model-id /data/merged
+```
+
+The adapter was trained against the 4-bit base; served on the 16-bit base its outputs differ
+slightly from `python -m qlora_helpers serve` with serve.form=adapter (the QLoRA paper's caveat).
+"""
+
+
+# --- choosing and loading what to serve -----------------------------------------------------------
+
+
+def estimate_merged_bytes(run: Run) -> int:
+    """Bytes the merged model needs in the compute dtype (counted on empty weights, nothing loaded)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..models import resolve_model
+
+    config = AutoConfig.from_pretrained(resolve_model(run.cfg.model).location)
+    with init_empty_weights():
+        empty = AutoModelForCausalLM.from_config(config)
+    n = sum(p.numel() for p in empty.parameters())
+    return n * run.compute_dtype.itemsize
+
+
+def free_memory_bytes(device: str) -> int:
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.mem_get_info()[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def choose_form(run: Run) -> dict[str, Any]:
+    """serve.form, or for `auto` the merged model when it fits in 80% of free memory (it generates
+    faster on CPU and GPU, benchmarks/BENCHMARKS.md), else the 4-bit base + adapter."""
+    form = run.cfg.serve.form
+    if form != "auto":
+        return {"form": form, "reason": f"serve.form={form}"}
+    need, free = estimate_merged_bytes(run), free_memory_bytes(run.device)
+    fits = need < 0.8 * free
+    return {"form": "merged" if fits else "adapter",
+            "reason": f"auto: merged needs {need / 2**30:.2f} GiB, {free / 2**30:.1f} GiB free on {run.device}"
+                      + ("" if fits else " (too little: serving the 4-bit base + adapter)")}
+
+
+def load_serving_model(run: Run, form: str):
+    """(model, tokenizer) for serving: 'merged' (exported first if missing) or 'adapter' (4-bit + peft)."""
+    from ..evaluate import load_tuned_model
+    from ..models import load_tokenizer
+
+    if form == "adapter":
+        return load_tuned_model(run)
+    if not (run.path / "merged" / "config.json").is_file():
+        merge_and_export(run)
+    return load_merged(run), load_tokenizer(run.cfg.model)
+
+

@@ -1,0 +1,159 @@
+"""The server process: `serve_run` serves a run under uvicorn; `ServerProcess` starts and stops
+`python -m qlora_helpers serve --run <folder>` from Python (the notebook, the tests)."""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+from ..errors import QLoraError
+from ..paths import read_json
+from ..runs import Run
+from .api import create_app
+from .engine import BatchEngine
+from .export import choose_form, load_serving_model
+from .run import api_key_from_env, model_name
+
+
+def serve_run(run: Run) -> None:
+    """Load the model (serve.form), then serve the API with uvicorn until Ctrl-C or SIGTERM."""
+    import uvicorn
+
+    log = logging.getLogger("qlora_helpers.serve")  # the request log, next to uvicorn's lines
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    api_key = api_key_from_env(run)
+    choice = choose_form(run)
+    print(f"loading {choice['form']} ({choice['reason']})", flush=True)
+    model, tokenizer = load_serving_model(run, choice["form"])
+    engine = BatchEngine(model, tokenizer, run.cfg.serve.max_concurrent, run.cfg.serve.max_queue,
+                         run.cfg.serve.batch_wait_ms).start()
+    app = create_app(engine, tokenizer, run, api_key, choice["form"])
+    host, port = run.cfg.serve.host, run.cfg.serve.port
+    print(f"serving '{model_name(run)}' on http://{host}:{port}/v1 (auth: "
+          f"{'Bearer key from $' + run.cfg.serve.api_key_env if api_key else 'none'})", flush=True)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="info", access_log=False, timeout_graceful_shutdown=10)
+    finally:
+        engine.stop()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+class ServerProcess:
+    """`python -m qlora_helpers serve --run <folder>` in a child process; `start()` waits for /health.
+
+    The API key reaches the child through its environment only (serve.api_key_env), never argv or logs."""
+
+    def __init__(self, run: Run, overrides: list[str] | tuple[str, ...] = (), port: int | None = None,
+                 api_key: str | None = None):
+        saved = read_json(run.path / "config.json").get("serve", {})
+        changed = [f"serve.{k}={json.dumps(v)}" for k, v in dataclasses.asdict(run.cfg.serve).items()
+                   if saved.get(k) != v and k != "port"]  # what open_run_folder changed travels along
+        self.run, self.overrides = run, changed + list(overrides)
+        host = run.cfg.serve.host
+        self.port = port or (run.cfg.serve.port if port_is_free(host, run.cfg.serve.port) else free_port(host))
+        self.url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{self.port}"
+        self.api_key = api_key or (api_key_from_env(run) if run.cfg.serve.api_key_env else None)
+        self.log_path = run.path / "serve" / f"server-{self.port}.log"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    def start(self, timeout: float = 300) -> "ServerProcess":
+        if self.proc is not None and self.proc.poll() is None:
+            raise QLoraError(f"This server is already running (pid {self.proc.pid}, {self.url}).")
+        if not port_is_free(self.run.cfg.serve.host, self.port):
+            raise QLoraError(f"Port {self.port} is taken; pick another (serve.port) or stop what uses it.")
+        env = dict(os.environ)
+        key_env = self.run.cfg.serve.api_key_env
+        if key_env and self.api_key:
+            env[key_env] = self.api_key
+        cmd = [sys.executable, "-m", "qlora_helpers", "serve", "--run", str(self.run.path),
+               "--port", str(self.port)] + [x for o in self.overrides for x in ("--set", o)]
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        log.close()
+        atexit.register(self.stop)  # never leave a server behind when Python exits
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise QLoraError(f"The server exited with code {self.proc.returncode} before it was ready:\n"
+                                 f"{self.log_tail()}")
+            if self.healthy():
+                return self
+            time.sleep(0.3)
+        self.stop()
+        raise QLoraError(f"The server was not ready after {timeout:.0f} s; its log:\n{self.log_tail()}")
+
+    def healthy(self) -> bool:
+        import httpx
+
+        try:
+            return httpx.get(f"{self.url}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def health(self) -> dict[str, Any]:
+        import httpx
+
+        return httpx.get(f"{self.url}/health", timeout=5).json()
+
+    def log_tail(self, lines: int = 30) -> str:
+        if not self.log_path.is_file():
+            return "(no log)"
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self, timeout: float = 30) -> bool:
+        """SIGTERM (uvicorn finishes the requests in flight, then re-raises the signal), SIGKILL after
+        `timeout`. True when the server shut down cleanly."""
+        if self.proc is None:
+            return False
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        return self.proc.returncode in (0, -15) and "Finished server process" in self.log_tail(10)
+
+    def __enter__(self) -> "ServerProcess":
+        return self if self.proc is not None and self.proc.poll() is None else self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def start_server(run: Run, api_key: str | None = None, **kw) -> ServerProcess:
+    """Start the server for `run` (a free port if serve.port is taken); `.stop()` it when done."""
+    return ServerProcess(run, api_key=api_key, **kw).start()
+
+

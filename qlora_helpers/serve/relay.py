@@ -1,0 +1,103 @@
+"""Between the engine's thread and the HTTP responses: each job's events land in its request's asyncio
+queue; a non-streaming request waits for them (watching for the client leaving), a streaming one
+turns them into server-sent events. A client that leaves cancels its rows within one step."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from . import responses as out
+from .engine import Job, QueueFull
+from .middleware import APIError
+
+DISCONNECT_POLL_S = 0.05  # how often a waiting non-streaming request checks that its client is still there
+
+
+class Events:
+    """A job's `emit`: events from the generating thread into this request's asyncio queue."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.queue = loop, asyncio.Queue()
+
+    def __call__(self, kind: str, payload: Any) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, payload))
+
+
+def submit(engine, request: Request, jobs: list[Job]) -> None:
+    """Queue every job of the request, or none (503 + Retry-After when the queue is full)."""
+    request.state.jobs = jobs
+    if len(jobs) > engine.max_queue:
+        raise APIError(400, f"At most {engine.max_queue} prompts x n per request.", param="prompt")
+    try:
+        for job in jobs:
+            engine.submit(job)
+    except QueueFull as exc:
+        for job in jobs:
+            job.cancelled = True
+        raise APIError(503, str(exc), kind="server_error", code="server_busy",
+                       headers={"Retry-After": str(exc.retry_after)}) from None
+
+
+async def collect(request: Request, jobs: list[Job]) -> bool:
+    """Wait until every job is done; False (and the jobs cancelled) if the client leaves first.
+    The client is checked every DISCONNECT_POLL_S, however busy the queue (text comes every step)."""
+    checked = time.monotonic()
+    for job in jobs:
+        kind = None
+        while kind != "done":
+            try:
+                kind, payload = await asyncio.wait_for(job.emit.queue.get(), timeout=DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                kind = None
+            if kind == "error":
+                raise APIError(500, payload, kind="server_error", code="generation_failed")
+            if time.monotonic() - checked >= DISCONNECT_POLL_S:
+                checked = time.monotonic()
+                if await request.is_disconnected():
+                    for j in jobs:
+                        j.cancelled = True
+                    request.state.outcome = "disconnected"
+                    return False
+    return True
+
+
+def streamed(request: Request, jobs: list[Job], head, piece, tail: dict | None) -> StreamingResponse:
+    """SSE: per job `head(index, job)` (or None) once it is prefilled, then `piece(index, job, text,
+    entries, finish)` per event; then `tail` (the usage chunk) when asked, and [DONE]."""
+    async def events():
+        finished = False
+        try:
+            for index, job in enumerate(jobs):
+                kind, payload = await job.emit.queue.get()
+                first = head(index, job)
+                if first:
+                    yield out.sse(first)
+                while True:
+                    if kind == "text":
+                        yield out.sse(piece(index, job, payload[0], payload[1], None))
+                    elif kind == "done":
+                        yield out.sse(piece(index, job, "", [], payload))
+                        break
+                    else:
+                        yield out.sse({"error": {"message": payload, "type": "server_error",
+                                                 "code": "generation_failed"}})
+                        finished = True
+                        return
+                    kind, payload = await job.emit.queue.get()
+            if tail is not None:
+                yield out.sse(tail | {"usage": out.usage(jobs)})
+            yield out.sse("[DONE]")
+            finished = True
+        finally:  # the client left (or we finished): free the rows still generating
+            for job in jobs:
+                job.cancelled = True
+            if not finished:
+                request.state.outcome = "disconnected"
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -1,0 +1,96 @@
+"""Response bodies in OpenAI's shapes: completion and chat choices, stream chunks, usage, logprobs.
+
+Completions report logprobs as parallel lists (`tokens`, `token_logprobs`, `top_logprobs`,
+`text_offset`; with `echo` the prompt's tokens come first, the first one without a logprob, which
+is what lm-evaluation-harness reads for loglikelihoods). Chat reports a list of
+`{token, logprob, bytes, top_logprobs}` under `content`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from .engine import Job
+
+
+def token_text(tokenizer, token: int) -> str:
+    return tokenizer.decode([token])
+
+
+def completion_logprobs(tokenizer, entries: list[dict | None], ids: list[int], offset: int) -> dict[str, Any]:
+    """Completions' logprobs for tokens `ids` (entries[i] for ids[i]; None: no logprob, the first
+    prompt token), text offsets counted from `offset`."""
+    out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for token, entry in zip(ids, entries):
+        text = token_text(tokenizer, token)
+        out["tokens"].append(text)
+        out["token_logprobs"].append(None if entry is None else entry["logprob"])
+        out["top_logprobs"].append(None if entry is None else
+                                   {token_text(tokenizer, t): lp for t, lp in entry["top"]} or
+                                   {text: entry["logprob"]})
+        out["text_offset"].append(offset)
+        offset += len(text)
+    return out
+
+
+def chat_logprobs(tokenizer, entries: list[dict]) -> dict[str, Any]:
+    def one(token: int, logprob: float) -> dict[str, Any]:
+        text = token_text(tokenizer, token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8", "replace"))}
+
+    return {"content": [{**one(e["token"], e["logprob"]), "top_logprobs": [one(t, lp) for t, lp in e["top"]]}
+                        for e in entries], "refusal": None}
+
+
+def usage(jobs: list[Job]) -> dict[str, int]:
+    prompt = sum(len(j.prompt_ids) for j in jobs)
+    completion = sum(len(j.tokens) for j in jobs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+def envelope(rid: str, kind: str, model: str, choices: list[dict], **extra) -> dict[str, Any]:
+    return {"id": rid, "object": kind, "created": int(time.time()), "model": model, "choices": choices, **extra}
+
+
+def completion_choice(tokenizer, index: int, job: Job, echo: bool, prompt_text: str, text: str,
+                      finish: str | None) -> dict[str, Any]:
+    """One completion choice: `text` (the prompt first with echo), logprobs when asked."""
+    logprobs = None
+    if job.sampling.logprobs is not None:
+        ids, entries = list(job.tokens), list(job.logprobs)
+        if len(entries) > len(ids):  # the EOS that ended the row has a logprob but no text
+            ids.append(entries[-1]["token"])
+        if echo:
+            ids, entries = job.prompt_ids + ids, job.prompt_logprobs + entries
+        logprobs = completion_logprobs(tokenizer, entries, ids, 0)
+    return {"index": index, "text": (prompt_text if echo else "") + text, "logprobs": logprobs,
+            "finish_reason": finish}
+
+
+def chat_choice(tokenizer, index: int, job: Job, text: str) -> dict[str, Any]:
+    logprobs = chat_logprobs(tokenizer, job.logprobs) if job.sampling.logprobs is not None else None
+    return {"index": index, "message": {"role": "assistant", "content": text, "refusal": None},
+            "logprobs": logprobs, "finish_reason": job.finish_reason}
+
+
+def completion_chunk(tokenizer, index: int, job: Job, text: str, entries: list[dict], offset: int,
+                     finish: str | None) -> dict[str, Any]:
+    """A stream chunk's choice: new text and the logprobs of the tokens it came with."""
+    logprobs = None
+    if job.sampling.logprobs is not None and entries:
+        logprobs = completion_logprobs(tokenizer, entries, [e["token"] for e in entries], offset)
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+
+def chat_chunk(tokenizer, index: int, job: Job, text: str | None, entries: list[dict],
+               finish: str | None) -> dict[str, Any]:
+    delta = {"role": "assistant", "content": ""} if text is None and finish is None else (
+        {"content": text} if text else {})
+    logprobs = chat_logprobs(tokenizer, entries) if job.sampling.logprobs is not None and entries else None
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}

@@ -1,0 +1,59 @@
+"""In the notebook: a prompt in the run's template, greedy text streamed as it comes, a chat box."""
+
+from __future__ import annotations
+
+import threading
+from typing import Iterator
+
+from ..runs import Run
+
+def prompt_for(run: Run, tokenizer, instruction: str) -> str:
+    """An instruction in the run's template (what the adapter was trained on)."""
+    from ..generation import render_prompt
+
+    return render_prompt(tokenizer, instruction, "chat" if run.cfg.data.template == "chat" else "alpaca")
+
+
+def stream_text(model, tokenizer, prompt: str, max_new_tokens: int) -> Iterator[str]:
+    """Greedy generation, yielding text pieces as they come (transformers' TextIteratorStreamer,
+    generate running in a thread)."""
+    from transformers import TextIteratorStreamer
+
+    device = next(model.parameters()).device
+    enc = tokenizer(prompt, return_tensors="pt").to(device)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
+    worker = threading.Thread(target=model.generate, daemon=True, kwargs=dict(
+        **enc, streamer=streamer, max_new_tokens=max_new_tokens, do_sample=False,
+        pad_token_id=tokenizer.pad_token_id))
+    worker.start()
+    yield from streamer
+    worker.join()
+
+
+def chat_box(run: Run, model, tokenizer, max_new_tokens: int = 128):
+    """An ipywidgets chat: type, press Enter or Send, watch the answer stream in."""
+    import html
+
+    import ipywidgets as widgets
+
+    log = widgets.HTML(value="<i>Ask something.</i>")
+    entry = widgets.Text(placeholder="Your message", layout=widgets.Layout(width="70%"))
+    send = widgets.Button(description="Send", button_style="primary")
+    turns: list[str] = []
+
+    def on_send(_):
+        question, entry.value = entry.value.strip(), ""
+        if not question:
+            return
+        turns.append(f"<b>you</b>: {html.escape(question)}")
+        answer = ""
+        for piece in stream_text(model, tokenizer, prompt_for(run, tokenizer, question), max_new_tokens):
+            answer += piece
+            log.value = "<br>".join(turns + [f"<b>model</b>: {html.escape(answer)}"])
+        turns.append(f"<b>model</b>: {html.escape(answer)}")
+
+    send.on_click(on_send)
+    entry.on_submit(on_send)
+    return widgets.VBox([log, widgets.HBox([entry, send])])
+
+

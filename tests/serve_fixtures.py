@@ -1,0 +1,32 @@
+"""Fixtures the serving tests share: a smoke run with a random, non-zero adapter, and its export."""
+
+import pytest
+
+API_KEY = "test-key-must-not-leak-4242"
+KEY_ENV = "QLORA_TEST_API_KEY"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_dir):
+    """A smoke run (01's files) with a LoRA adapter whose B matrices are random, so merging matters."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from qlora_helpers.models import load_model
+    from qlora_helpers.runs import setup_run
+    from qlora_helpers.serve import open_run_folder
+
+    outputs = tmp_path_factory.mktemp("serve-outputs")
+    setup = setup_run("smoke", "serve", [f"serve.api_key_env={KEY_ENV}"], outputs_dir=str(outputs))
+    base = load_model(setup.cfg.model, setup.cfg.quant, setup.compute_dtype, setup.device)
+    torch.manual_seed(0)
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(base, lora).save_pretrained(setup.path / "adapter")
+    return open_run_folder(setup.path)
+
+
+@pytest.fixture(scope="module")
+def export(run):
+    from qlora_helpers.serve import merge_and_export
+
+    return merge_and_export(run)

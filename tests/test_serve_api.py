@@ -1,0 +1,310 @@
+"""The API as real clients use it, against the real server on 127.0.0.1 (tiny random LLaMA): no
+head-of-line blocking, cancellation of a client that leaves, OpenAI's and vLLM's fields, multi-turn
+chat on an Alpaca-template run, errors in OpenAI's shape, a request log line per request."""
+
+import json
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.serve_fixtures import API_KEY, export, run  # noqa: F401 - fixtures
+
+HEADERS = {"Authorization": f"Bearer {API_KEY}"}
+LONG = ["serve.context_length=2048", "serve.max_tokens=2000", "serve.cors_origins=[\"http://localhost:3000\"]"]
+
+
+@pytest.fixture(scope="module")
+def server(run, export):
+    from qlora_helpers.serve import start_server
+
+    srv = start_server(run, api_key=API_KEY, overrides=LONG)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.base_url, api_key=API_KEY, max_retries=0, timeout=120)
+
+
+def wait_until(condition, timeout=60.0):
+    """Poll an observable condition (the server's /health, its log) until it holds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        time.sleep(0.02)
+
+
+def post(server, path, body=None, **kw):
+    return httpx.post(f"{server.base_url}{path}", json=body, headers={**HEADERS, **kw.pop("headers", {})},
+                      timeout=120, **kw)
+
+
+def test_a_short_request_is_not_blocked_by_a_long_one(server, client):
+    short = dict(model="serve", prompt="The capital of France is", max_tokens=5, temperature=0,
+                 extra_body={"ignore_eos": True})
+    client.completions.create(**short)  # warm-up
+    solos = []
+    for _ in range(3):
+        start = time.perf_counter()
+        alone = client.completions.create(**short)
+        solos.append(time.perf_counter() - start)
+    solo = sorted(solos)[1]
+    first_token, long_chunks = threading.Event(), []
+
+    def long_request():
+        stream = client.completions.create(model="serve", prompt="Tell me a story", max_tokens=600,
+                                           temperature=0, stream=True, extra_body={"ignore_eos": True})
+        for _ in stream:
+            long_chunks.append(time.perf_counter())
+            first_token.set()
+
+    worker = threading.Thread(target=long_request)
+    worker.start()
+    assert first_token.wait(60)  # the long one is generating
+    start = time.perf_counter()
+    shared = client.completions.create(**short)
+    short_done = time.perf_counter()
+    worker.join(300)
+    beside = sum(start <= t <= short_done for t in long_chunks)  # long-request steps while the short ran
+    print(f"\nshort alone {solo:.3f} s, next to the 600-token one {short_done - start:.3f} s "
+          f"({beside} steps of the long one meanwhile); the long one ended {long_chunks[-1] - short_done:.1f} s later")
+    assert shared.choices[0].text == alone.choices[0].text
+    assert short_done < long_chunks[-1]  # it finished first
+    # it ran beside the long one for about its own 5 steps (blocked, it would wait ~600), and took a
+    # small multiple of its time alone (each shared step does two rows, on a CPU shared with others)
+    assert beside <= 15
+    assert short_done - start < 6 * solo + 1.0
+
+
+def test_a_non_streaming_client_that_leaves_is_cancelled(server):
+    body = json.dumps({"model": "serve", "prompt": "Tell me a story", "max_tokens": 1500,
+                       "ignore_eos": True}).encode()
+    done_before = server.health()["completed"]
+    with socket.create_connection((server.url.split("//")[1].split(":")[0], server.port)) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Authorization: Bearer {API_KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        wait_until(lambda: server.health()["running"] == 1)
+    wait_until(lambda: server.health()["completed"] > done_before and server.health()["running"] == 0)
+    # the request's log line (written when its handler returns, maybe just after the row left)
+    wait_until(lambda: "(client disconnected)" in server.log_tail(400))
+    line = [x for x in server.log_tail(400).splitlines() if "(client disconnected)" in x][-1]
+    tokens = int(line.split("completion_tokens=")[1].split()[0])
+    assert " 499 " in line and tokens < 1500, line
+
+
+def test_openai_fields_are_accepted_and_honoured(server, client):
+    base = dict(model="serve", prompt="Once upon a time", max_tokens=8, extra_body={"ignore_eos": True})
+    seeded = [client.completions.create(**base, temperature=1.0, seed=42, top_p=0.9).choices[0].text
+              for _ in range(2)]
+    assert seeded[0] == seeded[1]  # the seed decides the sample
+    # every OpenAI field, at values that change nothing here, and explicit nulls
+    plain = client.completions.create(**base, temperature=0).choices[0].text
+    same = client.completions.create(**base, temperature=0, presence_penalty=0, frequency_penalty=0, n=1,
+                                     best_of=1, logit_bias={}, user="u", suffix=None, stream=None, top_p=None,
+                                     echo=False).choices[0].text
+    assert same == plain
+    nulls = post(server, "/completions", {"model": "serve", "prompt": "Hi", "max_tokens": 2, "temperature": None,
+                                          "top_p": None, "n": None, "stream": None, "logprobs": None, "seed": None})
+    assert nulls.status_code == 200, nulls.text
+    # vLLM's extensions
+    vllm = post(server, "/completions", {**{k: v for k, v in base.items() if k != "extra_body"}, "top_k": 5,
+                                         "temperature": 0.8, "min_tokens": 4, "repetition_penalty": 1.2,
+                                         "ignore_eos": True})
+    assert vllm.status_code == 200 and vllm.json()["usage"]["completion_tokens"] == 8
+    # chat: response_format text, logprobs with alternatives, ignored fields logged
+    chat = client.chat.completions.create(
+        model="serve", messages=[{"role": "user", "content": "Hi"}], max_completion_tokens=3, temperature=0,
+        response_format={"type": "text"}, logprobs=True, top_logprobs=2, store=False, metadata={"a": "b"},
+        service_tier="auto", extra_body={"ignore_eos": True})
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 3 and all(len(c.top_logprobs) == 2 for c in content)
+    assert content[0].logprob == pytest.approx(content[0].top_logprobs[0].logprob)  # greedy: the best
+    assert "ignoring store, metadata, service_tier" in server.log_tail(200)
+    assert client.models.retrieve("serve").id == "serve"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("other")
+
+
+def test_n_choices_and_streamed_logprobs(client):
+    base = dict(model="serve", prompt="Once upon a time", max_tokens=4, extra_body={"ignore_eos": True})
+    two = client.completions.create(**base, n=2, temperature=0)
+    assert [c.index for c in two.choices] == [0, 1] and two.choices[0].text == two.choices[1].text
+    assert two.usage.completion_tokens == 8
+    sampled = client.completions.create(**base, n=2, temperature=1.0, seed=3)
+    assert sampled.choices[0].text != sampled.choices[1].text  # each copy draws its own sample
+    whole = client.completions.create(**base, temperature=0, logprobs=2)
+    chunks = [c.choices[0] for c in client.completions.create(**base, temperature=0, logprobs=2, stream=True)
+              if c.choices and c.choices[0].logprobs]
+    streamed = [lp for c in chunks for lp in c.logprobs.token_logprobs]
+    assert streamed == pytest.approx(whole.choices[0].logprobs.token_logprobs)
+    assert [o for c in chunks for o in c.logprobs.text_offset] == whole.choices[0].logprobs.text_offset
+
+
+def test_echo_logprobs_and_token_prompts_are_what_the_model_computes(server, run):
+    import torch
+
+    from qlora_helpers.models import load_tokenizer
+    from qlora_helpers.serve import load_merged
+
+    tokenizer, model = load_tokenizer(run.cfg.model), load_merged(run)
+    prompts = [tokenizer("The capital of France is")["input_ids"], tokenizer("1, 2, 3, 4")["input_ids"]]
+    r = post(server, "/completions", {"model": "serve", "prompt": prompts, "max_tokens": 1, "temperature": 0,
+                                      "logprobs": 1, "echo": True, "seed": 1234})
+    assert r.status_code == 200, r.text
+    for ids, choice in zip(prompts, r.json()["choices"]):
+        lp = choice["logprobs"]["token_logprobs"]
+        with torch.no_grad():
+            full = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+        expected = [float(full[i, t]) for i, t in enumerate(ids[1:])]
+        assert lp[0] is None and len(lp) == len(ids) + 1
+        assert lp[1:-1] == pytest.approx(expected, abs=1e-4)
+        assert choice["text"].startswith(tokenizer.decode(ids))
+    single = post(server, "/completions", {"model": "serve", "prompt": prompts[0], "max_tokens": 2})
+    assert single.status_code == 200 and single.json()["usage"]["prompt_tokens"] == len(prompts[0])
+
+
+def test_multi_turn_chat_on_an_alpaca_run_uses_the_rule_03_trains_with(server, client, run):
+    from qlora_helpers.data import render_conversation
+    from qlora_helpers.models import load_tokenizer
+
+    assert run.cfg.data.template == "alpaca"
+    tokenizer = load_tokenizer(run.cfg.model)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."},
+                {"role": "assistant", "content": "Blue."}, {"role": "user", "content": "Another one?"}]
+    chat = client.chat.completions.create(model="serve", messages=messages, max_tokens=4, temperature=0,
+                                          extra_body={"ignore_eos": True})
+    prompt = render_conversation(messages, "alpaca", tokenizer)
+    assert "Conversation so far:\nUser: Name a colour.\nAssistant: Blue." in prompt
+    assert chat.usage.prompt_tokens == len(tokenizer(prompt)["input_ids"])
+    plain = client.completions.create(model="serve", prompt=prompt, max_tokens=4, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    assert chat.choices[0].message.content == plain.choices[0].text
+    system_only = post(server, "/chat/completions", {"model": "serve", "messages": [messages[0]]})
+    assert system_only.status_code == 400 and "no user message" in system_only.json()["error"]["message"]
+
+
+REFUSED = [
+    ("/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ("/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+     "response_format"),
+    ("/chat/completions", {"stream_options": {"include_usage": True}}, "stream_options"),
+    ("/completions", {"suffix": "end"}, "suffix"),
+    ("/completions", {"best_of": 3}, "best_of"),
+    ("/completions", {"prompt": ""}, "prompt"),
+    ("/completions", {"prompt": [[]]}, "prompt"),
+    ("/completions", {"prompt": [10**9]}, "prompt"),
+    ("/completions", {"prompt": "\ud800"}, "prompt"),
+    ("/chat/completions", {"messages": [{"role": "user", "content": "a\udfff"}]}, "messages[0].content"),
+    ("/completions", {"frobnicate": 1}, "frobnicate"),
+]
+
+
+@pytest.mark.parametrize("path,change,param", REFUSED, ids=[r[2] + "-" + r[0][1:5] for r in REFUSED])
+def test_what_we_cannot_do_is_a_400_naming_the_field(server, path, change, param):
+    body = {"model": "serve", "max_tokens": 2, **({"prompt": "Hi"} if "chat" not in path else
+                                                   {"messages": [{"role": "user", "content": "Hi"}]}), **change}
+    r = httpx.post(f"{server.base_url}{path}", content=json.dumps(body), timeout=60,
+                   headers={**HEADERS, "Content-Type": "application/json"})
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["param"] == param and error["message"], r.text
+
+
+def test_framework_errors_chunked_bodies_cors_and_the_request_log(server):
+    bad_json = post(server, "/completions", content=b"{nope", headers={"Content-Type": "application/json"})
+    wrong_method = httpx.get(f"{server.base_url}/completions", headers=HEADERS)
+    for r, code in ((bad_json, 400), (wrong_method, 405)):
+        assert r.status_code == code and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+    def chunks():
+        yield b'{"model": "serve", '
+        yield b'"prompt": "Hi", "max_tokens": 2}'
+    chunked = httpx.post(f"{server.base_url}/completions", content=chunks(),
+                         headers={**HEADERS, "Content-Type": "application/json"}, timeout=60)
+    assert chunked.status_code == 200 and chunked.json()["usage"]["completion_tokens"] >= 1
+    preflight = httpx.options(f"{server.base_url}/chat/completions", headers={
+        "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type"})
+    assert preflight.headers["access-control-allow-origin"] == "http://localhost:3000"
+    other = httpx.get(f"{server.base_url}/models", headers={**HEADERS, "Origin": "http://evil.example"})
+    assert "access-control-allow-origin" not in other.headers
+    unauthorised = httpx.get(f"{server.base_url}/models", headers={"Authorization": "Bearer wrong"})
+    assert unauthorised.status_code == 401
+    log = server.log_tail(400)
+    assert " GET /v1/models 401 " in log and " POST /v1/completions 400 " in log and API_KEY not in log
+
+
+# --- fuzz: ~1,000 requests over the request schema, valid and hostile --------------------------------------
+
+FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n",
+          "stream", "stream_options", "stop", "seed", "presence_penalty", "frequency_penalty", "logit_bias",
+          "logprobs", "top_logprobs", "echo", "best_of", "suffix", "user", "top_k", "min_tokens",
+          "repetition_penalty", "ignore_eos", "response_format", "tools", "tool_choice", "store", "metadata",
+          "service_tier", "unknown_field"]
+VALUES = [None, True, False, -1, 0, 1, 2, 3, 2**70, -2**70, 0.5, -3.7, 1e308, float("nan"), float("inf"), "",
+          "x", "serve", "\ud800", "a\udfffb", "日本語", "<|im_end|>", "w " * 300, [], [1, 2], [[5, 6], [7]], [[]],
+          [-3], ["a", "b"], ["a", 1], [{"role": "user", "content": "hi"}], [{"role": "system", "content": "s"}],
+          [{"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "image_url"}]}],
+          [{"role": "tool", "content": "x"}], [{"role": "user"}], {}, {"type": "text"}, {"type": "json_object"},
+          {"include_usage": True}, {"1": 5}, {"x": [1]}]
+
+
+def fuzz_request(rng):
+    """(method, path, body bytes) drawn from the schema: mostly valid bodies with 1-3 fields changed."""
+    roll = rng.random()
+    if roll < 0.04:
+        return "GET", rng.choice(["/models", "/models/serve", "/models/%F0%9F", "/health", "/nope"]), None
+    if roll < 0.08:
+        return rng.choice(["PUT", "DELETE", "GET"]), "/completions", b"{}"
+    chat = rng.random() < 0.5
+    body = {"model": "serve", "max_tokens": rng.randint(1, 3), "temperature": rng.choice([0, 0.7, None])}
+    body.update({"messages": [{"role": "user", "content": "hi"}]} if chat else {"prompt": "Hello there"})
+    if rng.random() < 0.3:
+        body["stream"] = True
+    for _ in range(rng.randint(0, 3)):
+        body[rng.choice(FIELDS)] = rng.choice(VALUES)
+    text = json.dumps(body)
+    if rng.random() < 0.05:
+        text = text[: rng.randint(0, len(text))]  # truncated JSON
+    elif rng.random() < 0.03:
+        text = json.dumps(rng.choice([[], "x", 3, None]))  # JSON, but not an object
+    return "POST", "/chat/completions" if chat else "/completions", text.encode("utf-8", "surrogatepass")
+
+
+def test_fuzz_every_answer_is_2xx_or_an_openai_4xx_and_the_server_stays_healthy(server):
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = random.Random(16)
+    requests = [fuzz_request(rng) for _ in range(1000)]
+
+    def send(http, method, path, body):
+        headers = {**HEADERS, "Content-Type": "application/json"}
+        with http.stream(method, f"{server.base_url}{path}", content=body, headers=headers) as r:
+            data = r.read()
+        if 200 <= r.status_code < 300:
+            ok = (r.headers["content-type"].startswith("text/event-stream") and data.rstrip().endswith(b"[DONE]")
+                  ) or "error" not in json.loads(data)
+            return r.status_code, ok, data[:200]
+        try:
+            error = json.loads(data)["error"]
+            ok = 400 <= r.status_code < 500 and set(error) == {"message", "type", "param", "code"}
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        return r.status_code, ok, data[:200]
+
+    with httpx.Client(timeout=120) as http, ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(lambda req: (req, send(http, *req)), requests))
+    bad = [(req[:2], req[2][:120] if req[2] else None, res) for req, res in results if not res[1]]
+    statuses = sorted({res[0] for _, res in results})
+    print(f"\nfuzz: {len(results)} requests, statuses {statuses}, "
+          f"{sum(200 <= r[0] < 300 for _, r in results)} answered 2xx")
+    assert not bad, bad[:5]
+    assert server.health()["status"] == "ok"
+    ok = post(server, "/completions", {"model": "serve", "prompt": "Hi", "max_tokens": 2})
+    assert ok.status_code == 200 and server.health()["running"] == 0
