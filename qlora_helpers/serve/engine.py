@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
+import inspect
 import threading
 import time
 from typing import Any, Callable
@@ -104,11 +106,24 @@ def advance(job: Job, token: int, tokenizer, entry: dict | None) -> None:
     _send(job, len(text) - _stop_holdback(text, job.stop))
 
 
+@functools.lru_cache(maxsize=None)
+def _cache_argument(forward_class: type) -> str:
+    """The name of the KV-cache argument: `cache` in transformers 5.2x (where `past_key_values` is a
+    deprecated alias), `past_key_values` in earlier 5.x releases, which ignore `cache` silently."""
+    return "cache" if "cache" in inspect.signature(forward_class.forward).parameters else "past_key_values"
+
+
+def with_cache(model, cache: DynamicCache) -> dict[str, DynamicCache]:
+    """{argument name: cache} for `model` (a peft wrapper is asked about the model it wraps)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {_cache_argument(type(base)): cache}
+
+
 def decode_step(model, cache: DynamicCache, tokens: torch.Tensor, mask: torch.Tensor,
                 positions: torch.Tensor) -> torch.Tensor:
     """One forward step: each row's pending token [rows, 1] at its own position -> logits [rows, vocab]."""
-    out = model(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=cache,
-                use_cache=True)
+    out = model(input_ids=tokens, attention_mask=mask, position_ids=positions, use_cache=True,
+                **with_cache(model, cache))
     return out.logits[:, -1].float()
 
 
@@ -149,7 +164,8 @@ class Batch:
         ids = torch.tensor([job.prompt_ids], device=self.device)
         cache = DynamicCache(config=self.model.config)
         keep = 0 if job.sampling.prompt_logprobs else 1  # 0: logits at every position
-        logits = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=keep).logits[0].float()
+        logits = self.model(input_ids=ids, use_cache=True, logits_to_keep=keep,
+                            **with_cache(self.model, cache)).logits[0].float()
         if job.sampling.prompt_logprobs:
             self._record_prompt_logprobs(job, logits)
         token = self._choose(job, logits[-1])
