@@ -121,6 +121,10 @@ def build_site(notebooks_dir: Path, site_dir: Path) -> list[Path]:
     pages, items, config = [], [], "default"
     for path in notebooks:
         nb = make_static(nbformat.read(path, as_version=4))  # sources as strings, as nbconvert wants
+        papermill = nb.get("metadata", {}).get("papermill", {})
+        if papermill and (not papermill.get("end_time") or papermill.get("exception")):
+            print(f"skipped {path}: its execution did not finish (still running, or failed)", file=sys.stderr)
+            continue
         config = Path(nb.get("metadata", {}).get("papermill", {}).get("parameters", {}).get("config", config)).stem
         node = nbformat.from_dict(nb)  # the new outputs as NotebookNodes too
         body, _ = exporter.from_notebook_node(node)
