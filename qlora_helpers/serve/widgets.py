@@ -37,11 +37,14 @@ def chat_box(run: Run, model, tokenizer, max_new_tokens: int = 128):
     import ipywidgets as widgets
 
     log = widgets.HTML(value="<i>Ask something.</i>")
-    entry = widgets.Text(placeholder="Your message", layout=widgets.Layout(width="70%"))
+    # continuous_update=False: the box sends its whole text on Enter (or when it loses focus) as one
+    # value change. Text.on_submit raced the per-keystroke updates: in JupyterLab a message typed
+    # and sent at once arrived as its first letter (found by tests/test_browser.py).
+    entry = widgets.Text(placeholder="Your message", continuous_update=False, layout=widgets.Layout(width="70%"))
     send = widgets.Button(description="Send", button_style="primary")
     turns: list[str] = []
 
-    def on_send(_):
+    def on_send(_=None):
         question, entry.value = entry.value.strip(), ""
         if not question:
             return
@@ -52,8 +55,8 @@ def chat_box(run: Run, model, tokenizer, max_new_tokens: int = 128):
             log.value = "<br>".join(turns + [f"<b>model</b>: {html.escape(answer)}"])
         turns.append(f"<b>model</b>: {html.escape(answer)}")
 
-    send.on_click(on_send)
-    entry.on_submit(on_send)
+    send.on_click(on_send)  # a click first blurs the box, whose text then arrives as a value change
+    entry.observe(lambda change: on_send() if change["new"].strip() else None, names="value")
     return widgets.VBox([log, widgets.HBox([entry, send])])
 
 
