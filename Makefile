@@ -20,15 +20,26 @@ CONFIG ?= default
 SWEEP ?= lora-targets
 ARGS ?=
 
-.PHONY: run test test-unit sweep install lab docs docs-site clean-venv
+.PHONY: run test test-unit browser sweep install lab docs docs-site clean-venv
 
 run: $(STAMP)
 	$(PY) -m qlora_helpers run --config $(CONFIG) $(ARGS)
 
 # The whole suite, the browser test included (tests/test_browser.py: JupyterLab + selenium from
-# requirements-lab.txt, and Debian's chromium + chromium-driver, which .ci/run installs).
-test: $(LAB_STAMP)
+# requirements-lab.txt, and Debian's chromium + chromium-driver, installed here when missing where
+# apt-get can, as root; elsewhere the test is skipped and says what to install).
+test: $(LAB_STAMP) browser
 	$(PY) -m pytest -q $(ARGS)
+
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian's chromium and chromium-driver for the browser test"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	  else \
+	    echo "note: the browser test needs chromium and chromedriver (Debian: apt-get install chromium chromium-driver); it will be skipped"; \
+	  fi; \
+	fi
 
 # The fast tier: no model, tokenizer, server or notebook (see tests/conftest.py).
 test-unit: $(STAMP)
