@@ -179,9 +179,13 @@ def test_resume_after_sigkill_gives_the_same_adapter(tmp_path, tiny_dir):
 
 def test_interrupt_saves_a_checkpoint(tmp_path, tiny_dir):
     ckpts = tmp_path / "run" / "checkpoints"
+    # A test suite started in the background by a non-interactive shell (nohup, `&`, some CI runners)
+    # inherits SIGINT ignored, and Python then never turns it into KeyboardInterrupt: give the child
+    # the default disposition, as a terminal's Ctrl-C would find it.
     proc = subprocess.Popen(_train_cmd(tmp_path, "run", "train.max_steps=400", "train.save_steps=5"),
                             env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert _wait_for(lambda: (ckpts / "checkpoint-5" / COMPLETE_MARKER).is_file(), proc)
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
