@@ -33,6 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="TCP port (default: serve.port)")
     serve.add_argument("--set", dest="overrides", action="append", default=[], metavar="serve.KEY=VALUE",
                        help="override a serve setting, e.g. --set serve.form=adapter (repeatable)")
+    export = sub.add_parser("export", help="merge the adapter, export GGUF files with llama.cpp and run the "
+                            "export gate (export.json); exits 1 when a form disagrees with the adapter model")
+    export.add_argument("--run", required=True, help="the run folder, e.g. outputs/default")
+    export.add_argument("--gguf", action="append", default=[], choices=["f16", "q8_0", "q4_k_m"],
+                        help="GGUF type to write into <run>/gguf/ (repeatable; needs the [gguf] extra); the "
+                             "first is the one the Ollama Modelfile names")
+    export.add_argument("--set", dest="overrides", action="append", default=[], metavar="serve.KEY=VALUE")
     from .sweep import add_arguments as add_sweep_arguments
 
     add_sweep_arguments(sub.add_parser("sweep", help="run the pipeline once per combination of settings "
@@ -86,6 +93,29 @@ def train_command(args) -> int:
     return 0
 
 
+def export_command(args) -> int:
+    """Merge (when merged/ is missing), write the GGUF files and the Modelfile, run the export gate."""
+    from .serve import open_run_folder
+    from .serve.export import merge_and_export
+    from .serve.gate import gate_table, run_export_gate
+    from .serve.gguf import export_gguf
+
+    run = open_run_folder(args.run, args.overrides)
+    if not (run.path / "merged" / "config.json").is_file():
+        merge_and_export(run)
+    types = list(dict.fromkeys(args.gguf))
+    if types:
+        for gguf_type, info in export_gguf(run, types)["gguf"].items():
+            print(f"wrote {info['path']} ({info['mib']} MiB, {info['how']}, {info['seconds']} s)")
+    report = run_export_gate(run, types)
+    for row in gate_table(report):
+        print(f"{row['form']:<14} greedy equal {row['greedy equal']}, mean KL {row['mean KL']} "
+              f"(bound {row['KL bound']}), tokenization {row['tokenization']}: {row['verdict']}")
+    print(f"export gate: {'passed' if report['passed'] else 'FAILED (' + ', '.join(report['failed']) + ')'}; "
+          f"{run.path / 'export.json'}")
+    return 0 if report["passed"] else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -104,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
 
             port = [f"serve.port={args.port}"] if args.port else []
             serve_run(open_run_folder(args.run, args.overrides + port))
+        elif args.command == "export":
+            return export_command(args)
         elif args.command == "sweep":
             from .sweep import sweep_command
 

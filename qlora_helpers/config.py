@@ -183,9 +183,14 @@ class ServeConfig:
     port: int = _f(8000, "TCP port", low=1, lt=65536)
     api_key_env: Union[str, None] = _f(None, "NAME of the environment variable holding the API key "
                                        "(never the key itself); null: no key asked")
-    form: Literal["auto", "merged", "adapter"] = _f(
-        "auto", "merged 16-bit model or 4-bit base + adapter; auto = merged when it fits in memory "
-        "(faster on CPU and GPU, benchmarks/BENCHMARKS.md)")
+    form: Literal["auto", "merged", "adapter", "gguf"] = _f(
+        "auto", "merged 16-bit model, 4-bit base + adapter, or the GGUF (llama.cpp, serve.gguf's first "
+        "type); auto = on a CPU the GGUF when the [gguf] extra is installed, else merged when it fits "
+        "in memory (faster on CPU and GPU, benchmarks/BENCHMARKS.md)")
+    gguf: list[Literal["f16", "q8_0", "q4_k_m"]] = _f(
+        ["q8_0", "f16", "q4_k_m"], "GGUF files 06 exports with llama.cpp and checks (export.json) when "
+        "the [gguf] extra is installed; the first is served on a CPU and named in the Ollama Modelfile; "
+        "[]: none")
     export_dtype: Literal["bfloat16", "float16"] = _f(
         "bfloat16", "dtype of the merged safetensors (what vLLM/TGI load); LLaMA 2 ships float16")
     model_name: Union[str, None] = _f(None, "model id clients send (default: the run name)")

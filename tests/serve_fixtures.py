@@ -1,9 +1,33 @@
-"""Fixtures the serving tests share: a smoke run with a random, non-zero adapter, and its export."""
+"""Fixtures the serving tests share: a smoke run with a random, non-zero adapter, and its export;
+the forms a server is tested with (merged, and the GGUF through llama.cpp with the [gguf] extra)."""
+
+import os
 
 import pytest
 
 API_KEY = "test-key-must-not-leak-4242"
 KEY_ENV = "QLORA_TEST_API_KEY"
+# The server forms the API tests run against; the GGUF needs the [gguf] extra (require_gguf).
+SERVER_FORMS = ["merged", pytest.param("gguf", marks=pytest.mark.gguf)]
+
+
+def require_gguf() -> None:
+    """Skip (saying what to install) without the [gguf] extra; under .ci/run (QLORA_REQUIRE_GGUF=1) fail."""
+    from qlora_helpers.serve.gguf import INSTALL_HINT, gguf_available
+
+    if gguf_available():
+        return
+    message = f"needs the [gguf] extra (llama-cpp-python): {INSTALL_HINT}"
+    if os.environ.get("QLORA_REQUIRE_GGUF") == "1":
+        pytest.fail(f"QLORA_REQUIRE_GGUF=1 but this test {message}")
+    pytest.skip(message)
+
+
+def serve_form(request) -> list[str]:
+    """The override that serves `request.param`'s form (after checking the extra for the GGUF)."""
+    if request.param == "gguf":
+        require_gguf()
+    return [f"serve.form={request.param}"]
 
 
 @pytest.fixture(scope="module")

@@ -238,9 +238,16 @@ class Batch:
         self.jobs, self.pending, self.cache, self.mask = [], [], None, None
 
 
+def new_batch(model, tokenizer) -> Batch:
+    """The rows generating now, for `model`: a backend with its own forward pass (llama.cpp,
+    serve/llamacpp.py) brings its own Batch through `new_batch`; transformers models get `Batch`."""
+    own = getattr(model, "new_batch", None)
+    return own(tokenizer) if own is not None else Batch(model, tokenizer)
+
+
 def generate_jobs(model, tokenizer, jobs: list[Job]) -> None:
     """Run `jobs` to the end as one batch (no queue, no thread): what the latency measurement uses."""
-    batch = Batch(model, tokenizer)
+    batch = new_batch(model, tokenizer)
     for job in jobs:
         batch.add(job)
     while batch.jobs:
@@ -267,7 +274,7 @@ class BatchEngine:
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue, self.batch_wait = max_batch, max_queue, batch_wait_ms / 1000
         self.waiting: collections.deque[Job] = collections.deque()
-        self.batch = Batch(model, tokenizer)
+        self.batch = new_batch(model, tokenizer)
         self.running = 0
         self.completed = 0
         self._job_seconds = 1.0

@@ -1,0 +1,269 @@
+"""GGUF export through llama.cpp's own converter, and the Ollama Modelfile beside it.
+
+The `[gguf]` extra installs llama-cpp-python (pinned) and sentencepiece. Its wheel holds the compiled
+llama.cpp library (loading, quantizing, running GGUF files) but not llama.cpp's converter
+(`convert_hf_to_gguf.py` with its `conversion/` package and its own `gguf-py/`), which only the
+source distribution vendors. We run that converter, from the very sdist the installed library
+was built from, never one of our own: `fetch_converter` asks pip for
+`llama-cpp-python==<installed version>` as an sdist (`pip download --no-binary`, served from pip's
+cache after the install that built the wheel) and unpacks just those parts into the environment
+(`<sys.prefix>/share/qlora-notebooks/llama.cpp-<version>/`), so converter, `gguf-py` and the
+library that loads and quantizes the file all come from one llama.cpp commit. (The `gguf` package
+on PyPI plus a script fetched from GitHub would mix two commits, and GitHub is out of reach on
+some machines.) `QLORA_LLAMA_CPP_DIR` may point at a llama.cpp checkout instead.
+
+The converter writes f16 (one run of it costs ~15-80 s on 2 cores, mostly importing torch and
+transformers); q8_0 and q4_k_m are quantized from that f16 file by llama.cpp's quantizer
+(`llama_model_quantize`, what `llama-quantize` runs, through llama-cpp-python's binding), in a
+second or two for a 135M model.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.metadata
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import QLoraError
+from ..paths import write_text_atomic
+from ..runs import Run
+
+# Run-folder names this module writes (one place, for runs.py to take over).
+GGUF_DIR = "gguf"                 # outputs/<run>/gguf/
+GGUF_FILE = "model-{type}.gguf"   # outputs/<run>/gguf/model-q8_0.gguf ...
+MODELFILE = "Modelfile"           # outputs/<run>/gguf/Modelfile (Ollama), FROM the served GGUF
+EXPORT_JSON = "export.json"       # outputs/<run>/export.json: the export gate (serve/gate.py)
+
+GGUF_TYPES = ("f16", "q8_0", "q4_k_m")
+CONVERTER_TYPES = ("f16",)  # written by convert_hf_to_gguf.py itself; the others are quantized from f16
+DISTRIBUTION = "llama-cpp-python"
+CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
+INSTALL_HINT = ("install the [gguf] extra: `make gguf`, or `pip install -e '.[gguf]'` "
+                "(builds llama-cpp-python from source: CMake and a C++ compiler, ~10 min on 2 cores)")
+
+
+class GgufUnavailable(QLoraError):
+    """llama-cpp-python (the [gguf] extra) is not installed, or its converter cannot be found."""
+
+
+def llama_cpp_version() -> str | None:
+    """The installed llama-cpp-python's version, or None without the [gguf] extra."""
+    try:
+        return importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def gguf_available() -> bool:
+    return llama_cpp_version() is not None
+
+
+def require_llama_cpp():
+    """The `llama_cpp` module, or GgufUnavailable saying how to install it."""
+    if not gguf_available():
+        raise GgufUnavailable(f"GGUF export and serving need llama-cpp-python: {INSTALL_HINT}.")
+    import llama_cpp
+
+    return llama_cpp
+
+
+def cpu_threads() -> int:
+    """The cores this process may use (llama-cpp-python's default is half of them; torch uses all)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def gguf_path(run: Run, gguf_type: str) -> Path:
+    check_type(gguf_type)
+    return run.path / GGUF_DIR / GGUF_FILE.format(type=gguf_type)
+
+
+def check_type(gguf_type: str) -> str:
+    if gguf_type not in GGUF_TYPES:
+        raise QLoraError(f"Unknown GGUF type {gguf_type!r}; valid: {', '.join(GGUF_TYPES)}.")
+    return gguf_type
+
+
+# --- llama.cpp's converter, from the sdist the library was built from ------------------------------
+
+
+def converter_dir(fetch: bool = True) -> Path:
+    """The folder holding llama.cpp's `convert_hf_to_gguf.py` (fetched once when `fetch`)."""
+    configured = os.environ.get("QLORA_LLAMA_CPP_DIR")
+    if configured:
+        folder = Path(configured).expanduser()
+        if not (folder / "convert_hf_to_gguf.py").is_file():
+            raise GgufUnavailable(f"$QLORA_LLAMA_CPP_DIR={folder} holds no convert_hf_to_gguf.py; point it at "
+                                  f"a llama.cpp checkout, or unset it to use the one matching llama-cpp-python.")
+        return folder
+    version = llama_cpp_version()
+    if version is None:
+        raise GgufUnavailable(f"GGUF export needs llama-cpp-python: {INSTALL_HINT}.")
+    folder = Path(sys.prefix) / "share" / "qlora-notebooks" / f"llama.cpp-{version}"
+    if not (folder / "convert_hf_to_gguf.py").is_file():
+        if not fetch:
+            raise GgufUnavailable(f"llama.cpp's converter is not in {folder}; run "
+                                  f"`make gguf` (or call converter_dir()) to fetch it.")
+        fetch_converter(version, folder)
+    return folder
+
+
+def fetch_converter(version: str, folder: Path) -> Path:
+    """Unpack the converter parts of the llama-cpp-python `version` sdist into `folder` (atomically)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".fetch-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", DISTRIBUTION,
+               f"{DISTRIBUTION}=={version}", "-d", tmp]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        archives = list(Path(tmp).glob("*.tar.gz"))
+        if done.returncode != 0 or not archives:
+            raise GgufUnavailable(f"Could not get the {DISTRIBUTION}=={version} source distribution, which holds "
+                                  f"llama.cpp's converter ({' '.join(cmd[2:])} said: {done.stderr.strip()[-400:]}). "
+                                  f"Run it where PyPI (or pip's cache) is reachable, or set "
+                                  f"QLORA_LLAMA_CPP_DIR to a llama.cpp checkout.")
+        staged = Path(tmp) / "llama.cpp"
+        with tarfile.open(archives[0]) as tar:
+            prefix = tar.getnames()[0].split("/")[0] + "/vendor/llama.cpp/"
+            members = []
+            for m in tar.getmembers():
+                rel = m.name[len(prefix):] if m.name.startswith(prefix) else None
+                if rel and any(rel == p or rel.startswith(p) for p in CONVERTER_PARTS) and (m.isfile() or m.isdir()) \
+                        and ".." not in Path(rel).parts:
+                    m.name = rel
+                    members.append(m)
+            kw = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+            tar.extractall(staged, members=members, **kw)
+        if not (staged / "convert_hf_to_gguf.py").is_file():
+            raise GgufUnavailable(f"The {DISTRIBUTION}=={version} sdist has no vendor/llama.cpp/convert_hf_to_gguf.py.")
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(staged, folder)
+    return folder
+
+
+def run_converter(merged: Path, out: Path, outtype: str) -> str:
+    """llama.cpp's convert_hf_to_gguf.py on a transformers folder; its output, or a QLoraError with it."""
+    script = converter_dir() / "convert_hf_to_gguf.py"
+    cmd = [sys.executable, str(script), str(merged), "--outtype", outtype, "--outfile", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0 or not out.is_file():
+        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
+        raise QLoraError(f"llama.cpp's converter failed on {merged} (--outtype {outtype}, exit {done.returncode}):\n"
+                         f"{tail}\nThe model's architecture or tokenizer may be one this llama.cpp "
+                         f"({DISTRIBUTION} {llama_cpp_version()}) does not convert.")
+    return done.stdout + done.stderr
+
+
+def quantize(source: Path, out: Path, gguf_type: str) -> None:
+    """llama.cpp's quantizer (`llama_model_quantize`) from a 16-bit GGUF to `gguf_type`."""
+    llama_cpp = require_llama_cpp()
+    ftype = {"q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, "q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0}[gguf_type]
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = cpu_threads()
+    code = llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params))
+    if code != 0 or not out.is_file():
+        raise QLoraError(f"llama.cpp could not quantize {source} to {gguf_type} (llama_model_quantize returned {code}).")
+
+
+# --- export ------------------------------------------------------------------------------------------------
+
+
+def export_gguf(run: Run, types: list[str] | tuple[str, ...], served: str | None = None) -> dict[str, Any]:
+    """Convert `merged/` to each GGUF type in `gguf/` (each file written beside, then renamed) and
+    write the Ollama Modelfile FROM `served` (default: the first type). Exports the merged model
+    first when it is missing."""
+    from .export import merge_and_export
+
+    types = [check_type(t) for t in types]
+    if not types:
+        raise QLoraError("No GGUF type asked; pick from " + ", ".join(GGUF_TYPES) + ".")
+    require_llama_cpp()
+    merged = run.path / "merged"
+    if not (merged / "config.json").is_file():
+        merge_and_export(run)
+    folder = run.path / GGUF_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Any] = {}
+    f16 = gguf_path(run, "f16")
+    fresh = f16.is_file() and f16.stat().st_mtime >= (merged / "config.json").stat().st_mtime
+    quantized = [t for t in types if t not in CONVERTER_TYPES]
+    work = [t for t in types if t in CONVERTER_TYPES]
+    if quantized and "f16" not in work and not fresh:
+        work.insert(0, "f16")  # the quantizer's input, kept as a form of its own
+    for gguf_type in work + quantized:
+        start = time.perf_counter()
+        final = gguf_path(run, gguf_type)
+        tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+        try:
+            if gguf_type in CONVERTER_TYPES:
+                run_converter(merged, tmp, gguf_type)
+                how = f"convert_hf_to_gguf.py --outtype {gguf_type}"
+            else:
+                quantize(f16, tmp, gguf_type)
+                how = f"llama_model_quantize from {f16.name}"
+            os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
+        files[gguf_type] = {"path": str(final), "mib": round(final.stat().st_size / 2**20, 1), "how": how,
+                            "seconds": round(time.perf_counter() - start, 1)}
+    served = served or types[0]
+    write_text_atomic(folder / MODELFILE, modelfile(run, served))
+    return {"gguf": files, "modelfile": str(folder / MODELFILE), "served": served,
+            "llama_cpp_python": llama_cpp_version()}
+
+
+def _go_literal(text: str) -> str:
+    """Text placed verbatim in a Go template (Ollama's TEMPLATE): `{{` would open an action."""
+    return text.replace("{{", '{{ "{{" }}')
+
+
+def ollama_template(run: Run, tokenizer) -> str:
+    """The run's prompt template as an Ollama Go template: the server's own rule
+    (`render_conversation`) rendered around markers that become {{ .System }} and {{ .Prompt }}."""
+    from ..data import render_conversation
+
+    system, prompt = "\x00SYSTEM\x00", "\x00PROMPT\x00"
+    template = run.cfg.data.template
+
+    def go(messages):
+        text = _go_literal(render_conversation(messages, template, tokenizer))
+        return text.replace(system, "{{ .System }}").replace(prompt, "{{ .Prompt }}")
+
+    alone = go([{"role": "user", "content": prompt}])
+    with_system = go([{"role": "system", "content": system}, {"role": "user", "content": prompt}])
+    return f"{{{{ if .System }}}}{with_system}{{{{ else }}}}{alone}{{{{ end }}}}{{{{ .Response }}}}"
+
+
+def stop_tokens(tokenizer) -> list[str]:
+    """The strings that end an answer: the tokenizer's EOS (what training appended), and any other
+    end token the model's generation config names."""
+    stops = [tokenizer.eos_token] if tokenizer.eos_token else []
+    return list(dict.fromkeys(stops))
+
+
+def modelfile(run: Run, served: str) -> str:
+    from ..models import load_tokenizer
+    from .run import context_length, model_name
+
+    tokenizer = load_tokenizer(run.cfg.model)
+    template = ollama_template(run, tokenizer)
+    if '"""' in template:
+        raise QLoraError('The prompt template contains """, which an Ollama Modelfile cannot quote.')
+    lines = [f"# Ollama: `ollama create {model_name(run)} -f Modelfile` in this folder, then "
+             f"`ollama run {model_name(run)}`.",
+             f"# Run {run.name}: the merged adapter as GGUF ({served}), prompt template "
+             f"'{run.cfg.data.template}' as in training.",
+             f"FROM ./{GGUF_FILE.format(type=served)}",
+             f'TEMPLATE """{template}"""']
+    lines += [f'PARAMETER stop "{s}"' for s in stop_tokens(tokenizer)]
+    lines.append(f"PARAMETER num_ctx {context_length(run)}")
+    return "\n".join(lines) + "\n"
+

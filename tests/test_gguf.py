@@ -1,0 +1,140 @@
+"""GGUF export for real: llama.cpp's own converter on a smoke run's merged model, the file loaded by
+llama.cpp (llama-cpp-python), its tokens and greedy answers against transformers', the Ollama
+Modelfile, and the export gate (`python -m qlora_helpers export`, export.json).
+
+Needs the [gguf] extra (`make gguf`; `make test` installs it). Without it these tests are skipped
+and say so; `.ci/run` sets QLORA_REQUIRE_GGUF=1, which makes that a failure instead.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.serve_fixtures import API_KEY, export, run  # noqa: F401 - fixtures
+
+pytestmark = [pytest.mark.gguf, pytest.mark.integration]  # never in the unit tier
+
+
+@pytest.fixture(scope="module", autouse=True)
+def gguf_extra():
+    from tests.serve_fixtures import require_gguf
+
+    require_gguf()
+
+
+@pytest.fixture(scope="module")
+def exported(run, export):
+    """`python -m qlora_helpers export --run <run> --gguf q8_0 --gguf f16 --gguf q4_k_m`: its exit
+    code and output (the export gate runs on every form)."""
+    cmd = [sys.executable, "-m", "qlora_helpers", "export", "--run", str(run.path),
+           "--gguf", "q8_0", "--gguf", "f16", "--gguf", "q4_k_m"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+
+
+def test_export_writes_the_gguf_files_and_an_ollama_modelfile(run, exported):
+    from qlora_helpers.data import render_conversation
+    from qlora_helpers.models import load_tokenizer
+
+    assert exported.returncode == 0, exported.stdout + exported.stderr
+    folder = run.path / "gguf"
+    for t in ("f16", "q8_0", "q4_k_m"):
+        assert (folder / f"model-{t}.gguf").read_bytes()[:4] == b"GGUF"
+    sizes = {t: (folder / f"model-{t}.gguf").stat().st_size for t in ("f16", "q8_0", "q4_k_m")}
+    assert sizes["f16"] > sizes["q8_0"] > sizes["q4_k_m"]
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no temporary file left
+    text = (folder / "Modelfile").read_text()
+    assert "FROM ./model-q8_0.gguf\n" in text and 'PARAMETER stop "<|im_end|>"' in text
+    assert "PARAMETER num_ctx 256" in text
+    template = text.split('TEMPLATE """')[1].split('"""')[0]
+    # the Go template, without a system message, is the server's own rendering of a user turn
+    alone = template.split("{{ else }}")[1].split("{{ end }}")[0]
+    tokenizer = load_tokenizer(run.cfg.model)
+    expected = render_conversation([{"role": "user", "content": "Name a colour."}], run.cfg.data.template, tokenizer)
+    assert alone.replace("{{ .Prompt }}", "Name a colour.") == expected
+    assert template.endswith("{{ .Response }}")
+
+
+def test_llama_cpp_tokenizes_and_generates_like_transformers(run, export, exported, tmp_path):
+    """An f32 GGUF (the converter's exact copy of the merged weights) in llama.cpp: the same prompt
+    token ids as the run's tokenizer and the same greedy tokens as the merged model in transformers."""
+    import torch
+
+    from qlora_helpers.models import load_tokenizer
+    from qlora_helpers.serve import Job, generate_jobs, load_merged
+    from qlora_helpers.serve.gguf import run_converter
+    from qlora_helpers.serve.llamacpp import LlamaCppModel
+
+    f32 = tmp_path / "model-f32.gguf"
+    run_converter(run.path / "merged", f32, "f32")
+    tokenizer = load_tokenizer(run.cfg.model)
+    prompts = ["The capital of France is", "Write a long story about a dragon who",
+               "### Instruction:\nName a colour.\n\n### Response:\n", "<|im_start|>user\nHi<|im_end|>\n"]
+    gguf = LlamaCppModel(f32, context=64, rows=len(prompts))
+    merged = load_merged(run)
+    try:
+        for p in prompts:
+            assert gguf.tokenize(p) == tokenizer(p)["input_ids"], p
+        ids = tokenizer(prompts[0])["input_ids"]
+        with torch.no_grad():
+            want = torch.log_softmax(merged(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+        got = torch.log_softmax(gguf.logits(ids, 0), -1)
+        assert (got - want).abs().max() < 1e-3  # the same function, to float rounding
+
+        def greedy(model):
+            jobs = [Job(tokenizer(p)["input_ids"], 12, lambda *a: None, ignore_eos=True) for p in prompts]
+            generate_jobs(model, tokenizer, jobs)  # all rows in one batch: rows share llama_decode calls
+            return [j.tokens for j in jobs]
+
+        assert greedy(gguf) == greedy(merged)
+    finally:
+        gguf.close()
+
+
+def test_the_export_gate_passes_every_form_and_records_why(run, exported):
+    report = json.loads((run.path / "export.json").read_text())
+    forms = {f["form"]: f for f in report["forms"]}
+    assert list(forms) == ["adapter", "merged", "gguf-q8_0", "gguf-f16", "gguf-q4_k_m"]
+    assert report["passed"] and report["failed"] == [] and "export gate: passed" in exported.stdout
+    assert all(t["equal"] for t in report["tokenization"].values())
+    assert len(report["probes"]) == 4 and all(len(p["reference_tokens"]) > 0 for p in report["probes"])
+    assert forms["adapter"]["mean_kl"] < 1e-9  # the reference model itself, through the serving engine
+    assert forms["adapter"]["greedy_equal"] == 4
+    for f in forms.values():
+        assert 0 <= f["mean_kl"] <= f["kl_bound"]
+        for g in f["greedy"]:
+            assert g["equal"] or g["near_tie"], (f["form"], g)
+    # coarser weights move the distributions more
+    assert forms["gguf-q4_k_m"]["mean_kl"] > forms["gguf-q8_0"]["mean_kl"]
+
+
+def test_the_gate_flags_a_form_that_answers_differently():
+    """check_form on real distributions: a form whose next-token distributions are another model's
+    (a broken export) is flagged, with the probe, the token and the margin."""
+    import torch
+
+    from qlora_helpers.serve.gate import TIE_MARGIN, check_form
+
+    torch.manual_seed(0)
+    ref = torch.log_softmax(torch.randn(6, 50) * 3, -1)
+    reference = ref.argmax(-1).tolist()
+    probes = [{"reference_tokens": reference, "_ref_logprobs": ref}]
+    same = check_form("gguf-q8_0", "itself", [reference], [ref.clone()], probes)
+    assert same["passed"] and same["mean_kl"] == pytest.approx(0, abs=1e-7) and same["greedy_equal"] == 1
+    other = torch.log_softmax(torch.randn(6, 50) * 3, -1)
+    wrong = other.argmax(-1).tolist()
+    flagged = check_form("gguf-q8_0", "another model", [wrong], [other], probes)
+    first = next(i for i, (a, b) in enumerate(zip(reference, wrong)) if a != b)
+    assert not flagged["passed"] and flagged["mean_kl"] > 1
+    assert flagged["greedy"][0]["first_difference"] == first
+    assert flagged["greedy"][0]["margin"] > TIE_MARGIN
+    assert any("mean KL" in p for p in flagged["problems"]) and any("probe 0" in p for p in flagged["problems"])
+
+
+def test_a_bad_gguf_type_is_a_clear_error(run):
+    from qlora_helpers.errors import QLoraError
+    from qlora_helpers.serve.gguf import export_gguf
+
+    with pytest.raises(QLoraError, match="Unknown GGUF type 'q2'; valid: f16, q8_0, q4_k_m"):
+        export_gguf(run, ["q2"])
