@@ -8,7 +8,7 @@ import pytest
 
 from qlora_helpers.errors import QLoraError
 
-from tests.serve_fixtures import API_KEY, KEY_ENV, export, run  # noqa: F401 - fixtures
+from tests.serve_fixtures import API_KEY, KEY_ENV, SERVER_FORMS, export, run, serve_form  # noqa: F401 - fixtures
 
 
 def test_merged_logits_match_base_plus_adapter(run, export):
@@ -81,11 +81,11 @@ def test_serve_settings_and_missing_key_are_clear_errors(run, monkeypatch):
         api_key_from_env(run)
 
 
-@pytest.fixture(scope="module")
-def server(run, export):
+@pytest.fixture(scope="module", params=SERVER_FORMS)
+def server(request, run, export):
     from qlora_helpers.serve import start_server
 
-    srv = start_server(run, api_key=API_KEY)
+    srv = start_server(run, api_key=API_KEY, overrides=serve_form(request))
     yield srv
     srv.stop()
 

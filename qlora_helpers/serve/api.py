@@ -394,7 +394,8 @@ def create_app(engine: BatchEngine, tokenizer, run: Run, api_key: str | None, fo
     (chunked bodies counted as they arrive), a log line per request, and CORS when configured."""
     cfg = run.cfg.serve
     app = FastAPI(title=f"qlora-notebooks: {model_name(run)}", version="1")
-    vocab = engine.model.get_output_embeddings().weight.shape[0]
+    model = engine.model  # a transformers model, or llama.cpp's (serve/llamacpp.py), which has n_vocab
+    vocab = getattr(model, "n_vocab", None) or model.get_output_embeddings().weight.shape[0]
     app.state.serving = Serving(engine, tokenizer, cfg, model_name(run), context_length(run, engine.model),
                                 run.cfg.data.template, api_key, form, vocab)
     app.add_exception_handler(APIError, lambda request, exc: exc.response())

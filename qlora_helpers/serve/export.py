@@ -194,11 +194,17 @@ def free_memory_bytes(device: str) -> int:
 
 
 def choose_form(run: Run) -> dict[str, Any]:
-    """serve.form, or for `auto` the merged model when it fits in 80% of free memory (it generates
-    faster on CPU and GPU, benchmarks/BENCHMARKS.md), else the 4-bit base + adapter."""
+    """serve.form, or for `auto`: on a CPU with the [gguf] extra the GGUF through llama.cpp; else the
+    merged model when it fits in 80% of free memory (it generates faster on CPU and GPU,
+    benchmarks/BENCHMARKS.md), else the 4-bit base + adapter."""
     form = run.cfg.serve.form
     if form != "auto":
         return {"form": form, "reason": f"serve.form={form}"}
+    from .gguf import gguf_available
+
+    if run.device == "cpu" and run.cfg.serve.gguf and gguf_available():
+        return {"form": "gguf", "reason": f"auto: on a CPU llama.cpp serves the GGUF ({run.cfg.serve.gguf[0]}), "
+                                          f"several times faster than merged (benchmarks/BENCHMARKS.md)"}
     need, free = estimate_merged_bytes(run), free_memory_bytes(run.device)
     fits = need < 0.8 * free
     return {"form": "merged" if fits else "adapter",
@@ -207,12 +213,17 @@ def choose_form(run: Run) -> dict[str, Any]:
 
 
 def load_serving_model(run: Run, form: str):
-    """(model, tokenizer) for serving: 'merged' (exported first if missing) or 'adapter' (4-bit + peft)."""
+    """(model, tokenizer) for serving: 'merged' (exported first if missing), 'adapter' (4-bit + peft)
+    or 'gguf' (llama.cpp, serve/llamacpp.py; exported first if missing)."""
     from ..evaluate import load_tuned_model
     from ..models import load_tokenizer
 
     if form == "adapter":
         return load_tuned_model(run)
+    if form == "gguf":
+        from .llamacpp import load_gguf_serving
+
+        return load_gguf_serving(run), load_tokenizer(run.cfg.model)
     if not (run.path / "merged" / "config.json").is_file():
         merge_and_export(run)
     return load_merged(run), load_tokenizer(run.cfg.model)

@@ -13,6 +13,7 @@ between steps, and one `llama_decode` per step advances every row.
 from __future__ import annotations
 
 import ctypes
+import sys
 import types
 from pathlib import Path
 
@@ -25,14 +26,34 @@ from .engine import Batch, Job, finish
 from .gguf import cpu_threads, require_llama_cpp
 
 
+_LOG_CALLBACK = None
+_LOG_LEVEL = [0]
+
+
+def quiet_logs(lib) -> None:
+    """llama.cpp's warnings and errors to stderr, not its loading chatter (hundreds of lines that
+    would bury the server's request log). ggml's levels: 3 warn, 4 error, 5 continues the last line."""
+    global _LOG_CALLBACK
+    if _LOG_CALLBACK is not None:
+        return
+
+    @lib.llama_log_callback
+    def log(level, text, user_data):
+        if level != 5:
+            _LOG_LEVEL[0] = level
+        if _LOG_LEVEL[0] >= 3:
+            sys.stderr.write(text.decode("utf-8", "replace"))
+
+    _LOG_CALLBACK = log  # kept alive: llama.cpp holds the pointer
+    lib.llama_log_set(log, ctypes.c_void_p(0))
+
+
 class LlamaCppModel:
     """A GGUF file loaded by llama.cpp with room for `rows` sequences of `context` tokens each."""
 
     def __init__(self, path: str | Path, context: int, rows: int, threads: int | None = None):
         lib = require_llama_cpp()
-        from llama_cpp._logger import set_verbose
-
-        set_verbose(False)  # llama.cpp's loading chatter to stderr; errors still show
+        quiet_logs(lib)
         self.lib, self.path, self.context, self.rows = lib, Path(path), context, rows
         if not self.path.is_file():
             raise QLoraError(f"No GGUF file at {self.path}: export it first (python -m qlora_helpers export "
@@ -43,7 +64,7 @@ class LlamaCppModel:
             raise QLoraError(f"llama.cpp could not load {self.path}.")
         params = lib.llama_context_default_params()
         params.n_seq_max = rows
-        params.n_ctx = context * rows
+        params.n_ctx = -(-context // 256) * 256 * rows  # llama.cpp pads each row's cells to 256
         params.kv_unified = False  # each row its own cells: rows share no prefix
         params.n_batch = params.n_ubatch = max(min(context, 512), rows)
         params.n_threads = params.n_threads_batch = threads or cpu_threads()
