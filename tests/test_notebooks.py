@@ -7,6 +7,7 @@ import pytest
 from qlora_helpers.errors import ConfigError
 from qlora_helpers.paths import PROJECT_ROOT
 from qlora_helpers.runner import StageFailed, run_pipeline, select_stages
+from qlora_helpers.serve.gguf import gguf_available
 
 SECRET = "hf_test_secret_must_not_leak_0123456789"
 API_KEY = "serve_test_key_must_not_leak_9876543210"
@@ -60,13 +61,17 @@ def test_stage_06_merges_serves_and_stops(smoke_run):
     assert (smoke_run / "merged" / "model.safetensors").is_file()
     assert "--enable-lora" in (smoke_run / "serve_commands.md").read_text()
     smoke = json.loads((smoke_run / "serve_smoke.json").read_text())
-    assert smoke["passed"] == smoke["total"] == 12 and smoke["form"] == "merged"
+    gguf = gguf_available()  # with the [gguf] extra, 06 on a CPU serves the GGUF through llama.cpp
+    assert smoke["passed"] == smoke["total"] == 12 and smoke["form"] == ("gguf" if gguf else "merged")
     assert any(c["check"] == "wrong API key refused" for c in smoke["checks"])
     load = json.loads((smoke_run / "serve_load.json").read_text())
     assert load["ok"] == load["requests"] == 32 and load["streaming"] == 16 and not load["problems"]
     latency = json.loads((smoke_run / "latency.json").read_text())
-    assert [(r["form"], r["batch"]) for r in latency["forms"]] == [("adapter", 1), ("adapter", 4),
-                                                                  ("merged", 1), ("merged", 4)]
+    forms = ["adapter", "merged"] + (["gguf-q8_0", "gguf-f16", "gguf-q4_k_m"] if gguf else [])
+    assert [(r["form"], r["batch"]) for r in latency["forms"]] == [(f, b) for f in forms for b in (1, 4)]
+    gate = json.loads((smoke_run / "export.json").read_text())
+    assert gate["passed"] and [f["form"] for f in gate["forms"]] == ["adapter", "merged"] + forms[2:]
+    assert (smoke_run / "gguf" / "Modelfile").is_file() == gguf
     assert all(r["tokens_per_s"] > 0 and r["ttft_s"] > 0 for r in latency["forms"])
     assert latency["server"]["single"]["ttft_s_median"] > 0 and latency["server"]["loaded"]["tokens_per_s"] > 0
     logs = list((smoke_run / "serve").glob("server-*.log"))

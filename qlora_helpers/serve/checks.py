@@ -60,25 +60,42 @@ def bench_prompts(tokenizer, template: str, n: int = 8) -> list[str]:
     return [render_prompt(tokenizer, f"Explain {t} in three sentences.", style) for t in topics[:n]]
 
 
-def compare_forms(run: Run, forms: tuple[str, ...] = ("adapter", "merged")) -> dict[str, Any]:
-    """4-bit base + adapter against the merged 16-bit model: TTFT and tokens/s at batch 1 and batched.
-    Writes `latency.json` (the `forms` part)."""
+def compare_forms(run: Run, forms: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """4-bit base + adapter, the merged 16-bit model and (with the [gguf] extra, on a CPU) each GGUF of
+    serve.gguf through llama.cpp, measured one after another in this process: TTFT and tokens/s at
+    batch 1 and batched, and each form's speed as a multiple of merged's. Writes `latency.json`
+    (the `forms` part)."""
     import gc
 
     from ..evaluate import load_tuned_model
     from ..models import load_tokenizer
+    from .gguf import gguf_available, gguf_path
 
     serve_cfg = run.cfg.serve
+    if forms is None:
+        ggufs = tuple(f"gguf-{t}" for t in serve_cfg.gguf) if gguf_available() and run.device == "cpu" else ()
+        forms = ("adapter", "merged") + ggufs
     rows = []
     for form in forms:
-        model = load_tuned_model(run)[0] if form == "adapter" else load_merged(run)
+        if form.startswith("gguf-"):
+            from .llamacpp import LlamaCppModel
+            from .run import context_length
+
+            model = LlamaCppModel(gguf_path(run, form[5:]), context_length(run), max(1, serve_cfg.bench_batch))
+        else:
+            model = load_tuned_model(run)[0] if form == "adapter" else load_merged(run)
         tokenizer = load_tokenizer(run.cfg.model)
         prompts = bench_prompts(tokenizer, run.cfg.data.template)
         for batch in (1, serve_cfg.bench_batch):
             result = measure_generation(model, tokenizer, prompts, serve_cfg.bench_tokens, batch)
             rows.append({"form": form, **result})
+        if hasattr(model, "close"):
+            model.close()
         del model
         gc.collect()
+    merged = {r["batch"]: r["tokens_per_s"] for r in rows if r["form"] == "merged"}
+    for r in rows:
+        r["x_merged"] = round(r["tokens_per_s"] / merged[r["batch"]], 2) if merged.get(r["batch"]) else None
     report = {"device": run.device, "compute_dtype": str(run.compute_dtype), "forms": rows,
               "machine": machine_name(run.device)}
     _update_json(run.path / "latency.json", report)
