@@ -70,6 +70,10 @@ def require_llama_cpp():
     """The `llama_cpp` module, or GgufUnavailable saying how to install it."""
     if not gguf_available():
         raise GgufUnavailable(f"GGUF export and serving need llama-cpp-python: {INSTALL_HINT}.")
+    # llama.cpp's CPU threads are OpenMP threads that meet at every op; spinning at those barriers on a
+    # busy machine made it as slow as torch (0.5 tokens/s), sleeping 13-37 (BENCHMARKS.md). Read once,
+    # when its OpenMP runtime starts; the serve command sets the same for torch's.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import llama_cpp
 
     return llama_cpp
