@@ -57,7 +57,7 @@ sweep: $(STAMP)
 install: $(STAMP)
 
 # The [gguf] extra (requirements-gguf.txt): GGUF export with llama.cpp's own converter, llama.cpp serving
-# on CPUs. pip builds llama-cpp-python from source the first time (CMake + a C++ compiler; ~N min on
+# on CPUs. pip builds llama-cpp-python from source the first time (CMake + a C++ compiler; ~10 min on an idle machine of
 # 2 cores) and keeps the wheel in its cache; then the converter is unpacked from the same sdist.
 gguf: $(GGUF_STAMP)
 
