@@ -204,12 +204,13 @@ def wandb_mode(setting: str) -> str:
     return "online" if os.environ.get("WANDB_API_KEY") else "offline"
 
 
-def write_setup(run_path: Path, cfg: Config, env: dict[str, Any], runtime: dict[str, Any]) -> dict[str, Path]:
-    """Write the resolved config and the environment report into the run folder."""
+def write_setup(config_file: Path, env_file: Path, cfg: Config, env: dict[str, Any],
+                runtime: dict[str, Any]) -> dict[str, Path]:
+    """Write the resolved config and the environment report (the run folder's paths: runs.py)."""
     env_record = dict(env, runtime=runtime, hf_auth=hf_auth_status(),
                       wandb_mode=wandb_mode(cfg.train.wandb))
-    return {"config": write_json_atomic(run_path / "config.json", cfg.to_dict()),
-            "env": write_json_atomic(run_path / "env.json", env_record)}
+    return {"config": write_json_atomic(config_file, cfg.to_dict()),
+            "env": write_json_atomic(env_file, env_record)}
 
 
 def environment_summary(env: dict[str, Any]) -> list[dict[str, Any]]:

@@ -81,7 +81,7 @@ def compare_forms(run: Run, forms: tuple[str, ...] = ("adapter", "merged")) -> d
         gc.collect()
     report = {"device": run.device, "compute_dtype": str(run.compute_dtype), "forms": rows,
               "machine": machine_name(run.device)}
-    _update_json(run.path / "latency.json", report)
+    _update_json(run.latency_report, report)
     return report
 
 
@@ -268,7 +268,7 @@ def save_serve_results(run: Run, server: ServerProcess, checks: list[dict[str, A
     """`serve_smoke.json` (every check) and the server part of `latency.json` (single and loaded)."""
     smoke = {"url": server.url, "form": server.health()["form"], "checks": checks,
              "passed": sum(c["ok"] for c in checks), "total": len(checks)}
-    write_json_atomic(run.path / "serve_smoke.json", smoke)
-    _update_json(run.path / "latency.json", {"server": {k: v for k, v in load.items() if k != "per_request"}})
-    write_json_atomic(run.path / "serve_load.json", load)
+    write_json_atomic(run.serve_smoke_report, smoke)
+    _update_json(run.latency_report, {"server": {k: v for k, v in load.items() if k != "per_request"}})
+    write_json_atomic(run.serve_load_report, load)  # last: marks stage 06 done (runs.STAGES)
     return smoke
