@@ -76,6 +76,11 @@ HUB_DATASETS["gsm8k"] = HUB_DATASETS["openai/gsm8k"]
 HUB_PROBE_SECONDS = 3.0
 
 
+class BadConversation(DataError):
+    """A chat conversation the template cannot render (a data row is dropped for it, a chat request
+    gets a 400)."""
+
+
 class DataUnavailable(DataError):
     """A data source is neither reachable on the hub nor present in the data directory."""
 
@@ -327,7 +332,7 @@ def render_conversation(messages: list[dict[str, str]], template: str, tokenizer
 
     `chat`: the tokenizer's chat template. `alpaca`: system messages are the preamble (the Input
     section), the earlier turns follow as context in the Input ("User: ..." / "Assistant: ..."
-    lines), the last user turn is the Instruction. ValueError when there is no user turn, or
+    lines), the last user turn is the Instruction. BadConversation when there is no user turn, or
     an assistant turn follows the last one."""
     if template == "chat":
         if not tokenizer.chat_template:
@@ -335,9 +340,9 @@ def render_conversation(messages: list[dict[str, str]], template: str, tokenizer
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     last = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
     if last is None:
-        raise ValueError("the conversation has no user message (the alpaca template needs one as the instruction)")
+        raise BadConversation("the conversation has no user message (the alpaca template needs one as the instruction)")
     if last != len(messages) - 1 and any(m["role"] == "assistant" for m in messages[last + 1:]):
-        raise ValueError("an assistant turn follows the last user message; end the conversation with a user turn")
+        raise BadConversation("an assistant turn follows the last user message; end the conversation with a user turn")
     system = "\n".join(m["content"] for m in messages if m["role"] == "system")
     earlier = "\n".join(f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}"
                         for m in messages[:last] if m["role"] != "system")
@@ -355,9 +360,7 @@ def render(record: dict[str, Any], template: str, tokenizer) -> tuple[str, str]:
         msgs = record["messages"]
         try:
             return render_conversation(msgs[:-1], template, tokenizer), msgs[-1]["content"]
-        except DataError:
-            raise
-        except ValueError as exc:
+        except BadConversation as exc:
             raise RowProblem("bad_messages", str(exc)) from None
     if template == "alpaca":
         return format_alpaca(record)

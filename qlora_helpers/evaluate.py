@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from . import ifeval
 from .data import (HUB_DATASETS, DataUnavailable, collate, load_prepared, load_table, looks_like_file,
                    resolve_data_dir, tokenize_pair)
-from .errors import DataError, QLoraError
+from .errors import DataError
 from .generation import generate, render_prompt
 from .models import four_bit_kernel, load_model, load_tokenizer
 from .paths import write_json_atomic, write_text_atomic

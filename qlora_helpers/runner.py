@@ -2,7 +2,9 @@
 
 Executed copies go to `outputs/<run>/notebooks/`; the source notebooks stay clean. The config is
 validated before any notebook starts, and a failing cell stops the run with the notebook, cell,
-error and the path of the executed copy.
+error and the path of the executed copy. Which notebooks exist, and in what order, is `runs.STAGES`.
+
+Imports: papermill is imported when notebooks run (it pulls in nbclient, jupyter_client and zmq).
 """
 
 from __future__ import annotations

@@ -11,6 +11,15 @@ Stage 01 resolves the config and inspects the machine (`setup_run`); every later
 run from those files (`open_run`, or `open_run_folder` from a path alone), so the notebooks never
 depend on each other's memory.
 
+Where this differs from ../shared/STYLE.md's anchors, and why:
+- The notebooks end by writing their report through the function `run_stage` uses, but not always in
+  the very last cell: 03 writes `data_report.json` in its second step (`prepare_run_data`, whose
+  later cells only show what it made), 05 writes `eval.json` before its cells that show the paired
+  differences and the latest sweep (read back from the report), and 06 before it stops the server.
+  The report is the stage's last *file*, which is what `STAGES` and a resuming sweep rely on.
+- The sweep executes the notebooks (papermill) rather than `Stage.run`: a sweep's runs are meant to be
+  read like any run, executed notebooks included; it uses `STAGES` to decide what is done.
+
 Imports: torch (for `Run.compute_dtype`) and the stage modules (for `Stage.run`) are imported where
 used, because they are heavy and this module is read by every light tool (sweep planning, the CLI).
 """
@@ -18,7 +27,6 @@ used, because they are heavy and this module is read by every light tool (sweep 
 from __future__ import annotations
 
 import importlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -314,15 +322,6 @@ def stage(number: str | int) -> Stage:
         if s.number == key:
             return s
     raise QLoraError(f"Unknown stage {number!r}; stages: {', '.join(s.number for s in STAGES)}.")
-
-
-def stage_finished_in_notebook(folder: _Layout, number: str) -> bool:
-    """Whether papermill's executed copy of the stage's notebook ran to its end without an error."""
-    executed = folder.notebooks_dir / stage(number).notebook
-    if not executed.is_file():
-        return False
-    meta = json.loads(executed.read_text(encoding="utf-8")).get("metadata", {}).get("papermill", {})
-    return bool(meta.get("end_time")) and not meta.get("exception")
 
 
 # --- opening a run ------------------------------------------------------------------------------

@@ -17,7 +17,12 @@ is validated with `load_config` before any run starts. Runs go one after another
 
 A failed run is recorded and the sweep goes on. Rerunning the same sweep skips finished runs (the
 last requested stage wrote its output and the run's config.json matches) and, inside an unfinished
-run, the stages that already wrote theirs; failed and interrupted runs are tried again.
+run, the stages that already wrote theirs (the report each writes last, `runs.STAGES`); failed and
+interrupted runs are tried again. A sweep's own folder (sweep.json, comparison.*) is laid out here;
+the run folders inside it, like every run folder, by `runs.py`.
+
+Imports: matplotlib and pandas (and `plots`, which needs matplotlib) are imported where the comparison
+is written: they are heavy, and planning or validating a sweep needs neither.
 """
 
 from __future__ import annotations

@@ -1,16 +1,25 @@
 """Client-side checks: latency in process, and the real server as a client sees it (smoke checks,
-a load test, with the official `openai` client). They return results; the caller decides."""
+a load test, with the official `openai` client). They return results; the caller decides.
+
+Imports: torch, openai and httpx are imported inside the functions that use them (heavy; a server-side
+process that imports this package never needs the clients)."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
+import platform
 import statistics
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
+from ..evaluate import load_tuned_model
+from ..generation import render_prompt
+from ..models import load_tokenizer
 from ..paths import write_json_atomic
 from ..runs import Run
 from .engine import Job, generate_jobs
@@ -52,8 +61,6 @@ def measure_generation(model, tokenizer, prompts: list[str], new_tokens: int, ba
 
 def bench_prompts(tokenizer, template: str, n: int = 8) -> list[str]:
     """Alpaca-style prompts of realistic length (the rendered template around short instructions)."""
-    from ..generation import render_prompt
-
     topics = ["the water cycle", "a healthy breakfast", "how vaccines work", "the French revolution",
               "binary search", "photosynthesis", "saving money", "the rules of chess"]
     style = "chat" if template == "chat" else "alpaca"
@@ -63,11 +70,6 @@ def bench_prompts(tokenizer, template: str, n: int = 8) -> list[str]:
 def compare_forms(run: Run, forms: tuple[str, ...] = ("adapter", "merged")) -> dict[str, Any]:
     """4-bit base + adapter against the merged 16-bit model: TTFT and tokens/s at batch 1 and batched.
     Writes `latency.json` (the `forms` part)."""
-    import gc
-
-    from ..evaluate import load_tuned_model
-    from ..models import load_tokenizer
-
     serve_cfg = run.cfg.serve
     rows = []
     for form in forms:
@@ -87,8 +89,6 @@ def compare_forms(run: Run, forms: tuple[str, ...] = ("adapter", "merged")) -> d
 
 def machine_name(device: str) -> str:
     """The card's name, or the CPU and its core count: every timing names its machine."""
-    import platform
-
     if device.startswith("cuda"):
         import torch
 
@@ -158,8 +158,6 @@ def load_test(server: ServerProcess, model: str, n: int, max_tokens: int, chat: 
     """First each prompt alone (streaming: the single-request reference text and latency), then all
     `n` at once from `n` threads, half streaming. Every concurrent answer must equal its prompt's
     reference (greedy decoding), finish, and count its tokens correctly."""
-    from concurrent.futures import ThreadPoolExecutor
-
     prompts = load_prompts(n)
     client = _client(server, max_retries=0, timeout=600)
     single = [stream_request(client, model, p, max_tokens, chat) for p in prompts]
