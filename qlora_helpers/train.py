@@ -51,9 +51,9 @@ class NotLearning(QLoraError):
 
 
 NOT_LEARNING_CHECKS = (
-    "Check: bitsandbytes' version and CPU kernel (env.json; on AVX512-BF16 CPUs an eval pass can "
-    "repack 4-bit layers into a layout without gradients), that lora.target_modules names layers "
-    "the model has and that they are used in the forward pass, and train.learning_rate.")
+    "Check: bitsandbytes' version and CPU kernel (01's environment report; on AVX512-BF16 CPUs an eval "
+    "pass can repack 4-bit layers into a layout without gradients), that lora.target_modules names "
+    "layers the model has and that they are used in the forward pass, and train.learning_rate.")
 # Relative change of all trainable weights after an optimizer step below which they "did not move":
 # fp32 rounding is ~1e-7 relative; a real AdamW step at any usable learning rate is far above 1e-6.
 MIN_RELATIVE_UPDATE = 1e-6
