@@ -205,7 +205,11 @@ def test_a_real_sweep_compares_its_runs(smoke_sweep):
                                                                                   "cuda_max_allocated"}
     assert table["trainable_params"][1] == 2 * table["trainable_params"][0]  # rank 8 has twice rank 4's
     assert table["final_train_loss"].notna().all() and (table["heldout_examples"] == 8).all()
-    assert (table["heldout_loss"] < table["heldout_loss_base"] + 1).all() and table["ROUGE-L F1"].notna().all()
+    # recorded on the smoke profile (CPU, fp32 compute); update deliberately when training changes
+    assert list(table["heldout_loss_base"]) == pytest.approx([10.851527, 10.851527], abs=1e-3)
+    assert list(table["heldout_loss"]) == pytest.approx([10.849117, 10.849236], abs=1e-3)
+    assert (table["heldout_loss"] < table["heldout_loss_base"]).all()  # 4 steps lower it, a little
+    assert list(table["ROUGE-L F1"]) == [0.0, 0.0]  # random weights write no reference word
     assert "GSM8K exact match" not in table and "IFEval prompt-level" not in table  # 0 samples: not a score
     for r in plan.runs:  # the table's numbers are the runs' own reports
         report = json.loads((plan.runs_dir / r.tag / "eval.json").read_text())
