@@ -124,7 +124,12 @@ def test_failed_runs_are_recorded_the_sweep_goes_on_and_a_rerun_retries(tmp_path
 
 
 def _wandb_records(path):
-    """The records of an offline W&B run file (W&B's leveldb-style log of protobuf records)."""
+    """The records of an offline W&B run file (W&B's leveldb-style log of protobuf records).
+
+    By hand because wandb 0.31 offers no reader: its Python `sdk.internal.datastore` is gone (the log
+    is written by the Go wandb-core), `wandb.Api()` reads only synced runs, and an offline run folder
+    holds no config.yaml. `wandb.beta.LocalApi` (wandb/wandb pull request #12745, open) would replace
+    this. The records themselves are parsed with wandb's own protobuf classes."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     data, pos, chunk, block = path.read_bytes(), 7, b"", 32768
