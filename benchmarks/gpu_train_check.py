@@ -50,13 +50,15 @@ def reload_adapter(run: Path) -> dict:
     sys.path.insert(0, str(ROOT))
     from qlora_helpers.config import load_config
     from qlora_helpers.models import load_model
+    from qlora_helpers.runs import RunFolder
 
+    folder = RunFolder(run)
     try:
-        cfg = load_config(run / "config.json")
-        weights = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+        cfg = load_config(folder.config_file)
+        weights = load_file(str(folder.adapter_dir / "adapter_model.safetensors"))
         lora_b = [v for k, v in weights.items() if "lora_B" in k]
         base = load_model(cfg.model, cfg.quant, torch.bfloat16, "cuda:0")
-        model = PeftModel.from_pretrained(base, str(run / "adapter"))
+        model = PeftModel.from_pretrained(base, str(folder.adapter_dir))
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([[1, 2, 3, 4, 5]], device="cuda:0")).logits
         return {"tensors": len(weights), "lora_B_tensors": len(lora_b),

@@ -133,10 +133,11 @@ def summarize(name, targets, config, records, lens, timer, steps, warmup, peak_t
 
 
 def fake_run(cfg, path: Path):
-    from qlora_helpers.runs import Run
+    from qlora_helpers.runs import Run, Runtime
 
-    env = {"runtime": {"device": "cuda", "compute_dtype": "bfloat16", "optimizer": cfg.train.optimizer}}
-    return Run(name=path.name, path=path, cfg=cfg, env=env)
+    runtime = Runtime(device="cuda", compute_dtype="bfloat16", optimizer=cfg.train.optimizer,
+                      load_in_4bit=cfg.quant.load_in_4bit)
+    return Run(name=path.name, path=path, cfg=cfg, env={"runtime": runtime.to_dict()})
 
 
 def reset_base(base) -> None:

@@ -1,12 +1,22 @@
-"""Command line: `python -m qlora_helpers run --config configs/default.yaml --set train.max_steps=10`."""
+"""Command line: `python -m qlora_helpers run --config configs/default.yaml --set train.max_steps=10`.
+
+Imports: everything at the top but `serve` (FastAPI, uvicorn and torch: seconds), which only the
+`serve` command needs; the stage modules load when a stage runs (`runs.Stage.run`).
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 
+from .config import describe_config, load_config, resolve_config_path
 from .errors import QLoraError
+from .runner import run_pipeline
+from .runs import open_run, open_run_folder, setup_run, stage
+from .sweep import add_arguments as add_sweep_arguments
+from .sweep import sweep_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,8 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="GGUF type to write into <run>/gguf/ (repeatable; needs the [gguf] extra); the "
                              "first is the one the Ollama Modelfile names")
     export.add_argument("--set", dest="overrides", action="append", default=[], metavar="serve.KEY=VALUE")
-    from .sweep import add_arguments as add_sweep_arguments
-
     add_sweep_arguments(sub.add_parser("sweep", help="run the pipeline once per combination of settings "
                                        "into outputs/sweeps/<name>/ and compare the runs"))
     show = sub.add_parser("config", help="validate a config and print it with every key explained")
@@ -60,23 +68,14 @@ FSDP_LAUNCH = ["--use_fsdp", "--fsdp_version", "1", "--fsdp_sharding_strategy", 
 
 
 def train_command(args) -> int:
-    """Set up, prepare data and train; with --num-processes N the parent prepares, then launches N
-    accelerate workers that only open the run and train."""
-    import os
-    import subprocess
-
-    from .config import resolve_config_path
-    from .data import load_prepared, prepare_run_data
-    from .runs import open_run, setup_run
-    from .train import train_adapter
-
+    """Stages 01, 03 and 04 through their entry points (`runs.STAGES`); with --num-processes N the
+    parent sets up and prepares, then launches N accelerate workers that only open the run and train."""
     run_name = args.run_name or resolve_config_path(args.config).stem
     if "LOCAL_RANK" in os.environ:  # a worker of a multi-GPU run: the parent prepared everything
         run = open_run(args.config, run_name, args.overrides, args.outputs_dir)
-        data = load_prepared(run.path / "data")
     else:
         run = setup_run(args.config, run_name, args.overrides, args.outputs_dir)
-        data = prepare_run_data(run)
+        stage("03").run(run)
         if args.num_processes > 1:
             cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
                    "--num_processes", str(args.num_processes), "--mixed_precision", "no", "--dynamo_backend", "no",
@@ -85,23 +84,22 @@ def train_command(args) -> int:
             cmd += [x for o in args.overrides for x in ("--set", o)]
             cmd += ["--outputs-dir", args.outputs_dir] if args.outputs_dir else []
             return subprocess.call(cmd)
-    summary = train_adapter(run, data)["summary"]
+    summary = stage("04").run(run)
     if "LOCAL_RANK" not in os.environ or os.environ["LOCAL_RANK"] == "0":
         losses = (f"held-out loss {summary['heldout_loss_base']} -> {summary['heldout_loss_tuned']}"
                   if summary["heldout_loss_tuned"] is not None else "held-out loss: run stage 05")
-        print(f"Adapter saved to {run.path / 'adapter'}; {losses}")
+        print(f"Adapter saved to {run.adapter_dir}; {losses}")
     return 0
 
 
 def export_command(args) -> int:
     """Merge (when merged/ is missing), write the GGUF files and the Modelfile, run the export gate."""
-    from .serve import open_run_folder
     from .serve.export import merge_and_export
     from .serve.gate import gate_table, run_export_gate
     from .serve.gguf import export_gguf
 
     run = open_run_folder(args.run, args.overrides)
-    if not (run.path / "merged" / "config.json").is_file():
+    if not run.has_merged:
         merge_and_export(run)
     types = list(dict.fromkeys(args.gguf))
     if types:
@@ -112,7 +110,7 @@ def export_command(args) -> int:
         print(f"{row['form']:<14} greedy equal {row['greedy equal']}, mean KL {row['mean KL']} "
               f"(bound {row['KL bound']}), tokenization {row['tokenization']}: {row['verdict']}")
     print(f"export gate: {'passed' if report['passed'] else 'FAILED (' + ', '.join(report['failed']) + ')'}; "
-          f"{run.path / 'export.json'}")
+          f"{run.export_report}")
     return 0 if report["passed"] else 1
 
 
@@ -120,8 +118,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "run":
-            from .runner import run_pipeline
-
             path = run_pipeline(args.config, args.run_name, args.overrides, args.stages, args.outputs_dir)
             print(f"Run finished: {path}")
         elif args.command == "train":
@@ -130,19 +126,15 @@ def main(argv: list[str] | None = None) -> int:
             # Before torch loads OpenMP: idle OpenMP threads that spin take the CPU from the event loop
             # thread; on the 2-core test machine a 5-token request took 0.5 s spinning, 0.04 s passive.
             os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-            from .serve import open_run_folder, serve_run
+            from .serve import serve_run  # heavy: FastAPI, uvicorn and torch
 
             port = [f"serve.port={args.port}"] if args.port else []
             serve_run(open_run_folder(args.run, args.overrides + port))
         elif args.command == "export":
             return export_command(args)
         elif args.command == "sweep":
-            from .sweep import sweep_command
-
             return sweep_command(args)
         elif args.command == "config":
-            from .config import describe_config, load_config
-
             for row in describe_config(load_config(args.config, args.overrides)):
                 print(f"{row['key']:<36} {row['value']!r:<28} {row['help']}")
     except QLoraError as exc:

@@ -10,6 +10,10 @@ fingerprint, so an unchanged rerun reuses them.
 
 Rows are plain dicts and tokenization uses the fast tokenizer's batch call: 5,000 Alpaca rows
 validate and tokenize in a few seconds. The tokenized sets are saved with `datasets`.
+
+Imports: `datasets` (pyarrow, pandas), torch and pyarrow are imported inside the functions that use
+them because they are heavy (seconds) and most of this module (validation, rendering, the unit
+tests) needs none of them.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import csv
 import functools
 import hashlib
+import html
 import json
 import math
 import os
@@ -32,7 +37,9 @@ from typing import Any, Iterable
 
 from .config import DataConfig, SourceConfig
 from .errors import DataError
-from .paths import PROJECT_ROOT
+from .models import load_tokenizer
+from .paths import PROJECT_ROOT, atomic_dir, read_json, write_json_atomic
+from .runs import RunFolder
 
 DATA_FORMAT_VERSION = 1  # bump when the tokenized layout changes: invalidates cached sets
 
@@ -67,6 +74,11 @@ HUB_DATASETS = {
 }
 HUB_DATASETS["gsm8k"] = HUB_DATASETS["openai/gsm8k"]
 HUB_PROBE_SECONDS = 3.0
+
+
+class BadConversation(DataError):
+    """A chat conversation the template cannot render (a data row is dropped for it, a chat request
+    gets a 400)."""
 
 
 class DataUnavailable(DataError):
@@ -320,7 +332,7 @@ def render_conversation(messages: list[dict[str, str]], template: str, tokenizer
 
     `chat`: the tokenizer's chat template. `alpaca`: system messages are the preamble (the Input
     section), the earlier turns follow as context in the Input ("User: ..." / "Assistant: ..."
-    lines), the last user turn is the Instruction. ValueError when there is no user turn, or
+    lines), the last user turn is the Instruction. BadConversation when there is no user turn, or
     an assistant turn follows the last one."""
     if template == "chat":
         if not tokenizer.chat_template:
@@ -328,9 +340,9 @@ def render_conversation(messages: list[dict[str, str]], template: str, tokenizer
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     last = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
     if last is None:
-        raise ValueError("the conversation has no user message (the alpaca template needs one as the instruction)")
+        raise BadConversation("the conversation has no user message (the alpaca template needs one as the instruction)")
     if last != len(messages) - 1 and any(m["role"] == "assistant" for m in messages[last + 1:]):
-        raise ValueError("an assistant turn follows the last user message; end the conversation with a user turn")
+        raise BadConversation("an assistant turn follows the last user message; end the conversation with a user turn")
     system = "\n".join(m["content"] for m in messages if m["role"] == "system")
     earlier = "\n".join(f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}"
                         for m in messages[:last] if m["role"] != "system")
@@ -348,9 +360,7 @@ def render(record: dict[str, Any], template: str, tokenizer) -> tuple[str, str]:
         msgs = record["messages"]
         try:
             return render_conversation(msgs[:-1], template, tokenizer), msgs[-1]["content"]
-        except DataError:
-            raise
-        except ValueError as exc:
+        except BadConversation as exc:
             raise RowProblem("bad_messages", str(exc)) from None
     if template == "alpaca":
         return format_alpaca(record)
@@ -641,14 +651,13 @@ def data_fingerprint(data_cfg: DataConfig, tokenizer, max_length: int) -> str:
 
 
 def prepare_data(data_cfg: DataConfig, tokenizer, max_length: int, micro_batch_size: int,
-                 out_dir: Path | None = None) -> PreparedData:
-    """The stage: examples, split, report; saved under `out_dir` and reused when unchanged."""
+                 folder: RunFolder | None = None) -> PreparedData:
+    """The stage: examples, split, report; saved in the run folder and reused when unchanged."""
     fingerprint = data_fingerprint(data_cfg, tokenizer, max_length)
-    if out_dir is not None and (out_dir / "data_report.json").is_file():
-        cached = load_prepared(out_dir)
-        if cached.report.get("fingerprint") == fingerprint:
-            cached.reused = True
-            return cached
+    if folder is not None and prepared_fingerprint(folder) == fingerprint:
+        cached = load_prepared(folder)
+        cached.reused = True
+        return cached
     examples, parts = build_examples(data_cfg, tokenizer, max_length)
     train, eval_set, counts = mix_and_split(examples, data_cfg)
     lengths = [len(e["input_ids"]) for e in train]
@@ -668,40 +677,53 @@ def prepare_data(data_cfg: DataConfig, tokenizer, max_length: int, micro_batch_s
         "settings": {"template": data_cfg.template, "train_on_prompt": data_cfg.train_on_prompt,
                      "too_long": data_cfg.too_long, "max_length": max_length, "packing": data_cfg.packing},
     }
-    prepared = PreparedData(train, eval_set, report, path=out_dir)
-    if out_dir is not None:
-        save_prepared(prepared, out_dir)
+    prepared = PreparedData(train, eval_set, report, path=folder.data_dir if folder else None)
+    if folder is not None:
+        save_prepared(prepared, folder)
     return prepared
 
 
-def save_prepared(prepared: PreparedData, out_dir: Path) -> None:
+def prepared_fingerprint(folder: RunFolder) -> str | None:
+    """The fingerprint of the sets saved in the run folder; None when none are complete."""
+    return read_json(folder.data_report).get("fingerprint") if folder.data_report.is_file() else None
+
+
+def save_prepared(prepared: PreparedData, folder: RunFolder) -> None:
     """Tokenized sets as `datasets` folders plus the report; each written beside, then renamed."""
     import datasets
 
-    from .paths import atomic_dir, write_json_atomic
-
     for split, rows in (("train", prepared.train), ("eval", prepared.eval)):
-        with atomic_dir(out_dir / split) as tmp:
+        with atomic_dir(folder.split_dir(split)) as tmp:
             datasets.Dataset.from_list(rows).save_to_disk(str(tmp))
-    write_json_atomic(out_dir / "data_report.json", prepared.report)  # last: marks the set complete
+    write_json_atomic(folder.data_report, prepared.report)  # last: marks the set complete
 
 
-def load_prepared(out_dir: Path) -> PreparedData:
+def load_split(folder: RunFolder, split: str, limit: int | None = None) -> list[dict[str, Any]]:
+    """One saved split (`train` or `eval`), its first `limit` rows only when given."""
     import datasets
 
-    from .paths import read_json
-
-    report = read_json(out_dir / "data_report.json")
-    train = datasets.load_from_disk(str(out_dir / "train")).to_list()
-    eval_set = datasets.load_from_disk(str(out_dir / "eval")).to_list()
-    return PreparedData(train, eval_set, report, path=out_dir)
+    folder.require("data_report")
+    rows = datasets.load_from_disk(str(folder.split_dir(split)))
+    return (rows.select(range(min(limit, len(rows)))) if limit is not None else rows).to_list()
 
 
-def heldout_pairs(data_cfg: DataConfig, tokenizer, max_length: int, n: int) -> list[tuple[str, str]]:
-    """The first n (prompt, response) pairs of the eval split that stage 03 makes (same seed)."""
-    examples, _ = build_examples(data_cfg, tokenizer, max_length)
-    _, eval_set, _ = mix_and_split(examples, data_cfg)
-    return [(e["prompt"], e["response"]) for e in eval_set[:n]]
+def load_prepared(folder: RunFolder) -> PreparedData:
+    """The sets stage 03 saved in the run folder."""
+    report = read_json(folder.require("data_report"))
+    return PreparedData(load_split(folder, "train"), load_split(folder, "eval"), report, path=folder.data_dir)
+
+
+def heldout_pairs(run, n: int, tokenizer=None) -> list[tuple[str, str]]:
+    """The first n (prompt, response) pairs of the run's eval split, read from what stage 03 saved.
+
+    Stage 02 runs before 03 in the pipeline: when the saved sets are missing or stale (another
+    fingerprint) this prepares them with 03's own function, once, so 02 and 03 score the same
+    examples and 03 then reuses them instead of tokenizing again."""
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(run.cfg.model)
+    cfg = run.cfg
+    if prepared_fingerprint(run) != data_fingerprint(cfg.data, tokenizer, cfg.model.max_seq_length):
+        prepare_data(cfg.data, tokenizer, cfg.model.max_seq_length, cfg.train.micro_batch_size, folder=run)
+    return [(e["prompt"], e["response"]) for e in load_split(run, "eval", limit=n)]
 
 
 def iter_dropped(report: dict[str, Any]) -> Iterable[dict[str, Any]]:
@@ -711,12 +733,16 @@ def iter_dropped(report: dict[str, Any]) -> Iterable[dict[str, Any]]:
 
 
 def prepare_run_data(run) -> PreparedData:
-    """Stage 03 for a run: tokenizer from the run's model, sets saved under `outputs/<run>/data/`."""
-    from .models import load_tokenizer
-
+    """Stage 03 for a run: tokenizer from the run's model, sets saved under the run's data folder."""
     cfg = run.cfg
     return prepare_data(cfg.data, load_tokenizer(cfg.model), cfg.model.max_seq_length,
-                        cfg.train.micro_batch_size, out_dir=run.path / "data")
+                        cfg.train.micro_batch_size, folder=run)
+
+
+def run_stage(run) -> dict[str, Any]:
+    """Stage 03's entry point (CLI, sweep, the notebook's steps): prepare or reuse the sets; the
+    report (`data_report.json`, written last) says what was kept and dropped and why."""
+    return prepare_run_data(run).report
 
 
 def dropped_table(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -733,8 +759,6 @@ def dropped_table(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 def render_example_html(tokenizer, example: dict[str, Any]) -> str:
     """An example as HTML: tokens without loss (label -100) greyed and struck through."""
-    import html
-
     spans, run_ids, run_masked = [], [], None
 
     def flush():

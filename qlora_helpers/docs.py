@@ -20,6 +20,8 @@ import re
 import sys
 from pathlib import Path
 
+from .errors import QLoraError
+
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
 
@@ -112,8 +114,6 @@ def build_site(notebooks_dir: Path, site_dir: Path) -> list[Path]:
 
     notebooks = sorted(Path(notebooks_dir).glob("[0-9][0-9]_*.ipynb"))
     if not notebooks:
-        from .errors import QLoraError
-
         raise QLoraError(f"No executed notebooks in {notebooks_dir}: run them first "
                          f"(`make run`, or `make docs`, which runs and renders).")
     site_dir.mkdir(parents=True, exist_ok=True)

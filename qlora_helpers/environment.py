@@ -10,12 +10,14 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
+import socket
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from .config import Config
-from .models import hf_token
+from .models import _HUB_ID, hf_token
 from .paths import write_json_atomic
 
 _VERSIONED = ["torch", "transformers", "peft", "accelerate", "bitsandbytes", "trl", "datasets",
@@ -151,8 +153,6 @@ def is_interactive() -> bool:
 def needs_hub_token(model_source: str) -> bool:
     """Whether model.source is a hub id (which may be gated), rather than `embedded`, a
     `random:<shape>` test model or a local folder, none of which needs a token."""
-    from .models import _HUB_ID
-
     source = model_source.strip()
     if source == "embedded" or source.startswith("random:") or Path(source).expanduser().exists():
         return False
@@ -161,9 +161,6 @@ def needs_hub_token(model_source: str) -> bool:
 
 def hub_reachable(timeout: float = 3.0) -> bool:
     """A TCP connection to the hub's endpoint opens (and HF_HUB_OFFLINE is not set)."""
-    import socket
-    from urllib.parse import urlparse
-
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         return False
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
@@ -204,12 +201,13 @@ def wandb_mode(setting: str) -> str:
     return "online" if os.environ.get("WANDB_API_KEY") else "offline"
 
 
-def write_setup(run_path: Path, cfg: Config, env: dict[str, Any], runtime: dict[str, Any]) -> dict[str, Path]:
-    """Write the resolved config and the environment report into the run folder."""
+def write_setup(config_file: Path, env_file: Path, cfg: Config, env: dict[str, Any],
+                runtime: dict[str, Any]) -> dict[str, Path]:
+    """Write the resolved config and the environment report (the run folder's paths: runs.py)."""
     env_record = dict(env, runtime=runtime, hf_auth=hf_auth_status(),
                       wandb_mode=wandb_mode(cfg.train.wandb))
-    return {"config": write_json_atomic(run_path / "config.json", cfg.to_dict()),
-            "env": write_json_atomic(run_path / "env.json", env_record)}
+    return {"config": write_json_atomic(config_file, cfg.to_dict()),
+            "env": write_json_atomic(env_file, env_record)}
 
 
 def environment_summary(env: dict[str, Any]) -> list[dict[str, Any]]:

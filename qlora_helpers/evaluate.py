@@ -3,22 +3,34 @@
 Held-out loss and perplexity (also used by stages 02 and 04), ROUGE-L on held-out Alpaca
 examples, GSM8K exact match, IFEval verifiable instructions (`ifeval.py`), and a side-by-side table
 of answers to AlpacaEval and MT-bench prompts; lm-evaluation-harness tasks on request.
+Each task returns its result; `write_eval_report` assembles them into eval.json, the stage's report,
+and `run_stage` runs them all (CLI) as the notebook does one per cell.
+
+Imports: torch, numpy, peft, rouge_score and lm_eval are imported inside the functions that use
+them: heavy (seconds) or optional, and the unit tests of the scoring functions need none of them.
 """
 
 from __future__ import annotations
 
 import functools
+import html
 import math
 import re
 import time
 from pathlib import Path
 from typing import Any
 
+import yaml
 from tqdm.auto import tqdm
 
-from .data import (HUB_DATASETS, DataUnavailable, collate, load_table, looks_like_file, resolve_data_dir,
-                   tokenize_pair)
-from .errors import DataError, QLoraError
+from . import ifeval
+from .data import (HUB_DATASETS, DataUnavailable, collate, load_prepared, load_table, looks_like_file,
+                   resolve_data_dir, tokenize_pair)
+from .errors import DataError
+from .generation import generate, render_prompt
+from .models import four_bit_kernel, load_model, load_tokenizer
+from .paths import write_json_atomic, write_text_atomic
+from .runs import RunFolder
 
 
 def heldout_loss(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int,
@@ -110,11 +122,7 @@ def load_tuned_model(run):
     """(model with the run's adapter, tokenizer): the 4-bit base as trained, plus the adapter."""
     from peft import PeftModel
 
-    from .models import load_model, load_tokenizer
-
-    adapter = run.path / "adapter"
-    if not (adapter / "adapter_config.json").is_file():
-        raise QLoraError(f"No adapter in {adapter}. Run notebooks/04_train.ipynb for run {run.name!r} first.")
+    adapter = run.require_adapter()
     tokenizer = load_tokenizer(run.cfg.model)
     base = load_model(run.cfg.model, run.cfg.quant, run.compute_dtype, run.device)
     model = PeftModel.from_pretrained(base, str(adapter))
@@ -134,8 +142,6 @@ def for_both(model, fn):
 
 
 def _prompts(run, tokenizer, instructions: list[str]) -> list[str]:
-    from .generation import render_prompt
-
     style = "chat" if run.cfg.data.template == "chat" else "alpaca"
     return [render_prompt(tokenizer, text, style) for text in instructions]
 
@@ -199,8 +205,6 @@ def evaluate_loss(run, model, tokenizer, data) -> dict[str, Any]:
 
 def evaluate_rouge(run, model, tokenizer, data) -> dict[str, Any]:
     """ROUGE-L of generated responses against the references of held-out Alpaca examples."""
-    from .generation import generate
-
     cfg = run.cfg.eval
     examples = data.eval[:cfg.rouge_samples]
     prompts = [e["prompt"] for e in examples]
@@ -221,8 +225,6 @@ def gsm8k_instruction(question: str, shots: list[dict[str, Any]]) -> str:
 @needs_data
 def evaluate_gsm8k(run, model, tokenizer) -> dict[str, Any]:
     """Exact match of the final number on the first N GSM8K test problems."""
-    from .generation import generate
-
     cfg = run.cfg.eval
     test, train = _gsm8k_tables(run, with_shots=cfg.gsm8k_shots > 0)
     rows = test[:cfg.gsm8k_samples]
@@ -239,9 +241,6 @@ def evaluate_gsm8k(run, model, tokenizer) -> dict[str, Any]:
 @needs_data
 def evaluate_ifeval(run, model, tokenizer) -> dict[str, Any]:
     """IFEval verifiable instructions on the first N prompts (checks that need no downloads)."""
-    from . import ifeval
-    from .generation import generate
-
     cfg = run.cfg.eval
     rows = _read(run, cfg.ifeval_path)[:cfg.ifeval_samples]
     prompts = _prompts(run, tokenizer, [r["prompt"] for r in rows])
@@ -255,8 +254,6 @@ def evaluate_ifeval(run, model, tokenizer) -> dict[str, Any]:
 @needs_data
 def evaluate_showcase(run, model, tokenizer) -> dict[str, Any]:
     """Side-by-side answers to AlpacaEval instructions and MT-bench first turns."""
-    from .generation import generate
-
     cfg = run.cfg.eval
     alpaca = [r["instruction"] for r in _read(run, cfg.alpaca_eval_path, split="eval")[:cfg.showcase_samples]]
     mt = _read(run, cfg.mt_bench_path)[:cfg.showcase_samples]
@@ -269,12 +266,8 @@ def evaluate_showcase(run, model, tokenizer) -> dict[str, Any]:
     return {"items": items, "seconds": out["seconds"]}
 
 
-def write_side_by_side(run_path, items: list[dict[str, Any]]) -> dict[str, str]:
+def write_side_by_side(folder: RunFolder, items: list[dict[str, Any]]) -> dict[str, str]:
     """generations.html and generations.md: prompt | base | tuned."""
-    import html
-
-    from .paths import write_text_atomic
-
     cell = lambda t: html.escape(t).replace("\n", "<br>")  # noqa: E731
     rows = "".join(f"<tr><td><b>{html.escape(i['source'])}</b><br>{cell(i['prompt'])}</td>"
                    f"<td>{cell(i['base'])}</td><td>{cell(i['tuned'])}</td></tr>" for i in items)
@@ -283,8 +276,8 @@ def write_side_by_side(run_path, items: list[dict[str, Any]]) -> dict[str, str]:
     md_cell = lambda t: t.replace("|", "\\|").replace("\n", "<br>")  # noqa: E731
     md = "| source | prompt | base | tuned |\n|---|---|---|---|\n" + "".join(
         f"| {i['source']} | {md_cell(i['prompt'])} | {md_cell(i['base'])} | {md_cell(i['tuned'])} |\n" for i in items)
-    return {"html": str(write_text_atomic(run_path / "generations.html", page)),
-            "markdown": str(write_text_atomic(run_path / "generations.md", md))}
+    return {"html": str(write_text_atomic(folder.generations_html, page)),
+            "markdown": str(write_text_atomic(folder.generations_markdown, md))}
 
 
 def sample_counts(results: dict[str, Any]) -> dict[str, int | None]:
@@ -374,30 +367,41 @@ def describe_difference(metric: str, r: dict[str, Any], lower_is_better: bool = 
     return f"{metric}: tuned - base = {span}: distinguishable from zero, tuned is {'better' if better else 'worse'}."
 
 
-def write_eval_report(run, results: dict[str, Any], extra: dict[str, Any] | None = None, model=None) -> str:
-    """eval.json: every number, with the config, seeds, sample counts, timings, the 4-bit kernel that
-    ran (`model`) and the tasks skipped for want of data, with the reason."""
-    from .models import four_bit_kernel
-    from .paths import write_json_atomic
-
+def write_eval_report(run, model=None, extra: dict[str, Any] | None = None, **tasks: Any) -> dict[str, Any]:
+    """eval.json, the report stage 05 writes last, assembled from each task's result (`loss=...,
+    rouge=..., gsm8k=..., ifeval=..., showcase=..., lm_eval=...`; a task left out, None or {} is not
+    in it): every number, with the config, seeds, sample counts, timings, the headline summary, the
+    paired bootstrap differences, the 4-bit kernel that ran (`model`) and the tasks skipped for want
+    of data, with the reason. Returns the report."""
+    results = {task: r for task, r in tasks.items() if r}
     cfg = run.cfg
     skipped = {task: r["skipped"] for task, r in results.items() if isinstance(r, dict) and "skipped" in r}
     report = {"run": run.name, "summary": summarize(results), "config": cfg.to_dict(), "skipped": skipped,
               "four_bit_kernel": four_bit_kernel(model) if model is not None else None,
-              "seed": cfg.data.seed, "device": run.device, "compute_dtype": run.runtime["compute_dtype"],
+              "seed": cfg.data.seed, "device": run.device, "compute_dtype": run.runtime.compute_dtype,
               "decoding": "greedy", "samples": sample_counts(results),
               "seconds": {task: r.get("seconds") for task, r in results.items()},
               "differences": compare_paired(results), "results": results, **(extra or {})}
-    return str(write_json_atomic(run.path / "eval.json", report))
+    write_json_atomic(run.eval_report, report)
+    return report
+
+
+def run_stage(run) -> dict[str, Any]:
+    """Stage 05's entry point: the notebook's tasks one after another, the side-by-side page, then
+    the same report (without the figure, which only the notebook draws)."""
+    model, tokenizer = load_tuned_model(run)
+    data = load_prepared(run)
+    tasks = {"loss": evaluate_loss(run, model, tokenizer, data), "rouge": evaluate_rouge(run, model, tokenizer, data),
+             "gsm8k": evaluate_gsm8k(run, model, tokenizer), "ifeval": evaluate_ifeval(run, model, tokenizer),
+             "showcase": evaluate_showcase(run, model, tokenizer)}
+    write_side_by_side(run, tasks["showcase"].get("items", []))
+    return write_eval_report(run, model, lm_eval=evaluate_lm_eval(run, model, tokenizer), **tasks)
 
 
 def lm_eval_local_tasks(run, folder) -> list[str]:
     """Write lm-eval task files that read the data directory (offline): gsm8k_local = lm-eval's
     own gsm8k task (prompt, few-shot, answer extraction) on gsm8k/{train,test}.jsonl."""
-    from pathlib import Path
-
     import lm_eval
-    import yaml
 
     test, train = _gsm8k_files(run)
     spec = yaml.safe_load((Path(lm_eval.__file__).parent / "tasks" / "gsm8k" / "gsm8k.yaml").read_text())
@@ -422,7 +426,7 @@ def evaluate_lm_eval(run, model, tokenizer) -> dict[str, Any]:
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    tasks_dir = run.path / "lm_eval_tasks"
+    tasks_dir = run.lm_eval_tasks_dir
     lm_eval_local_tasks(run, tasks_dir)
     manager = TaskManager(include_path=str(tasks_dir))
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size,

@@ -22,10 +22,13 @@ idles. Each change here is measured in benchmarks/BENCHMARKS.md (benchmarks/trai
 from __future__ import annotations
 
 import functools
+import importlib.util
 import inspect
 import itertools
 import types
 from typing import Any
+
+from .errors import ConfigError
 
 VARLEN = "qlora_varlen"
 MASKED = "qlora_masked"
@@ -36,8 +39,6 @@ TRITON_MIN_CAPABILITY = (8, 0)  # the NVIDIA cards Triton's README lists as supp
 
 def fast_path_active(train_cfg, device: str) -> bool:
     """auto: with a CUDA device; always: required (an error elsewhere); never: the plain path."""
-    from .errors import ConfigError
-
     if train_cfg.fast_path == "never":
         return False
     cuda = str(device).startswith("cuda")
@@ -51,11 +52,7 @@ def choose_fast_path(train_cfg, device) -> dict[str, Any]:
     """What of the fast path runs on this card: varlen attention at compute capability 8.0+ (else
     the block-diagonal mask), Liger where Triton supports the card. `always` on a card below 8.0, or
     `fast_attention: varlen` there, is a ConfigError naming what to set instead."""
-    import importlib.util
-
     import torch
-
-    from .errors import ConfigError
 
     cap = tuple(torch.cuda.get_device_capability(device))
     card = f"{torch.cuda.get_device_name(device)} (compute capability {cap[0]}.{cap[1]})"

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from packaging.version import Version
+
 from .config import ModelConfig, QuantConfig
 from .errors import ModelSourceError, QLoraError
 from .paths import atomic_dir, cache_dir
@@ -232,8 +234,6 @@ def check_bitsandbytes(device: str) -> str:
         raise QLoraError(
             f"4-bit loading needs bitsandbytes, which failed to import ({exc}). Install it "
             f"(pip install 'bitsandbytes>=0.47'), or set quant.load_in_4bit=false for 16/32-bit LoRA.") from None
-    from packaging.version import Version
-
     if device == "cpu" and Version(bnb.__version__) < Version("0.47"):
         raise QLoraError(
             f"bitsandbytes {bnb.__version__} has no CPU 4-bit kernels (0.47 or newer does). "

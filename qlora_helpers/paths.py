@@ -11,6 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .errors import QLoraError
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 OUTPUTS_DIR = PROJECT_ROOT / "outputs"
 
@@ -37,8 +39,6 @@ def cache_dir(configured: str | None = None) -> Path:
 
 def run_dir(run_name: str, outputs_dir: str | Path | None = None, create: bool = True) -> Path:
     """The folder of one run, `outputs/<run_name>/`."""
-    from .errors import QLoraError
-
     if not _RUN_NAME.match(run_name or ""):
         raise QLoraError(f"Run name {run_name!r} is not usable as a folder name: use letters, "
                          f"digits, '.', '_' and '-', starting with a letter or digit.")
@@ -100,8 +100,6 @@ def _replace_dir(tmp_dir: Path, final_dir: Path) -> None:
 
 
 def read_json(path: str | Path) -> Any:
-    from .errors import QLoraError
-
     path = Path(path)
     if not path.is_file():
         raise QLoraError(f"{path} does not exist. Run the stage that writes it first "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
 import matplotlib.pyplot as plt
@@ -37,8 +38,6 @@ def plot_footprint(footprint: dict[str, Any]):
 def plot_4bit_levels(levels: dict[str, list[float]], sigma: float):
     """NF4's and FP4's 16 levels over the normal distribution of weights scaled by their block's
     absmax (standard deviation `sigma`): NF4 spends its levels where the weights are."""
-    from statistics import NormalDist
-
     xs = [i / 200 - 1 for i in range(401)]
     pdf = [NormalDist(0, sigma).pdf(x) for x in xs]
     top = max(pdf)

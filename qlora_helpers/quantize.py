@@ -7,6 +7,7 @@ Loads the model twice (full precision and 4-bit), then compares memory, per-laye
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from statistics import NormalDist
 from typing import Any
@@ -16,7 +17,7 @@ from tqdm.auto import tqdm
 from .data import heldout_pairs
 from .evaluate import heldout_loss
 from .generation import generate, render_prompt
-from .models import load_model, load_tokenizer, resolve_model
+from .models import four_bit_kernel, load_model, load_tokenizer, resolve_model
 from .paths import write_json_atomic
 from .runs import Run
 
@@ -129,25 +130,39 @@ def compare_generations(tokenizer, models: dict[str, Any], max_new_tokens: int,
 def compare_perplexity(run: Run, tokenizer, models: dict[str, Any]) -> dict[str, Any]:
     """Held-out loss/perplexity of each model on the same examples from the eval split."""
     cfg = run.cfg
-    pairs = heldout_pairs(cfg.data, tokenizer, cfg.model.max_seq_length, cfg.eval.perplexity_samples)
+    pairs = heldout_pairs(run, cfg.eval.perplexity_samples, tokenizer)
     return {name: heldout_loss(model, tokenizer, pairs, cfg.eval.batch_size, cfg.model.max_seq_length,
                                desc=f"perplexity ({name})")
             for name, model in models.items()}
 
 
 def summarize_errors(errors: list[dict[str, Any]]) -> dict[str, float]:
-    import statistics
-
     return {f"{qt}_{stat}": fn([r[qt] for r in errors])
             for qt in ("nf4", "fp4") for stat, fn in (("mean", statistics.fmean), ("max", max))}
 
 
-def write_quantization_report(run: Run, **sections: Any) -> str:
-    """Write `quantization.json`: the given sections plus the error summary and the key ratio."""
+def write_quantization_report(run: Run, **sections: Any) -> dict[str, Any]:
+    """Write `quantization.json` (the report 02 writes last): the given sections plus the error
+    summary and the key ratio. Returns the report."""
     report = dict(sections)
     if "layer_errors" in report:
         report["layer_error_summary"] = summarize_errors(report["layer_errors"])
     if "perplexity" in report:
         ppl = report["perplexity"]
         report["perplexity_ratio_4bit_vs_full"] = ppl["4bit"]["perplexity"] / ppl["full"]["perplexity"]
-    return str(write_json_atomic(run.path / "quantization.json", report))
+    write_json_atomic(run.quantization_report, report)
+    return report
+
+
+def run_stage(run: Run) -> dict[str, Any]:
+    """Stage 02's entry point: the notebook's steps, one after another, ending in the same report
+    (without the figures, which only the notebook draws)."""
+    loaded = load_full_and_quantized(run)
+    full, quantized, tokenizer = loaded["full"], loaded["quantized"], loaded["tokenizer"]
+    models = {"full": full, "4bit": quantized}
+    return write_quantization_report(
+        run, source=loaded["source"], load_seconds=loaded["load_seconds"],
+        footprint=memory_footprint(full, quantized),
+        layer_errors=layer_errors(full, quantized, run.cfg.quant.double_quant),
+        generations=compare_generations(tokenizer, models, run.cfg.eval.max_new_tokens),
+        perplexity=compare_perplexity(run, tokenizer, models), four_bit_kernel=four_bit_kernel(quantized))

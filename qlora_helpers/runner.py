@@ -2,7 +2,9 @@
 
 Executed copies go to `outputs/<run>/notebooks/`; the source notebooks stay clean. The config is
 validated before any notebook starts, and a failing cell stops the run with the notebook, cell,
-error and the path of the executed copy.
+error and the path of the executed copy. Which notebooks exist, and in what order, is `runs.STAGES`.
+
+Imports: papermill is imported when notebooks run (it pulls in nbclient, jupyter_client and zmq).
 """
 
 from __future__ import annotations
@@ -15,28 +17,23 @@ from typing import Iterable
 from .config import load_config, resolve_config_path
 from .errors import QLoraError
 from .paths import PROJECT_ROOT, run_dir
-
-NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
+from .runs import NOTEBOOK_DIR, STAGES, RunFolder, Stage
 
 
 class StageFailed(QLoraError):
     """A notebook raised while papermill executed it."""
 
 
-def available_stages() -> dict[str, Path]:
-    """{'01': notebooks/01_setup.ipynb, ...} for every numbered notebook present."""
-    return {p.name[:2]: p for p in sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))}
-
-
-def select_stages(stages: str | Iterable[str] | None) -> list[Path]:
-    known = available_stages()
+def select_stages(stages: str | Iterable[str] | None) -> list[Stage]:
+    """The stages named (`"01,3"`, `["04"]`), in pipeline order; all of them for None."""
     if stages is None:
-        return list(known.values())
+        return list(STAGES)
     wanted = [s.strip() for s in (stages.split(",") if isinstance(stages, str) else stages) if s.strip()]
+    known = {s.number for s in STAGES}
     unknown = [s for s in wanted if s.zfill(2) not in known]
     if unknown:
-        raise QLoraError(f"Unknown stage(s) {', '.join(unknown)}; available: {', '.join(known)}.")
-    return [known[s.zfill(2)] for s in sorted(set(wanted), key=lambda s: s.zfill(2))]
+        raise QLoraError(f"Unknown stage(s) {', '.join(unknown)}; available: {', '.join(sorted(known))}.")
+    return [s for s in STAGES if s.number in {w.zfill(2) for w in wanted}]
 
 
 def run_pipeline(config: str, run_name: str | None = None, overrides: Iterable[str] = (),
@@ -48,13 +45,13 @@ def run_pipeline(config: str, run_name: str | None = None, overrides: Iterable[s
     load_config(config_path, overrides)  # fail on a bad key before any notebook starts
     run_name = run_name or config_path.stem
     path = run_dir(run_name, outputs_dir)
-    notebooks = select_stages(stages)
+    selected = select_stages(stages)
     parameters = {"config": str(config_path), "run_name": run_name, "overrides": overrides,
                   "outputs_dir": str(path.parent)}
     previous = os.environ.get("QLORA_HEADLESS")
     os.environ["QLORA_HEADLESS"] = "1"  # the kernels inherit it: no interactive prompts
     try:
-        _execute(notebooks, path, parameters, progress)
+        _execute(selected, RunFolder(path), parameters, progress)
     finally:
         if previous is None:
             os.environ.pop("QLORA_HEADLESS", None)
@@ -63,14 +60,15 @@ def run_pipeline(config: str, run_name: str | None = None, overrides: Iterable[s
     return path
 
 
-def _execute(notebooks: list[Path], path: Path, parameters: dict, progress: bool) -> None:
+def _execute(stages: list[Stage], folder: RunFolder, parameters: dict, progress: bool) -> None:
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
-    for i, notebook in enumerate(notebooks, 1):
-        out = path / "notebooks" / notebook.name
+    for i, stage in enumerate(stages, 1):
+        notebook = stage.notebook_path
+        out = folder.notebooks_dir / stage.notebook
         out.parent.mkdir(parents=True, exist_ok=True)
-        print(f"[{i}/{len(notebooks)}] {notebook.stem} -> {out.relative_to(PROJECT_ROOT) if out.is_relative_to(PROJECT_ROOT) else out}", flush=True)
+        print(f"[{i}/{len(stages)}] {notebook.stem} -> {out.relative_to(PROJECT_ROOT) if out.is_relative_to(PROJECT_ROOT) else out}", flush=True)
         start = time.perf_counter()
         try:
             papermill.execute_notebook(str(notebook), str(out), parameters=parameters,

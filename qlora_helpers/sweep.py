@@ -17,7 +17,12 @@ is validated with `load_config` before any run starts. Runs go one after another
 
 A failed run is recorded and the sweep goes on. Rerunning the same sweep skips finished runs (the
 last requested stage wrote its output and the run's config.json matches) and, inside an unfinished
-run, the stages that already wrote theirs; failed and interrupted runs are tried again.
+run, the stages that already wrote theirs (the report each writes last, `runs.STAGES`); failed and
+interrupted runs are tried again. A sweep's own folder (sweep.json, comparison.*) is laid out here;
+the run folders inside it, like every run folder, by `runs.py`.
+
+Imports: matplotlib and pandas (and `plots`, which needs matplotlib) are imported where the comparison
+is written: they are heavy, and planning or validating a sweep needs neither.
 """
 
 from __future__ import annotations
@@ -33,16 +38,14 @@ from typing import Any
 
 import yaml
 
-from .config import CONFIG_DIR, config_from_dict, load_config, resolve_config_path
+from .config import CONFIG_DIR, load_config, resolve_config_path
 from .errors import ConfigError
 from .paths import OUTPUTS_DIR, PROJECT_ROOT, read_json, run_dir, write_json_atomic, write_text_atomic
+from .runner import run_pipeline, select_stages
+from .runs import RunFolder, config_differences, saved_config, stage
 
 SWEEP_DIR = CONFIG_DIR / "sweeps"
 STATE_FILE = "sweep.json"
-RUN_INFO_FILE = "sweep_run.json"  # in each run folder: the sweep, its tag and its swept values (W&B config)
-# The file each stage writes last; a stage not listed counts as done when its executed notebook finished.
-STAGE_OUTPUTS = {"01": "env.json", "02": "quantization.json", "03": "data/data_report.json",
-                 "04": "train_log.json", "05": "eval.json"}
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,9 @@ class SweepPlan:
     @property
     def runs_dir(self) -> Path:
         return self.folder / "runs"
+
+    def run_folder(self, tag: str) -> RunFolder:
+        return RunFolder(self.runs_dir / tag)
 
 
 # --- the grid ------------------------------------------------------------------------------------
@@ -171,8 +177,6 @@ def plan_sweep(config: str, grid: list[str] = (), overrides: list[str] = (), sta
                max_runs: int | None = None, name: str | None = None,
                outputs_dir: str | None = None) -> SweepPlan:
     """Read the sweep (file and/or --grid), expand it and validate every run before any starts."""
-    from .runner import select_stages
-
     path, spec = resolve_sweep_source(config)
     spec = dict(spec or {})
     unknown = set(spec) - SWEEP_KEYS
@@ -193,7 +197,7 @@ def plan_sweep(config: str, grid: list[str] = (), overrides: list[str] = (), sta
     folder = (base_dir if base_dir.is_absolute() else PROJECT_ROOT / base_dir) / "sweeps" / name
     settings = ([override_text(k, v) for k, v in fixed.items()] + list(overrides)
                 + [override_text("train.wandb_group", name)] * ("train.wandb_group" not in fixed_keys))
-    stage_list = [p.name[:2] for p in select_stages(stages or _stages_text(spec.get("stages")))]
+    stage_list = [s.number for s in select_stages(stages or _stages_text(spec.get("stages")))]
     total = len(combos)
     limit = max_runs if max_runs is not None else spec.get("max_runs")
     if limit is not None:
@@ -243,45 +247,37 @@ def _stages_text(value: Any) -> str | None:
 
 def validate_plan(plan: SweepPlan) -> None:
     """Every run's config must load, and a run folder left by an earlier sweep must match it."""
-    from .runs import _differences
-
     for i, run in enumerate(plan.runs, 1):
         label = " ".join(f"{k}={_value_label(v)}" for k, v in run.values.items())
         try:
             cfg = load_config(plan.config, run.overrides)
         except ConfigError as exc:
             raise ConfigError(f"Sweep {plan.name!r}, run {i} ({label}): {exc}") from None
-        saved = plan.runs_dir / run.tag / "config.json"
-        if saved.is_file():
-            old = config_from_dict(read_json(saved))
-            if old != cfg:
-                changed = _differences(cfg.to_dict(), old.to_dict())
-                raise ConfigError(
-                    f"{saved.parent} was made with other settings ({'; '.join(changed[:3])}). Delete that "
-                    f"folder to redo the run, or give this sweep another name (--name).")
+        folder = plan.run_folder(run.tag)
+        old = saved_config(folder)
+        if old is not None and old != cfg:
+            changed = config_differences(cfg, old)
+            raise ConfigError(
+                f"{folder.path} was made with other settings ({'; '.join(changed[:3])}). Delete that "
+                f"folder to redo the run, or give this sweep another name (--name).")
 
 
 # --- resume ------------------------------------------------------------------------------------------
 
 
-def stage_done(run_path: Path, stage: str) -> bool:
-    """Did this stage write its outputs? (The file it writes last; else its executed notebook finished.)"""
-    if stage in STAGE_OUTPUTS:
-        return (run_path / STAGE_OUTPUTS[stage]).is_file()
-    for notebook in (run_path / "notebooks").glob(f"{stage}_*.ipynb"):
-        meta = json.loads(notebook.read_text(encoding="utf-8")).get("metadata", {}).get("papermill", {})
-        return bool(meta.get("end_time")) and not meta.get("exception")
-    return False
+def stage_done(folder: RunFolder, number: str) -> bool:
+    """Did this stage write its report (the file it writes last, `runs.STAGES`)?"""
+    return stage(number).done(folder)
 
 
 def remaining_stages(plan: SweepPlan, run: SweepRun) -> list[str]:
     """The stages still to execute: none when finished, else from the first one without its outputs.
     Runs whose config.json is missing start over (validate_plan has refused a different one)."""
-    path = plan.runs_dir / run.tag
-    if not (path / "config.json").is_file():
+    folder = plan.run_folder(run.tag)
+    if not folder.config_file.is_file():
         return list(plan.stages)
-    for i, stage in enumerate(plan.stages):
-        if not stage_done(path, stage):
+    for i, number in enumerate(plan.stages):
+        if not stage_done(folder, number):
             return plan.stages[i:]
     return []
 
@@ -304,8 +300,8 @@ def _save_state(plan: SweepPlan, state: dict[str, Any]) -> None:
     write_json_atomic(plan.folder / STATE_FILE, state)
 
 
-def _failed_notebook(run_path: Path) -> str | None:
-    for notebook in sorted((run_path / "notebooks").glob("*.ipynb")):
+def _failed_notebook(folder: RunFolder) -> str | None:
+    for notebook in sorted(folder.notebooks_dir.glob("*.ipynb")):
         meta = json.loads(notebook.read_text(encoding="utf-8")).get("metadata", {}).get("papermill", {})
         if meta.get("exception"):
             return str(notebook)
@@ -314,8 +310,6 @@ def _failed_notebook(run_path: Path) -> str | None:
 
 def run_sweep(plan: SweepPlan, progress: bool = True) -> dict[str, Any]:
     """Execute the plan's runs one after another; record each; write the comparison after each."""
-    from .runner import run_pipeline
-
     state = _load_state(plan)
     _save_state(plan, state)
     if len(plan.runs) < plan.total:
@@ -328,13 +322,13 @@ def run_sweep(plan: SweepPlan, progress: bool = True) -> dict[str, Any]:
             print(f"{head}: finished earlier, skipped", flush=True)
             record.update(status="finished", error=None, notebook=None)
             continue
-        resumed = todo != plan.stages and (plan.runs_dir / run.tag / "config.json").is_file()
+        resumed = todo != plan.stages and plan.run_folder(run.tag).config_file.is_file()
         print(f"{head}: stages {','.join(todo)}" + (" (resuming: earlier stages are done)" if resumed else ""),
               flush=True)
         record.update(status="running", attempts=record["attempts"] + 1, error=None, notebook=None,
                       started=time.strftime("%Y-%m-%dT%H:%M:%S"), stages_run=todo)
         _save_state(plan, state)
-        write_json_atomic(run_dir(run.tag, plan.runs_dir) / RUN_INFO_FILE,
+        write_json_atomic(RunFolder(run_dir(run.tag, plan.runs_dir)).sweep_info_file,
                           {"sweep": plan.name, "tag": run.tag, "values": run.values})
         start = time.perf_counter()
         try:
@@ -345,7 +339,7 @@ def run_sweep(plan: SweepPlan, progress: bool = True) -> dict[str, Any]:
             raise
         except Exception as exc:  # noqa: BLE001 -- one broken run must not stop the sweep
             record.update(status="failed", error=f"{type(exc).__name__}: {exc}",
-                          notebook=_failed_notebook(plan.runs_dir / run.tag))
+                          notebook=_failed_notebook(plan.run_folder(run.tag)))
             print(f"{head}: FAILED -- {record['error']}", flush=True)
         else:
             record.update(status="finished")
@@ -369,10 +363,10 @@ def collect_results(folder: Path) -> list[dict[str, Any]]:
     state = read_json(folder / STATE_FILE)
     rows = []
     for record in state["runs"]:
-        path = folder / "runs" / record["tag"]
+        run_folder = RunFolder(folder / "runs" / record["tag"])
         row = {"run": record["tag"], **{k: _value_label(v) for k, v in record["values"].items()},
                "status": record["status"]}
-        log = _read_optional(path / "train_log.json")
+        log = _read_optional(run_folder.train_log)
         if log:
             s = log["summary"]
             row.update({"train_seconds": s.get("train_seconds"), "train_cpu_seconds": s.get("train_cpu_seconds"),
@@ -384,7 +378,7 @@ def collect_results(folder: Path) -> list[dict[str, Any]]:
                         "heldout_examples": s.get("eval_examples")})
             if s.get("resumed_from"):
                 row["note"] = "training resumed: its time covers the resumed part only"
-        report = _read_optional(path / "eval.json")
+        report = _read_optional(run_folder.eval_report)
         if report:  # stage 05 measured on its own sample (eval.loss_samples): it replaces 04's
             summary = report["summary"]
             loss = summary.pop("held-out loss", None)
@@ -422,7 +416,7 @@ def write_comparison(folder: Path) -> dict[str, Path]:
         plt.close(fig)
     curves = {}
     for record in state["runs"]:
-        log = _read_optional(folder / "runs" / record["tag"] / "train_log.json")
+        log = _read_optional(RunFolder(folder / "runs" / record["tag"]).train_log)
         if log:
             label = ", ".join(f"{k.split('.')[-1]}={_value_label(v)}" for k, v in record["values"].items())
             curves[label or record["tag"]] = log["log_history"]

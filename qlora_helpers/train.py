@@ -6,6 +6,9 @@ mask. SFTTrainer's own packing (padding-free, position ids only) lets packed exa
 each other under sdpa, and would re-tokenize what 03 checked. Trainer brings what we would
 otherwise write: gradient accumulation, schedules, paged optimizers, checkpoints with optimizer
 and RNG state, resume, W&B, progress bars and accelerate (DDP) for several GPUs.
+
+Imports: torch, transformers, peft, wandb, safetensors, matplotlib and IPython are imported inside
+the functions that use them: heavy (seconds) or optional, and the config-mapping tests need none.
 """
 
 from __future__ import annotations
@@ -19,10 +22,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import fastpath
 from .config import Config
-from .data import PreparedData, collate, collate_packed, pack_examples
+from .data import PreparedData, collate, collate_packed, load_prepared, pack_examples
+from .environment import is_interactive, wandb_mode
 from .errors import QLoraError
+from .evaluate import heldout_loss
+from .fastpath import collate_flat
+from .models import keep_4bit_on_autograd_path, load_model, load_tokenizer, resolve_model
 from .paths import atomic_dir, write_json_atomic
+from .runs import RunFolder, Runtime
 
 COMPLETE_MARKER = "checkpoint_complete.json"
 OOM_ADVICE = (
@@ -42,9 +51,9 @@ class NotLearning(QLoraError):
 
 
 NOT_LEARNING_CHECKS = (
-    "Check: bitsandbytes' version and CPU kernel (env.json; on AVX512-BF16 CPUs an eval pass can "
-    "repack 4-bit layers into a layout without gradients), that lora.target_modules names layers "
-    "the model has and that they are used in the forward pass, and train.learning_rate.")
+    "Check: bitsandbytes' version and CPU kernel (01's environment report; on AVX512-BF16 CPUs an eval "
+    "pass can repack 4-bit layers into a layout without gradients), that lora.target_modules names "
+    "layers the model has and that they are used in the forward pass, and train.learning_rate.")
 # Relative change of all trainable weights after an optimizer step below which they "did not move":
 # fp32 rounding is ~1e-7 relative; a real AdamW step at any usable learning rate is far above 1e-6.
 MIN_RELATIVE_UPDATE = 1e-6
@@ -83,8 +92,6 @@ def load_trainable_model(cfg: Config, device: str, compute_dtype, base=None):
     accelerate can shard it."""
     from peft import prepare_model_for_kbit_training
 
-    from . import fastpath
-    from .models import keep_4bit_on_autograd_path, load_model, resolve_model
 
     fsdp = fsdp_active(cfg)
     if fsdp:
@@ -166,7 +173,6 @@ class Collator:
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         if self.flat:
-            from .fastpath import collate_flat
 
             return collate_flat(rows)
         if self.packed:
@@ -190,14 +196,14 @@ def training_rows(cfg: Config, data: PreparedData, fast: bool = False) -> list[d
 # --- trainer ---------------------------------------------------------------------------------------
 
 
-def training_arguments(cfg: Config, run_path: Path, runtime: dict[str, Any], report_to: list[str],
+def training_arguments(cfg: Config, folder: RunFolder, runtime: Runtime, report_to: list[str],
                        fast: bool = False):
     from transformers import TrainingArguments
 
     t = cfg.train
-    dtype = runtime["compute_dtype"]
+    dtype = runtime.compute_dtype
     args = TrainingArguments(
-        output_dir=str(run_path / "checkpoints"),
+        output_dir=str(folder.checkpoints_dir),
         per_device_train_batch_size=1 if fast else t.micro_batch_size,  # fast: one packed row
         per_device_eval_batch_size=cfg.eval.batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
@@ -208,10 +214,10 @@ def training_arguments(cfg: Config, run_path: Path, runtime: dict[str, Any], rep
         num_train_epochs=t.num_epochs,
         max_grad_norm=t.max_grad_norm,
         weight_decay=t.weight_decay,
-        optim=runtime["optimizer"],
+        optim=runtime.optimizer,
         bf16=dtype == "bfloat16",
         fp16=dtype == "float16",
-        use_cpu=runtime["device"] == "cpu",
+        use_cpu=runtime.device == "cpu",
         train_sampling_strategy=("group_by_length" if t.group_by_length and not cfg.data.packing and not fast
                                  else "random"),
         logging_steps=t.logging_steps,
@@ -224,7 +230,7 @@ def training_arguments(cfg: Config, run_path: Path, runtime: dict[str, Any], rep
         seed=t.seed,
         data_seed=t.seed,
         report_to=report_to,
-        run_name=run_path.name,
+        run_name=folder.path.name,
         remove_unused_columns=False,
         ddp_find_unused_parameters=False,  # frozen base: DDP need not search for unused weights
         dataloader_num_workers=0,
@@ -340,12 +346,12 @@ def last_complete_checkpoint(checkpoint_dir: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
-def resolve_resume(cfg: Config, run_path: Path) -> str | None:
+def resolve_resume(cfg: Config, folder: RunFolder) -> str | None:
     setting = cfg.train.resume
     if setting == "never":
         return None
     if setting == "auto":
-        found = last_complete_checkpoint(run_path / "checkpoints")
+        found = last_complete_checkpoint(folder.checkpoints_dir)
         return str(found) if found else None
     path = Path(setting).expanduser()
     if not (path / COMPLETE_MARKER).is_file():
@@ -354,10 +360,8 @@ def resolve_resume(cfg: Config, run_path: Path) -> str | None:
     return str(path)
 
 
-def configure_wandb(cfg: Config, run_path: Path) -> list[str]:
+def configure_wandb(cfg: Config, folder: RunFolder) -> list[str]:
     """report_to for the Trainer; W&B writes under the run folder, offline unless told otherwise."""
-    from .environment import wandb_mode
-
     mode = wandb_mode(cfg.train.wandb)
     if mode == "disabled":
         return []
@@ -368,7 +372,7 @@ def configure_wandb(cfg: Config, run_path: Path) -> list[str]:
         return []
     os.environ["WANDB_MODE"] = mode
     os.environ.setdefault("WANDB_PROJECT", "qlora-notebooks")
-    os.environ["WANDB_DIR"] = str(run_path)
+    os.environ["WANDB_DIR"] = str(folder.wandb_dir)
     os.environ.setdefault("WANDB_SILENT", "true")
     if cfg.train.wandb_group:
         os.environ["WANDB_RUN_GROUP"] = cfg.train.wandb_group  # wandb.init reads it
@@ -388,7 +392,7 @@ def wandb_config_callback(run):
             if wandb.run is not None:
                 env = {k: v for k, v in run.env.items() if k != "hf_auth"}
                 wandb.config.update({"qlora": run.cfg.to_dict(), "environment": env}, allow_val_change=True)
-                sweep = run.path / "sweep_run.json"  # written by a sweep: its name, tag and swept values
+                sweep = run.sweep_info_file  # written by a sweep: its name, tag and swept values
                 if sweep.is_file():
                     wandb.config.update({"sweep": json.loads(sweep.read_text())}, allow_val_change=True)
 
@@ -398,8 +402,6 @@ def wandb_config_callback(run):
 def _progress_callbacks(trainer) -> None:
     """Plain tqdm in headless runs (papermill logs); Trainer's notebook table when interactive."""
     from transformers.trainer_callback import ProgressCallback
-
-    from .environment import is_interactive
 
     if not is_interactive():
         try:
@@ -415,8 +417,6 @@ def _progress_callbacks(trainer) -> None:
 def live_loss_callback():
     """A callback that redraws the loss curve in the notebook at every log (interactive only)."""
     from transformers import TrainerCallback
-
-    from .environment import is_interactive
 
     class LiveLoss(TrainerCallback):
         def __init__(self):
@@ -444,8 +444,8 @@ def build_trainer(run, data: PreparedData, model, tokenizer, extra_callbacks=())
     GuardedTrainer, MarkCompleteCallback, FiniteWeightsGuard, AdaptersMoveGuard = _make_trainer_class()
     cfg = run.cfg
     fast = getattr(model, "qlora_fast_path", None) is not None
-    report_to = configure_wandb(cfg, run.path)
-    args = training_arguments(cfg, run.path, run.runtime, report_to, fast=fast)
+    report_to = configure_wandb(cfg, run)
+    args = training_arguments(cfg, run, run.runtime, report_to, fast=fast)
     trainer = GuardedTrainer(
         model=model, args=args, train_dataset=_Rows(training_rows(cfg, data, fast=fast)),
         data_collator=Collator(tokenizer.pad_token_id, packed=cfg.data.packing,
@@ -460,8 +460,6 @@ def build_trainer(run, data: PreparedData, model, tokenizer, extra_callbacks=())
 
 def heldout_eval_loss(run, model, tokenizer, data: PreparedData) -> float:
     """Token-weighted held-out loss on the first train.eval_samples eval examples (as stages 02/05)."""
-    from .evaluate import heldout_loss
-
     pairs = data.eval_pairs()[:run.cfg.train.eval_samples]
     return heldout_loss(model, tokenizer, pairs, run.cfg.eval.batch_size, run.cfg.model.max_seq_length,
                         desc="held-out loss")["loss"]
@@ -471,13 +469,12 @@ def train_adapter(run, data: PreparedData, model=None, tokenizer=None, extra_cal
     """Train, guard, checkpoint, resume; save the adapter atomically; return the results."""
     import torch
 
-    from .models import keep_4bit_on_autograd_path, load_tokenizer
 
     cfg = run.cfg
     tokenizer = tokenizer or load_tokenizer(cfg.model)
     model = model or load_trainable_model(cfg, local_device(run.device), run.compute_dtype)
     trainer = build_trainer(run, data, model, tokenizer, extra_callbacks)
-    resume = resolve_resume(cfg, run.path)
+    resume = resolve_resume(cfg, run)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()  # measure training, not model loading or building
     # Under FSDP the weights end up sharded across processes: the held-out loss is left to stage 05,
@@ -511,7 +508,7 @@ def train_adapter(run, data: PreparedData, model=None, tokenizer=None, extra_cal
         "heldout_loss_base": base_loss, "heldout_loss_tuned": tuned_loss,
         "eval_examples": min(cfg.train.eval_samples, len(data.eval)) if evaluate else 0, "parameters": parameter_counts(trainer.model),
         "trained_tokens": _trained_tokens(trainer), "device": run.device,
-        "compute_dtype": run.runtime["compute_dtype"], "optimizer": run.runtime["optimizer"],
+        "compute_dtype": run.runtime.compute_dtype, "optimizer": run.runtime.optimizer,
         "fast_path": getattr(trainer.model, "qlora_fast_path", None),
     }
     summary["trained_tokens_per_second"] = summary["trained_tokens"] / seconds if seconds else None
@@ -525,8 +522,14 @@ def train_adapter(run, data: PreparedData, model=None, tokenizer=None, extra_cal
         summary["processes"] = trainer.args.world_size
         summary["distributed"] = "fsdp" if trainer.is_fsdp_enabled else ("ddp" if trainer.args.world_size > 1 else None)
         save_adapter(run, trainer.model, tokenizer, summary, state_dict)
-        write_json_atomic(run.path / "train_log.json", {"summary": summary, "log_history": history})
+        write_json_atomic(run.train_log, {"summary": summary, "log_history": history})
     return {"summary": summary, "log_history": history, "trainer": trainer}
+
+
+def run_stage(run) -> dict[str, Any]:
+    """Stage 04's entry point (CLI, accelerate workers): train on the sets 03 saved; the adapter and
+    `train_log.json` (written last) are the stage's outputs. Returns the summary."""
+    return train_adapter(run, load_prepared(run))["summary"]
 
 
 def peak_memory() -> dict[str, Any]:
@@ -582,7 +585,7 @@ def save_adapter(run, model, tokenizer, summary: dict[str, Any], state_dict=None
     """outputs/<run>/adapter/: safetensors weights, adapter config, tokenizer, config, model card.
     Written to a temporary folder and renamed, so a crash never leaves half an adapter. Under FSDP
     `state_dict` holds the adapter tensors gathered from all processes."""
-    final = run.path / "adapter"
+    final = run.adapter_dir
     with atomic_dir(final) as tmp:
         if state_dict is None:
             model.save_pretrained(tmp, safe_serialization=True)

@@ -88,7 +88,9 @@ def test_lm_eval_local_gsm8k_task_runs_offline(tmp_path, tiny_dir):
     out = simple_evaluate(model=lm, tasks=["gsm8k_local"], limit=2, log_samples=False,
                           task_manager=TaskManager(include_path=str(tmp_path / "tasks")))
     metrics = out["results"]["gsm8k_local"]
-    assert "exact_match,strict-match" in metrics and 0.0 <= metrics["exact_match,strict-match"] <= 1.0
+    # recorded: random weights solve neither of the 2 problems, under either of lm-eval's answer filters
+    assert metrics["exact_match,strict-match"] == 0.0 and metrics["exact_match,flexible-extract"] == 0.0
+    assert out["n-samples"]["gsm8k_local"] == {"original": 6, "effective": 2}  # tests/assets: 6 problems
 
 
 def test_a_task_without_data_is_skipped_and_recorded(tmp_path, tiny_dir, monkeypatch, capsys):
@@ -108,7 +110,8 @@ def test_a_task_without_data_is_skipped_and_recorded(tmp_path, tiny_dir, monkeyp
     assert "missing/questions.jsonl does not exist" in showcase["skipped"]
     assert "evaluate_ifeval: skipped, no data" in capsys.readouterr().out
     assert headline(ifeval, "prompt_level_strict").startswith("skipped: Cannot load hub dataset 'google/IFEval'")
-    report = json.loads(open(write_eval_report(run, {"ifeval": ifeval, "showcase": showcase})).read())
+    report = write_eval_report(run, ifeval=ifeval, showcase=showcase)
+    assert json.loads(run.eval_report.read_text())["skipped"] == report["skipped"]
     assert set(report["skipped"]) == {"ifeval", "showcase"} and report["summary"] == {}
     assert report["samples"]["ifeval"] == 0
 

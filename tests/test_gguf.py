@@ -38,7 +38,7 @@ def test_export_writes_the_gguf_files_and_an_ollama_modelfile(run, exported):
     from qlora_helpers.models import load_tokenizer
 
     assert exported.returncode == 0, exported.stdout + exported.stderr
-    folder = run.path / "gguf"
+    folder = run.gguf_dir
     for t in ("f16", "q8_0", "q4_k_m"):
         assert (folder / f"model-{t}.gguf").read_bytes()[:4] == b"GGUF"
     sizes = {t: (folder / f"model-{t}.gguf").stat().st_size for t in ("f16", "q8_0", "q4_k_m")}
@@ -67,7 +67,7 @@ def test_llama_cpp_tokenizes_and_generates_like_transformers(run, export, export
     from qlora_helpers.serve.llamacpp import LlamaCppModel
 
     f32 = tmp_path / "model-f32.gguf"
-    run_converter(run.path / "merged", f32, "f32")
+    run_converter(run.merged_dir, f32, "f32")
     tokenizer = load_tokenizer(run.cfg.model)
     prompts = ["The capital of France is", "Write a long story about a dragon who",
                "### Instruction:\nName a colour.\n\n### Response:\n", "<|im_start|>user\nHi<|im_end|>\n"]
@@ -93,7 +93,7 @@ def test_llama_cpp_tokenizes_and_generates_like_transformers(run, export, export
 
 
 def test_the_export_gate_passes_every_form_and_records_why(run, exported):
-    report = json.loads((run.path / "export.json").read_text())
+    report = json.loads(run.export_report.read_text())
     forms = {f["form"]: f for f in report["forms"]}
     assert list(forms) == ["adapter", "merged", "gguf-q8_0", "gguf-f16", "gguf-q4_k_m"]
     assert report["passed"] and report["failed"] == [] and "export gate: passed" in exported.stdout

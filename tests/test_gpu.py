@@ -62,7 +62,7 @@ def test_qlora_training_on_cuda(tmp_path, tiny_dir, fast_path):
     run = setup_run("smoke", f"gpu-{fast_path}", [
         "train.max_steps=8", "train.learning_rate=5e-3", "train.wandb=disabled", "train.eval_samples=16",
         f"train.fast_path={fast_path}", "train.packed_tokens=2048"], str(tmp_path))
-    assert run.runtime["optimizer"] == "paged_adamw_32bit"
+    assert run.runtime.optimizer == "paged_adamw_32bit"
     summary = train_adapter(run, prepare_run_data(run))["summary"]
     assert summary["heldout_loss_tuned"] < summary["heldout_loss_base"]
     assert summary["peak_gpu_memory_gib"] > 0

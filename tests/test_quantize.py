@@ -24,9 +24,9 @@ def test_nf4_beats_fp4_on_every_layer(tiny_pair):
     for row in errors:
         assert row["nf4"] < row["fp4"], row
         assert row["nf4_loaded"] == pytest.approx(row["nf4"], rel=1e-6)  # what from_pretrained stored
-        assert 0.05 < row["nf4"] < 0.15  # 4-bit on Gaussian-ish weights: ~9% relative error
-    summary = summarize_errors(errors)
-    assert summary["nf4_mean"] < summary["fp4_mean"]
+    # recorded on the smoke model (random normal weights): ~9% relative error for NF4, ~12% for FP4
+    assert summarize_errors(errors) == pytest.approx({"nf4_mean": 0.092089, "nf4_max": 0.093221,
+                                                      "fp4_mean": 0.121550, "fp4_max": 0.123322}, rel=1e-3)
 
 
 def test_footprint_counts_packed_weights_and_scales(tiny_pair):
@@ -34,7 +34,8 @@ def test_footprint_counts_packed_weights_and_scales(tiny_pair):
     fp = memory_footprint(full, quant)
     linear_params = fp["linear_weight_bytes"]["fp16_reference"] // 2
     # 4 bits per weight plus double-quantized block scales, and the small codebooks
-    assert linear_params * 0.5 < fp["linear_weight_bytes"]["4bit"] < linear_params * 0.8
+    # recorded: 4 bits + the double-quantized scales, and the codebooks, which weigh on matrices this small
+    assert fp["linear_bits_per_param"] == pytest.approx(5.783854, rel=1e-6)
     assert fp["linear_weight_bytes"]["full"] == linear_params * 4  # fp32 on CPU
 
 

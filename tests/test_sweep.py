@@ -124,7 +124,12 @@ def test_failed_runs_are_recorded_the_sweep_goes_on_and_a_rerun_retries(tmp_path
 
 
 def _wandb_records(path):
-    """The records of an offline W&B run file (W&B's leveldb-style log of protobuf records)."""
+    """The records of an offline W&B run file (W&B's leveldb-style log of protobuf records).
+
+    By hand because wandb 0.31 offers no reader: its Python `sdk.internal.datastore` is gone (the log
+    is written by the Go wandb-core), `wandb.Api()` reads only synced runs, and an offline run folder
+    holds no config.yaml. `wandb.beta.LocalApi` (wandb/wandb pull request #12745, open) would replace
+    this. The records themselves are parsed with wandb's own protobuf classes."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     data, pos, chunk, block = path.read_bytes(), 7, b"", 32768
@@ -205,7 +210,11 @@ def test_a_real_sweep_compares_its_runs(smoke_sweep):
                                                                                   "cuda_max_allocated"}
     assert table["trainable_params"][1] == 2 * table["trainable_params"][0]  # rank 8 has twice rank 4's
     assert table["final_train_loss"].notna().all() and (table["heldout_examples"] == 8).all()
-    assert (table["heldout_loss"] < table["heldout_loss_base"] + 1).all() and table["ROUGE-L F1"].notna().all()
+    # recorded on the smoke profile (CPU, fp32 compute); update deliberately when training changes
+    assert list(table["heldout_loss_base"]) == pytest.approx([10.851527, 10.851527], abs=1e-3)
+    assert list(table["heldout_loss"]) == pytest.approx([10.849117, 10.849236], abs=1e-3)
+    assert (table["heldout_loss"] < table["heldout_loss_base"]).all()  # 4 steps lower it, a little
+    assert list(table["ROUGE-L F1"]) == [0.0, 0.0]  # random weights write no reference word
     assert "GSM8K exact match" not in table and "IFEval prompt-level" not in table  # 0 samples: not a score
     for r in plan.runs:  # the table's numbers are the runs' own reports
         report = json.loads((plan.runs_dir / r.tag / "eval.json").read_text())

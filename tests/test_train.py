@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ from safetensors.torch import load_file
 from qlora_helpers.config import load_config
 from qlora_helpers.data import prepare_run_data
 from qlora_helpers.errors import QLoraError
-from qlora_helpers.runs import setup_run
+from qlora_helpers.runs import RunFolder, Runtime, setup_run
 from qlora_helpers.train import (COMPLETE_MARKER, NonFiniteLoss, last_complete_checkpoint, load_trainable_model,
                                  save_adapter, train_adapter, training_arguments)
 
@@ -32,16 +31,17 @@ def _train_cmd(outputs: Path, run_name: str, *overrides: str) -> list[str]:
 
 def test_trainer_config_mapping():
     cfg = load_config("qlora-paper", ["quant.compute_dtype=float32"])
-    runtime = {"device": "cpu", "compute_dtype": "float32", "optimizer": "adamw_torch"}
-    args = training_arguments(cfg, Path("/tmp/run-x"), runtime, report_to=[])
+    runtime = Runtime(device="cpu", compute_dtype="float32", optimizer="adamw_torch", load_in_4bit=True)
+    folder = RunFolder(Path("/tmp/run-x"))
+    args = training_arguments(cfg, folder, runtime, report_to=[])
     assert args.learning_rate == 2e-4 and args.lr_scheduler_type == "constant"
     assert args.max_grad_norm == 0.3 and args.warmup_steps == 30  # 3% of 1,000 steps
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (4, 4)
     assert args.train_sampling_strategy == "group_by_length"
     assert args.save_steps == cfg.train.save_steps and args.save_total_limit == cfg.train.save_total_limit
-    assert args.seed == cfg.train.seed and args.output_dir == "/tmp/run-x/checkpoints"
+    assert args.seed == cfg.train.seed and args.output_dir == str(folder.checkpoints_dir)
     assert not args.bf16 and not args.fp16 and args.logging_nan_inf_filter is False
-    packed = training_arguments(load_config("qlora-paper", ["data.packing=true"]), Path("/tmp/y"), runtime, [])
+    packed = training_arguments(load_config("qlora-paper", ["data.packing=true"]), RunFolder(Path("/tmp/y")), runtime, [])
     assert packed.train_sampling_strategy == "random"  # rows are already packed
 
 
@@ -140,15 +140,50 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_good_checkpoints(tmp_path
         assert all(torch.isfinite(w).all() for w in weights.values()), ckpt
 
 
-def _wait_for(predicate, proc, timeout=180):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(0.02)
-    return False
+# A training child that stops itself right after a checkpoint is complete: it prints the step and
+# then waits for the signal the test sends, so what the test kills or interrupts is a known state
+# (no poll racing the trainer). The freeze is a TrainerCallback passed through train_adapter's
+# extra_callbacks, after the callback that marks checkpoints complete.
+FREEZE_AT_CHECKPOINT = """
+import signal, sys
+from transformers import TrainerCallback
+from qlora_helpers.runs import setup_run, stage
+from qlora_helpers.data import load_prepared
+from qlora_helpers.train import train_adapter
+
+outputs, name, at, *overrides = sys.argv[1:]
+
+class FreezeAfterSave(TrainerCallback):
+    frozen = False
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == int(at) and not self.frozen:  # once: Ctrl-C's own save calls on_save too
+            FreezeAfterSave.frozen = True
+            print(f"checkpoint {state.global_step} complete", flush=True)
+            signal.pause()  # until the test's signal
+
+run = setup_run("smoke", name, overrides, outputs)
+stage("03").run(run)
+train_adapter(run, load_prepared(run), extra_callbacks=[FreezeAfterSave()])
+"""
+
+
+def _frozen_at_checkpoint(outputs: Path, run_name: str, step: int, *overrides: str) -> subprocess.Popen:
+    """Start training (the smoke profile) in a child that freezes after checkpoint `step`; return once
+    it has said so on its stdout."""
+    proc = subprocess.Popen([sys.executable, "-c", FREEZE_AT_CHECKPOINT, str(outputs), run_name, str(step),
+                             *QUIET, *overrides],
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            # the default SIGINT disposition, as a terminal's Ctrl-C finds it (a suite started
+                            # in the background by a non-interactive shell inherits SIGINT ignored)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    for line in proc.stdout:  # blocks until the child writes: no timing involved
+        if line.strip() == f"checkpoint {step} complete":
+            return proc
+    proc.wait()
+    pytest.fail(f"training ended (exit {proc.returncode}) without reaching checkpoint {step}: "
+                f"{proc.stderr.read()[-2000:]}")
 
 
 def test_resume_after_sigkill_gives_the_same_adapter(tmp_path, tiny_dir):
@@ -157,38 +192,27 @@ def test_resume_after_sigkill_gives_the_same_adapter(tmp_path, tiny_dir):
     straight = subprocess.run(_train_cmd(tmp_path / "a", "run", *steps), env=env, capture_output=True, text=True)
     assert straight.returncode == 0, straight.stderr[-2000:]
 
-    ckpts = tmp_path / "b" / "run" / "checkpoints"
-    proc = subprocess.Popen(_train_cmd(tmp_path / "b", "run", *steps), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    killed = _wait_for(lambda: (ckpts / "checkpoint-15" / COMPLETE_MARKER).is_file(), proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert killed, "training finished before it could be killed"
-    assert not (tmp_path / "b" / "run" / "adapter").exists()
+    proc = _frozen_at_checkpoint(tmp_path / "b", "run", 15, *steps)
+    proc.send_signal(signal.SIGKILL)  # no chance to clean up
+    proc.communicate()
+    folder = RunFolder(tmp_path / "b" / "run")
+    assert last_complete_checkpoint(folder.checkpoints_dir).name == "checkpoint-15"
+    assert not folder.adapter_dir.exists()
 
     resumed = subprocess.run(_train_cmd(tmp_path / "b", "run", *steps), env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    summary = json.loads((tmp_path / "b" / "run" / "train_log.json").read_text())["summary"]
-    assert summary["resumed_from"] and summary["steps"] == 60
+    summary = json.loads(folder.train_log.read_text())["summary"]
+    assert summary["resumed_from"].endswith("checkpoint-15") and summary["steps"] == 60
     a = load_file(tmp_path / "a" / "run" / "adapter" / "adapter_model.safetensors")
-    b = load_file(tmp_path / "b" / "run" / "adapter" / "adapter_model.safetensors")
+    b = load_file(folder.adapter_dir / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
 
 
 def test_interrupt_saves_a_checkpoint(tmp_path, tiny_dir):
-    ckpts = tmp_path / "run" / "checkpoints"
-    # A test suite started in the background by a non-interactive shell (nohup, `&`, some CI runners)
-    # inherits SIGINT ignored, and Python then never turns it into KeyboardInterrupt: give the child
-    # the default disposition, as a terminal's Ctrl-C would find it.
-    proc = subprocess.Popen(_train_cmd(tmp_path, "run", "train.max_steps=400", "train.save_steps=5"),
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    assert _wait_for(lambda: (ckpts / "checkpoint-5" / COMPLETE_MARKER).is_file(), proc)
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
+    proc = _frozen_at_checkpoint(tmp_path, "run", 5, "train.max_steps=400", "train.save_steps=5")
+    proc.send_signal(signal.SIGINT)  # Ctrl-C, at a known point: just after checkpoint 5
     try:  # a generous limit: on a loaded 2-core machine the checkpoint save after Ctrl-C is slow
         out, err = proc.communicate(timeout=600)
     except subprocess.TimeoutExpired:
@@ -196,9 +220,8 @@ def test_interrupt_saves_a_checkpoint(tmp_path, tiny_dir):
         out, err = proc.communicate()
         pytest.fail(f"training did not stop within 600 s of SIGINT; its stderr ends: {err[-2000:]}")
     assert proc.returncode == 1
-    assert "Training interrupted at step" in err and "train.resume=auto" in err
-    step = int(err.split("Training interrupted at step ")[1].split(";")[0])
-    assert (ckpts / f"checkpoint-{step}" / COMPLETE_MARKER).is_file()
+    assert "Training interrupted at step 5; a checkpoint was saved. Run again with train.resume=auto" in err
+    assert last_complete_checkpoint(RunFolder(tmp_path / "run").checkpoints_dir).name == "checkpoint-5"
 
 
 def test_fsdp_needs_the_weights_stored_in_the_compute_dtype(monkeypatch):

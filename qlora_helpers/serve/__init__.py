@@ -24,8 +24,8 @@ from .process import ServerProcess, serve_run, start_server
 from .run import api_key_from_env, context_length, model_name, open_run_folder
 from .widgets import chat_box, prompt_for, stream_text
 
-__all__ = ["export_and_check", "export_gguf", "gate_table", "gguf_available", "run_export_gate", "BatchEngine", "Job", "QueueFull", "ServerProcess", "api_key_from_env", "bench_prompts", "chat_box",
-           "choose_form", "compare_forms", "context_length", "export_commands", "generate_jobs", "load_merged",
+__all__ = ["BatchEngine", "Job", "QueueFull", "ServerProcess", "api_key_from_env", "bench_prompts", "chat_box",
+           "choose_form", "export_and_check", "export_gguf", "gate_table", "gguf_available", "run_export_gate", "compare_forms", "context_length", "export_commands", "generate_jobs", "load_merged",
            "load_serving_model", "load_test", "machine_name", "measure_generation", "merge_adapter",
            "merge_and_export", "model_name", "open_run_folder", "plain_request", "probe_logits", "prompt_for",
            "save_serve_results", "serve_run", "smoke_test", "start_server", "stream_request", "stream_text"]

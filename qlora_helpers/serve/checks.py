@@ -1,20 +1,30 @@
 """Client-side checks: latency in process, and the real server as a client sees it (smoke checks,
-a load test, with the official `openai` client). They return results; the caller decides."""
+a load test, with the official `openai` client). They return results; the caller decides.
+
+Imports: torch, openai and httpx are imported inside the functions that use them (heavy; a server-side
+process that imports this package never needs the clients)."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
+import platform
 import statistics
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
+from ..evaluate import load_tuned_model
+from ..generation import render_prompt
+from ..models import load_tokenizer
 from ..paths import write_json_atomic
 from ..runs import Run
 from .engine import Job, generate_jobs
 from .export import load_merged
+from .gguf import gguf_available, gguf_path
 from .process import ServerProcess
 
 def measure_generation(model, tokenizer, prompts: list[str], new_tokens: int, batch_size: int,
@@ -52,8 +62,6 @@ def measure_generation(model, tokenizer, prompts: list[str], new_tokens: int, ba
 
 def bench_prompts(tokenizer, template: str, n: int = 8) -> list[str]:
     """Alpaca-style prompts of realistic length (the rendered template around short instructions)."""
-    from ..generation import render_prompt
-
     topics = ["the water cycle", "a healthy breakfast", "how vaccines work", "the French revolution",
               "binary search", "photosynthesis", "saving money", "the rules of chess"]
     style = "chat" if template == "chat" else "alpaca"
@@ -65,12 +73,6 @@ def compare_forms(run: Run, forms: tuple[str, ...] | None = None) -> dict[str, A
     serve.gguf through llama.cpp, measured one after another in this process: TTFT and tokens/s at
     batch 1 and batched, and each form's speed as a multiple of merged's. Writes `latency.json`
     (the `forms` part)."""
-    import gc
-
-    from ..evaluate import load_tuned_model
-    from ..models import load_tokenizer
-    from .gguf import gguf_available, gguf_path
-
     serve_cfg = run.cfg.serve
     if forms is None:
         ggufs = tuple(f"gguf-{t}" for t in serve_cfg.gguf) if gguf_available() and run.device == "cpu" else ()
@@ -98,14 +100,12 @@ def compare_forms(run: Run, forms: tuple[str, ...] | None = None) -> dict[str, A
         r["x_merged"] = round(r["tokens_per_s"] / merged[r["batch"]], 2) if merged.get(r["batch"]) else None
     report = {"device": run.device, "compute_dtype": str(run.compute_dtype), "forms": rows,
               "machine": machine_name(run.device)}
-    _update_json(run.path / "latency.json", report)
+    _update_json(run.latency_report, report)
     return report
 
 
 def machine_name(device: str) -> str:
     """The card's name, or the CPU and its core count: every timing names its machine."""
-    import platform
-
     if device.startswith("cuda"):
         import torch
 
@@ -175,8 +175,6 @@ def load_test(server: ServerProcess, model: str, n: int, max_tokens: int, chat: 
     """First each prompt alone (streaming: the single-request reference text and latency), then all
     `n` at once from `n` threads, half streaming. Every concurrent answer must equal its prompt's
     reference (greedy decoding), finish, and count its tokens correctly."""
-    from concurrent.futures import ThreadPoolExecutor
-
     prompts = load_prompts(n)
     client = _client(server, max_retries=0, timeout=600)
     single = [stream_request(client, model, p, max_tokens, chat) for p in prompts]
@@ -285,7 +283,7 @@ def save_serve_results(run: Run, server: ServerProcess, checks: list[dict[str, A
     """`serve_smoke.json` (every check) and the server part of `latency.json` (single and loaded)."""
     smoke = {"url": server.url, "form": server.health()["form"], "checks": checks,
              "passed": sum(c["ok"] for c in checks), "total": len(checks)}
-    write_json_atomic(run.path / "serve_smoke.json", smoke)
-    _update_json(run.path / "latency.json", {"server": {k: v for k, v in load.items() if k != "per_request"}})
-    write_json_atomic(run.path / "serve_load.json", load)
+    write_json_atomic(run.serve_smoke_report, smoke)
+    _update_json(run.latency_report, {"server": {k: v for k, v in load.items() if k != "per_request"}})
+    write_json_atomic(run.serve_load_report, load)  # last: marks stage 06 done (runs.STAGES)
     return smoke

@@ -90,7 +90,7 @@ def merge_and_export(run: Run) -> dict[str, Any]:
         raise QLoraError(f"The merged model does not compute what base + adapter computes: logits "
                          f"differ by {in_memory['max_relative']:.2e} of their scale (bound "
                          f"{MERGE_TOLERANCE:g}). Serve with serve.form=adapter and report this.")
-    folder = run.path / "merged"
+    folder = run.merged_dir
     export_dtype = getattr(torch, run.cfg.serve.export_dtype)
     merged.to(export_dtype)
     with atomic_dir(folder) as tmp:
@@ -108,8 +108,8 @@ def merge_and_export(run: Run) -> dict[str, Any]:
               "merged_vs_adapter_logits": in_memory, "exported_vs_adapter_logits": exported,
               "files": files, "merged_mib": round(sum(files.values()) / 2**20, 1),
               "seconds": round(time.perf_counter() - start, 1)}
-    write_json_atomic(run.path / "merge.json", report)
-    write_text_atomic(run.path / "serve_commands.md", export_commands(run))
+    write_json_atomic(run.merge_report, report)
+    write_text_atomic(run.serve_commands_file, export_commands(run))
     return report
 
 
@@ -117,8 +117,8 @@ def load_merged(run: Run):
     """The exported 16-bit model, loaded in the compute dtype on the run's device."""
     from transformers import AutoModelForCausalLM
 
-    folder = run.path / "merged"
-    if not (folder / "config.json").is_file():
+    folder = run.merged_dir
+    if not run.has_merged:
         raise QLoraError(f"No merged model in {folder}: run merge_and_export (06_serve) first.")
     model = AutoModelForCausalLM.from_pretrained(
         str(folder), dtype=run.compute_dtype, device_map={"": run.device},
@@ -137,7 +137,7 @@ def base_location(run: Run) -> str:
 def export_commands(run: Run) -> str:
     """Markdown with the exact vLLM and TGI commands for the merged folder and the adapter folder."""
     name, ctx = model_name(run), context_length(run)
-    merged, adapter = run.path / "merged", run.path / "adapter"
+    merged, adapter = run.merged_dir, run.adapter_dir
     rank = max(8, run.cfg.lora.r)
     return f"""# Serving run {run.name} at scale
 
@@ -224,7 +224,7 @@ def load_serving_model(run: Run, form: str):
         from .llamacpp import load_gguf_serving
 
         return load_gguf_serving(run), load_tokenizer(run.cfg.model)
-    if not (run.path / "merged" / "config.json").is_file():
+    if not run.has_merged:
         merge_and_export(run)
     return load_merged(run), load_tokenizer(run.cfg.model)
 

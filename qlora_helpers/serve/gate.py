@@ -26,7 +26,7 @@ from typing import Any
 
 from ..paths import write_json_atomic
 from ..runs import Run
-from .gguf import EXPORT_JSON, INSTALL_HINT, export_gguf, gguf_available, gguf_path, llama_cpp_version
+from .gguf import INSTALL_HINT, export_gguf, gguf_available, gguf_path, llama_cpp_version
 
 PROBE_INSTRUCTIONS = ["Give three tips for staying healthy.", "What is the capital of France?",
                       "Write a haiku about the sea.", "Explain what a binary search does."]
@@ -196,7 +196,7 @@ def run_export_gate(run: Run, gguf_types: list[str] | tuple[str, ...] = (), new_
               "failed": [f["form"] for f in forms if not f["passed"]] + [f"tokenization-{t}" for t, v in
                                                                       tokenization.items() if not v["equal"]],
               "seconds": round(time.perf_counter() - start, 1), **(extra or {})}
-    write_json_atomic(run.path / EXPORT_JSON, report)
+    write_json_atomic(run.export_report, report)
     return report
 
 

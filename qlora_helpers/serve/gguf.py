@@ -36,12 +36,6 @@ from ..errors import QLoraError
 from ..paths import write_text_atomic
 from ..runs import Run
 
-# Run-folder names this module writes (one place, for runs.py to take over).
-GGUF_DIR = "gguf"                 # outputs/<run>/gguf/
-GGUF_FILE = "model-{type}.gguf"   # outputs/<run>/gguf/model-q8_0.gguf ...
-MODELFILE = "Modelfile"           # outputs/<run>/gguf/Modelfile (Ollama), FROM the served GGUF
-EXPORT_JSON = "export.json"       # outputs/<run>/export.json: the export gate (serve/gate.py)
-
 GGUF_TYPES = ("f16", "q8_0", "q4_k_m")
 CONVERTER_TYPES = ("f16",)  # written by convert_hf_to_gguf.py itself; the others are quantized from f16
 DISTRIBUTION = "llama-cpp-python"
@@ -86,7 +80,7 @@ def cpu_threads() -> int:
 
 def gguf_path(run: Run, gguf_type: str) -> Path:
     check_type(gguf_type)
-    return run.path / GGUF_DIR / GGUF_FILE.format(type=gguf_type)
+    return run.gguf_file(gguf_type)
 
 
 def check_type(gguf_type: str) -> str:
@@ -190,10 +184,10 @@ def export_gguf(run: Run, types: list[str] | tuple[str, ...], served: str | None
     if not types:
         raise QLoraError("No GGUF type asked; pick from " + ", ".join(GGUF_TYPES) + ".")
     require_llama_cpp()
-    merged = run.path / "merged"
-    if not (merged / "config.json").is_file():
+    merged = run.merged_dir
+    if not run.has_merged:
         merge_and_export(run)
-    folder = run.path / GGUF_DIR
+    folder = run.gguf_dir
     folder.mkdir(parents=True, exist_ok=True)
     files: dict[str, Any] = {}
     f16 = gguf_path(run, "f16")
@@ -219,8 +213,8 @@ def export_gguf(run: Run, types: list[str] | tuple[str, ...], served: str | None
         files[gguf_type] = {"path": str(final), "mib": round(final.stat().st_size / 2**20, 1), "how": how,
                             "seconds": round(time.perf_counter() - start, 1)}
     served = served or types[0]
-    write_text_atomic(folder / MODELFILE, modelfile(run, served))
-    return {"gguf": files, "modelfile": str(folder / MODELFILE), "served": served,
+    write_text_atomic(run.modelfile, modelfile(run, served))
+    return {"gguf": files, "modelfile": str(run.modelfile), "served": served,
             "llama_cpp_python": llama_cpp_version()}
 
 
@@ -265,7 +259,7 @@ def modelfile(run: Run, served: str) -> str:
              f"`ollama run {model_name(run)}`.",
              f"# Run {run.name}: the merged adapter as GGUF ({served}), prompt template "
              f"'{run.cfg.data.template}' as in training.",
-             f"FROM ./{GGUF_FILE.format(type=served)}",
+             f"FROM ./{run.gguf_file(served).name}",
              f'TEMPLATE """{template}"""']
     lines += [f'PARAMETER stop "{s}"' for s in stop_tokens(tokenizer)]
     lines.append(f"PARAMETER num_ctx {context_length(run)}")

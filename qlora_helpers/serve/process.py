@@ -71,7 +71,7 @@ class ServerProcess:
 
     def __init__(self, run: Run, overrides: list[str] | tuple[str, ...] = (), port: int | None = None,
                  api_key: str | None = None):
-        saved = read_json(run.path / "config.json").get("serve", {})
+        saved = read_json(run.config_file).get("serve", {})
         changed = [f"serve.{k}={json.dumps(v)}" for k, v in dataclasses.asdict(run.cfg.serve).items()
                    if saved.get(k) != v and k != "port"]  # what open_run_folder changed travels along
         self.run, self.overrides = run, changed + list(overrides)
@@ -79,7 +79,7 @@ class ServerProcess:
         self.port = port or (run.cfg.serve.port if port_is_free(host, run.cfg.serve.port) else free_port(host))
         self.url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{self.port}"
         self.api_key = api_key or (api_key_from_env(run) if run.cfg.serve.api_key_env else None)
-        self.log_path = run.path / "serve" / f"server-{self.port}.log"
+        self.log_path = run.server_logs_dir / f"server-{self.port}.log"
         self.proc: subprocess.Popen | None = None
 
     @property

@@ -5,22 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..config import apply_overrides, config_from_dict
 from ..errors import QLoraError
-from ..paths import read_json
-from ..runs import Run
-
-
-def open_run_folder(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Run:
-    """A run from its folder (`outputs/<run>`), as 01 set it up; overrides may change `serve.*` only."""
-    path = Path(path).expanduser().resolve()
-    data = read_json(path / "config.json")
-    bad = [o for o in overrides if not o.strip().startswith("serve.")]
-    if bad:
-        raise QLoraError(f"Only serve.* settings can change when serving a finished run; got {bad[0]!r}. "
-                         f"Other settings belong to the run (set them in 01 and retrain).")
-    cfg = config_from_dict(apply_overrides(data, overrides))
-    return Run(path.name, path, cfg, read_json(path / "env.json"))
+from ..runs import Run, open_run_folder  # noqa: F401 -- re-exported: serve's way to open a run is runs'
 
 
 def model_name(run: Run) -> str:
@@ -38,10 +24,7 @@ def context_length(run: Run, model=None) -> int:
 
 
 def adapter_dir(run: Run) -> Path:
-    adapter = run.path / "adapter"
-    if not (adapter / "adapter_config.json").is_file():
-        raise QLoraError(f"No adapter in {adapter}. Run notebooks/04_train.ipynb for run {run.name!r} first.")
-    return adapter
+    return run.require_adapter()
 
 
 

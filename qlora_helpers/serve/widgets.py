@@ -1,16 +1,18 @@
-"""In the notebook: a prompt in the run's template, greedy text streamed as it comes, a chat box."""
+"""In the notebook: a prompt in the run's template, greedy text streamed as it comes, a chat box.
+
+Imports: transformers and ipywidgets are imported where used (heavy, and ipywidgets only in Jupyter)."""
 
 from __future__ import annotations
 
+import html
 import threading
 from typing import Iterator
 
+from ..generation import render_prompt
 from ..runs import Run
 
 def prompt_for(run: Run, tokenizer, instruction: str) -> str:
     """An instruction in the run's template (what the adapter was trained on)."""
-    from ..generation import render_prompt
-
     return render_prompt(tokenizer, instruction, "chat" if run.cfg.data.template == "chat" else "alpaca")
 
 
@@ -32,8 +34,6 @@ def stream_text(model, tokenizer, prompt: str, max_new_tokens: int) -> Iterator[
 
 def chat_box(run: Run, model, tokenizer, max_new_tokens: int = 128):
     """An ipywidgets chat: type, press Enter or Send, watch the answer stream in."""
-    import html
-
     import ipywidgets as widgets
 
     log = widgets.HTML(value="<i>Ask something.</i>")

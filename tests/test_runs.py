@@ -1,0 +1,108 @@
+"""runs.py: the run folder's layout, the stage table and the typed runtime; this file checks the layout
+itself, so it is the one test module that spells run-folder file names."""
+
+import ast
+import importlib
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from qlora_helpers.errors import QLoraError
+from qlora_helpers.paths import PROJECT_ROOT
+from qlora_helpers.runs import STAGES, MissingArtifact, RunFolder, Runtime, open_run_folder, stage
+
+# Every file a stage writes into a run folder (found inside any string literal of the code), and the
+# folders (found as whole string literals).
+LAYOUT_FILES = ("config.json", "env.json", "sweep_run.json", "quantization.json", "data_report.json",
+                "train_log.json", "eval.json", "merge.json", "latency.json", "serve_smoke.json",
+                "serve_load.json", "serve_commands.md", "generations.html", "generations.md",
+                "quantization_footprint.png", "training_curves.png", "eval_metrics.png", "latency.png")
+LAYOUT_FOLDERS = ("adapter", "merged", "checkpoints", "data", "notebooks", "lm_eval_tasks")
+# Where the same words mean something else: a transformers model folder's config.json (models.py),
+# and of the merged export (serve_commands.md's text, export.py, gguf.py's freshness check), serve.form's
+# values "adapter"/"merged" (config, serve, plots, the export gate's form names, notebook 06), the OpenAI
+# list's and nbformat's "data" keys, tarfile's "data" extraction filter (gguf.py).
+ELSEWHERE = {("models.py", "config.json"), ("export.py", "config.json"), ("config.py", "adapter"),
+             ("config.py", "merged"), ("checks.py", "adapter"), ("checks.py", "merged"),
+             ("export.py", "adapter"), ("export.py", "merged"), ("plots.py", "adapter"),
+             ("06_serve.ipynb", "merged"), ("api.py", "data"), ("docs.py", "data"),
+             ("gguf.py", "config.json"), ("gguf.py", "data"), ("gate.py", "adapter"), ("gate.py", "merged")}
+
+
+def _code_strings(source: str) -> list[tuple[int, str]]:
+    """(line, text) of every string literal in Python source that is not a docstring."""
+    tree = ast.parse(source)
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                  and node.body and isinstance(node.body[0], ast.Expr)
+                  and isinstance(node.body[0].value, ast.Constant)}
+    return [(n.lineno, n.value) for n in ast.walk(tree)
+            if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docstrings]
+
+
+def test_no_module_or_notebook_but_runs_spells_a_run_folder_name():
+    sources = [(p, p.read_text(encoding="utf-8")) for p in (PROJECT_ROOT / "qlora_helpers").rglob("*.py")
+               if p.name != "runs.py"]
+    for nb in (PROJECT_ROOT / "notebooks").glob("*.ipynb"):
+        cells = json.loads(nb.read_text(encoding="utf-8"))["cells"]
+        sources += [(nb, "".join(c["source"])) for c in cells if c["cell_type"] == "code"]
+    found = []
+    for path, source in sources:
+        for line, text in _code_strings(source):
+            hits = ([n for n in LAYOUT_FILES if re.search(rf"(?<![\w-]){re.escape(n)}", text)]
+                    + [n for n in LAYOUT_FOLDERS if n == text])
+            found += [f"{path.relative_to(PROJECT_ROOT)}:{line}: {text!r}" for n in hits
+                      if (path.name, n) not in ELSEWHERE]
+    assert not found, "run-folder names belong in runs.py (a Run property):\n" + "\n".join(found)
+
+
+def test_the_stage_table_matches_the_notebooks_and_the_layout():
+    assert [s.number for s in STAGES] == ["01", "02", "03", "04", "05", "06"]
+    assert sorted(p.name for p in (PROJECT_ROOT / "notebooks").glob("*.ipynb")) == [s.notebook for s in STAGES]
+    folder = RunFolder(Path("/runs/x"))
+    for s in STAGES:
+        for artifact in (*s.reads, *s.writes):
+            assert isinstance(getattr(folder, artifact), Path), (s.number, artifact)
+        assert getattr(folder, s.report).suffix == ".json", s.number  # the report a stage writes last
+        if s.entry:
+            module, function = s.entry.split(":")
+            assert callable(getattr(importlib.import_module(module), function)), s.entry
+    assert STAGES[0].entry is None  # 01 is setup_run: it makes the Run the others take
+    assert [s.report for s in STAGES] == ["env_file", "quantization_report", "data_report", "train_log",
+                                          "eval_report", "serve_load_report"]
+    assert folder.data_report == Path("/runs/x/data/data_report.json")
+    assert folder.split_dir("eval") == Path("/runs/x/data/eval")
+
+
+def test_stage_lookup_and_errors(tmp_path):
+    assert stage(4) is stage("04") is stage("4") is STAGES[3]
+    with pytest.raises(QLoraError, match=r"^Unknown stage '09'; stages: 01, 02, 03, 04, 05, 06\.$"):
+        stage("09")
+    folder = RunFolder(tmp_path)
+    assert not stage("05").done(folder)
+    folder.eval_report.write_text("{}")
+    assert stage("05").done(folder)
+    with pytest.raises(MissingArtifact, match=re.escape(f"{tmp_path / 'adapter'} is missing. Run 04_train.ipynb")):
+        folder.require("adapter_dir")
+    with pytest.raises(MissingArtifact, match="Run notebooks/04_train.ipynb for run"):
+        folder.require_adapter()
+    with pytest.raises(QLoraError, match="Unknown split 'test'"):
+        folder.split_dir("test")
+
+
+def test_runtime_is_typed_and_round_trips():
+    saved = {"device": "cpu", "compute_dtype": "float32", "optimizer": "adamw_torch", "load_in_4bit": True,
+             "notes": ["CPU: fp32 compute (bf16 4-bit matmuls are ~10x slower on CPU)."]}
+    runtime = Runtime.from_dict(saved)
+    assert runtime.device == "cpu" and runtime.optimizer == "adamw_torch" and runtime.notes == tuple(saved["notes"])
+    assert runtime.to_dict() == saved
+    assert str(runtime.torch_dtype) == "torch.float32"
+
+
+def test_a_folder_without_setup_is_named(tmp_path):
+    with pytest.raises(QLoraError, match=re.escape(f"({tmp_path / 'config.json'} is missing)")):
+        open_run_folder(tmp_path)
+    with pytest.raises(QLoraError, match="Only serve.. settings"):
+        open_run_folder(tmp_path, ["train.learning_rate=1"])
