@@ -1,0 +1,161 @@
+"""The static-slot decoder (qlora_helpers/serve/static.py) computes what the dynamic path computes:
+rows of different prompt lengths join and leave mid-generation, in fixed slots with per-row write
+columns, eager on the CPU (tiny random LLaMA). tests/test_gpu.py checks the compiled step on CUDA."""
+
+import pytest
+import torch
+
+from qlora_helpers.serve.engine import Batch, BatchEngine, Job, generate_jobs
+from qlora_helpers.serve.sampling import SamplingParams
+from qlora_helpers.serve.static import StaticBatch, StaticDecoder, batch_buckets
+
+PROMPTS = ["The capital of France is", "Write a long story about a dragon who", "1, 2, 3,", "x",
+           "Once upon a time in a land far away there lived"]
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tiny_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(tiny_dir)
+
+
+def job(tokenizer, prompt, n, **sampling):
+    return Job(tokenizer(prompt)["input_ids"], n, lambda *a: None, SamplingParams(logprobs=1, **sampling),
+               ignore_eos=True)
+
+
+def drive(batch, jobs):
+    """The same schedule on either batch: rows join and leave between steps."""
+    batch.add(jobs[0])
+    batch.step(), batch.step()
+    batch.add(jobs[1])  # a longer prompt joins a running row
+    for _ in range(3):
+        batch.step()
+    batch.add(jobs[2]), batch.add(jobs[3])  # two join together (prefilled together on the static path)
+    for _ in range(4):
+        batch.step()
+    assert jobs[1].finish_reason == "length"  # left while others run on
+    batch.add(jobs[4])
+    while batch.jobs or getattr(batch, "joining", []):
+        batch.step()
+
+
+def test_batch_buckets():
+    assert batch_buckets(1) == (1,) and batch_buckets(8) == (1, 2, 4, 8) and batch_buckets(6) == (1, 2, 4, 6)
+
+
+def test_static_slots_match_the_dynamic_path_as_rows_join_and_leave(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    limits = [24, 5, 14, 9, 7]
+    dynamic = [job(tokenizer, p, n) for p, n in zip(PROMPTS, limits)]
+    drive(Batch(model, tokenizer), dynamic)
+    decoder = StaticDecoder(model, slots=4, max_len=48)
+    assert not decoder.compiled  # the CPU: eager
+    static = [job(tokenizer, p, n) for p, n in zip(PROMPTS, limits)]
+    batch = StaticBatch(model, tokenizer, decoder)
+    drive(batch, static)
+    for d, s in zip(dynamic, static):
+        assert s.finish_reason == d.finish_reason == "length"
+        assert s.tokens == d.tokens and len(s.tokens) == len(s.logprobs)
+        assert [e["logprob"] for e in s.logprobs] == pytest.approx([e["logprob"] for e in d.logprobs], abs=1e-4)
+    assert batch.jobs == [] and batch.joining == []
+
+
+def test_static_rows_match_their_solo_runs_with_sampling_and_prompt_logprobs(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    settings = [dict(), dict(temperature=0.8, top_p=0.9, seed=3), dict(repetition_penalty=1.3),
+                dict(prompt_logprobs=True)]
+    dynamic = [job(tokenizer, p, 6, **s) for p, s in zip(PROMPTS, settings)]
+    for one in dynamic:
+        generate_jobs(model, tokenizer, [one])
+    decoder = StaticDecoder(model, slots=4, max_len=32)
+    static = [job(tokenizer, p, 6, **s) for p, s in zip(PROMPTS, settings)]
+    generate_jobs(model, tokenizer, static, decoder)  # all four share the slots
+    for d, s in zip(dynamic, static):
+        assert s.tokens == d.tokens
+    got, want = static[3].prompt_logprobs, dynamic[3].prompt_logprobs
+    assert got[0] is None and len(got) == len(want)
+    assert [e["logprob"] for e in got[1:]] == pytest.approx([e["logprob"] for e in want[1:]], abs=1e-4)
+
+
+def test_static_batch_refuses_what_does_not_fit(model_and_tokenizer):
+    from qlora_helpers.errors import QLoraError
+
+    model, tokenizer = model_and_tokenizer
+    batch = StaticBatch(model, tokenizer, StaticDecoder(model, slots=1, max_len=16))
+    with pytest.raises(QLoraError, match="exceeds the static cache's 16 columns"):
+        batch.add(job(tokenizer, PROMPTS[0], 20))
+    with pytest.raises(QLoraError, match="token ids"):
+        batch.add(Job([model.config.vocab_size + 5], 2, lambda *a: None))
+    batch.add(job(tokenizer, PROMPTS[0], 2))
+    with pytest.raises(QLoraError, match="no free slot"):
+        batch.add(job(tokenizer, PROMPTS[2], 2))
+
+
+def test_the_engine_serves_from_static_slots_and_reports_them(model_and_tokenizer):
+    import threading
+
+    model, tokenizer = model_and_tokenizer
+    decoder = StaticDecoder(model, slots=2, max_len=40)
+    warm = decoder.warm_up()
+    engine = BatchEngine(model, tokenizer, max_batch=2, max_queue=8, decoder=decoder).start()
+    jobs, ended = [], []
+    all_done = threading.Event()
+
+    def emit(kind, payload):
+        if kind in ("done", "error"):
+            ended.append(kind)
+            if len(ended) == 4:
+                all_done.set()
+
+    try:
+        for p, n in zip(PROMPTS, [9, 3, 6, 4]):  # four requests through two slots
+            jobs.append(Job(tokenizer(p)["input_ids"], n, emit, ignore_eos=True))
+            engine.submit(jobs[-1])
+        assert all_done.wait(120)
+        stats = engine.stats()
+    finally:
+        engine.stop()
+    assert ended == ["done"] * 4 and stats["decode"] == "static" and stats["batch_buckets"] == [1, 2]
+    assert warm >= 0 and set(stats["compile_warmup_s_per_bucket"]) == {"1", "2"}
+    for p, n, one in zip(PROMPTS, [9, 3, 6, 4], jobs):
+        alone = job(tokenizer, p, n)
+        generate_jobs(model, tokenizer, [alone])
+        assert one.tokens == alone.tokens
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_compiled_step_on_cuda_matches_the_dynamic_path(tiny_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).cuda().eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    limits = [20, 6, 11, 8]
+
+    def two_at_a_time(batch, jobs):  # rows join and leave; at most two at once
+        batch.add(jobs[0])
+        batch.step(), batch.step()
+        batch.add(jobs[1])
+        while jobs[1].finish_reason is None:
+            batch.step()
+        batch.add(jobs[2])
+        batch.step()
+        while len(batch.jobs) == 2:
+            batch.step()
+        batch.add(jobs[3])
+        while batch.jobs or getattr(batch, "joining", []):
+            batch.step()
+
+    dynamic = [job(tokenizer, p, n) for p, n in zip(PROMPTS, limits)]
+    two_at_a_time(Batch(model, tokenizer), dynamic)
+    decoder = StaticDecoder(model, slots=2, max_len=64)
+    assert decoder.compiled and decoder.buckets == (1, 2)
+    assert decoder.warm_up() > 0 and set(decoder.warmup_s) == {1, 2}
+    static = [job(tokenizer, p, n) for p, n in zip(PROMPTS, limits)]
+    two_at_a_time(StaticBatch(model, tokenizer, decoder), static)
+    for d, s in zip(dynamic, static):
+        assert s.tokens == d.tokens
+        assert [e["logprob"] for e in s.logprobs] == pytest.approx([e["logprob"] for e in d.logprobs], abs=1e-3)
