@@ -1,6 +1,7 @@
 """The static-slot decoder (qlora_helpers/serve/static.py) computes what the dynamic path computes:
 rows of different prompt lengths join and leave mid-generation, in fixed slots with per-row write
-columns, eager on the CPU (tiny random LLaMA). tests/test_gpu.py checks the compiled step on CUDA."""
+columns, eager on the CPU (tiny random LLaMA); on CUDA (marked gpu) the compiled step against the
+dynamic path, and the server compiling every bucket at start."""
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ import torch
 from qlora_helpers.serve.engine import Batch, BatchEngine, Job, generate_jobs
 from qlora_helpers.serve.sampling import SamplingParams
 from qlora_helpers.serve.static import StaticBatch, StaticDecoder, batch_buckets
+from tests.serve_fixtures import API_KEY, export, run  # noqa: F401 - fixtures
 
 PROMPTS = ["The capital of France is", "Write a long story about a dragon who", "1, 2, 3,", "x",
            "Once upon a time in a land far away there lived"]
@@ -21,9 +23,21 @@ def model_and_tokenizer(tiny_dir):
     return model, AutoTokenizer.from_pretrained(tiny_dir)
 
 
-def job(tokenizer, prompt, n, **sampling):
-    return Job(tokenizer(prompt)["input_ids"], n, lambda *a: None, SamplingParams(logprobs=1, **sampling),
+def job(tokenizer, prompt, n, logprobs=1, **sampling):
+    return Job(tokenizer(prompt)["input_ids"], n, lambda *a: None, SamplingParams(logprobs=logprobs, **sampling),
                ignore_eos=True)
+
+
+def jobs_for(tokenizer, limits):
+    """Odd rows report logprobs (chosen per row); even rows are plain greedy (the batched argmax)."""
+    return [job(tokenizer, p, n, logprobs=1 if i % 2 else None) for i, (p, n) in enumerate(zip(PROMPTS, limits))]
+
+
+def assert_same_rows(static, dynamic, abs_logprob):
+    for d, s in zip(dynamic, static):
+        assert s.finish_reason == d.finish_reason == "length"
+        assert s.tokens == d.tokens and len(s.logprobs) == len(d.logprobs)
+        assert [e["logprob"] for e in s.logprobs] == pytest.approx([e["logprob"] for e in d.logprobs], abs=abs_logprob)
 
 
 def drive(batch, jobs):
@@ -49,17 +63,15 @@ def test_batch_buckets():
 def test_static_slots_match_the_dynamic_path_as_rows_join_and_leave(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     limits = [24, 5, 14, 9, 7]
-    dynamic = [job(tokenizer, p, n) for p, n in zip(PROMPTS, limits)]
+    dynamic = jobs_for(tokenizer, limits)
     drive(Batch(model, tokenizer), dynamic)
     decoder = StaticDecoder(model, slots=4, max_len=48)
     assert not decoder.compiled  # the CPU: eager
-    static = [job(tokenizer, p, n) for p, n in zip(PROMPTS, limits)]
+    static = jobs_for(tokenizer, limits)
     batch = StaticBatch(model, tokenizer, decoder)
     drive(batch, static)
-    for d, s in zip(dynamic, static):
-        assert s.finish_reason == d.finish_reason == "length"
-        assert s.tokens == d.tokens and len(s.tokens) == len(s.logprobs)
-        assert [e["logprob"] for e in s.logprobs] == pytest.approx([e["logprob"] for e in d.logprobs], abs=1e-4)
+    assert_same_rows(static, dynamic, 1e-4)
+    assert len(static[1].logprobs) == len(static[1].tokens) == 5 and static[0].logprobs == []
     assert batch.jobs == [] and batch.joining == []
 
 
@@ -149,13 +161,31 @@ def test_the_compiled_step_on_cuda_matches_the_dynamic_path(tiny_dir):
         while batch.jobs or getattr(batch, "joining", []):
             batch.step()
 
-    dynamic = [job(tokenizer, p, n) for p, n in zip(PROMPTS, limits)]
+    dynamic = jobs_for(tokenizer, limits)
     two_at_a_time(Batch(model, tokenizer), dynamic)
     decoder = StaticDecoder(model, slots=2, max_len=64)
     assert decoder.compiled and decoder.buckets == (1, 2)
     assert decoder.warm_up() > 0 and set(decoder.warmup_s) == {1, 2}
-    static = [job(tokenizer, p, n) for p, n in zip(PROMPTS, limits)]
+    static = jobs_for(tokenizer, limits)
     two_at_a_time(StaticBatch(model, tokenizer, decoder), static)
-    for d, s in zip(dynamic, static):
-        assert s.tokens == d.tokens
-        assert [e["logprob"] for e in s.logprobs] == pytest.approx([e["logprob"] for e in d.logprobs], abs=1e-3)
+    assert_same_rows(static, dynamic, 1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_server_compiles_every_bucket_at_start_and_reports_it(run, export):
+    import httpx
+
+    from qlora_helpers.serve import start_server
+
+    server = start_server(run, api_key=API_KEY, overrides=["serve.max_concurrent=2"])
+    try:
+        health = server.health()
+        answer = httpx.post(f"{server.url}/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                            json={"model": health["model"], "prompt": PROMPTS[0], "max_tokens": 7,
+                                  "temperature": 0, "ignore_eos": True}, timeout=120).json()
+    finally:
+        server.stop()
+    assert health["decode"] == "static, compiled" and health["batch_buckets"] == [1, 2]
+    assert health["compile_warmup_s"] > 0 and set(health["compile_warmup_s_per_bucket"]) == {"1", "2"}
+    assert answer["usage"]["completion_tokens"] == 7 and answer["choices"][0]["finish_reason"] == "length"

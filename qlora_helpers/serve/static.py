@@ -44,7 +44,8 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..errors import QLoraError
-from .engine import Batch, Job, finish
+from .engine import Batch, Job, advance, finish
+from .sampling import SamplingParams
 
 log = logging.getLogger("qlora_helpers.serve")
 
@@ -156,8 +157,9 @@ class StaticDecoder:
                       if self.compiled else self._decode)
         self.warmup_s: dict[int, float] = {}
 
-    def _decode(self, b: int) -> torch.Tensor:
-        """The step over slots 0..b-1 (its shapes depend on b only): logits [b, vocab] float32."""
+    def _decode(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step over slots 0..b-1 (its shapes depend on b only): logits [b, vocab] float32 and
+        their argmax [b]."""
         columns = self.columns[:b]
         self.valid[:b].scatter_(1, columns, True)
         blocked = torch.finfo(self.dtype).min
@@ -167,7 +169,8 @@ class StaticDecoder:
                          use_cache=True, **self.cache_kwargs)
         self.columns[:b].add_(1).clamp_(max=self.max_len - 1)  # free slots' padding rows never overflow
         self.positions[:b].add_(1)
-        return out.logits[:, -1].float()
+        logits = out.logits[:, -1].float()
+        return logits, logits.argmax(dim=-1)
 
     def describe(self) -> dict:
         """What the server reports: the decode path, its buckets, and the warm-up seconds."""
@@ -179,13 +182,14 @@ class StaticDecoder:
         return next(b for b in self.buckets if b >= n)
 
     @torch.no_grad()
-    def decode(self, pending: list[int]) -> torch.Tensor:
-        """One step for rows 0..n-1 with these pending tokens -> their logits [n, vocab]."""
+    def decode(self, pending: list[int]) -> tuple[torch.Tensor, list[int]]:
+        """One step for rows 0..n-1 with these pending tokens -> their logits [n, vocab] and argmax."""
         n = len(pending)
         self.tokens[:n, 0].copy_(torch.tensor(pending, dtype=torch.long), non_blocking=False)
         if self.compiled:
             torch.compiler.cudagraph_mark_step_begin()
-        return self._step(self.bucket(n))[:n].clone()
+        logits, greedy = self._step(self.bucket(n))
+        return logits[:n].clone(), greedy[:n].tolist()
 
     @torch.no_grad()
     def prefill(self, first_slot: int, prompts: list[list[int]], all_logits: bool) -> list[torch.Tensor]:
@@ -256,6 +260,14 @@ def start_decoder(model, compile_setting: bool, slots: int, max_len: int) -> Sta
     return decoder
 
 
+def plain_greedy(job: Job) -> bool:
+    """True when the row's choice is the argmax of its raw logits (what `sampling.choose_token` returns
+    for it): the step's one batched argmax then serves it, instead of one GPU sync per row."""
+    p: SamplingParams = job.sampling
+    return (p.temperature == 0 and p.logprobs is None and not p.logit_bias and p.repetition_penalty == 1.0
+            and not p.presence_penalty and not p.frequency_penalty and len(job.tokens) >= p.min_tokens)
+
+
 class StaticBatch(Batch):
     """`engine.Batch` over a `StaticDecoder`'s slots: the same rows, steps and choices, but rows that
     join are prefilled together at the next step, and leaving rows free their slot."""
@@ -296,6 +308,10 @@ class StaticBatch(Batch):
         self._keep([j.finish_reason is None for j in self.jobs])
         return done
 
+    def _greedy(self, job: Job, token: int) -> int:
+        advance(job, token, self.tokenizer, None)
+        return token
+
     def _prefill_rows(self, joining: list[Job]) -> None:
         all_logits = any(j.sampling.prompt_logprobs for j in joining)
         logits = self.decoder.prefill(len(self.jobs), [j.prompt_ids for j in joining], all_logits)
@@ -315,8 +331,9 @@ class StaticBatch(Batch):
         done = self._prefill() if self.joining else []
         if not self.jobs:
             return cancelled + done
-        logits = self.decoder.decode(self.pending)
-        self.pending = [self._choose(job, row) for job, row in zip(self.jobs, logits)]
+        logits, greedy = self.decoder.decode(self.pending)
+        self.pending = [self._greedy(job, token) if plain_greedy(job) else self._choose(job, row)
+                        for job, row, token in zip(self.jobs, logits, greedy)]
         done += [j for j in self.jobs if j.finish_reason is not None]
         self._keep([j.finish_reason is None for j in self.jobs])
         return cancelled + done
