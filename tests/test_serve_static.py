@@ -9,7 +9,7 @@ import torch
 from qlora_helpers.serve.engine import Batch, BatchEngine, Job, generate_jobs
 from qlora_helpers.serve.sampling import SamplingParams
 from qlora_helpers.serve.static import StaticBatch, StaticDecoder, batch_buckets
-from tests.serve_fixtures import API_KEY, export, run  # noqa: F401 - fixtures
+from tests.serve_fixtures import API_KEY, run  # noqa: F401 - fixtures
 
 PROMPTS = ["The capital of France is", "Write a long story about a dragon who", "1, 2, 3,", "x",
            "Once upon a time in a land far away there lived"]
@@ -173,12 +173,13 @@ def test_the_compiled_step_on_cuda_matches_the_dynamic_path(tiny_dir):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_the_server_compiles_every_bucket_at_start_and_reports_it(run, export):
+def test_the_server_compiles_every_bucket_at_start_and_reports_it(run):
     import httpx
 
     from qlora_helpers.serve import start_server
 
-    server = start_server(run, api_key=API_KEY, overrides=["serve.max_concurrent=2"])
+    # the 4-bit base + adapter, as served on cards where the merged model does not fit
+    server = start_server(run, api_key=API_KEY, overrides=["serve.max_concurrent=2", "serve.form=adapter"])
     try:
         health = server.health()
         answer = httpx.post(f"{server.url}/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"},
@@ -186,6 +187,7 @@ def test_the_server_compiles_every_bucket_at_start_and_reports_it(run, export):
                                   "temperature": 0, "ignore_eos": True}, timeout=120).json()
     finally:
         server.stop()
-    assert health["decode"] == "static, compiled" and health["batch_buckets"] == [1, 2]
+    assert health["form"] == "adapter" and health["decode"] == "static, compiled"
+    assert health["batch_buckets"] == [1, 2]
     assert health["compile_warmup_s"] > 0 and set(health["compile_warmup_s_per_bucket"]) == {"1", "2"}
     assert answer["usage"]["completion_tokens"] == 7 and answer["choices"][0]["finish_reason"] == "length"
