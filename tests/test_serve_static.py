@@ -92,6 +92,22 @@ def test_static_rows_match_their_solo_runs_with_sampling_and_prompt_logprobs(mod
     assert [e["logprob"] for e in got[1:]] == pytest.approx([e["logprob"] for e in want[1:]], abs=1e-4)
 
 
+def test_rows_whose_answers_would_not_fit_after_a_longer_prompt_are_prefilled_apart(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    long, short = (tokenizer(PROMPTS[i])["input_ids"] for i in (1, 3))
+    columns = len(long) + 3
+    limits = [3, columns - len(short)]  # the short prompt's answer fills the columns from its own end
+    assert len(long) + limits[1] > columns  # so after the long prompt's width it would not fit
+    alone = []
+    for ids, n in zip((long, short), limits):
+        alone.append(Job(ids, n, lambda *a: None, ignore_eos=True))
+        generate_jobs(model, tokenizer, [alone[-1]])
+    together = [Job(ids, n, lambda *a: None, ignore_eos=True) for ids, n in zip((long, short), limits)]
+    generate_jobs(model, tokenizer, together, StaticDecoder(model, slots=2, max_len=columns))
+    assert [j.tokens for j in together] == [j.tokens for j in alone]
+    assert [len(j.tokens) for j in together] == limits
+
+
 def test_static_batch_refuses_what_does_not_fit(model_and_tokenizer):
     from qlora_helpers.errors import QLoraError
 

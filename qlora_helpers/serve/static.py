@@ -294,19 +294,37 @@ class StaticBatch(Batch):
     def _prefill(self) -> list[Job]:
         """Prefill the joining rows into the next free slots; returns those that ended at once."""
         joining, self.joining = self.joining, []
-        try:
-            self._prefill_rows(joining)
-        except Exception:  # noqa: BLE001 - prefill them one by one: only a row that fails alone fails
-            for job in joining:
-                try:
-                    self._prefill_rows([job])
-                except Exception as exc:  # noqa: BLE001 - its client must hear about it
-                    job.finish_reason = "error"
-                    job.emit("error", f"generation failed: {type(exc).__name__}: {exc}")
+        for group in self._fitting_groups(joining):
+            try:
+                self._prefill_rows(group)
+            except Exception:  # noqa: BLE001 - prefill them one by one: only a row that fails alone fails
+                for job in group:
+                    if job in self.jobs:
+                        continue
+                    try:
+                        self._prefill_rows([job])
+                    except Exception as exc:  # noqa: BLE001 - its client must hear about it
+                        job.finish_reason = "error"
+                        job.emit("error", f"generation failed: {type(exc).__name__}: {exc}")
         done = [j for j in joining if j.finish_reason == "error"]
         done += [j for j in self.jobs if j.finish_reason is not None]
         self._keep([j.finish_reason is None for j in self.jobs])
         return done
+
+    def _fitting_groups(self, joining: list[Job]) -> list[list[Job]]:
+        """Rows prefilled together share the longest prompt's width, and each then writes its answer
+        after that width: group them so that every row's width + max_tokens fits the columns (a row
+        alone always fits: `add` checked it)."""
+        groups: list[list[Job]] = []
+        for job in joining:
+            for group in groups:
+                width = max(len(j.prompt_ids) for j in group + [job])
+                if all(width + j.max_tokens <= self.decoder.max_len for j in group + [job]):
+                    group.append(job)
+                    break
+            else:
+                groups.append([job])
+        return groups
 
     def _greedy(self, job: Job, token: int) -> int:
         advance(job, token, self.tokenizer, None)
