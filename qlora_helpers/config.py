@@ -198,6 +198,9 @@ class ServeConfig:
                                           "model.max_seq_length, what the adapter was trained on)", low=1)
     max_concurrent: int = _f(8, "rows generated at once (requests join and leave between decode steps): "
                              "bounds memory (KV cache)", low=1)
+    compile: bool = _f(True, "on CUDA: decode in the fixed slots of a static KV cache with a compiled step "
+                       "(CUDA graphs per batch bucket, compiled at server start); false or CPU: the "
+                       "dynamic cache, eager")
     max_queue: int = _f(64, "requests waiting beyond those; more get 503 + Retry-After, never OOM", low=1)
     max_tokens: int = _f(512, "largest max_tokens a request may ask for (more: 400, never cut silently)", low=1)
     batch_wait_ms: int = _f(10, "when idle, how long the worker gathers arriving requests before "

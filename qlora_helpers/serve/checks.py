@@ -28,20 +28,23 @@ from .gguf import gguf_available, gguf_path
 from .process import ServerProcess
 
 def measure_generation(model, tokenizer, prompts: list[str], new_tokens: int, batch_size: int,
-                       repeats: int = 2) -> dict[str, Any]:
+                       repeats: int = 2, decoder=None, prompt_tokens: int | None = None) -> dict[str, Any]:
     """Time to first token and tokens/s for `batch_size` prompts generated as one batch, exactly
     `new_tokens` each (EOS ignored, so random weights cannot stop early); median of `repeats` runs
-    after one warm-up."""
+    after one warm-up. `decoder`: a warmed-up `static.StaticDecoder` (else the dynamic path);
+    `prompt_tokens`: each prompt's token ids repeated or cut to exactly that many."""
     import torch
 
     rows = [tokenizer(p)["input_ids"] for p in (prompts * batch_size)[:batch_size]]
+    if prompt_tokens:
+        rows = [(ids * (prompt_tokens // len(ids) + 1))[:prompt_tokens] for ids in rows]
 
     def once(tokens: int) -> tuple[float, float, int]:
         jobs = [Job(ids, tokens, lambda *_: None, ignore_eos=True) for ids in rows]
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         start = time.perf_counter()
-        generate_jobs(model, tokenizer, jobs)
+        generate_jobs(model, tokenizer, jobs, decoder)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         end = time.perf_counter()

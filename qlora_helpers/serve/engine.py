@@ -8,8 +8,10 @@ request never waits for a long one to finish. Every row has its own sampling set
 
 The batch's KV cache is transformers' `DynamicCache`, left-padded to a common length; each row's
 attention mask hides its padding and its positions count its own tokens only, so a row computes
-what it would compute alone. `decode_step` is the one forward call per step: the seam where a
-compiled static-cache step can replace it on CUDA.
+what it would compute alone. `decode_step` is the one forward call per step of this dynamic path.
+On CUDA the server replaces the whole batch with `static.StaticBatch` (fixed slots of a static KV
+cache, a compiled decode step per batch bucket; `serve.compile`), which keeps this scheduler, its
+rows and its per-row choices; the dynamic path stays the fallback (CPU, `serve.compile: false`).
 
 A `Job` is one prompt's generation. Its `emit(kind, payload)` is called from the worker thread with
 ('text', (piece, logprob entries)) as text comes, then ('done', finish_reason) or ('error', message).
@@ -238,18 +240,24 @@ class Batch:
         self.jobs, self.pending, self.cache, self.mask = [], [], None, None
 
 
-def new_batch(model, tokenizer) -> Batch:
-    """The rows generating now, for `model`: a backend with its own forward pass (llama.cpp,
-    serve/llamacpp.py) brings its own Batch through `new_batch`; transformers models get `Batch`."""
+def new_batch(model, tokenizer, decoder=None) -> Batch:
+    """The rows generating now, for `model`: the static-slot batch over `decoder` (a compiled
+    `static.StaticDecoder`, CUDA); a backend with its own forward pass (llama.cpp, serve/llamacpp.py)
+    brings its own Batch through the model's `new_batch`; else the dynamic `Batch`."""
+    if decoder is not None:
+        from .static import StaticBatch  # static.py builds on this module
+
+        return StaticBatch(model, tokenizer, decoder)
     own = getattr(model, "new_batch", None)
     return own(tokenizer) if own is not None else Batch(model, tokenizer)
 
 
-def generate_jobs(model, tokenizer, jobs: list[Job]) -> None:
+def generate_jobs(model, tokenizer, jobs: list[Job], decoder=None) -> None:
     """Run `jobs` to the end as one batch (no queue, no thread): what the latency measurement uses."""
-    batch = new_batch(model, tokenizer)
+    batch = new_batch(model, tokenizer, decoder)
     for job in jobs:
         batch.add(job)
+    batch.step()  # the static batch prefills the rows that joined here
     while batch.jobs:
         batch.step()
 
@@ -268,13 +276,16 @@ class QueueFull(QLoraError):
 class BatchEngine:
     """Runs generations on one worker thread, at most `max_batch` rows at once; waiting requests
     join at the next step. At most `max_queue` wait; more raise `QueueFull`. So memory stays bounded
-    by max_batch x context, whatever the load."""
+    by max_batch x context, whatever the load. With a `decoder` (`static.StaticDecoder`, warmed up),
+    rows decode in its static slots with the compiled step."""
 
-    def __init__(self, model, tokenizer, max_batch: int, max_queue: int, batch_wait_ms: int = 10):
+    def __init__(self, model, tokenizer, max_batch: int, max_queue: int, batch_wait_ms: int = 10,
+                 decoder=None):
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue, self.batch_wait = max_batch, max_queue, batch_wait_ms / 1000
         self.waiting: collections.deque[Job] = collections.deque()
-        self.batch = new_batch(model, tokenizer)
+        self.decoder = decoder
+        self.batch = new_batch(model, tokenizer, decoder)
         self.running = 0
         self.completed = 0
         self._job_seconds = 1.0
@@ -308,11 +319,12 @@ class BatchEngine:
             self.waiting.append(job)
             self._cond.notify_all()
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, Any]:
         with self._cond:
             self._drop_cancelled()
+            decode = {"decode": "dynamic"} if self.decoder is None else self.decoder.describe()
             return {"running": self.running, "waiting": len(self.waiting), "completed": self.completed,
-                    "max_batch": self.max_batch, "max_queue": self.max_queue}
+                    "max_batch": self.max_batch, "max_queue": self.max_queue, **decode}
 
     def _admit(self) -> list[Job] | None:
         """Wait for work; the jobs that join at this step (None: stop). Idle, it waits batch_wait for

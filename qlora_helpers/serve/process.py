@@ -20,7 +20,8 @@ from ..runs import Run
 from .api import create_app
 from .engine import BatchEngine
 from .export import choose_form, load_serving_model
-from .run import api_key_from_env, model_name
+from .run import api_key_from_env, context_length, model_name
+from .static import start_decoder
 
 
 def serve_run(run: Run) -> None:
@@ -37,8 +38,10 @@ def serve_run(run: Run) -> None:
     choice = choose_form(run)
     print(f"loading {choice['form']} ({choice['reason']})", flush=True)
     model, tokenizer = load_serving_model(run, choice["form"])
-    engine = BatchEngine(model, tokenizer, run.cfg.serve.max_concurrent, run.cfg.serve.max_queue,
-                         run.cfg.serve.batch_wait_ms).start()
+    serve = run.cfg.serve
+    decoder = start_decoder(model, serve.compile, serve.max_concurrent, context_length(run, model))
+    engine = BatchEngine(model, tokenizer, serve.max_concurrent, serve.max_queue, serve.batch_wait_ms,
+                         decoder).start()
     app = create_app(engine, tokenizer, run, api_key, choice["form"])
     host, port = run.cfg.serve.host, run.cfg.serve.port
     print(f"serving '{model_name(run)}' on http://{host}:{port}/v1 (auth: "
