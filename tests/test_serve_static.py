@@ -207,3 +207,18 @@ def test_the_server_compiles_every_bucket_at_start_and_reports_it(run):
     assert health["batch_buckets"] == [1, 2]
     assert health["compile_warmup_s"] > 0 and set(health["compile_warmup_s_per_bucket"]) == {"1", "2"}
     assert answer["usage"]["completion_tokens"] == 7 and answer["choices"][0]["finish_reason"] == "length"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_merge_check_passes_in_16_bit_compute_on_cuda(run):
+    # on CUDA the run computes in bf16 (fp16 without bf16): the merged weights are rounded where the
+    # adapter path is not, so the check's bound is the compute dtype's (it refused every merge at 1e-4)
+    from qlora_helpers.serve import merge_and_export
+    from qlora_helpers.serve.export import merge_tolerance
+
+    report = merge_and_export(run)
+    gap = report["merged_vs_adapter_logits"]
+    assert run.device == "cuda" and run.runtime.compute_dtype in ("bfloat16", "float16")
+    assert gap["bound"] == merge_tolerance(run.compute_dtype) and gap["within_bound"], gap
+    assert gap["same_argmax"] > 0.9 and run.has_merged
