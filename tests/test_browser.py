@@ -232,10 +232,18 @@ def _run_all_and_save(driver, lab, name: str) -> dict:
     path = lab["root"] / "notebooks" / name
     _menu(driver, "Run", "Run All Cells")
 
+    idle_polls = [0]
+
     def finished(d):
+        # done: every code cell ran and the kernel is idle; or Run All stopped at a cell that raised
+        # (the queued cells are cleared, the kernel stays idle): three idle polls in a row, and the
+        # error is reported from the saved notebook below instead of after RUN_ALL_TIMEOUT
         prompts = d.execute_script(PROMPTS)
-        return (prompts and all(p.startswith("[") and p[1:-2].strip().isdigit() for p in prompts)
-                and d.execute_script(KERNEL_IDLE) == "idle")
+        idle = d.execute_script(KERNEL_IDLE) == "idle"
+        started = any(p.strip() not in ("", "[ ]:") for p in prompts or [])  # a cell ran or is running
+        idle_polls[0] = idle_polls[0] + 1 if idle and started else 0
+        ran = prompts and all(p.startswith("[") and p[1:-2].strip().isdigit() for p in prompts)
+        return (ran and idle) or idle_polls[0] >= 3
 
     WebDriverWait(driver, RUN_ALL_TIMEOUT, poll_frequency=2).until(
         finished, f"Run All of {name} did not finish within {RUN_ALL_TIMEOUT} s (prompts: see the screenshot)")

@@ -248,10 +248,12 @@ class StaticDecoder:
 
 
 def start_decoder(model, compile_setting: bool, slots: int, max_len: int) -> StaticDecoder | None:
-    """The warmed-up static decoder the server uses on CUDA (None: the dynamic path: no CUDA, or
-    serve.compile false). The warm-up compiles every bucket, so no request waits for a compile."""
-    device = next(model.parameters()).device
-    if not compile_setting or device.type != "cuda":
+    """The warmed-up static decoder the server uses on CUDA (None: the dynamic path: no CUDA,
+    serve.compile false, or a model that is not a torch module, e.g. llama.cpp's GGUF form, which
+    brings its own batch). The warm-up compiles every bucket, so no request waits for a compile."""
+    if not compile_setting or not isinstance(model, torch.nn.Module):
+        return None
+    if next(model.parameters()).device.type != "cuda":
         return None
     decoder = StaticDecoder(model, slots, max_len, compile=True)
     seconds = decoder.warm_up()
