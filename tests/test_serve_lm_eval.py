@@ -24,7 +24,10 @@ TOLERANCE = 1e-4
 def server(run, export):
     from qlora_helpers.serve import start_server
 
-    srv = start_server(run, api_key=API_KEY)
+    # the merged weights, which the in-process reference loads too: this checks that the server computes
+    # what transformers computes, to 1e-4. (With the [gguf] extra, `auto` would serve the q8_0 GGUF, whose
+    # quantization moves loglikelihoods by ~8e-3; its agreement is the export gate's check, test_gguf.py.)
+    srv = start_server(run, api_key=API_KEY, overrides=["serve.form=merged"])
     yield srv
     srv.stop()
 
