@@ -71,9 +71,18 @@ def _execute(stages: list[Stage], folder: RunFolder, parameters: dict, progress:
         print(f"[{i}/{len(stages)}] {notebook.stem} -> {out.relative_to(PROJECT_ROOT) if out.is_relative_to(PROJECT_ROOT) else out}", flush=True)
         start = time.perf_counter()
         try:
-            papermill.execute_notebook(str(notebook), str(out), parameters=parameters,
-                                       kernel_name="python3", cwd=str(NOTEBOOK_DIR),
-                                       progress_bar=progress, log_output=False)
+            for attempt in (1, 2):
+                try:
+                    papermill.execute_notebook(str(notebook), str(out), parameters=parameters,
+                                               kernel_name="python3", cwd=str(NOTEBOOK_DIR),
+                                               progress_bar=progress, log_output=False)
+                    break
+                except RuntimeError as exc:
+                    # the kernel process died while starting, before any cell ran (seen once in a
+                    # loaded test run): starting it again is safe; a second death is reported
+                    if attempt == 2 or "Kernel died before replying to kernel_info" not in str(exc):
+                        raise
+                    print(f"    the kernel died while starting ({exc}); starting it again", flush=True)
         except PapermillExecutionError as exc:
             raise StageFailed(
                 f"{notebook.name} failed in cell {exc.exec_count} ({exc.ename}: {exc.evalue}). "
