@@ -238,7 +238,11 @@ def test_framework_errors_chunked_bodies_cors_and_the_request_log(server):
     assert "access-control-allow-origin" not in other.headers
     unauthorised = httpx.get(f"{server.base_url}/models", headers={"Authorization": "Bearer wrong"})
     assert unauthorised.status_code == 401
-    log = server.log_tail(400)
+    for _ in range(100):  # the server writes its request log line after the response went out
+        log = server.log_tail(400)
+        if " GET /v1/models 401 " in log:
+            break
+        time.sleep(0.1)
     assert " GET /v1/models 401 " in log and " POST /v1/completions 400 " in log and API_KEY not in log
 
 
