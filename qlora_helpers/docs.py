@@ -106,8 +106,8 @@ earlier ones wrote to the run folder. To run them yourself, see the project's RE
 
 
 def build_site(notebooks_dir: Path, site_dir: Path) -> list[Path]:
-    """Render every executed notebook in `notebooks_dir` to `site_dir` as HTML, and as a cleaned
-    notebook (what GitHub shows), with index.html; return the files written."""
+    """Render every executed notebook in `notebooks_dir` to `site_dir` as HTML, with index.html;
+    return the files written. (No notebook copies: committed notebooks stay without outputs.)"""
     import nbformat
     from nbconvert import HTMLExporter
     from nbconvert.filters import markdown2html
@@ -130,8 +130,7 @@ def build_site(notebooks_dir: Path, site_dir: Path) -> list[Path]:
         body, _ = exporter.from_notebook_node(node)
         page = site_dir / f"{path.stem}.html"
         page.write_text(body)
-        nbformat.write(node, site_dir / path.name)  # the same, as a notebook GitHub renders in place
-        pages += [page, site_dir / path.name]
+        pages.append(page)
         title, paragraph = _summary(nb)
         items.append(f'<li><a href="{page.name}">{html.escape(title)}</a>{markdown2html(paragraph)}</li>')
     index = site_dir / "index.html"
