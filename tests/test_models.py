@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import huggingface_hub.constants as hub_constants
 import pytest
 import torch
 
@@ -32,6 +33,9 @@ def test_unknown_random_shape():
 
 def test_hub_id_offline_says_what_to_do(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import (an earlier test imported it): without this
+    # the load tries the network and retries for ~45 s before the same error
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_TOKEN", "hf_secret_token_value")
     cfg = ModelConfig(source="nobody-here/no-such-model-qlora")
     with pytest.raises(ModelSourceError) as err:
