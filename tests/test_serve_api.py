@@ -77,10 +77,9 @@ def test_a_short_request_is_not_blocked_by_a_long_one(server, client):
           f"({beside} steps of the long one meanwhile); the long one ended {long_chunks[-1] - short_done:.1f} s later")
     assert shared.choices[0].text == alone.choices[0].text
     assert short_done < long_chunks[-1]  # it finished first
-    # it ran beside the long one for about its own 5 steps (blocked, it would wait ~600), and took a
-    # small multiple of its time alone (each shared step does two rows, on a CPU shared with others)
+    # it ran beside the long one for about its own 5 steps (blocked, it would wait ~600). Counted in
+    # the long one's steps, not seconds: a wall-clock bound flakes on a busy machine (issue 15)
     assert beside <= 15
-    assert short_done - start < 6 * solo + 1.0
 
 
 def test_a_non_streaming_client_that_leaves_is_cancelled(server):
