@@ -193,13 +193,31 @@ def load_table(ref: str, data_cfg: DataConfig, split: str = "train") -> tuple[li
     (from the hub, else its offline copy). DataUnavailable when neither is there."""
     if not looks_like_file(ref):
         return _load_hub(ref, split, data_cfg)
+    path = data_file(ref, data_cfg)
+    return read_records(path), str(path)
+
+
+def check_sources(data_cfg: DataConfig) -> None:
+    """Fail now, before any stage starts, when a training source can be read from nowhere: a file that
+    is missing, or a hub dataset while the hub is out of reach and its offline copy is not in the
+    data directory (the same DataUnavailable that loading it would raise minutes later)."""
+    for src in data_cfg.sources:
+        if looks_like_file(src.path):
+            data_file(src.path, data_cfg)
+        elif (why := hub_unreachable()) is not None:
+            _offline_copy(src.path, src.split, data_cfg, why)
+
+
+def data_file(ref: str, data_cfg: DataConfig) -> Path:
+    """The file a data-file reference names (relative: in the data directory); DataUnavailable when
+    it is not there."""
     path = Path(ref).expanduser()
     if not path.is_absolute():
         path = resolve_data_dir(data_cfg) / path
     if not path.is_file():
         raise DataUnavailable(f"Data file {path} does not exist (from {ref!r}). Check the path and the "
                               f"data directory (QLORA_DATA_DIR or data.data_dir).")
-    return read_records(path), str(path)
+    return path
 
 
 def load_source(src: SourceConfig, data_cfg: DataConfig) -> tuple[list[dict[str, Any]], str, dict[str, Any] | None]:
@@ -225,11 +243,19 @@ def _load_hub(ref: str, split: str, data_cfg: DataConfig) -> tuple[list[dict[str
             return ds.to_list(), f"hub:{ref}[{split}]"
         except Exception as exc:  # network, auth and missing-repo errors all land here
             why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    path = _offline_copy(ref, split, data_cfg, why)
+    print(f"Hub dataset {ref!r} is unreachable ({why}); using the offline copy {path}.")
+    return read_records(path), str(path)
+
+
+def _offline_copy(ref: str, split: str, data_cfg: DataConfig, why: str) -> Path:
+    """The offline copy of hub dataset `ref` in the data directory; DataUnavailable saying both ways
+    to get it when it is not there."""
+    known = HUB_DATASETS.get(ref)
     copy = known.offline.get(split) if known else None
     data_dir = resolve_data_dir(data_cfg, required=False)
     if copy and data_dir and (data_dir / copy).is_file():
-        print(f"Hub dataset {ref!r} is unreachable ({why}); using the offline copy {data_dir / copy}.")
-        return read_records(data_dir / copy), str(data_dir / copy)
+        return data_dir / copy
     if not copy:
         raise DataUnavailable(
             f"Cannot load hub dataset {ref!r} ({why}) and no offline copy is known for it (known: "

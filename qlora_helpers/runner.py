@@ -4,7 +4,8 @@ Executed copies go to `outputs/<run>/notebooks/`; the source notebooks stay clea
 validated before any notebook starts, and a failing cell stops the run with the notebook, cell,
 error and the path of the executed copy. Which notebooks exist, and in what order, is `runs.STAGES`.
 
-Imports: papermill is imported when notebooks run (it pulls in nbclient, jupyter_client and zmq).
+Imports: papermill, jupyter_client and zmq are imported when notebooks run (heavy: nbclient and
+its kernel machinery).
 """
 
 from __future__ import annotations
@@ -15,9 +16,14 @@ from pathlib import Path
 from typing import Iterable
 
 from .config import load_config, resolve_config_path
+from .data import DataError, check_sources
 from .errors import QLoraError
 from .paths import PROJECT_ROOT, run_dir
 from .runs import NOTEBOOK_DIR, STAGES, RunFolder, Stage
+
+
+# the stages that read data.sources (02: held-out pairs for perplexity; 03: the training set)
+DATA_READERS = ("02", "03")
 
 
 class StageFailed(QLoraError):
@@ -42,10 +48,18 @@ def run_pipeline(config: str, run_name: str | None = None, overrides: Iterable[s
     """Execute the selected stage notebooks in order; return the run folder."""
     overrides = list(overrides)
     config_path = resolve_config_path(config)
-    load_config(config_path, overrides)  # fail on a bad key before any notebook starts
+    cfg = load_config(config_path, overrides)  # fail on a bad key before any notebook starts
     run_name = run_name or config_path.stem
-    path = run_dir(run_name, outputs_dir)
     selected = select_stages(stages)
+    readers = [s.notebook for s in selected if s.number in DATA_READERS]
+    if readers:  # and on training data that cannot be read, instead of minutes into the run
+        try:
+            check_sources(cfg.data)
+        except DataError as exc:
+            why = str(exc)
+            raise type(exc)(f"Nothing was run: {' and '.join(readers)} read the training data "
+                            f"(data.sources). {why}") from None
+    path = run_dir(run_name, outputs_dir)
     parameters = {"config": str(config_path), "run_name": run_name, "overrides": overrides,
                   "outputs_dir": str(path.parent)}
     previous = os.environ.get("QLORA_HEADLESS")
@@ -60,9 +74,29 @@ def run_pipeline(config: str, run_name: str | None = None, overrides: Iterable[s
     return path
 
 
+def _kernel_manager_class():
+    """jupyter_client's kernel manager, provisioning CurveZMQ keys for the kernel's channels where the
+    kernel declares it can use them (ipykernel 7 does): code and outputs between papermill and the
+    kernel are then encrypted, and ipykernel no longer warns on every start that they are not."""
+    import zmq
+    from jupyter_client.manager import AsyncKernelManager
+    from traitlets import CaselessStrEnum
+
+    if not zmq.has("curve"):  # libzmq built without libsodium: jupyter_client's default, plain TCP
+        return AsyncKernelManager
+
+    class CurveKernelManager(AsyncKernelManager):
+        transport_encryption = CaselessStrEnum(["disabled", "auto", "required"], default_value="auto",
+                                               config=True)
+
+    return CurveKernelManager
+
+
 def _execute(stages: list[Stage], folder: RunFolder, parameters: dict, progress: bool) -> None:
     import papermill
     from papermill.exceptions import PapermillExecutionError
+
+    kernel_manager_class = _kernel_manager_class()
 
     for i, stage in enumerate(stages, 1):
         notebook = stage.notebook_path
@@ -75,7 +109,8 @@ def _execute(stages: list[Stage], folder: RunFolder, parameters: dict, progress:
                 try:
                     papermill.execute_notebook(str(notebook), str(out), parameters=parameters,
                                                kernel_name="python3", cwd=str(NOTEBOOK_DIR),
-                                               progress_bar=progress, log_output=False)
+                                               progress_bar=progress, log_output=False,
+                                               kernel_manager_class=kernel_manager_class)
                     break
                 except RuntimeError as exc:
                     # the kernel process died while starting, before any cell ran (seen once in a

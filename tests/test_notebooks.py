@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from qlora_helpers.data import DataUnavailable
 from qlora_helpers.errors import ConfigError, QLoraError
 from qlora_helpers.paths import PROJECT_ROOT
 from qlora_helpers.runner import StageFailed, run_pipeline, select_stages
@@ -104,6 +105,24 @@ def test_bad_override_fails_before_any_notebook_runs(tmp_path):
     assert not (tmp_path / "bad" / "notebooks").exists()
 
 
+def test_training_data_that_cannot_be_read_fails_before_any_notebook_runs(tmp_path, monkeypatch):
+    # the default profile's Alpaca, with the hub out of reach and no offline copy: a fresh clone offline
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("QLORA_DATA_DIR", raising=False)
+    with pytest.raises(DataUnavailable) as err:
+        run_pipeline("default", "no-data", outputs_dir=str(tmp_path), progress=False)
+    assert str(err.value).startswith("Nothing was run: 02_quantize.ipynb and 03_data_prep.ipynb read the "
+                                     "training data (data.sources). Cannot load hub dataset 'tatsu-lab/alpaca' "
+                                     "(HF_HUB_OFFLINE is set)")
+    assert "set QLORA_DATA_DIR to a folder holding alpaca/alpaca_5000.json" in str(err.value)
+    assert not (tmp_path / "no-data").exists()
+    # a file source that is missing, named with the setting it came from
+    with pytest.raises(DataUnavailable, match=r"Nothing was run: 03_data_prep.ipynb read .* Data file .*nope\.json "
+                                              r"does not exist \(from 'nope\.json'\)"):
+        run_pipeline("smoke", "no-file", ["data.sources=[{path: nope.json}]"], stages="03",
+                     outputs_dir=str(tmp_path), progress=False)
+
+
 def test_a_failing_stage_names_notebook_cell_error_and_copy(tmp_path, tiny_dir):
     # 02 without 01: the run was never set up, which the notebook reports as one paragraph
     with pytest.raises(StageFailed) as err:
@@ -183,3 +202,26 @@ def test_papermill_runs_01_on_the_smoke_profile_as_it_is(tmp_path, tiny_dir, mon
     text = _cell_text(json.loads(out.read_text()))
     assert "model.source=random:tiny loads without a Hugging Face token." in text
     assert "(not Colab: nothing to install)" in text
+
+
+@pytest.mark.integration
+def test_the_runners_kernels_talk_over_encrypted_channels(tmp_path, capfd):
+    """The runner's kernel manager provisions CurveZMQ keys (ipykernel 7 declares support): the kernel
+    reads them from its connection file, and ipykernel's plain-TCP warning is gone from the output."""
+    import nbformat
+    import papermill
+
+    from qlora_helpers.runner import _kernel_manager_class
+
+    source = tmp_path / "probe.ipynb"
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = [nbformat.v4.new_code_cell(
+        "import json\nfrom ipykernel.connect import get_connection_file\n"
+        "print(sorted(k for k in json.load(open(get_connection_file())) if k.startswith('curve')))")]
+    nbformat.write(notebook, source)
+    papermill.execute_notebook(str(source), str(tmp_path / "out.ipynb"), kernel_name="python3",
+                               progress_bar=False, kernel_manager_class=_kernel_manager_class())
+    printed = nbformat.read(tmp_path / "out.ipynb", 4).cells[0].outputs[0]["text"]
+    assert printed.strip() == "['curve_publickey', 'curve_secretkey']"
+    captured = capfd.readouterr()
+    assert "without encryption" not in captured.out + captured.err
