@@ -10,6 +10,8 @@ this module only makes the executed copies readable as static pages:
   text it last showed; a closed one (`leave=False`) is dropped, as JupyterLab hides it.
 - other widgets (06's chat box) become a one-line note: they need a live kernel.
 - text progress bars in streams keep only what the last carriage return left on each line.
+- the project folder of the machine that ran them (`/home/you/qlora-notebooks/`) is cut from paths in
+  sources and outputs, leaving `outputs/default/...` as a reader's own clone would print it.
 """
 
 from __future__ import annotations
@@ -53,14 +55,28 @@ def _final_lines(text: str) -> str:
     return "\n".join(line.rsplit("\r", 1)[-1] for line in text.split("\n"))
 
 
-def make_static(nb: dict) -> dict:
-    """The notebook with its widget outputs turned into text and its widget state removed."""
+def _joined(value) -> str:
+    return "".join(value) if isinstance(value, list) else value
+
+
+def make_static(nb: dict, root: Path | None = None) -> dict:
+    """The notebook with its widget outputs turned into text and its widget state removed; with
+    `root`, that folder's absolute path is cut from sources and text outputs (paths become relative)."""
     state = nb.get("metadata", {}).pop("widgets", {}).get(WIDGET_STATE, {}).get("state", {})
+    prefix = f"{Path(root).resolve()}/" if root else None
+
+    def relative(text: str) -> str:
+        return text.replace(prefix, "") if prefix else text
+
     for cell in nb["cells"]:
+        cell["source"] = relative(_joined(cell["source"]))
         outputs = []
         for out in cell.get("outputs", []):
             if out.get("output_type") == "stream":
-                out["text"] = _final_lines("".join(out["text"]) if isinstance(out["text"], list) else out["text"])
+                out["text"] = relative(_final_lines(_joined(out["text"])))
+            for kind in ("text/plain", "text/html", "text/markdown"):
+                if kind in out.get("data", {}):
+                    out["data"][kind] = relative(_joined(out["data"][kind]))
             view = out.get("data", {}).get(WIDGET_VIEW)
             if view is None:
                 outputs.append(out)
@@ -120,7 +136,9 @@ def build_site(notebooks_dir: Path, site_dir: Path) -> list[Path]:
     exporter = HTMLExporter(template_name="lab")
     pages, items, config = [], [], "default"
     for path in notebooks:
-        nb = make_static(nbformat.read(path, as_version=4))  # sources as strings, as nbconvert wants
+        # sources as strings, as nbconvert wants; paths relative to the run's project folder
+        # (<project>/outputs/<run>/notebooks/)
+        nb = make_static(nbformat.read(path, as_version=4), root=Path(notebooks_dir).resolve().parents[2])
         papermill = nb.get("metadata", {}).get("papermill", {})
         if papermill and (not papermill.get("end_time") or papermill.get("exception")):
             print(f"skipped {path}: its execution did not finish (still running, or failed)", file=sys.stderr)

@@ -34,3 +34,21 @@ def test_widget_bars_become_their_final_text_and_state_is_dropped():
     assert "interactive widget" in outputs[2]["data"]["text/plain"]
     assert outputs[3] == {"output_type": "stream", "name": "stderr", "text": "step 4/4\nok\n"}
     assert len(outputs) == 4  # the hidden bar (leave=False) and the widget with no saved state are gone
+
+
+def test_the_machines_project_folder_is_cut_from_sources_and_outputs(tmp_path):
+    root = tmp_path / "qlora-notebooks"
+    nb = {"metadata": {}, "cells": [
+        {"cell_type": "code", "source": [f"config = '{root}/configs/default.yaml'\n", "x = 1"], "outputs": [
+            {"output_type": "stream", "name": "stdout", "text": f"wrote {root}/outputs/default/merged\n"},
+            {"output_type": "execute_result", "metadata": {}, "execution_count": 1,
+             "data": {"text/plain": [f"PosixPath('{root}/outputs/default/gguf')"],
+                      "text/html": f"<code>{root}/outputs/default/eval.json</code>"}}]},
+        {"cell_type": "markdown", "source": f"elsewhere: /opt/{root.name}/x and {root}-other/y"}]}
+    cells = make_static(nb, root=root)["cells"]
+    assert cells[0]["source"] == "config = 'configs/default.yaml'\nx = 1"
+    stream, result = cells[0]["outputs"]
+    assert stream["text"] == "wrote outputs/default/merged\n"
+    assert result["data"] == {"text/plain": "PosixPath('outputs/default/gguf')",
+                              "text/html": "<code>outputs/default/eval.json</code>"}
+    assert cells[1]["source"] == f"elsewhere: /opt/{root.name}/x and {root}-other/y"  # only that folder
