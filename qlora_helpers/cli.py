@@ -95,7 +95,7 @@ def train_command(args) -> int:
 def export_command(args) -> int:
     """Merge (when merged/ is missing), write the GGUF files and the Modelfile, run the export gate."""
     from .serve.export import merge_and_export
-    from .serve.gate import gate_table, run_export_gate
+    from .serve.gate import gate_summary, gate_table, run_export_gate
     from .serve.gguf import export_gguf
 
     run = open_run_folder(args.run, args.overrides)
@@ -109,8 +109,8 @@ def export_command(args) -> int:
     for row in gate_table(report):
         print(f"{row['form']:<14} greedy equal {row['greedy equal']}, mean KL {row['mean KL']} "
               f"(bound {row['KL bound']}), tokenization {row['tokenization']}: {row['verdict']}")
-    print(f"export gate: {'passed' if report['passed'] else 'FAILED (' + ', '.join(report['failed']) + ')'}; "
-          f"{run.export_report}")
+    print(gate_summary(report))
+    print(f"report: {run.export_report}")
     return 0 if report["passed"] else 1
 
 

@@ -17,7 +17,6 @@ this module only makes the executed copies readable as static pages:
 from __future__ import annotations
 
 import html
-import json
 import re
 import sys
 from pathlib import Path

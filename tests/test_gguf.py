@@ -96,7 +96,7 @@ def test_the_export_gate_passes_every_form_and_records_why(run, exported):
     report = json.loads(run.export_report.read_text())
     forms = {f["form"]: f for f in report["forms"]}
     assert list(forms) == ["adapter", "merged", "gguf-q8_0", "gguf-f16", "gguf-q4_k_m"]
-    assert report["passed"] and report["failed"] == [] and "export gate: passed" in exported.stdout
+    assert report["passed"] and report["failed"] == [] and "export gate: every form agrees with the adapter model" in exported.stdout
     assert all(t["equal"] for t in report["tokenization"].values())
     assert len(report["probes"]) == 4 and all(len(p["reference_tokens"]) > 0 for p in report["probes"])
     assert forms["adapter"]["mean_kl"] < 1e-9  # the reference model itself, through the serving engine
@@ -130,6 +130,40 @@ def test_the_gate_flags_a_form_that_answers_differently():
     assert flagged["greedy"][0]["first_difference"] == first
     assert flagged["greedy"][0]["margin"] > TIE_MARGIN
     assert any("mean KL" in p for p in flagged["problems"]) and any("probe 0" in p for p in flagged["problems"])
+
+
+def test_a_quantized_form_flagged_beside_a_passing_f16_is_explained_and_stays_flagged():
+    """q4_k_m on the default profile's SmolLM2: f16 agrees, the probes tokenize alike, q4_k_m's KL is
+    within its bound, yet one greedy answer parts where the reference was not near a tie."""
+    import torch
+
+    from qlora_helpers.serve.gate import check_form, explain_quantization, gate_summary
+
+    torch.manual_seed(0)
+    ref = torch.log_softmax(torch.randn(6, 50) * 3, -1)
+    top2 = ref[3].topk(2).indices
+    ref[3, top2[1]] = ref[3, top2[0]] - 0.8  # the reference preferred its token by 0.8 nats there
+    ref = torch.log_softmax(ref, -1)
+    reference = ref.argmax(-1).tolist()
+    rounded = ref.clone()
+    rounded[3, [top2[0], top2[1]]] = rounded[3, [top2[1], top2[0]]]  # the quantized form swaps the two
+    greedy = reference[:3] + [int(top2[1])] + reference[4:]
+    probes = [{"reference_tokens": reference, "_ref_logprobs": ref}]
+    forms = [check_form("gguf-f16", "f16", [reference], [ref.clone()], probes),
+             check_form("gguf-q4_k_m", "q4_k_m", [greedy], [rounded], probes)]
+    assert forms[0]["passed"] and not forms[1]["passed"] and forms[1]["mean_kl"] <= forms[1]["kl_bound"]
+    report = {"passed": False, "failed": ["gguf-q4_k_m"], "forms": forms}
+    explain_quantization(forms, tokens_ok=True, bits={"f16": 16.0, "q4_k_m": 6.17})
+    assert forms[1]["explanation"].startswith("quantization, not a broken export: gguf-f16 from the same converter")
+    assert "q4_k_m stores 6.17 bits per weight" in forms[1]["explanation"]
+    assert "probe 0 at token 3 (margin 0.8 nats)" in forms[1]["explanation"]
+    assert gate_summary(report).splitlines()[:2] == ["export gate: FLAGGED gguf-q4_k_m",
+                                                     "  gguf-q4_k_m: " + forms[1]["explanation"]]
+    # the same disagreement with the probes tokenized differently: nothing rules out a broken export
+    explain_quantization(forms, tokens_ok=False, bits={"q4_k_m": 6.17})
+    assert forms[1]["explanation"] is None
+    assert gate_summary(report).splitlines()[1].startswith("  gguf-q4_k_m: NOT EXPLAINED, the export may be wrong: "
+                                                         "probe 0: greedy differs at token 3")
 
 
 def test_a_bad_gguf_type_is_a_clear_error(run):

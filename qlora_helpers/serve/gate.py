@@ -26,7 +26,7 @@ from typing import Any
 
 from ..paths import write_json_atomic
 from ..runs import Run
-from .gguf import INSTALL_HINT, export_gguf, gguf_available, gguf_path, llama_cpp_version
+from .gguf import INSTALL_HINT, bits_per_weight, export_gguf, gguf_available, gguf_path, llama_cpp_version
 
 PROBE_INSTRUCTIONS = ["Give three tips for staying healthy.", "What is the capital of France?",
                       "Write a haiku about the sea.", "Explain what a binary search does."]
@@ -131,6 +131,32 @@ def check_form(name: str, what: str, greedy: list[list[int]], logprobs: list, pr
             "passed": kl <= bound and greedy_ok, "problems": problems}
 
 
+def explain_quantization(forms: list[dict], tokens_ok: bool, bits: dict[str, float]) -> None:
+    """Say why a quantized GGUF that failed the gate did, where the other forms prove the export
+    itself right: f16, written by the same converter and read by the same llama.cpp, passed, the
+    probes tokenize the same, and the quantized form's mean KL is within its bound. Then the greedy
+    answers part because the quantizer rounded the weights, not because the file is wrong. The form
+    stays flagged (its answers do differ from the adapter model's); `explanation` says so. `bits`:
+    each GGUF type's bits per weight."""
+    f16 = next((f for f in forms if f["form"] == "gguf-f16"), None)
+    for f in forms:
+        if f["passed"] or f["form"] in ("adapter", "merged", "gguf-f16"):
+            continue
+        gguf_type = f["form"][5:]
+        if f16 is None or not f16["passed"] or not tokens_ok or f["mean_kl"] > f["kl_bound"]:
+            f["explanation"] = None  # the export itself may be wrong: nothing rules it out
+            continue
+        parted = [f"probe {i} at token {g['first_difference']} (margin {g['margin']} nats)"
+                  for i, g in enumerate(f["greedy"]) if not (g["equal"] or g["near_tie"])]
+        f["explanation"] = (
+            f"quantization, not a broken export: gguf-f16 from the same converter agrees with the adapter "
+            f"model (mean KL {f16['mean_kl']:.2g}) and llama.cpp tokenizes every probe into the run's ids, "
+            f"so layout, tokenizer and template are right; {gguf_type} stores {bits[gguf_type]:g} "
+            f"bits per weight, and its mean KL {f['mean_kl']:.2g} is within its bound {f['kl_bound']:g}, but its "
+            f"greedy answer parts from the adapter model's where the adapter model was not near a tie: "
+            f"{'; '.join(parted)}. Serve f16 or q8_0 where answers must match the adapter model's.")
+
+
 def run_export_gate(run: Run, gguf_types: list[str] | tuple[str, ...] = (), new_tokens: int = GATE_TOKENS,
                     extra: dict[str, Any] | None = None) -> dict:
     """Check the adapter (as served), merged/ and each GGUF of `gguf_types` against the adapter
@@ -189,6 +215,7 @@ def run_export_gate(run: Run, gguf_types: list[str] | tuple[str, ...] = (), new_
     for p in probes:
         del p["_ids"], p["_start"], p["_ref_logprobs"]
     tokens_ok = all(t["equal"] for t in tokenization.values())
+    explain_quantization(forms, tokens_ok, {t: bits_per_weight(run, t) for t in gguf_types})
     report = {"reference": "4-bit base + adapter (transformers generate, greedy)", "device": run.device,
               "compute_dtype": str(run.compute_dtype), "new_tokens": new_tokens, "tie_margin_nats": TIE_MARGIN,
               "probes": probes, "forms": forms, "tokenization": tokenization,
@@ -224,3 +251,15 @@ def gate_table(report: dict) -> list[dict[str, Any]]:
              if f["form"].startswith("gguf-") else "-",
              "verdict": "pass" if f["passed"] else "FLAGGED: " + "; ".join(f["problems"])}
             for f in report["forms"]]
+
+
+def gate_summary(report: dict) -> str:
+    """The verdict in a few lines: passed, or each flagged form with its explanation (or none)."""
+    if report["passed"]:
+        return "export gate: every form agrees with the adapter model"
+    lines = [f"export gate: FLAGGED {', '.join(report['failed'])}"]
+    for f in report["forms"]:
+        if not f["passed"]:
+            lines.append(f"  {f['form']}: " + (f.get("explanation") or "NOT EXPLAINED, the export may be wrong: "
+                                               + "; ".join(f["problems"])))
+    return "\n".join(lines)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.metadata
+import math
 import os
 import shutil
 import subprocess
@@ -71,6 +72,28 @@ def require_llama_cpp():
     import llama_cpp
 
     return llama_cpp
+
+
+_LOG_CALLBACK = None
+_LOG_LEVEL = [0]
+
+
+def quiet_logs(lib) -> None:
+    """llama.cpp's warnings and errors to stderr, not its loading chatter (hundreds of lines that
+    would bury the server's request log). ggml's levels: 3 warn, 4 error, 5 continues the last line."""
+    global _LOG_CALLBACK
+    if _LOG_CALLBACK is not None:
+        return
+
+    @lib.llama_log_callback
+    def log(level, text, user_data):
+        if level != 5:
+            _LOG_LEVEL[0] = level
+        if _LOG_LEVEL[0] >= 3:
+            sys.stderr.write(text.decode("utf-8", "replace"))
+
+    _LOG_CALLBACK = log  # kept alive: llama.cpp holds the pointer
+    lib.llama_log_set(log, ctypes.c_void_p(0))
 
 
 def cpu_threads() -> int:
@@ -162,6 +185,7 @@ def run_converter(merged: Path, out: Path, outtype: str) -> str:
 def quantize(source: Path, out: Path, gguf_type: str) -> None:
     """llama.cpp's quantizer (`llama_model_quantize`) from a 16-bit GGUF to `gguf_type`."""
     llama_cpp = require_llama_cpp()
+    quiet_logs(llama_cpp)  # its loader and per-tensor lines (~600) to nowhere; warnings still show
     ftype = {"q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, "q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0}[gguf_type]
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
@@ -169,6 +193,26 @@ def quantize(source: Path, out: Path, gguf_type: str) -> None:
     code = llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params))
     if code != 0 or not out.is_file():
         raise QLoraError(f"llama.cpp could not quantize {source} to {gguf_type} (llama_model_quantize returned {code}).")
+
+
+def merged_parameters(run: Run) -> int:
+    """How many weights merged/ holds (from the safetensors headers; tied embeddings counted once,
+    as the GGUF stores them)."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in sorted(run.merged_dir.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                total += math.prod(f.get_slice(key).get_shape())
+    return total
+
+
+def bits_per_weight(run: Run, gguf_type: str) -> float:
+    """The GGUF file's size in bits per weight of merged/: 16 for f16 (plus metadata), 8.5 for q8_0;
+    q4_k_m is ~4.9 where every row length is a multiple of 256, and more where llama.cpp has to
+    fall back to q5_0/q8_0 for tensors whose rows are not (SmolLM2's 576)."""
+    return round(gguf_path(run, gguf_type).stat().st_size * 8 / merged_parameters(run), 2)
 
 
 # --- export ------------------------------------------------------------------------------------------------
@@ -210,7 +254,8 @@ def export_gguf(run: Run, types: list[str] | tuple[str, ...], served: str | None
             os.replace(tmp, final)
         finally:
             tmp.unlink(missing_ok=True)
-        files[gguf_type] = {"path": str(final), "mib": round(final.stat().st_size / 2**20, 1), "how": how,
+        files[gguf_type] = {"path": str(final), "mib": round(final.stat().st_size / 2**20, 1),
+                            "bits_per_weight": bits_per_weight(run, gguf_type), "how": how,
                             "seconds": round(time.perf_counter() - start, 1)}
     served = served or types[0]
     write_text_atomic(run.modelfile, modelfile(run, served))

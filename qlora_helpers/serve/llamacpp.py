@@ -12,8 +12,6 @@ between steps, and one `llama_decode` per step advances every row.
 
 from __future__ import annotations
 
-import ctypes
-import sys
 import types
 from pathlib import Path
 
@@ -23,29 +21,7 @@ import torch
 from ..errors import QLoraError
 from ..runs import Run
 from .engine import Batch, Job, finish
-from .gguf import cpu_threads, require_llama_cpp
-
-
-_LOG_CALLBACK = None
-_LOG_LEVEL = [0]
-
-
-def quiet_logs(lib) -> None:
-    """llama.cpp's warnings and errors to stderr, not its loading chatter (hundreds of lines that
-    would bury the server's request log). ggml's levels: 3 warn, 4 error, 5 continues the last line."""
-    global _LOG_CALLBACK
-    if _LOG_CALLBACK is not None:
-        return
-
-    @lib.llama_log_callback
-    def log(level, text, user_data):
-        if level != 5:
-            _LOG_LEVEL[0] = level
-        if _LOG_LEVEL[0] >= 3:
-            sys.stderr.write(text.decode("utf-8", "replace"))
-
-    _LOG_CALLBACK = log  # kept alive: llama.cpp holds the pointer
-    lib.llama_log_set(log, ctypes.c_void_p(0))
+from .gguf import cpu_threads, quiet_logs, require_llama_cpp
 
 
 class LlamaCppModel:
