@@ -22,3 +22,14 @@ def test_only_the_named_future_warning_is_ignored():
         warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
         warnings.warn("`other_thing` is deprecated", FutureWarning)
     assert [str(w.message) for w in caught] == ["`other_thing` is deprecated"]
+
+
+def test_llama_cpp_log_keeps_warnings_less_the_per_tensor_fallbacks_it_sums_up():
+    from qlora_helpers.serve.gguf import log_line_shown
+
+    fallback = ("warning: blk.0.attn_k.weight - ncols    576 not divisible by 256 (required for type    q4_K) "
+                "-> falling back to    q5_0\n")
+    assert not log_line_shown(3, fallback)
+    assert log_line_shown(3, "llama_model_quantize_impl: WARNING: 180 of 272 tensor(s) required fallback quantization\n")
+    assert log_line_shown(4, "llama_model_load: error loading model: tensor 'x' has wrong shape\n")
+    assert not log_line_shown(2, "llama_model_loader: - kv   0: general.architecture str = llama\n")  # info

@@ -24,6 +24,7 @@ import ctypes
 import importlib.metadata
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -75,12 +76,22 @@ def require_llama_cpp():
 
 
 _LOG_CALLBACK = None
-_LOG_LEVEL = [0]
+_LOG_STATE = {"level": 0, "line": ""}
+# Warnings that llama.cpp also sums up in one line of its own: the quantizer warns once per tensor whose
+# rows do not split into k-quant blocks (180 lines for SmolLM2's 576-wide rows at q4_k_m), then says
+# "WARNING: 180 of 272 tensor(s) required fallback quantization"; that line is kept.
+SUMMED_UP = (re.compile(r"not divisible by \d+ \(required for type .*\) -> falling back to"),)
+
+
+def log_line_shown(level: int, line: str) -> bool:
+    """Whether quiet_logs writes one complete llama.cpp log line: warnings and errors, less SUMMED_UP."""
+    return level >= 3 and not any(p.search(line) for p in SUMMED_UP)
 
 
 def quiet_logs(lib) -> None:
     """llama.cpp's warnings and errors to stderr, not its loading chatter (hundreds of lines that
-    would bury the server's request log). ggml's levels: 3 warn, 4 error, 5 continues the last line."""
+    would bury the server's request log or fill 06's export cell). ggml's levels: 3 warn, 4 error,
+    5 continues the last line; pieces are joined into lines before they are judged."""
     global _LOG_CALLBACK
     if _LOG_CALLBACK is not None:
         return
@@ -88,9 +99,12 @@ def quiet_logs(lib) -> None:
     @lib.llama_log_callback
     def log(level, text, user_data):
         if level != 5:
-            _LOG_LEVEL[0] = level
-        if _LOG_LEVEL[0] >= 3:
-            sys.stderr.write(text.decode("utf-8", "replace"))
+            _LOG_STATE["level"] = level
+        _LOG_STATE["line"] += text.decode("utf-8", "replace")
+        if _LOG_STATE["line"].endswith("\n"):
+            line, _LOG_STATE["line"] = _LOG_STATE["line"], ""
+            if log_line_shown(_LOG_STATE["level"], line):
+                sys.stderr.write(line)
 
     _LOG_CALLBACK = log  # kept alive: llama.cpp holds the pointer
     lib.llama_log_set(log, ctypes.c_void_p(0))
