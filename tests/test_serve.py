@@ -183,3 +183,57 @@ def test_a_full_queue_answers_503_with_retry_after(run, export):
         assert srv.stop(), (srv.proc.returncode, srv.log_tail())  # SIGTERM: a clean shutdown
         assert not srv.healthy()
 
+
+
+@pytest.fixture
+def foreign_server():
+    """Another HTTP server on 127.0.0.1 that answers /health as ours does, from another process id:
+    what a second run's server (or anything else) on the port looks like."""
+    import http.server
+    import threading
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"status": "ok", "model": "someone-else", "pid": 1}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield httpd.server_address[1]
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_a_port_taken_after_it_was_chosen_moves_the_server_and_another_servers_health_never_counts(
+        run, export, foreign_server):
+    import subprocess
+    import sys
+
+    from qlora_helpers.serve.process import PortTaken, ServerProcess
+
+    # chosen while free (serve.port), taken by the time the server starts: two runs started at once
+    srv = ServerProcess(run, overrides=["serve.form=merged"], api_key=API_KEY)
+    srv.port, srv.url = foreign_server, f"http://127.0.0.1:{foreign_server}"
+    srv.start()
+    try:
+        assert srv.port != foreign_server and srv.health()["pid"] == srv.proc.pid
+    finally:
+        assert srv.stop()
+    # /health answered on the port by another process is not this launcher's server
+    other = ServerProcess(run, port=foreign_server, api_key=API_KEY)
+    other.proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert not other.healthy()
+    finally:
+        other.proc.kill()
+        other.proc.wait()
+    # a port the caller named is not silently replaced
+    with pytest.raises(PortTaken, match=f"Port {foreign_server} is taken; pick another"):
+        ServerProcess(run, port=foreign_server, api_key=API_KEY).start(timeout=30)

@@ -15,6 +15,7 @@ import asyncio
 import dataclasses
 import hmac
 import logging
+import os
 import time
 from typing import Any, Literal, Optional, Union
 
@@ -262,7 +263,9 @@ router = APIRouter()
 
 @router.get("/health")
 async def health(state: Serving = Depends(serving)):
-    return {"status": "ok", "model": state.name, "form": state.form, **state.engine.stats()}
+    # pid: which process answers, so a launcher can tell its own server from another one that took
+    # the same port first (two runs started at once both saw 8000 free)
+    return {"status": "ok", "model": state.name, "form": state.form, "pid": os.getpid(), **state.engine.stats()}
 
 
 def model_card(state: Serving) -> dict[str, Any]:

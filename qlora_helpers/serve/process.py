@@ -67,6 +67,10 @@ def port_is_free(host: str, port: int) -> bool:
         return True
 
 
+class PortTaken(QLoraError):
+    """The server's port was in use (before the start, or by the time the child bound it)."""
+
+
 class ServerProcess:
     """`python -m qlora_helpers serve --run <folder>` in a child process; `start()` waits for /health.
 
@@ -79,6 +83,7 @@ class ServerProcess:
                    if saved.get(k) != v and k != "port"]  # what open_run_folder changed travels along
         self.run, self.overrides = run, changed + list(overrides)
         host = run.cfg.serve.host
+        self.port_given = port is not None
         self.port = port or (run.cfg.serve.port if port_is_free(host, run.cfg.serve.port) else free_port(host))
         self.url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{self.port}"
         self.api_key = api_key or (api_key_from_env(run) if run.cfg.serve.api_key_env else None)
@@ -90,10 +95,26 @@ class ServerProcess:
         return f"{self.url}/v1"
 
     def start(self, timeout: float = 300) -> "ServerProcess":
+        """Start the child and wait for its /health. A port this launcher picked itself (serve.port, or
+        a free one) can be taken by another process between the check and the child's bind; then the
+        child exits saying so, and a free port is tried, up to three times in all."""
+        for attempt in (1, 2, 3):
+            try:
+                return self._start_once(timeout)
+            except PortTaken:
+                if self.port_given or attempt == 3:
+                    raise
+                host = self.run.cfg.serve.host
+                self.port = free_port(host)
+                self.url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{self.port}"
+                self.log_path = self.run.server_logs_dir / f"server-{self.port}.log"
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout: float) -> "ServerProcess":
         if self.proc is not None and self.proc.poll() is None:
             raise QLoraError(f"This server is already running (pid {self.proc.pid}, {self.url}).")
         if not port_is_free(self.run.cfg.serve.host, self.port):
-            raise QLoraError(f"Port {self.port} is taken; pick another (serve.port) or stop what uses it.")
+            raise PortTaken(f"Port {self.port} is taken; pick another (serve.port) or stop what uses it.")
         env = dict(os.environ)
         key_env = self.run.cfg.serve.api_key_env
         if key_env and self.api_key:
@@ -108,8 +129,9 @@ class ServerProcess:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise QLoraError(f"The server exited with code {self.proc.returncode} before it was ready:\n"
-                                 f"{self.log_tail()}")
+                tail = self.log_tail()
+                error = PortTaken if "address already in use" in tail.lower() else QLoraError
+                raise error(f"The server exited with code {self.proc.returncode} before it was ready:\n{tail}")
             if self.healthy():
                 return self
             time.sleep(0.3)
@@ -117,11 +139,14 @@ class ServerProcess:
         raise QLoraError(f"The server was not ready after {timeout:.0f} s; its log:\n{self.log_tail()}")
 
     def healthy(self) -> bool:
+        """Our child answers /health (not merely something on the port: another server that bound it
+        first answers too, with its own pid)."""
         import httpx
 
         try:
-            return httpx.get(f"{self.url}/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
+            answer = httpx.get(f"{self.url}/health", timeout=2)
+            return answer.status_code == 200 and answer.json().get("pid") == self.proc.pid
+        except (httpx.HTTPError, ValueError):
             return False
 
     def health(self) -> dict[str, Any]:
