@@ -11,7 +11,8 @@ this module only makes the executed copies readable as static pages:
 - other widgets (06's chat box) become a one-line note: they need a live kernel.
 - text progress bars in streams keep only what the last carriage return left on each line.
 - the project folder of the machine that ran them (`/home/you/qlora-notebooks/`) is cut from paths in
-  sources and outputs, leaving `outputs/default/...` as a reader's own clone would print it.
+  sources and outputs, leaving `outputs/default/...` as a reader's own clone would print it (and
+  `../shared/data/...` for a folder beside it).
 """
 
 from __future__ import annotations
@@ -62,10 +63,14 @@ def make_static(nb: dict, root: Path | None = None) -> dict:
     """The notebook with its widget outputs turned into text and its widget state removed; with
     `root`, that folder's absolute path is cut from sources and text outputs (paths become relative)."""
     state = nb.get("metadata", {}).pop("widgets", {}).get(WIDGET_STATE, {}).get("state", {})
-    prefix = f"{Path(root).resolve()}/" if root else None
+    folder = Path(root).resolve() if root else None
 
     def relative(text: str) -> str:
-        return text.replace(prefix, "") if prefix else text
+        if folder is None:
+            return text
+        # inside the project: relative; the project itself: "."; beside it (../shared/data): "../"
+        text = re.sub(re.escape(str(folder)) + r"(/|(?![\w.-]))", lambda m: "" if m.group(1) else ".", text)
+        return text.replace(f"{folder.parent}/", "../") if folder.parent != folder else text
 
     for cell in nb["cells"]:
         cell["source"] = relative(_joined(cell["source"]))

@@ -44,6 +44,9 @@ def test_the_machines_project_folder_is_cut_from_sources_and_outputs(tmp_path):
             {"output_type": "execute_result", "metadata": {}, "execution_count": 1,
              "data": {"text/plain": [f"PosixPath('{root}/outputs/default/gguf')"],
                       "text/html": f"<code>{root}/outputs/default/eval.json</code>"}}]},
+        {"cell_type": "code", "source": "", "outputs": [
+            {"output_type": "stream", "name": "stdout",
+             "text": f"qlora_helpers from {root} (not Colab)\nusing the offline copy {tmp_path}/shared/data/a.json\n"}]},
         {"cell_type": "markdown", "source": f"elsewhere: /opt/{root.name}/x and {root}-other/y"}]}
     cells = make_static(nb, root=root)["cells"]
     assert cells[0]["source"] == "config = 'configs/default.yaml'\nx = 1"
@@ -51,4 +54,6 @@ def test_the_machines_project_folder_is_cut_from_sources_and_outputs(tmp_path):
     assert stream["text"] == "wrote outputs/default/merged\n"
     assert result["data"] == {"text/plain": "PosixPath('outputs/default/gguf')",
                               "text/html": "<code>outputs/default/eval.json</code>"}
-    assert cells[1]["source"] == f"elsewhere: /opt/{root.name}/x and {root}-other/y"  # only that folder
+    assert cells[1]["outputs"][0]["text"] == ("qlora_helpers from . (not Colab)\n"
+                                              "using the offline copy ../shared/data/a.json\n")
+    assert cells[2]["source"] == f"elsewhere: /opt/{root.name}/x and ../{root.name}-other/y"
