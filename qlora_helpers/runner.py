@@ -22,10 +22,6 @@ from .paths import PROJECT_ROOT, run_dir
 from .runs import NOTEBOOK_DIR, STAGES, RunFolder, Stage
 
 
-# the stages that read data.sources (02: held-out pairs for perplexity; 03: the training set)
-DATA_READERS = ("02", "03")
-
-
 class StageFailed(QLoraError):
     """A notebook raised while papermill executed it."""
 
@@ -51,14 +47,13 @@ def run_pipeline(config: str, run_name: str | None = None, overrides: Iterable[s
     cfg = load_config(config_path, overrides)  # fail on a bad key before any notebook starts
     run_name = run_name or config_path.stem
     selected = select_stages(stages)
-    readers = [s.notebook for s in selected if s.number in DATA_READERS]
+    readers = [s.notebook for s in selected if s.reads_sources]
     if readers:  # and on training data that cannot be read, instead of minutes into the run
         try:
             check_sources(cfg.data)
         except DataError as exc:
-            why = str(exc)
             raise type(exc)(f"Nothing was run: {' and '.join(readers)} read the training data "
-                            f"(data.sources). {why}") from None
+                            f"(data.sources). {exc}") from None
     path = run_dir(run_name, outputs_dir)
     parameters = {"config": str(config_path), "run_name": run_name, "overrides": overrides,
                   "outputs_dir": str(path.parent)}

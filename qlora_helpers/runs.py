@@ -290,6 +290,7 @@ class Stage:
     reads: tuple[str, ...]      # artifacts (RunFolder property names) of earlier stages it needs
     writes: tuple[str, ...]     # artifacts it writes, the report it writes last at the end
     entry: str | None           # "module:function" taking a Run, returning the report; None for 01
+    reads_sources: bool = False  # reads the training data (data.sources) itself, not only 03's split
 
     @property
     def notebook_path(self) -> Path:
@@ -317,9 +318,9 @@ class Stage:
 STAGES: tuple[Stage, ...] = (
     Stage("01", "01_setup.ipynb", (), ("config_file", "env_file"), None),
     Stage("02", "02_quantize.ipynb", ("config_file", "env_file"), ("quantization_report",),
-          "qlora_helpers.quantize:run_stage"),
+          "qlora_helpers.quantize:run_stage", reads_sources=True),  # held-out pairs for perplexity
     Stage("03", "03_data_prep.ipynb", ("config_file", "env_file"), ("data_dir", "data_report"),
-          "qlora_helpers.data:run_stage"),
+          "qlora_helpers.data:run_stage", reads_sources=True),
     Stage("04", "04_train.ipynb", ("config_file", "env_file", "data_report"),
           ("checkpoints_dir", "adapter_dir", "train_log"), "qlora_helpers.train:run_stage"),
     Stage("05", "05_evaluate.ipynb", ("config_file", "env_file", "data_report", "adapter_dir"),

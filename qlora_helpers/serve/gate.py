@@ -26,7 +26,8 @@ from typing import Any
 
 from ..paths import write_json_atomic
 from ..runs import Run
-from .gguf import INSTALL_HINT, bits_per_weight, export_gguf, gguf_available, gguf_path, llama_cpp_version
+from .gguf import (INSTALL_HINT, bits_per_weight, export_gguf, gguf_available, gguf_path, llama_cpp_version,
+                   merged_parameters)
 
 PROBE_INSTRUCTIONS = ["Give three tips for staying healthy.", "What is the capital of France?",
                       "Write a haiku about the sea.", "Explain what a binary search does."]
@@ -215,7 +216,8 @@ def run_export_gate(run: Run, gguf_types: list[str] | tuple[str, ...] = (), new_
     for p in probes:
         del p["_ids"], p["_start"], p["_ref_logprobs"]
     tokens_ok = all(t["equal"] for t in tokenization.values())
-    explain_quantization(forms, tokens_ok, {t: bits_per_weight(run, t) for t in gguf_types})
+    parameters = merged_parameters(run) if gguf_types else 0
+    explain_quantization(forms, tokens_ok, {t: bits_per_weight(gguf_path(run, t), parameters) for t in gguf_types})
     report = {"reference": "4-bit base + adapter (transformers generate, greedy)", "device": run.device,
               "compute_dtype": str(run.compute_dtype), "new_tokens": new_tokens, "tie_margin_nats": TIE_MARGIN,
               "probes": probes, "forms": forms, "tokenization": tokenization,

@@ -222,11 +222,11 @@ def merged_parameters(run: Run) -> int:
     return total
 
 
-def bits_per_weight(run: Run, gguf_type: str) -> float:
-    """The GGUF file's size in bits per weight of merged/: 16 for f16 (plus metadata), 8.5 for q8_0;
-    q4_k_m is ~4.9 where every row length is a multiple of 256, and more where llama.cpp has to
-    fall back to q5_0/q8_0 for tensors whose rows are not (SmolLM2's 576)."""
-    return round(gguf_path(run, gguf_type).stat().st_size * 8 / merged_parameters(run), 2)
+def bits_per_weight(path: Path, parameters: int) -> float:
+    """A GGUF file's size in bits per weight (`parameters`: merged_parameters): 16 for f16 (plus
+    metadata), 8.5 for q8_0; q4_k_m is ~4.9 where every row length is a multiple of 256, and more
+    where llama.cpp has to fall back to q5_0/q8_0 for tensors whose rows are not (SmolLM2's 576)."""
+    return round(path.stat().st_size * 8 / parameters, 2)
 
 
 # --- export ------------------------------------------------------------------------------------------------
@@ -248,6 +248,7 @@ def export_gguf(run: Run, types: list[str] | tuple[str, ...], served: str | None
     folder = run.gguf_dir
     folder.mkdir(parents=True, exist_ok=True)
     files: dict[str, Any] = {}
+    parameters = merged_parameters(run)
     f16 = gguf_path(run, "f16")
     fresh = f16.is_file() and f16.stat().st_mtime >= (merged / "config.json").stat().st_mtime
     quantized = [t for t in types if t not in CONVERTER_TYPES]
@@ -269,7 +270,7 @@ def export_gguf(run: Run, types: list[str] | tuple[str, ...], served: str | None
         finally:
             tmp.unlink(missing_ok=True)
         files[gguf_type] = {"path": str(final), "mib": round(final.stat().st_size / 2**20, 1),
-                            "bits_per_weight": bits_per_weight(run, gguf_type), "how": how,
+                            "bits_per_weight": bits_per_weight(final, parameters), "how": how,
                             "seconds": round(time.perf_counter() - start, 1)}
     served = served or types[0]
     write_text_atomic(run.modelfile, modelfile(run, served))

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from ..errors import QLoraError
@@ -85,10 +86,17 @@ class ServerProcess:
         host = run.cfg.serve.host
         self.port_given = port is not None
         self.port = port or (run.cfg.serve.port if port_is_free(host, run.cfg.serve.port) else free_port(host))
-        self.url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{self.port}"
         self.api_key = api_key or (api_key_from_env(run) if run.cfg.serve.api_key_env else None)
-        self.log_path = run.server_logs_dir / f"server-{self.port}.log"
         self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        host = self.run.cfg.serve.host
+        return f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.run.server_logs_dir / f"server-{self.port}.log"
 
     @property
     def base_url(self) -> str:
@@ -104,10 +112,7 @@ class ServerProcess:
             except PortTaken:
                 if self.port_given or attempt == 3:
                     raise
-                host = self.run.cfg.serve.host
-                self.port = free_port(host)
-                self.url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{self.port}"
-                self.log_path = self.run.server_logs_dir / f"server-{self.port}.log"
+                self.port = free_port(self.run.cfg.serve.host)  # url and log_path follow it
         raise AssertionError("unreachable")
 
     def _start_once(self, timeout: float) -> "ServerProcess":
