@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from qlora_helpers.config import load_config
-from qlora_helpers.evaluate import (extract_final_number, gsm8k_exact_match, heldout_loss,
-                                    lm_eval_local_tasks, rouge_l)
+from qlora_helpers.evaluate import extract_final_number, gsm8k_exact_match, lm_eval_local_tasks, rouge_l
+from qlora_helpers.scoring import heldout_loss
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -53,20 +53,21 @@ def test_perplexity_of_a_uniform_model_is_the_vocabulary_size(tiny_dir):
 
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     result = heldout_loss(_Uniform(len(tok)), tok, [("Say:", " hello there"), ("Count:", " one two three")],
-                          batch_size=2, max_length=64)
+                          batch_size=2, max_length=64, template="alpaca")
     assert result["perplexity"] == pytest.approx(len(tok), rel=1e-5)
     assert result["loss"] == pytest.approx(math.log(len(tok)), rel=1e-6)
 
 
 def test_batched_generation_equals_one_by_one(embedded_dir):
-    from qlora_helpers.generation import generate, render_prompt
+    from qlora_helpers.generation import generate
     from qlora_helpers.models import load_model, load_tokenizer
+    from qlora_helpers.prompts import encode_prompts
 
     cfg = load_config("default")
     tok = load_tokenizer(cfg.model)
     model = load_model(cfg.model, cfg.quant, torch.float32, "cpu", quantized=False)
-    prompts = [render_prompt(tok, q) for q in ("Name a colour.", "What is 2 + 2? Answer briefly.",
-                                               "Write one sentence about the sea and the wind at night.")]
+    prompts = encode_prompts("alpaca", tok, ("Name a colour.", "What is 2 + 2? Answer briefly.",
+                                             "Write one sentence about the sea and the wind at night."))
     batched = generate(model, tok, prompts, max_new_tokens=16, batch_size=3)
     single = [generate(model, tok, [p], max_new_tokens=16, batch_size=1)[0] for p in prompts]
     assert batched == single
@@ -117,7 +118,7 @@ def test_a_task_without_data_is_skipped_and_recorded(tmp_path, tiny_dir, monkeyp
 
 
 def test_paired_bootstrap_on_known_inputs():
-    from qlora_helpers.evaluate import paired_bootstrap
+    from qlora_helpers.scoring import paired_bootstrap
 
     # one of four examples flips from wrong to right: the resampled count of flips is Binomial(4, 1/4),
     # so the 2.5% and 97.5% points of the mean difference are 0 and 3/4: zero is inside
@@ -134,7 +135,7 @@ def test_paired_bootstrap_pairs_examples():
     """Big differences between examples, a small consistent gain: paired, the gain shows."""
     import random
 
-    from qlora_helpers.evaluate import paired_bootstrap
+    from qlora_helpers.scoring import paired_bootstrap
 
     rng = random.Random(0)
     base = [rng.uniform(0, 1) for _ in range(40)]
@@ -146,7 +147,7 @@ def test_paired_bootstrap_pairs_examples():
 def test_paired_bootstrap_weights_and_transform():
     import math
 
-    from qlora_helpers.evaluate import paired_bootstrap
+    from qlora_helpers.scoring import paired_bootstrap
 
     # per-example mean losses weighted by token counts: the token-weighted loss difference
     base, tuned, tokens = [2.0, 1.0], [1.0, 1.0], [3, 1]

@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from ..config import ServeConfig
-from ..data import render_conversation
+from ..prompts import encode_text, render_conversation
 from ..runs import Run
 from . import responses as out
 from .engine import BatchEngine, Job
@@ -291,7 +291,7 @@ async def prompt_ids(state: Serving, prompt) -> list[tuple[list[int], str | None
     if not prompt:
         raise APIError(400, "prompt is an empty list.", param="prompt")
     texts = [check_text(p, "prompt") for p in prompt if isinstance(p, str)]
-    encoded = iter(await run_in_threadpool(lambda: [state.tokenizer(t)["input_ids"] for t in texts]))
+    encoded = iter(await run_in_threadpool(lambda: [encode_text(state.template, state.tokenizer, t) for t in texts]))
     prompts = []
     for p in prompt:
         ids, text = (next(encoded), p) if isinstance(p, str) else (p, None)

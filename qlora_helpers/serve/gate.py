@@ -24,46 +24,43 @@ import gc
 import time
 from typing import Any
 
+from ..evaluate import load_tuned_model
 from ..paths import write_json_atomic
+from ..prompts import encode_text, render_instruction
 from ..runs import Run
-from .gguf import (INSTALL_HINT, bits_per_weight, export_gguf, gguf_available, gguf_path, llama_cpp_version,
-                   merged_parameters)
+from .forms import FORMS, Form, checked_forms
+from .gguf import INSTALL_HINT, bits_per_weight, export_gguf, gguf_available, gguf_path, merged_parameters
+from .llamacpp import LlamaCppModel
 
 PROBE_INSTRUCTIONS = ["Give three tips for staying healthy.", "What is the capital of France?",
                       "Write a haiku about the sea.", "Explain what a binary search does."]
 GATE_TOKENS = 24  # new tokens per probe: long enough to see drift, short enough for a 4-bit CPU model
 
-# Mean KL bounds (nats per token). 16-bit rounding of the merged weights moves a well-trained model's
-# next-token distributions by ~1e-4 nats; q8_0 by ~1e-3; 4-bit k-quants on a 135M model by a few
-# 1e-2 (llama.cpp's own perplexity tables: q4_k_m costs a 7B ~0.05 in log-perplexity). The bounds
-# sit an order of magnitude above what each should cost, and far below a broken export (a wrong
-# tokenizer, tensor layout or template costs whole nats).
-KL_BOUNDS = {"adapter": 1e-3, "merged": 1e-2, "gguf-f16": 1e-2, "gguf-q8_0": 2e-2, "gguf-q4_k_m": 0.25}
 TIE_MARGIN = 0.5  # nats: a first disagreement where the reference's two candidates were this close
 
 
-def probe_prompts(run: Run, tokenizer) -> list[str]:
-    from ..generation import render_prompt
-
-    style = "chat" if run.cfg.data.template == "chat" else "alpaca"
-    return [render_prompt(tokenizer, instruction, style) for instruction in PROBE_INSTRUCTIONS]
+def probe_prompts(run: Run, tokenizer) -> list[tuple[str, list[int]]]:
+    """(text, token ids) of each probe: the run's template around PROBE_INSTRUCTIONS, encoded as in training."""
+    texts = [render_instruction(run, tokenizer, instruction) for instruction in PROBE_INSTRUCTIONS]
+    return [(text, encode_text(run, tokenizer, text)) for text in texts]
 
 
 def _with_eos(tokens: list[int], stopped: bool, eos: int) -> list[int]:
     return tokens + [eos] if stopped else tokens
 
 
-def reference_continuations(model, tokenizer, prompts: list[str], new_tokens: int) -> list[list[int]]:
+def reference_continuations(model, tokenizer, prompt_ids: list[list[int]], new_tokens: int) -> list[list[int]]:
     """transformers' greedy `generate`, one prompt at a time (no padding): tokens, EOS included."""
     import torch
 
     device = next(model.parameters()).device
     out = []
     with torch.no_grad():
-        for prompt in prompts:
-            ids = tokenizer(prompt, return_tensors="pt").to(device)
-            gen = model.generate(**ids, max_new_tokens=new_tokens, do_sample=False,  # EOS: the engine's rule
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)[0, ids["input_ids"].shape[1]:].tolist()
+        for prompt in prompt_ids:
+            ids = torch.tensor([prompt], device=device)
+            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                 do_sample=False, eos_token_id=tokenizer.eos_token_id,  # EOS: the engine's rule
+                                 pad_token_id=tokenizer.pad_token_id)[0, len(prompt):].tolist()
             if tokenizer.eos_token_id in gen:
                 gen = gen[:gen.index(tokenizer.eos_token_id) + 1]
             out.append(gen)
@@ -92,6 +89,15 @@ def transformers_logprobs(model, ids: list[int], start: int):
     return torch.log_softmax(logits, dim=-1)
 
 
+def teacher_logprobs(model, ids: list[int], start: int):
+    """Teacher-forced log-probabilities of any form's model (transformers, or llama.cpp's)."""
+    import torch
+
+    if isinstance(model, LlamaCppModel):
+        return torch.log_softmax(model.logits(ids, start), dim=-1)
+    return transformers_logprobs(model, ids, start)
+
+
 def compare(reference: list[int], got: list[int], ref_logprobs) -> dict[str, Any]:
     """Equal, or where the first token differs and the reference's margin there (nats)."""
     first = next((i for i, (a, b) in enumerate(zip(reference, got)) if a != b), None)
@@ -118,7 +124,7 @@ def check_form(name: str, what: str, greedy: list[list[int]], logprobs: list, pr
     rows = [compare(p["reference_tokens"], g, p["_ref_logprobs"]) for p, g in zip(probes, greedy)]
     kls = [mean_kl(p["_ref_logprobs"], lp) for p, lp in zip(probes, logprobs)]
     kl = sum(kls) / len(kls)
-    bound = KL_BOUNDS[name]
+    bound = FORMS[name].kl_bound
     greedy_ok = all(r["equal"] or r["near_tie"] for r in rows)
     problems = []
     if kl > bound:
@@ -141,9 +147,9 @@ def explain_quantization(forms: list[dict], tokens_ok: bool, bits: dict[str, flo
     each GGUF type's bits per weight."""
     f16 = next((f for f in forms if f["form"] == "gguf-f16"), None)
     for f in forms:
-        if f["passed"] or f["form"] in ("adapter", "merged", "gguf-f16"):
+        if f["passed"] or not FORMS[f["form"]].quantized:
             continue
-        gguf_type = f["form"][5:]
+        gguf_type = FORMS[f["form"]].gguf_type
         if f16 is None or not f16["passed"] or not tokens_ok or f["mean_kl"] > f["kl_bound"]:
             f["explanation"] = None  # the export itself may be wrong: nothing rules it out
             continue
@@ -158,63 +164,63 @@ def explain_quantization(forms: list[dict], tokens_ok: bool, bits: dict[str, flo
             f"{'; '.join(parted)}. Serve f16 or q8_0 where answers must match the adapter model's.")
 
 
+def reference_probes(run: Run, model, tokenizer, new_tokens: int) -> list[dict[str, Any]]:
+    """Each probe with the reference's greedy continuation and, kept for the checks (`_` keys), the
+    ids a form is teacher-forced on and the reference's log-probabilities along them."""
+    probes = []
+    texts, prompt_ids = zip(*probe_prompts(run, tokenizer))
+    for prompt, ids, cont in zip(texts, prompt_ids, reference_continuations(model, tokenizer, prompt_ids, new_tokens)):
+        probe = {"prompt": prompt, "prompt_tokens": len(ids), "reference_tokens": cont,
+                 "reference_text": tokenizer.decode(cont, skip_special_tokens=True),
+                 "_prompt_ids": ids, "_ids": ids + cont[:-1] if cont else ids, "_start": len(ids) - 1}
+        probe["_ref_logprobs"] = transformers_logprobs(model, probe["_ids"], probe["_start"])[:len(cont)]
+        probes.append(probe)
+    return probes
+
+
+def check_loaded_form(run: Run, form: Form, model, tokenizer, probes: list[dict], new_tokens: int) -> dict:
+    """One form's gate result: greedy through the serving engine and KL, teacher-forced, on every probe."""
+    prompt_ids = [p["_prompt_ids"] for p in probes]
+    return check_form(form.name, form.describe(run), served_continuations(model, tokenizer, prompt_ids, new_tokens),
+                      [teacher_logprobs(model, p["_ids"], p["_start"])[:len(p["reference_tokens"])] for p in probes],
+                      probes)
+
+
+def tokenization_check(model: LlamaCppModel, probes: list[dict]) -> dict[str, Any]:
+    """Does llama.cpp tokenize each probe's text into the run tokenizer's ids?"""
+    import torch
+
+    theirs = [model.tokenize(p["prompt"]) for p in probes]
+    return {"equal": all(a == p["_prompt_ids"] for a, p in zip(theirs, probes)),
+            "per_probe": [compare(p["_prompt_ids"], t, torch.zeros(0)) | {"tokens": len(t)}
+                          for p, t in zip(probes, theirs)]}
+
+
 def run_export_gate(run: Run, gguf_types: list[str] | tuple[str, ...] = (), new_tokens: int = GATE_TOKENS,
                     extra: dict[str, Any] | None = None) -> dict:
-    """Check the adapter (as served), merged/ and each GGUF of `gguf_types` against the adapter
-    model; write `export.json`. `passed` is False when any form disagrees beyond its bound."""
-    from ..evaluate import load_tuned_model
-    from .export import load_merged
-
+    """Check every form of the registry (serve/forms.py: the adapter as served, merged/, and the GGUF
+    forms of `gguf_types`) against the adapter model; write `export.json`. `passed` is False when any
+    form disagrees beyond its bound."""
     start = time.perf_counter()
-    reference_model, tokenizer = load_tuned_model(run)
-    prompts = probe_prompts(run, tokenizer)
-    prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
-    continuations = reference_continuations(reference_model, tokenizer, prompts, new_tokens)
-    probes = []
-    for prompt, ids, cont in zip(prompts, prompt_ids, continuations):
-        probes.append({"prompt": prompt, "prompt_tokens": len(ids), "reference_tokens": cont,
-                       "reference_text": tokenizer.decode(cont, skip_special_tokens=True),
-                       "_ids": ids + cont[:-1] if cont else ids, "_start": len(ids) - 1})
-    for p in probes:
-        p["_ref_logprobs"] = transformers_logprobs(reference_model, p["_ids"], p["_start"])[:len(p["reference_tokens"])]
-
-    def teacher(fn):
-        return [fn(p["_ids"], p["_start"])[:len(p["reference_tokens"])] for p in probes]
-
-    forms = [check_form("adapter", "4-bit base + adapter, through the serving engine",
-                        served_continuations(reference_model, tokenizer, prompt_ids, new_tokens),
-                        teacher(lambda ids, s: transformers_logprobs(reference_model, ids, s)), probes)]
-    del reference_model
-    gc.collect()
-    merged = load_merged(run)
-    forms.append(check_form("merged", f"merged/ ({run.cfg.serve.export_dtype}), through the serving engine",
-                            served_continuations(merged, tokenizer, prompt_ids, new_tokens),
-                            teacher(lambda ids, s: transformers_logprobs(merged, ids, s)), probes))
-    del merged
-    gc.collect()
-    tokenization = {}
-    for gguf_type in gguf_types:
-        import torch
-
-        from .llamacpp import LlamaCppModel
-
-        longest = max(len(p["_ids"]) for p in probes) + 1
-        model = LlamaCppModel(gguf_path(run, gguf_type), context=longest + new_tokens, rows=1)
+    reference, tokenizer = load_tuned_model(run)  # the reference, and the adapter form itself
+    probes = reference_probes(run, reference, tokenizer, new_tokens)
+    context = max(len(p["_ids"]) for p in probes) + 1 + new_tokens
+    forms, tokenization = [], {}
+    for form in checked_forms(gguf_types):  # registry order: the adapter first, then its memory goes
+        model, reference = ((reference, None) if form.name == "adapter"
+                            else (form.load(run, context=context, rows=1), reference))
         try:
-            theirs = [model.tokenize(p) for p in prompts]
-            tokenization[gguf_type] = {
-                "equal": all(a == b for a, b in zip(theirs, prompt_ids)),
-                "per_probe": [compare(ours, t, torch.zeros(0)) | {"tokens": len(t)}
-                              for ours, t in zip(prompt_ids, theirs)]}
-            forms.append(check_form(f"gguf-{gguf_type}", f"{gguf_path(run, gguf_type).name} through llama.cpp "
-                                    f"(llama-cpp-python {llama_cpp_version()})",
-                                    served_continuations(model, tokenizer, prompt_ids, new_tokens),
-                                    teacher(lambda ids, s: torch.log_softmax(model.logits(ids, s), dim=-1)),
-                                    probes))
+            forms.append(check_loaded_form(run, form, model, tokenizer, probes, new_tokens))
+            if form.gguf_type:
+                tokenization[form.gguf_type] = tokenization_check(model, probes)
         finally:
-            model.close()
+            if hasattr(model, "close"):
+                model.close()
+            model = None  # one form in memory at a time
+            gc.collect()
     for p in probes:
-        del p["_ids"], p["_start"], p["_ref_logprobs"]
+        for key in [k for k in p if k.startswith("_")]:
+            del p[key]
     tokens_ok = all(t["equal"] for t in tokenization.values())
     parameters = merged_parameters(run) if gguf_types else 0
     explain_quantization(forms, tokens_ok, {t: bits_per_weight(gguf_path(run, t), parameters) for t in gguf_types})
@@ -249,10 +255,15 @@ def gate_table(report: dict) -> list[dict[str, Any]]:
     return [{"form": f["form"], "greedy equal": f"{f['greedy_equal']}/{n}",
              "first differences": [g["first_difference"] for g in f["greedy"] if not g["equal"]] or "-",
              "mean KL": f"{f['mean_kl']:.2e}", "KL bound": f["kl_bound"],
-             "tokenization": ("same ids" if report["tokenization"][f["form"][5:]]["equal"] else "DIFFERENT")
-             if f["form"].startswith("gguf-") else "-",
+             "tokenization": _tokenization_cell(report, FORMS[f["form"]]),
              "verdict": "pass" if f["passed"] else "FLAGGED: " + "; ".join(f["problems"])}
             for f in report["forms"]]
+
+
+def _tokenization_cell(report: dict, form: Form) -> str:
+    if form.gguf_type is None:
+        return "-"
+    return "same ids" if report["tokenization"][form.gguf_type]["equal"] else "DIFFERENT"
 
 
 def gate_summary(report: dict) -> str:
