@@ -174,6 +174,9 @@ class EvalConfig:
     mt_bench_path: str = _f("HuggingFaceH4/mt_bench_prompts", "MT-bench questions for the side-by-side "
                             "table: hub id or file")
     showcase_samples: int = _f(4, "AlpacaEval and MT-bench prompts each in the side-by-side table", low=0)
+    choice_path: Union[str, None] = _f(None, "multiple-choice questions (JSONL rows: question, choices, gold "
+                                       "index): file (relative: in the data directory) or hub id; null: off")
+    choice_samples: int = _f(16, "multiple-choice questions (the first N)", low=0)
     lm_eval_tasks: list[str] = _f([], "lm-evaluation-harness tasks to run on the tuned model (online), "
                                   "or 'gsm8k_local' for the data directory's GSM8K")
     lm_eval_limit: int = _f(16, "examples per lm-eval task", low=1)

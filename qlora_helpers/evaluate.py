@@ -24,10 +24,11 @@ from tqdm.auto import tqdm
 
 from . import ifeval
 from .data import HUB_DATASETS, DataUnavailable, load_prepared, load_table, looks_like_file, resolve_data_dir
+from .errors import DataError
 from .generation import generate
 from .models import four_bit_kernel, load_model, load_tokenizer
 from .paths import write_json_atomic, write_text_atomic
-from .prompts import encode_prompts, encode_text
+from .prompts import encode_prompts, encode_text, render_instruction
 from .runs import RunFolder
 from .scoring import describe_difference, heldout_loss, paired_bootstrap
 from .tasks import TASKS, metrics
@@ -206,6 +207,33 @@ def evaluate_ifeval(run, model, tokenizer, data=None) -> dict[str, Any]:
     for side in ("base", "tuned"):
         out[side] = {"outputs": out[side], **ifeval.score(rows, out[side])}
     out["prompts"] = [r["prompt"] for r in rows]
+    return out
+
+
+@needs_data
+def evaluate_choice(run, model, tokenizer, data=None) -> dict[str, Any]:
+    """Multiple choice: the answer the model finds likeliest after the question (the summed
+    log-likelihood of the choice and EOS, as held-out loss scores a response) against the gold one."""
+    cfg = run.cfg.eval
+    rows = _read(run, cfg.choice_path)[:cfg.choice_samples]
+    pairs = [(render_instruction(run, tokenizer, r["question"]), c) for r in rows for c in r["choices"]]
+    if not pairs:  # choice_samples: 0
+        empty = {"accuracy": 0.0, "per_example": [], "chosen": []}
+        return {"base": empty, "tuned": dict(empty), "seconds": {"base": 0.0, "tuned": 0.0}, "questions": []}
+
+    def picks():
+        scored = heldout_loss(model, tokenizer, pairs, cfg.batch_size, run.cfg.model.max_seq_length,
+                              desc="choices", template=run)
+        if scored["skipped_too_long"]:
+            raise DataError(f"{scored['skipped_too_long']} question + choice pairs of {cfg.choice_path} are "
+                            f"longer than model.max_seq_length; raise it or shorten them.")
+        nll = iter(n for n, _ in scored["per_example"])
+        chosen = [min(range(len(r["choices"])), key=[next(nll) for _ in r["choices"]].__getitem__) for r in rows]
+        hits = [c == int(r["gold"]) for c, r in zip(chosen, rows)]
+        return {"accuracy": sum(hits) / len(hits) if hits else 0.0, "per_example": hits, "chosen": chosen}
+
+    out = for_both(model, picks)
+    out["questions"] = [r["question"] for r in rows]
     return out
 
 

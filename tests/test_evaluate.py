@@ -176,3 +176,46 @@ def test_compare_paired_says_in_words_whether_it_is_real():
     assert "not distinguishable from zero" in rows["ROUGE-L F1"]["verdict"]
     assert rows["GSM8K exact match"]["verdict"].endswith("the two models score alike on every example.")
     assert rows["IFEval instruction-level"]["difference"] == pytest.approx(3 / 3 - 2 / 3)
+
+
+def test_multiple_choice_picks_the_choice_the_model_finds_likeliest(tmp_path, tiny_dir):
+    """The 'choice' task (tasks.py) on tests/assets/lm_eval/qa.jsonl: each side picks the choice whose
+    tokens (and EOS) have the lowest summed NLL after the question, here computed pair by pair."""
+    import json
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from qlora_helpers.evaluate import compare_paired, evaluate_choice, summarize
+    from qlora_helpers.models import load_tokenizer
+    from qlora_helpers.paths import PROJECT_ROOT
+    from qlora_helpers.prompts import encode_pairs, render_instruction
+    from qlora_helpers.runs import setup_run
+    from qlora_helpers.tasks import TASKS
+
+    qa = PROJECT_ROOT / "tests" / "assets" / "lm_eval" / "qa.jsonl"
+    run = setup_run("smoke", "choice", ["train.wandb=disabled", f"eval.choice_path={qa}", "eval.choice_samples=5"],
+                    str(tmp_path))
+    assert TASKS["choice"].enabled(run.cfg.eval) and not TASKS["choice"].enabled(load_config("smoke").eval)
+    tok = load_tokenizer(run.cfg.model)
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).eval()
+    result = evaluate_choice(run, model, tok)
+    rows = [json.loads(line) for line in qa.read_text().splitlines()][:5]
+
+    def likeliest(row) -> int:
+        nll = []
+        for e in encode_pairs(run, tok, [(render_instruction(run, tok, row["question"]), c) for c in row["choices"]]):
+            with torch.no_grad():
+                logp = model(input_ids=torch.tensor([e["input_ids"]])).logits[0, :-1].log_softmax(-1)
+            nll.append(-sum(logp[i - 1, e["input_ids"][i]].item() for i in range(e["prompt_len"], len(e["input_ids"]))))
+        return min(range(len(nll)), key=nll.__getitem__)
+
+    with model.disable_adapter():
+        assert result["base"]["chosen"] == [likeliest(r) for r in rows]
+    assert result["tuned"]["chosen"] == [likeliest(r) for r in rows]
+    assert result["tuned"]["per_example"] == [c == r["gold"] for c, r in zip(result["tuned"]["chosen"], rows)]
+    assert summarize({"choice": result}) == {"multiple-choice accuracy": {
+        side: sum(result[side]["per_example"]) / 5 for side in ("base", "tuned")}}
+    assert [d["metric"] for d in compare_paired({"choice": result})] == ["multiple-choice accuracy"]
