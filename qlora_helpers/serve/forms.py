@@ -33,7 +33,7 @@ class Form:
     # the model: for checking (gate, latency: `context` tokens, `rows` sequences; exported before) or,
     # with `serving`, for the server (exported first when missing, the run's own context and rows)
     load: Callable[..., Any]
-    auto: Callable[[Run], tuple[bool, str]] | None = None  # serve.form=auto: (picks it?, why)
+    auto: Callable[[Run], tuple[bool, str]]  # serve.form=auto: (picks it?, why); tried in AUTO_ORDER
     gguf_type: str | None = None  # the llama.cpp file type of a GGUF form
     quantized: bool = False   # rounds the weights below 16 bits (the gate may explain a failure by it)
 
