@@ -222,3 +222,38 @@ def test_the_merge_check_passes_in_16_bit_compute_on_cuda(run):
     assert run.device == "cuda" and run.runtime.compute_dtype in ("bfloat16", "float16")
     assert gap["bound"] == merge_tolerance(run.compute_dtype) and gap["within_bound"], gap
     assert gap["same_argmax"] > 0.9 and run.has_merged
+
+
+def test_the_compile_cache_file_is_keyed_by_what_changes_the_compiled_step(model_and_tokenizer, tmp_path):
+    from qlora_helpers.serve.compile_cache import CompileCache, cache_key
+
+    model, _ = model_and_tokenizer
+    base = dict(model=model, dtype=torch.bfloat16, slots=4, max_len=64, buckets=(1, 2, 4),
+                options={"triton.cudagraphs": True})
+    digest = CompileCache(tmp_path, cache_key(**base)).digest
+    assert CompileCache(tmp_path, cache_key(**base)).digest == digest  # the same decoder: the same file
+    for change in (dict(slots=8), dict(max_len=128), dict(buckets=(1, 4)), dict(dtype=torch.float16),
+                   dict(options={"triton.cudagraphs": True, "coordinate_descent_tuning": True})):
+        assert CompileCache(tmp_path, cache_key(**{**base, **change})).digest != digest, change
+    cache = CompileCache(tmp_path, cache_key(**base))
+    assert cache.load()["state"] == "miss"
+    cache.file.write_bytes(b"not torch's artefacts")
+    state = cache.load()
+    assert state["state"] == "unreadable" and state["error"]  # a broken file costs a cold compile, not the server
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_second_decoder_loads_the_compile_cache_the_first_saved(tiny_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).cuda().eval()
+    first = StaticDecoder(model, slots=2, max_len=32)
+    first.warm_up(tmp_path)
+    assert first.compile_cache["state"] == "miss" and first.compile_cache["saved"]
+    assert first.describe()["compile_cache"] == "miss" and len(list(tmp_path.glob("step-*.bin"))) == 1
+    torch._dynamo.reset()
+    second = StaticDecoder(model, slots=2, max_len=32)
+    second.warm_up(tmp_path)
+    assert second.compile_cache["state"] == "hit" and second.compile_cache["entries"] > 0
+    assert second.describe()["compile_cache"] == "hit"

@@ -65,12 +65,14 @@ class CompileCache:
         """Load the artefacts into torch's caches before compiling: {'state': 'hit'|'miss'|'unreadable', ...}."""
         if not self.file.is_file():
             return {"state": "miss", "file": str(self.file)}
-        try:
+        try:  # torch logs a file it cannot read and returns None; other versions may raise
             info = torch.compiler.load_cache_artifacts(self.file.read_bytes())
+            error = None if info is not None else "torch could not read it (a corrupt or foreign file)"
         except Exception as exc:  # noqa: BLE001 - a stale or broken file costs a cold compile, not the server
-            log.warning("compile cache %s unreadable (%s: %s); compiling from scratch", self.file,
-                        type(exc).__name__, exc)
-            return {"state": "unreadable", "file": str(self.file), "error": f"{type(exc).__name__}: {exc}"}
+            error = f"{type(exc).__name__}: {exc}"
+        if error is not None:
+            log.warning("compile cache %s unreadable (%s); compiling from scratch", self.file, error)
+            return {"state": "unreadable", "file": str(self.file), "error": error}
         entries = sum(len(v) for v in getattr(info, "artifacts", {}).values())
         return {"state": "hit", "file": str(self.file), "entries": entries}
 
