@@ -25,8 +25,18 @@ Design (how rows of different lengths share one static cache):
   shapes vary with the prompts), decode is.
 - **The compiled step** reads the pending tokens, columns and positions from static buffers, writes
   one column per row, marks it valid, advances the row's column and position, and returns the
-  logits `[b, vocab]`. Choosing tokens (sampling, stop strings, logprobs) stays per row in Python
-  (`Batch._choose`), exactly as on the dynamic path, so both paths produce the same rows.
+  logits `[b, vocab]` and their argmax, which it also writes into the token buffer as the next
+  step's input. Choosing tokens (sampling, stop strings, logprobs) stays per row in Python
+  (`Batch._choose`), exactly as on the dynamic path, so both paths produce the same rows; a row
+  whose choice is not the plain argmax has its token written over from the host.
+- **Overlapped steps.** The argmax comes back through pinned memory behind an event, so the host
+  waits for that step only. When every row is plain greedy, `StaticBatch.step` launches the next
+  step before it decodes the current step's tokens into text (a row that ends there computed one
+  token too many, which nobody reads; joining and leaving rows move slots in stream order after
+  it); otherwise it launches it with the host's tokens before returning. So the host's work per
+  step (text decoding, stop strings, the guard check and graph launch) runs while the GPU computes.
+- **Restarts.** `warm_up(cache_root)` loads torch's compile artefacts saved by an earlier start with
+  the same model, GPU, versions and buckets, and saves them after a cold compile (compile_cache.py).
 
 The attention of a step reads `max_len` columns of each row (the server's context length), so a
 long context costs bandwidth at every step even for short rows.
