@@ -35,8 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import QLoraError
+from ..models import load_tokenizer
 from ..paths import write_text_atomic
 from ..runs import Run
+from .run import context_length, model_name
 
 GGUF_TYPES = ("f16", "q8_0", "q4_k_m")
 CONVERTER_TYPES = ("f16",)  # written by convert_hf_to_gguf.py itself; the others are quantized from f16
@@ -234,17 +236,16 @@ def bits_per_weight(path: Path, parameters: int) -> float:
 
 def export_gguf(run: Run, types: list[str] | tuple[str, ...], served: str | None = None) -> dict[str, Any]:
     """Convert `merged/` to each GGUF type in `gguf/` (each file written beside, then renamed) and
-    write the Ollama Modelfile FROM `served` (default: the first type). Exports the merged model
-    first when it is missing."""
-    from .export import merge_and_export
-
+    write the Ollama Modelfile FROM `served` (default: the first type). The merged model must be
+    exported first (`export.merge_and_export`)."""
     types = [check_type(t) for t in types]
     if not types:
         raise QLoraError("No GGUF type asked; pick from " + ", ".join(GGUF_TYPES) + ".")
     require_llama_cpp()
     merged = run.merged_dir
     if not run.has_merged:
-        merge_and_export(run)
+        raise QLoraError(f"No merged model in {merged} to convert to GGUF: run merge_and_export (06_serve) "
+                         f"or `python -m qlora_helpers export --run {run.path}` first.")
     folder = run.gguf_dir
     folder.mkdir(parents=True, exist_ok=True)
     files: dict[str, Any] = {}
@@ -308,9 +309,6 @@ def stop_tokens(tokenizer) -> list[str]:
 
 
 def modelfile(run: Run, served: str) -> str:
-    from ..models import load_tokenizer
-    from .run import context_length, model_name
-
     tokenizer = load_tokenizer(run.cfg.model)
     template = ollama_template(run, tokenizer)
     if '"""' in template:
