@@ -193,3 +193,55 @@ def test_no_module_or_function_over_the_size_limits():
                      f"split it (docs/design.md, style rules):\n" + "\n".join(new))
     assert not stale, "within the limits now: remove from ALLOWED_OFFENDERS (tests/test_structure.py):\n" + \
         "\n".join(stale)
+
+
+# --- stages only orchestrate ----------------------------------------------------------------------
+
+STAGE_OF = {"qlora_helpers.quantize": "02", "qlora_helpers.data": "03", "qlora_helpers.train": "04",
+            "qlora_helpers.evaluate": "05", "qlora_helpers.serve": "06"}
+
+# Stage modules that import another stage's module today, with the owner moving what they share into
+# the core below the stages (issue 22); the lead clears an entry once that branch is merged.
+ALLOWED_STAGE_IMPORTS = {
+    ("qlora_helpers.evaluate", "qlora_helpers.data"): "A1: prompts, scoring, tasks into the core",
+    ("qlora_helpers.quantize", "qlora_helpers.data"): "A1: held-out pairs into the core",
+    ("qlora_helpers.quantize", "qlora_helpers.evaluate"): "A1: held-out scoring into the core",
+    ("qlora_helpers.serve.api", "qlora_helpers.data"): "A1: prompt encoding into the core",
+    ("qlora_helpers.serve.checks", "qlora_helpers.evaluate"): "A1: load_tuned_model / scoring into the core",
+    ("qlora_helpers.serve.export", "qlora_helpers.evaluate"): "A1: load_tuned_model into the core",
+    ("qlora_helpers.serve.gate", "qlora_helpers.evaluate"): "A1: load_tuned_model / scoring into the core",
+    ("qlora_helpers.serve.gguf", "qlora_helpers.data"): "A1: the prompt template into the core",
+    ("qlora_helpers.train", "qlora_helpers.data"): "A1 and F: the data collator into the core",
+    ("qlora_helpers.train", "qlora_helpers.evaluate"): "A1 and F: held-out scoring into the core",
+}
+
+
+def stage_of(module: str) -> str | None:
+    return next((s for m, s in STAGE_OF.items() if module == m or module.startswith(m + ".")), None)
+
+
+def test_stage_modules_import_only_the_core_not_each_other():
+    graph = import_graph()
+    crossing = {(a, b) for a, edges in graph.items() for b in edges
+                if stage_of(a) and stage_of(b) and stage_of(a) != stage_of(b)}
+    new = sorted(f"{a} (stage {stage_of(a)}) imports {b} (stage {stage_of(b)}), line {graph[a][b]}"
+                 for a, b in crossing - set(ALLOWED_STAGE_IMPORTS))
+    stale = sorted(f"{a} -> {b}" for a, b in set(ALLOWED_STAGE_IMPORTS) - crossing)
+    assert not new, "a stage module imports another stage's: move what both need below the stages:\n" + \
+        "\n".join(new)
+    assert not stale, "gone: remove from ALLOWED_STAGE_IMPORTS (tests/test_structure.py):\n" + "\n".join(stale)
+
+
+def test_each_stage_sequence_has_one_owner():
+    """A stage's sequence is its notebook, cell by cell. Only the stages the `train` command runs
+    without notebooks (03, 04) have an entry point besides, `run_stage` over the same functions the
+    cells call; no other module keeps a second copy of a stage's sequence."""
+    from qlora_helpers.runs import STAGES
+
+    defined = set()
+    for name, path in package_files().items():
+        tree = ast.parse(path.read_text())
+        if any(isinstance(n, ast.FunctionDef) and n.name == "run_stage" for n in tree.body):
+            defined.add(f"{name}:run_stage")
+    assert defined == {s.entry for s in STAGES if s.entry}
+    assert [s.number for s in STAGES if s.entry] == ["03", "04"]
