@@ -24,7 +24,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from . import ifeval
-from .data import (HUB_DATASETS, DataUnavailable, collate, load_prepared, load_table, looks_like_file,
+from .data import (HUB_DATASETS, DataUnavailable, collate, load_table, looks_like_file,
                    resolve_data_dir, tokenize_pair)
 from .errors import DataError
 from .generation import generate, render_prompt

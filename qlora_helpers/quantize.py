@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from .data import heldout_pairs
 from .evaluate import heldout_loss
 from .generation import generate, render_prompt
-from .models import four_bit_kernel, load_model, load_tokenizer, resolve_model
+from .models import load_model, load_tokenizer, resolve_model
 from .paths import write_json_atomic
 from .runs import Run
 

@@ -28,9 +28,10 @@ used, because they are heavy and this module is read by every light tool (sweep 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from .config import Config, apply_overrides, config_from_dict, load_config
 from .environment import collect_environment, plan_runtime, write_setup
@@ -245,7 +246,7 @@ class Runtime:
     notes: tuple[str, ...] = field(default=())  # why a setting differs from what the config asked
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Runtime":
+    def from_dict(cls, data: dict[str, Any]) -> Runtime:
         return cls(device=data["device"], compute_dtype=data["compute_dtype"], optimizer=data["optimizer"],
                    load_in_4bit=data["load_in_4bit"], notes=tuple(data.get("notes", ())))
 

@@ -18,7 +18,8 @@ import dataclasses
 import functools
 import inspect
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -99,7 +100,7 @@ def advance(job: Job, token: int, tokenizer, entry: dict | None) -> None:
     _send(job, len(text) - _stop_holdback(text, job.stop))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cache_argument(forward_class: type) -> str:
     """The name of the KV-cache argument: `cache` in transformers 5.2x (where `past_key_values` is a
     deprecated alias), `past_key_values` in earlier 5.x releases, which ignore `cache` silently."""

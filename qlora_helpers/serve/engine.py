@@ -162,7 +162,7 @@ class BatchEngine:
         self._stop = False
         self._thread: threading.Thread | None = None
 
-    def start(self) -> "BatchEngine":
+    def start(self) -> BatchEngine:
         self._thread = threading.Thread(target=self._work, name="qlora-generate", daemon=True)
         self._thread.start()
         return self

@@ -208,7 +208,8 @@ def quantize(source: Path, out: Path, gguf_type: str) -> None:
     params.nthread = cpu_threads()
     code = llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params))
     if code != 0 or not out.is_file():
-        raise QLoraError(f"llama.cpp could not quantize {source} to {gguf_type} (llama_model_quantize returned {code}).")
+        raise QLoraError(f"llama.cpp could not quantize {source} to {gguf_type} "
+                         f"(llama_model_quantize returned {code}).")
 
 
 def merged_parameters(run: Run) -> int:
@@ -219,7 +220,7 @@ def merged_parameters(run: Run) -> int:
     total = 0
     for path in sorted(run.merged_dir.glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 - safe_open is no dict: it cannot be iterated
                 total += math.prod(f.get_slice(key).get_shape())
     return total
 

@@ -58,7 +58,7 @@ class LlamaCppModel:
         self.config = types.SimpleNamespace(vocab_size=self.n_vocab,
                                             max_position_embeddings=lib.llama_model_n_ctx_train(self.model))
 
-    def new_batch(self, tokenizer) -> "LlamaCppBatch":
+    def new_batch(self, tokenizer) -> LlamaCppBatch:
         """The engine's seam (`engine.new_batch`): this backend's rows."""
         return LlamaCppBatch(self, tokenizer)
 

@@ -65,7 +65,7 @@ class SlotLayer(CacheLayerMixin):
     is_compileable = True
     is_sliding = False
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, cache: "SlotCache"):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, cache: SlotCache):
         super().__init__()
         self.keys, self.values, self.cache = keys, values, cache
         self.is_initialized = True
