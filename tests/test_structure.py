@@ -11,7 +11,11 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
+from qlora_helpers.errors import QLoraError
 from qlora_helpers.paths import PROJECT_ROOT
+from qlora_helpers.runs import STAGES, stage
 
 PACKAGE = "qlora_helpers"
 MAX_MODULE_LINES = 500
@@ -236,8 +240,6 @@ def test_each_stage_sequence_has_one_owner():
     """A stage's sequence is its notebook, cell by cell. Only the stages the `train` command runs
     without notebooks (03, 04) have an entry point besides, `run_stage` over the same functions the
     cells call; no other module keeps a second copy of a stage's sequence."""
-    from qlora_helpers.runs import STAGES
-
     defined = set()
     for name, path in package_files().items():
         tree = ast.parse(path.read_text())
@@ -245,3 +247,11 @@ def test_each_stage_sequence_has_one_owner():
             defined.add(f"{name}:run_stage")
     assert defined == {s.entry for s in STAGES if s.entry}
     assert [s.number for s in STAGES if s.entry] == ["03", "04"]
+
+
+def test_a_notebook_only_stage_says_how_to_run_it():
+    for number in ("02", "05", "06"):
+        with pytest.raises(QLoraError, match=f"runs as its notebook, notebooks/{number}_.*--stages {number}"):
+            stage(number).run(None)
+    with pytest.raises(QLoraError, match="setup_run"):
+        stage("01").run(None)
