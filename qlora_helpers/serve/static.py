@@ -26,7 +26,7 @@ Design (how rows of different lengths share one static cache):
 - **The compiled step** reads the pending tokens, columns and positions from static buffers, writes
   one column per row, marks it valid, advances the row's column and position, and returns the
   logits `[b, vocab]`. Choosing tokens (sampling, stop strings, logprobs) stays per row in Python
-  (`Batch._choose`), exactly as on the dynamic path, so both paths produce the same rows.
+  (`batch.Rows._choose`), exactly as on the dynamic path, so both paths produce the same rows.
 
 The attention of a step reads `max_len` columns of each row (the server's context length), so a
 long context costs bandwidth at every step even for short rows.
@@ -44,7 +44,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..errors import QLoraError
-from .engine import Batch, Job, advance, finish
+from .batch import Job, Rows, advance, finish, with_cache
 from .sampling import SamplingParams
 
 log = logging.getLogger("qlora_helpers.serve")
@@ -65,7 +65,7 @@ class SlotLayer(CacheLayerMixin):
     is_compileable = True
     is_sliding = False
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, cache: "SlotCache"):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, cache: SlotCache):
         super().__init__()
         self.keys, self.values, self.cache = keys, values, cache
         self.is_initialized = True
@@ -131,8 +131,6 @@ class StaticDecoder:
 
     def __init__(self, model, slots: int, max_len: int, compile: bool | None = None,
                  buckets: tuple[int, ...] | None = None):
-        from .engine import with_cache
-
         self.model, self.slots, self.max_len = model, slots, max_len
         config, self.dtype, self.device = _model_dims(model)
         self.vocab = config.vocab_size
@@ -270,13 +268,16 @@ def plain_greedy(job: Job) -> bool:
             and not p.presence_penalty and not p.frequency_penalty and len(job.tokens) >= p.min_tokens)
 
 
-class StaticBatch(Batch):
-    """`engine.Batch` over a `StaticDecoder`'s slots: the same rows, steps and choices, but rows that
-    join are prefilled together at the next step, and leaving rows free their slot."""
+class StaticBatch(Rows):
+    """The rows of `batch.Rows` over a `StaticDecoder`'s slots: the same rows, steps and choices as
+    the dynamic `engine.Batch`, but rows that join are prefilled together at the next step, and
+    leaving rows free their slot."""
 
     def __init__(self, model, tokenizer, decoder: StaticDecoder):
-        super().__init__(model, tokenizer)
-        self.decoder = decoder
+        self.model, self.tokenizer, self.decoder = model, tokenizer, decoder
+        self.device = next(model.parameters()).device
+        self.jobs: list[Job] = []
+        self.pending: list[int] = []
         self.joining: list[Job] = []
 
     def add(self, job: Job) -> None:
@@ -292,6 +293,14 @@ class StaticBatch(Batch):
             raise QLoraError(f"prompt token ids must be in [0, {self.decoder.vocab}); got {bad[:3] or 'none'}")
         job.generator = job.sampling.generator(self.device)
         self.joining.append(job)
+
+    def _join(self) -> list[Job]:
+        """The cancelled joining rows leave; the others are prefilled together (`_prefill`)."""
+        cancelled = [j for j in self.joining if j.cancelled]
+        for job in cancelled:
+            finish(job, "cancelled")
+        self.joining = [j for j in self.joining if not j.cancelled]
+        return cancelled + (self._prefill() if self.joining else [])
 
     def _prefill(self) -> list[Job]:
         """Prefill the joining rows into the next free slots; returns those that ended at once."""
@@ -341,28 +350,16 @@ class StaticBatch(Batch):
             self.jobs.append(job)
             self.pending.append(self._choose(job, rows[-1]))
 
-    @torch.no_grad()
-    def step(self) -> list[Job]:
-        cancelled = [j for j in self.jobs + self.joining if j.cancelled]
-        for job in [j for j in self.joining if j.cancelled]:
-            finish(job, "cancelled")
-        self.joining = [j for j in self.joining if not j.cancelled]
-        self._keep([not j.cancelled for j in self.jobs])
-        done = self._prefill() if self.joining else []
-        if not self.jobs:
-            return cancelled + done
+    def _next_tokens(self) -> list[int]:
         logits, greedy = self.decoder.decode(self.pending)
-        self.pending = [self._greedy(job, token) if plain_greedy(job) else self._choose(job, row)
-                        for job, row, token in zip(self.jobs, logits, greedy)]
-        done += [j for j in self.jobs if j.finish_reason is not None]
-        self._keep([j.finish_reason is None for j in self.jobs])
-        return cancelled + done
+        return [self._greedy(job, token) if plain_greedy(job) else self._choose(job, row)
+                for job, row, token in zip(self.jobs, logits, greedy)]
 
-    def _keep(self, keep: list[bool]) -> None:
+    def _drop(self, keep: list[bool]) -> None:
         """Keep the rows marked True in slots 0..k-1: each leaving row's slot takes the last row."""
-        for job, k in zip(self.jobs, keep):
-            if not k and job.finish_reason is None:
-                finish(job, "cancelled")
+        if not any(keep):  # every row leaves (also after a failed step): nothing to move
+            self.jobs, self.pending = [], []
+            return
         jobs, pending = list(self.jobs), list(self.pending)
         keep = list(keep)
         i = 0
