@@ -16,6 +16,7 @@ the warm-up with the compile cache cold, then (--warm-only in a second process) 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -146,15 +147,25 @@ class Report:
             self.lines.write(json.dumps(row) + "\n")
             self.lines.flush()
 
-    def attempt(self, label: str, fn) -> None:
-        """Run one measurement unless the deadline passed; an error is a row, not the end of the run."""
+    def attempt(self, label: str, fn, *args, **row) -> None:
+        """`fn(*args)` unless the deadline passed; its dict (when it returns one) is added as a row with
+        `row`'s fields. An error is a row too, not the end of the run."""
         if time.perf_counter() - START > self.deadline:
             return self.add(skipped=label, reason="deadline")
         try:
-            fn()
+            result = fn(*args)
         except Exception as exc:  # noqa: BLE001 - the other measurements still count
             traceback.print_exc()
-            self.add(failed=label, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+            return self.add(failed=label, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+        if result is not None:
+            self.add(**row, **result)
+
+
+def ours_jobs(model, tokenizer, decoder, rows: list[list[int]], tokens: int) -> None:
+    """`rows` through the engine's batch, `tokens` new tokens each (what a profile of ours runs)."""
+    from qlora_helpers.serve.engine import Job, generate_jobs
+
+    generate_jobs(model, tokenizer, [Job(r, tokens, lambda *_: None, ignore_eos=True) for r in rows], decoder)
 
 
 def ours(report: Report, form: str, model, tokenizer, args, buckets: tuple[int, ...], slots: int,
@@ -163,7 +174,6 @@ def ours(report: Report, form: str, model, tokenizer, args, buckets: tuple[int, 
     import torch
 
     from qlora_helpers.serve import bench_prompts, measure_generation
-    from qlora_helpers.serve.engine import Job, generate_jobs
     from qlora_helpers.serve.static import StaticBatch, StaticDecoder
 
     decoder = StaticDecoder(model, slots=slots, max_len=args.prompt_tokens + args.tokens, buckets=buckets)
@@ -177,9 +187,9 @@ def ours(report: Report, form: str, model, tokenizer, args, buckets: tuple[int, 
                                  prompt_tokens=args.prompt_tokens)
         report.add(engine="ours", form=form, path="static, compiled, overlapped", **row)
     if extras and slots >= args.big:
-        report.attempt("ours concurrent", lambda: report.add(engine="ours", form=form, path="BatchEngine, concurrent",
-                       **engine_concurrent(model, tokenizer, decoder, prompt_rows(tokenizer, args.big,
-                                                                                   args.prompt_tokens), args.tokens)))
+        big = prompt_rows(tokenizer, args.big, args.prompt_tokens)
+        report.attempt("ours concurrent", engine_concurrent, model, tokenizer, decoder, big, args.tokens,
+                       engine="ours", form=form, path="BatchEngine, concurrent")
     if extras:
         StaticBatch.overlap = False
         try:
@@ -190,11 +200,9 @@ def ours(report: Report, form: str, model, tokenizer, args, buckets: tuple[int, 
         finally:
             StaticBatch.overlap = True
     for b in args.batches:
-        rows = prompt_rows(tokenizer, b, args.prompt_tokens)
-        report.attempt(f"profile ours {form} {b}", lambda: report.add(
-            engine="ours", form=form, batch=b, **profile_steps(
-                lambda: generate_jobs(model, tokenizer, [Job(r, 32, lambda *_: None, ignore_eos=True) for r in rows],
-                                      decoder), f"ours_{form.split()[0]}_b{b}", 32, args.out_dir)))
+        run = functools.partial(ours_jobs, model, tokenizer, decoder, prompt_rows(tokenizer, b, args.prompt_tokens), 32)
+        report.attempt(f"profile ours {form} {b}", profile_steps, run, f"ours_{form.split()[0]}_b{b}", 32,
+                       args.out_dir, engine="ours", form=form, batch=b)
     del decoder
     torch._dynamo.reset()
 
@@ -219,13 +227,13 @@ def without_tuning(report: Report, model, tokenizer, args) -> None:
 def theirs(report: Report, model, tokenizer, args) -> None:
     for b in args.batches:
         rows = prompt_rows(tokenizer, b, args.prompt_tokens)
-        report.attempt(f"hf static {b}", lambda: report.add(engine="transformers", path="generate, static cache, "
-                                                           "compiled", **hf_static(model, rows, args.tokens)))
-        report.attempt(f"profile hf {b}", lambda: report.add(engine="transformers", batch=b, **profile_steps(
-            lambda: hf_static_once(model, rows, 32), f"transformers_b{b}", 32, args.out_dir)))
+        report.attempt(f"hf static {b}", hf_static, model, rows, args.tokens, engine="transformers",
+                       path="generate, static cache, compiled")
+        report.attempt(f"profile hf {b}", profile_steps, functools.partial(hf_static_once, model, rows, 32),
+                       f"transformers_b{b}", 32, args.out_dir, engine="transformers", batch=b)
     rows = prompt_rows(tokenizer, args.big, args.prompt_tokens)
-    report.attempt("hf continuous", lambda: report.add(engine="transformers", path="generate_batch (continuous)",
-                                                       **hf_continuous(model, rows, args.tokens)))
+    report.attempt("hf continuous", hf_continuous, model, rows, args.tokens, engine="transformers",
+                   path="generate_batch (continuous)")
 
 
 def hf_static_once(model, rows, tokens: int) -> None:
@@ -284,9 +292,8 @@ def main() -> None:
     if "merged" in args.forms:
         report.add(limit="merged bf16", weight_gib=round(weight_bytes(merged) / 2**30, 2),
                    batch1_tokens_per_s=round(bandwidth / weight_bytes(merged), 1))
-        report.attempt("ours merged", lambda: ours(report, "merged bf16", merged, tokenizer, args, buckets,
-                                                   args.big, True))
-        report.attempt("theirs merged", lambda: theirs(report, merged, tokenizer, args))
+        report.attempt("ours merged", ours, report, "merged bf16", merged, tokenizer, args, buckets, args.big, True)
+        report.attempt("theirs merged", theirs, report, merged, tokenizer, args)
     torch._dynamo.reset()
     if "adapter" in args.forms:
         base = load_model(cfg.model, cfg.quant, dtype, "cuda", quantized=True, resolved=resolved)
@@ -296,11 +303,11 @@ def main() -> None:
         adapter = get_peft_model(base, lora).eval()
         report.add(limit="4-bit NF4 + adapter", weight_gib=round(weight_bytes(adapter) / 2**30, 2),
                    batch1_tokens_per_s=round(bandwidth / weight_bytes(adapter), 1))
-        report.attempt("ours adapter", lambda: ours(report, "4-bit NF4 + adapter", adapter, tokenizer, args,
-                                                    tuple(sorted({1, *args.batches})), max(args.batches), False))
+        report.attempt("ours adapter", ours, report, "4-bit NF4 + adapter", adapter, tokenizer, args,
+                       tuple(sorted({1, *args.batches})), max(args.batches), False)
         del adapter, base
     if "merged" in args.forms:
-        report.attempt("no tuning", lambda: without_tuning(report, merged, tokenizer, args))
+        report.attempt("no tuning", without_tuning, report, merged, tokenizer, args)
     if args.out:
         args.out.write_text(json.dumps(report.rows, indent=1) + "\n")
 

@@ -27,7 +27,7 @@ Design (how rows of different lengths share one static cache):
   one column per row, marks it valid, advances the row's column and position, and returns the
   logits `[b, vocab]` and their argmax, which it also writes into the token buffer as the next
   step's input. Choosing tokens (sampling, stop strings, logprobs) stays per row in Python
-  (`Batch._choose`), exactly as on the dynamic path, so both paths produce the same rows; a row
+  (`batch.Rows._choose`), exactly as on the dynamic path, so both paths produce the same rows; a row
   whose choice is not the plain argmax has its token written over from the host.
 - **Overlapped steps.** The argmax comes back through pinned memory behind an event, so the host
   waits for that step only. When every row is plain greedy, `StaticBatch.step` launches the next
@@ -55,8 +55,8 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..errors import QLoraError
+from .batch import Job, Rows, advance, finish, with_cache
 from .compile_cache import CompileCache, cache_key
-from .engine import Batch, Job, advance, finish
 from .sampling import SamplingParams
 
 log = logging.getLogger("qlora_helpers.serve")
@@ -82,7 +82,7 @@ class SlotLayer(CacheLayerMixin):
     is_compileable = True
     is_sliding = False
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, cache: "SlotCache"):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, cache: SlotCache):
         super().__init__()
         self.keys, self.values, self.cache = keys, values, cache
         self.is_initialized = True
@@ -149,8 +149,6 @@ class StaticDecoder:
 
     def __init__(self, model, slots: int, max_len: int, compile: bool | None = None,
                  buckets: tuple[int, ...] | None = None, tune: bool = True):
-        from .engine import with_cache
-
         self.model, self.slots, self.max_len = model, slots, max_len
         config, self.dtype, self.device = _model_dims(model)
         self.vocab = config.vocab_size
@@ -333,15 +331,18 @@ def plain_greedy(job: Job) -> bool:
             and not p.presence_penalty and not p.frequency_penalty and len(job.tokens) >= p.min_tokens)
 
 
-class StaticBatch(Batch):
-    """`engine.Batch` over a `StaticDecoder`'s slots: the same rows, steps and choices, but rows that
-    join are prefilled together at the next step, and leaving rows free their slot."""
+class StaticBatch(Rows):
+    """The rows of `batch.Rows` over a `StaticDecoder`'s slots: the same rows, steps and choices as
+    the dynamic `engine.Batch`, but rows that join are prefilled together at the next step, and
+    leaving rows free their slot."""
 
     overlap = True  # launch the next step before the host reads this one (False: one step at a time)
 
     def __init__(self, model, tokenizer, decoder: StaticDecoder):
-        super().__init__(model, tokenizer)
-        self.decoder = decoder
+        self.model, self.tokenizer, self.decoder = model, tokenizer, decoder
+        self.device = next(model.parameters()).device
+        self.jobs: list[Job] = []
+        self.pending: list[int] = []
         self.joining: list[Job] = []
         self.ahead: list[Job] | None = None  # the rows of a step launched but not read yet
         self.host_tokens = False  # a row's next input was chosen on the host (a prefill)
@@ -359,6 +360,14 @@ class StaticBatch(Batch):
             raise QLoraError(f"prompt token ids must be in [0, {self.decoder.vocab}); got {bad[:3] or 'none'}")
         job.generator = job.sampling.generator(self.device)
         self.joining.append(job)
+
+    def _join(self) -> list[Job]:
+        """The cancelled joining rows leave; the others are prefilled together (`_prefill`)."""
+        cancelled = [j for j in self.joining if j.cancelled]
+        for job in cancelled:
+            finish(job, "cancelled")
+        self.joining = [j for j in self.joining if not j.cancelled]
+        return cancelled + (self._prefill() if self.joining else [])
 
     def _prefill(self) -> list[Job]:
         """Prefill the joining rows into the next free slots; returns those that ended at once."""
@@ -411,20 +420,20 @@ class StaticBatch(Batch):
 
     @torch.no_grad()
     def step(self) -> list[Job]:
-        """One step's tokens for every row. The GPU never waits for the host: the next step is launched
-        before this call returns (with the tokens the host chose), and when every row is plain greedy
-        before this step's tokens are even decoded on the host (its input is the argmax the GPU already
-        holds). A row that ends here has then computed one token too many there, which nobody reads."""
-        cancelled = [j for j in self.jobs + self.joining if j.cancelled]
-        for job in [j for j in self.joining if j.cancelled]:
-            finish(job, "cancelled")
-        self.joining = [j for j in self.joining if not j.cancelled]
-        self._keep([not j.cancelled for j in self.jobs])
-        done = self._prefill() if self.joining else []
+        """`Rows.step`; then the next step is launched before this call returns (with the tokens the host
+        chose, when `_next_tokens` launched none), so the GPU computes it while the engine admits rows."""
+        done = super().step()
+        if self.overlap and self.ahead is None and self.jobs:
+            self._launch(self.pending)
+        return done
+
+    def _next_tokens(self) -> list[int]:
+        """Read the step launched last (launching it now if none was). When every row is plain greedy,
+        the following step is launched before this one's tokens are decoded on the host: its input is
+        the argmax the GPU already holds; a row that ends here computes one token too many there, which
+        nobody reads."""
         if self.ahead is not None and not any(j.finish_reason is None for j in self.ahead):
             self.ahead = self.decoder.launched = None  # its rows have all ended: nothing to read
-        if not self.jobs:
-            return cancelled + done
         if self.ahead is None:
             self._launch(self.pending)
         rows, self.ahead = self.ahead, None
@@ -436,12 +445,7 @@ class StaticBatch(Batch):
         for i, job in enumerate(rows):
             if job.finish_reason is None:
                 chosen[job] = self._greedy(job, greedy[i]) if exact[i] else self._choose(job, logits[i])
-        self.pending = [chosen.get(j, p) for j, p in zip(self.jobs, self.pending)]
-        done += [j for j in self.jobs if j.finish_reason is not None]
-        self._keep([j.finish_reason is None for j in self.jobs])
-        if self.overlap and self.ahead is None and self.jobs:
-            self._launch(self.pending)  # runs while the engine admits and prefills the next rows
-        return cancelled + done
+        return [chosen.get(j, p) for j, p in zip(self.jobs, self.pending)]
 
     def _launch(self, pending: list[int] | None) -> None:
         """Launch a step over the current rows; `pending` None: their inputs are already on the GPU."""
@@ -449,11 +453,11 @@ class StaticBatch(Batch):
         self.ahead = list(self.jobs)
         self.host_tokens = self.host_tokens and pending is None
 
-    def _keep(self, keep: list[bool]) -> None:
+    def _drop(self, keep: list[bool]) -> None:
         """Keep the rows marked True in slots 0..k-1: each leaving row's slot takes the last row."""
-        for job, k in zip(self.jobs, keep):
-            if not k and job.finish_reason is None:
-                finish(job, "cancelled")
+        if not any(keep):  # every row leaves (also after a failed step): nothing to move
+            self.jobs, self.pending = [], []
+            return
         jobs, pending = list(self.jobs), list(self.pending)
         keep = list(keep)
         i = 0
