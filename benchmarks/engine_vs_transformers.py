@@ -244,7 +244,7 @@ def hf_static_once(model, rows, tokens: int) -> None:
                    do_sample=False, cache_implementation="static", pad_token_id=0)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="random:llama2-7b")
     parser.add_argument("--tokens", type=int, default=128)
@@ -262,6 +262,11 @@ def main() -> None:
     args = parser.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
     args.out_dir = args.out.parent if args.out else None
+    return args
+
+
+def main() -> None:
+    args = parse_args()
 
     import torch
     from peft import LoraConfig, get_peft_model
