@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import QLoraError
-from ..paths import read_json
+from ..paths import cache_dir, read_json
 from ..runs import Run
 from .api import create_app
 from .engine import BatchEngine
@@ -40,7 +40,8 @@ def serve_run(run: Run) -> None:
     print(f"loading {choice['form']} ({choice['reason']})", flush=True)
     model, tokenizer = load_serving_model(run, choice["form"])
     serve = run.cfg.serve
-    decoder = start_decoder(model, serve.compile, serve.max_concurrent, context_length(run, model))
+    decoder = start_decoder(model, serve.compile, serve.max_concurrent, context_length(run, model),
+                            cache_dir(run.cfg.model.cache_dir) / "compile")
     engine = BatchEngine(model, tokenizer, serve.max_concurrent, serve.max_queue, serve.batch_wait_ms,
                          decoder).start()
     app = create_app(engine, tokenizer, run, api_key, choice["form"])
