@@ -3,7 +3,7 @@
 The tasks are the entries of `tasks.TASKS` (held-out loss and perplexity, ROUGE-L on held-out Alpaca
 examples, GSM8K exact match, IFEval verifiable instructions (`ifeval.py`), a side-by-side table of
 answers to AlpacaEval and MT-bench prompts, lm-evaluation-harness tasks on request); their functions
-live here. `run_tasks` runs them in the registry's order (the notebook and `run_stage`), and
+live here. `run_tasks` runs them in the registry's order (notebook 05's task cell), and
 `write_eval_report` assembles their results into eval.json, the stage's report.
 
 Imports: torch, numpy, peft, rouge_score and lm_eval are imported inside the functions that use
@@ -23,7 +23,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from . import ifeval
-from .data import HUB_DATASETS, DataUnavailable, load_prepared, load_table, looks_like_file, resolve_data_dir
+from .data import HUB_DATASETS, DataUnavailable, load_table, looks_like_file, resolve_data_dir
 from .errors import DataError
 from .generation import generate
 from .models import four_bit_kernel, load_model, load_tokenizer
@@ -338,15 +338,6 @@ def write_eval_report(run, model=None, extra: dict[str, Any] | None = None, **ta
               "differences": compare_paired(results), "results": results, **(extra or {})}
     write_json_atomic(run.eval_report, report)
     return report
-
-
-def run_stage(run) -> dict[str, Any]:
-    """Stage 05's entry point: the notebook's steps (the tasks, the side-by-side page, the report)
-    without the figure, which only the notebook draws."""
-    model, tokenizer = load_tuned_model(run)
-    results = run_tasks(run, model, tokenizer, load_prepared(run))
-    write_side_by_side(run, results.get("showcase", {}).get("items", []))
-    return write_eval_report(run, model, **results)
 
 
 def lm_eval_local_tasks(run, folder) -> list[str]:

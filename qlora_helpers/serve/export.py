@@ -12,6 +12,8 @@ import time
 from typing import Any
 
 from ..errors import QLoraError
+from ..evaluate import load_tuned_model
+from ..models import load_model, load_tokenizer, resolve_model
 from ..paths import atomic_dir, write_json_atomic, write_text_atomic
 from ..runs import Run
 from .run import adapter_dir, context_length, model_name
@@ -39,8 +41,6 @@ def merge_adapter(run: Run):
     into the de-quantized weights keeps exactly what base + adapter computes.
     """
     from peft import PeftModel
-
-    from ..models import load_model, load_tokenizer
 
     adapter = adapter_dir(run)
     tokenizer = load_tokenizer(run.cfg.model)
@@ -85,8 +85,6 @@ def merge_and_export(run: Run) -> dict[str, Any]:
     """Merge, check the merged logits against base + adapter, save 16-bit safetensors to
     `outputs/<run>/merged/`, reload it and check again; write `merge.json` and `serve_commands.md`."""
     import torch
-
-    from ..evaluate import load_tuned_model
 
     start = time.perf_counter()
     tuned, tokenizer = load_tuned_model(run)
@@ -138,8 +136,6 @@ def load_merged(run: Run):
 
 def base_location(run: Run) -> str:
     """The full-precision base a LoRA-serving engine needs next to the adapter (folder or hub id)."""
-    from ..models import resolve_model
-
     return resolve_model(run.cfg.model).location
 
 
@@ -182,8 +178,6 @@ def estimate_merged_bytes(run: Run) -> int:
     """Bytes the merged model needs in the compute dtype (counted on empty weights, nothing loaded)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from ..models import resolve_model
 
     config = AutoConfig.from_pretrained(resolve_model(run.cfg.model).location)
     with init_empty_weights():

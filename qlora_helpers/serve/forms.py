@@ -43,7 +43,7 @@ def _load_adapter(run: Run, context: int | None = None, rows: int = 1, serving: 
 
 
 def _load_merged(run: Run, context: int | None = None, rows: int = 1, serving: bool = False):
-    if serving and not run.has_merged:
+    if serving and not run.has_merged:  # the GGUF forms are made from it too
         merge_and_export(run)
     return load_merged(run)
 
@@ -51,6 +51,8 @@ def _load_merged(run: Run, context: int | None = None, rows: int = 1, serving: b
 def _gguf_loader(gguf_type: str) -> Callable[..., Any]:
     def load(run: Run, context: int | None = None, rows: int = 1, serving: bool = False):
         if serving:
+            if not run.has_merged:
+                merge_and_export(run)
             return load_gguf_serving(run)
         return LlamaCppModel(gguf_path(run, gguf_type), context or context_length(run), rows)
     return load
