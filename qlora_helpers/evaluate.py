@@ -20,13 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from tqdm.auto import tqdm
 
 from . import ifeval
 from .data import HUB_DATASETS, DataUnavailable, load_table, looks_like_file, resolve_data_dir
 from .errors import DataError
 from .generation import generate
-from .models import four_bit_kernel, load_model, load_tokenizer
+from .models import four_bit_kernel
 from .paths import write_json_atomic, write_text_atomic
 from .prompts import encode_prompts, encode_text, render_instruction
 from .runs import RunFolder
@@ -79,18 +78,6 @@ def gsm8k_exact_match(predictions: list[str], answers: list[str]) -> dict[str, A
 # --- the stage ----------------------------------------------------------------------------------
 # Base and tuned share one model: the adapter is switched off (peft's disable_adapter) for the
 # base, so both see the same 4-bit weights, the same prompts and the same greedy decoding.
-
-
-def load_tuned_model(run):
-    """(model with the run's adapter, tokenizer): the 4-bit base as trained, plus the adapter."""
-    from peft import PeftModel
-
-    adapter = run.require_adapter()
-    tokenizer = load_tokenizer(run.cfg.model)
-    base = load_model(run.cfg.model, run.cfg.quant, run.compute_dtype, run.device)
-    model = PeftModel.from_pretrained(base, str(adapter))
-    model.eval()
-    return model, tokenizer
 
 
 def for_both(model, fn):

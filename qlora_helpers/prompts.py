@@ -15,7 +15,8 @@ would give a second BOS that training never saw.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from .errors import ConfigError, DataError
 

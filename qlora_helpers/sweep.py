@@ -360,19 +360,17 @@ def _read_optional(path: Path) -> dict[str, Any] | None:
 
 
 def _eval_columns(report: dict[str, Any]) -> dict[str, Any]:
-    """A run's eval.json as sweep columns: each summary metric's tuned value, in the registry's order
-    (tasks.py); a metric that 04 measured first (held-out loss) goes into 04's columns, replacing its
-    value and example count with 05's (measured on its own sample, eval.loss_samples)."""
+    """A run's eval.json as sweep columns, in tasks.py's order: each metric's tuned value; one that 04
+    measured first (held-out loss) replaces 04's columns with 05's value and example count."""
     columns = {}
     for task, metric in metrics():
         sides = report["summary"].get(metric.name)
         if sides is None:
             continue
-        if metric.sweep_columns:
-            tuned, base, examples = metric.sweep_columns
-            columns.update({tuned: sides["tuned"], base: sides["base"], examples: report["samples"][task.name]})
-        else:
-            columns[metric.name] = sides["tuned"]
+        tuned, base, examples = metric.sweep_columns or (metric.name, None, None)
+        columns[tuned] = sides["tuned"]
+        if base:
+            columns.update({base: sides["base"], examples: report["samples"][task.name]})
     return columns
 
 

@@ -14,8 +14,9 @@ is nowhere to be found (`evaluate.needs_data`).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 Reader = Callable[[dict[str, Any]], tuple[list[float], list[float] | None]]
 

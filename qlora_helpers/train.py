@@ -27,11 +27,11 @@ from .config import Config
 from .data import PreparedData, collate, collate_packed, load_prepared, pack_examples
 from .environment import is_interactive, wandb_mode
 from .errors import QLoraError
-from .scoring import heldout_loss
 from .fastpath import collate_flat
 from .models import keep_4bit_on_autograd_path, load_model, load_tokenizer, resolve_model
 from .paths import atomic_dir, write_json_atomic
 from .runs import RunFolder, Runtime
+from .scoring import heldout_loss
 
 COMPLETE_MARKER = "checkpoint_complete.json"
 OOM_ADVICE = (

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from qlora_helpers.config import load_config
-from qlora_helpers.scoring import heldout_loss
 from qlora_helpers.models import load_model, load_tokenizer
 from qlora_helpers.quantize import layer_errors, memory_footprint, summarize_errors
+from qlora_helpers.scoring import heldout_loss
 
 
 @pytest.fixture(scope="module")

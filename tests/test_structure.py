@@ -208,14 +208,7 @@ STAGE_OF = {"qlora_helpers.quantize": "02", "qlora_helpers.data": "03", "qlora_h
 ALLOWED_STAGE_IMPORTS = {
     ("qlora_helpers.evaluate", "qlora_helpers.data"): "A1: prompts, scoring, tasks into the core",
     ("qlora_helpers.quantize", "qlora_helpers.data"): "A1: held-out pairs into the core",
-    ("qlora_helpers.quantize", "qlora_helpers.evaluate"): "A1: held-out scoring into the core",
-    ("qlora_helpers.serve.api", "qlora_helpers.data"): "A1: prompt encoding into the core",
-    ("qlora_helpers.serve.checks", "qlora_helpers.evaluate"): "A1: load_tuned_model / scoring into the core",
-    ("qlora_helpers.serve.export", "qlora_helpers.evaluate"): "A1: load_tuned_model into the core",
-    ("qlora_helpers.serve.gate", "qlora_helpers.evaluate"): "A1: load_tuned_model / scoring into the core",
-    ("qlora_helpers.serve.gguf", "qlora_helpers.data"): "A1: the prompt template into the core",
     ("qlora_helpers.train", "qlora_helpers.data"): "A1 and F: the data collator into the core",
-    ("qlora_helpers.train", "qlora_helpers.evaluate"): "A1 and F: held-out scoring into the core",
 }
 
 

@@ -12,8 +12,7 @@ import time
 from typing import Any
 
 from ..errors import QLoraError
-from ..evaluate import load_tuned_model
-from ..models import load_model, load_tokenizer, resolve_model
+from ..models import load_model, load_tokenizer, load_tuned_model, resolve_model
 from ..paths import atomic_dir, write_json_atomic, write_text_atomic
 from ..runs import Run
 from .run import adapter_dir, context_length, model_name

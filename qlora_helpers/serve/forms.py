@@ -10,13 +10,13 @@ Adding a form is one entry here plus its loader (and a test).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from ..config import GGUF_TYPES
 from ..errors import QLoraError
-from ..evaluate import load_tuned_model
-from ..models import load_tokenizer
+from ..models import load_tokenizer, load_tuned_model
 from ..runs import Run
 from .export import estimate_merged_bytes, free_memory_bytes, load_merged, merge_and_export
 from .gguf import gguf_available, gguf_path, llama_cpp_version

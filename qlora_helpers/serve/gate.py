@@ -25,7 +25,7 @@ import gc
 import time
 from typing import Any
 
-from ..evaluate import load_tuned_model
+from ..models import load_tuned_model
 from ..paths import write_json_atomic
 from ..prompts import encode_text, render_instruction
 from ..runs import Run
