@@ -48,10 +48,10 @@ class BadConversation(DataError):
 def template_of(run_or_template: Any) -> str:
     """The template name (`alpaca` or `chat`) of a run (its data.template), a run config, a data config
     or a name; the one place that decides which template a prompt is rendered with."""
-    value = run_or_template
-    for attr in ("cfg", "data", "template"):
-        if not isinstance(value, str) and hasattr(value, attr):
-            value = getattr(value, attr)
+    value = getattr(run_or_template, "cfg", run_or_template)  # a run: its config
+    if not isinstance(value, str) and not hasattr(value, "template"):
+        value = value.data  # a run config: its data section
+    value = value if isinstance(value, str) else value.template
     if value not in TEMPLATES:
         raise ConfigError(f"Unknown prompt template {value!r}; valid: {', '.join(TEMPLATES)} (data.template).")
     return value
