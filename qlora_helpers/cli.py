@@ -13,6 +13,7 @@ import sys
 
 from .config import CONFIG_DIR, describe_config, load_config, resolve_config_path
 from .errors import QLoraError
+from .plan import describe_plan, fits, memory_plan
 from .runner import run_pipeline
 from .runs import open_run, open_run_folder, setup_run, stage
 from .sweep import add_arguments as add_sweep_arguments
@@ -61,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--set", dest="overrides", action="append", default=[], metavar="serve.KEY=VALUE")
     add_sweep_arguments(sub.add_parser("sweep", help="run the pipeline once per combination of settings "
                                        "into outputs/sweeps/<name>/ and compare the runs"))
+    plan = sub.add_parser("plan", help="predict the peak GPU memory of training and serving a profile, from the "
+                          "model's shape (no download, no GPU); exits 1 when training does not fit the card")
+    plan.add_argument("--config", default="default")
+    plan.add_argument("--gpu-gib", type=float, default=12.0, help="the card's memory in GiB (default: 12)")
+    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     show = sub.add_parser("config", help="validate a config and print it with every key explained")
     show.add_argument("--config", default="default")
     show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -184,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
             return export_command(args)
         elif args.command == "sweep":
             return sweep_command(args)
+        elif args.command == "plan":
+            plan = memory_plan(load_config(args.config, args.overrides), args.gpu_gib)
+            print("\n".join(describe_plan(plan)))
+            return 0 if fits(plan["training"]["peak"], args.gpu_gib) else 1
         elif args.command == "config":
             for row in describe_config(load_config(args.config, args.overrides)):
                 print(f"{row['key']:<36} {row['value']!r:<28} {row['help']}")
