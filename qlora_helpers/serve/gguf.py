@@ -309,6 +309,7 @@ def stop_tokens(tokenizer) -> list[str]:
 
 def modelfile(run: Run, served: str) -> str:
     from ..models import load_tokenizer
+    from .api import template_stops
     from .run import context_length, model_name
 
     tokenizer = load_tokenizer(run.cfg.model)
@@ -321,7 +322,8 @@ def modelfile(run: Run, served: str) -> str:
              f"'{run.cfg.data.template}' as in training.",
              f"FROM ./{run.gguf_file(served).name}",
              f'TEMPLATE """{template}"""']
-    lines += [f'PARAMETER stop "{s}"' for s in stop_tokens(tokenizer)]
+    stops = [*stop_tokens(tokenizer), *template_stops(run.cfg.data.template, tokenizer)]  # as the server stops
+    lines += [f'PARAMETER stop "{s}"' for s in stops]
     lines.append(f"PARAMETER num_ctx {context_length(run)}")
     return "\n".join(lines) + "\n"
 
