@@ -287,7 +287,7 @@ def serving_plan(cfg: Config, shape: Shape) -> dict[str, Any]:
 
 def memory_plan(cfg: Config, gpu_gib: float) -> dict[str, Any]:
     shape = model_shape(cfg.model.source)
-    return {"model": cfg.model.source, "shape": shape, "gpu_gib": gpu_gib,
+    return {"model": cfg.model.source, "shape": shape, "gpu_gib": gpu_gib, "distributed": cfg.train.distributed,
             "training": training_plan(cfg, shape, gpu_gib), "serving": serving_plan(cfg, shape)}
 
 
@@ -313,6 +313,9 @@ def describe_plan(plan: dict[str, Any]) -> list[str]:
              f"needs x{RESERVED_FACTOR} for its reserve + {CUDA_CONTEXT_GIB} GiB CUDA context)",
              f"Training ({acts['path']} path, {acts['tokens']} tokens per micro-batch"
              f"{', fused kernels' if acts['fused'] else ''}):"]
+    if plan["distributed"] == "fsdp":
+        lines.append("  (train.distributed=fsdp: FSDP shards the weights over the processes; this is one "
+                     "process holding them whole, an upper bound)")
     lines += [f"  {name:<52}{gib(value)}" for name, value in train["parts"].items()]
     lines.append(f"  {'peak':<52}{gib(train['peak'])}  {verdict(train['peak'])}")
     serve = plan["serving"]

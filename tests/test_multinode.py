@@ -45,20 +45,20 @@ def _adapter(outputs: Path, run_name: str) -> dict[str, torch.Tensor]:
 
 def test_two_machines_train_the_adapter_of_one_process_with_the_same_global_batch(tmp_path, tiny_dir):
     port = _free_port()
-    machines = [subprocess.Popen(
+    machines = {rank: subprocess.Popen(
         _train(tmp_path, "two", [*COMMON, "train.micro_batch_size=2"], "--num-machines", "2",
                "--machine-rank", str(rank), "--main-address", "127.0.0.1", "--main-port", str(port)),
-        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (1, 0)]
-    logs = []
-    for proc in machines:
-        try:
-            logs.append(proc.communicate(timeout=TIMEOUT_S)[0])
-        finally:
-            for other in machines:
-                if other.poll() is None and proc.returncode != 0:
-                    other.kill()
-    for proc, log in zip(machines, logs):
-        assert proc.returncode == 0, log[-4000:]
+        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (1, 0)}
+    logs = {}
+    try:
+        for rank in (0, 1):  # machine 0 first: if it fails, machine 1 would wait for it until the timeout
+            logs[rank] = machines[rank].communicate(timeout=TIMEOUT_S)[0]
+            assert machines[rank].returncode == 0, f"machine {rank}:\n{logs[rank][-4000:]}"
+    finally:
+        for proc in machines.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     one = subprocess.run(_train(tmp_path, "one", [*COMMON, "train.micro_batch_size=4"]), env=_env(),
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=TIMEOUT_S)
     assert one.returncode == 0, one.stdout[-4000:]
@@ -69,7 +69,7 @@ def test_two_machines_train_the_adapter_of_one_process_with_the_same_global_batc
     # LoRA's B matrices start at zero: three steps must have moved them (an equal pair of untrained
     # adapters would prove nothing)
     assert all(single[n].abs().max() > 1e-4 for n in single if "lora_B" in n)
-    assert "Adapter saved to" in logs[1] and "Adapter saved to" not in logs[0]  # world rank 0 writes it
+    assert "Adapter saved to" in logs[0] and "Adapter saved to" not in logs[1]  # world rank 0 writes it
 
 
 def _args(*argv: str):
