@@ -300,6 +300,10 @@ def fits(peak: int, gpu_gib: float) -> bool:
     return card_gib(peak) <= gpu_gib
 
 
+FUSED_NOTE = (", Liger kernels (a card below compute capability 8.0, a T4, runs without them: plan it with "
+              "train.fused_kernels=false)")
+
+
 def describe_plan(plan: dict[str, Any]) -> list[str]:
     """The plan as lines for the terminal."""
     gib = lambda b: f"{b / GIB:8.2f} GiB"  # noqa: E731
@@ -312,7 +316,7 @@ def describe_plan(plan: dict[str, Any]) -> list[str]:
     lines = [f"Memory plan for {plan['model']} on a {card:g} GiB card (peaks of PyTorch's allocator; a card "
              f"needs x{RESERVED_FACTOR} for its reserve + {CUDA_CONTEXT_GIB} GiB CUDA context)",
              f"Training ({acts['path']} path, {acts['tokens']} tokens per micro-batch"
-             f"{', fused kernels' if acts['fused'] else ''}):"]
+             f"{FUSED_NOTE if acts['fused'] else ''}):"]
     if plan["distributed"] == "fsdp":
         lines.append("  (train.distributed=fsdp: FSDP shards the weights over the processes; this is one "
                      "process holding them whole, an upper bound)")
