@@ -170,8 +170,8 @@ def table(path: str) -> list[str]:
     from qlora_helpers.plan import model_shape, training_plan
 
     result = json.loads(Path(path).read_text())
-    lines = [f"| setting | tokens | recomputed | predicted GiB | measured max allocated GiB | error | "
-             f"max reserved GiB |", "|---|---|---|---|---|---|---|"]
+    lines = ["| setting | tokens | recomputed | predicted GiB | measured max allocated GiB | error | "
+             "max reserved GiB |", "|---|---|---|---|---|---|---|"]
     for row in result["settings"]:
         if row["setting"] == "serve":
             continue

@@ -11,8 +11,15 @@ from qlora_helpers.cli import main
 from qlora_helpers.config import load_config
 from qlora_helpers.errors import ModelSourceError
 from qlora_helpers.paths import PROJECT_ROOT
-from qlora_helpers.plan import (GIB, lora_parameters, model_shape, quantized_bytes, serving_plan, shape_from_config,
-                                training_plan)
+from qlora_helpers.plan import (
+    GIB,
+    lora_parameters,
+    model_shape,
+    quantized_bytes,
+    serving_plan,
+    shape_from_config,
+    training_plan,
+)
 
 MEASURED = PROJECT_ROOT / "benchmarks" / "results" / "2026-12-04_h200_memory_plan.json"
 

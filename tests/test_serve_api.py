@@ -299,7 +299,7 @@ def test_an_answer_cut_by_max_tokens_never_ends_in_half_a_character(client, chat
 
 def test_a_character_split_over_two_tokens_is_held_back_then_sent_whole(run):
     from qlora_helpers.models import load_tokenizer
-    from qlora_helpers.serve.engine import Job, advance
+    from qlora_helpers.serve.batch import Job, advance
 
     tokenizer = load_tokenizer(run.cfg.model)
     events = []
@@ -324,7 +324,7 @@ def test_the_alpaca_templates_section_markers_end_an_answer(run):
 
     from qlora_helpers.models import load_tokenizer
     from qlora_helpers.serve.api import ChatRequest, Serving, new_jobs, template_stops
-    from qlora_helpers.serve.engine import Job, advance
+    from qlora_helpers.serve.batch import Job, advance
     from qlora_helpers.serve.sampling import SamplingParams
 
     tokenizer = load_tokenizer(run.cfg.model)

@@ -17,7 +17,8 @@ import hmac
 import logging
 import os
 import time
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
+from collections.abc import Callable
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
