@@ -38,6 +38,7 @@ from ..errors import QLoraError
 from ..models import load_tokenizer
 from ..paths import write_text_atomic
 from ..runs import Run
+from .api import template_stops  # moves to qlora_helpers/prompts.py with the template rules
 from .run import context_length, model_name
 
 GGUF_TYPES = ("f16", "q8_0", "q4_k_m")
@@ -320,7 +321,8 @@ def modelfile(run: Run, served: str) -> str:
              f"'{run.cfg.data.template}' as in training.",
              f"FROM ./{run.gguf_file(served).name}",
              f'TEMPLATE """{template}"""']
-    lines += [f'PARAMETER stop "{s}"' for s in stop_tokens(tokenizer)]
+    stops = [*stop_tokens(tokenizer), *template_stops(run.cfg.data.template, tokenizer)]  # as the server stops
+    lines += [f'PARAMETER stop "{s}"' for s in stops]
     lines.append(f"PARAMETER num_ctx {context_length(run)}")
     return "\n".join(lines) + "\n"
 
