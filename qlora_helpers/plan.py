@@ -58,13 +58,7 @@ KNOWN_SHAPES: dict[str, dict[str, Any]] = {
 }
 KNOWN_SHAPES["meta-llama/Llama-2-7b-chat-hf"] = KNOWN_SHAPES["meta-llama/Llama-2-7b-hf"]
 
-# Activations in units of 2-byte values per token and decoder layer (multiples of the hidden size h
-# and the MLP width m). Fused (Liger RMSNorm/RoPE/SwiGLU): fastpath's own factors (7 h + 2 m). Unfused,
-# eager RMSNorm keeps float32 copies of its input (+2 h) and eager SwiGLU keeps gate, up and silu(gate)
-# (3 m): 9 h + 3 m, which the 12 GB-class measurement on the H200 gave (0.55 GiB per layer at 4,096
-# tokens against 0.53 predicted; benchmarks/BENCHMARKS.md, "memory plan").
-UNFUSED_HIDDEN_FACTOR = 9
-UNFUSED_MLP_FACTOR = 3
+# Activations per token and decoder layer: fastpath's factors (fused and unfused), the ones training plans with.
 # The loss without fused kernels, bytes per logit alive at its peak: the logits in the compute dtype
 # (2), their float32 copy (`logits.float()` in transformers' loss, 4), log-softmax's float32 output
 # kept for backward (4) and its float32 gradient (4).
@@ -200,12 +194,7 @@ def adapter_bytes(cfg: Config, shape: Shape) -> dict[str, int]:
 
 def _layer_bytes(shape: Shape, tokens: int, targets: Any, fused: bool, hidden_bytes: int = 2) -> tuple[int, int]:
     """(bytes one decoder layer keeps for backward, bytes it keeps when recomputed: its input)."""
-    if fused:
-        full, _ = fastpath.activation_bytes(_as_config(shape), tokens, targets)
-    else:
-        mlp = UNFUSED_MLP_FACTOR + (1 if "down_proj" in lora_targets(shape, targets) else 0)
-        full = tokens * (UNFUSED_HIDDEN_FACTOR * shape.hidden * hidden_bytes + mlp * shape.intermediate * 2)
-    return full, tokens * shape.hidden * hidden_bytes
+    return fastpath.activation_bytes(_as_config(shape), tokens, lora_targets(shape, targets), fused, hidden_bytes)
 
 
 def _as_config(shape: Shape) -> SimpleNamespace:
@@ -236,9 +225,9 @@ def activation_plan(cfg: Config, shape: Shape, weights: int, gpu_gib: float) -> 
     fused = fast and cfg.train.fused_kernels
     if fast:
         tokens = cfg.train.packed_tokens
-        # the fast path plans with its own (fused) factors whatever runs: the same call as training
+        # the same call as training, with the factors of the kernels that run
         recompute = fastpath.plan_recompute(_as_config(shape), tokens, budget_bytes(cfg, gpu_gib),
-                                            weights + GIB, targets)["recompute_layers"]
+                                            weights + GIB, lora_targets(shape, targets), fused)["recompute_layers"]
         hidden_bytes = 2
     else:
         tokens = cfg.train.micro_batch_size * cfg.model.max_seq_length  # padded to the longest row
