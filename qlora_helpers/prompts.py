@@ -170,11 +170,9 @@ def encode_pairs(run_or_template: Any, tokenizer, pairs: list[tuple[str, str]],
     return out
 
 
-def template_stops(template: str, tokenizer) -> list[str]:
-    """The strings that end an answer in this template: the tokenizer's EOS (what training appended
-    to every response), then for alpaca its section markers (a model that runs on past its answer
-    starts a new "### Instruction:"); the chat template's end of turn is the EOS."""
-    stops = [tokenizer.eos_token] if tokenizer.eos_token else []
-    if template_of(template) == "alpaca":
-        stops += ALPACA_SECTIONS
-    return list(dict.fromkeys(stops))
+def template_stops(template: str, tokenizer) -> tuple[str, ...]:
+    """Strings that end an answer because the template uses them to open a section: the model learnt
+    to write its response and stop, and what follows a marker is a new example it imagines. `alpaca`:
+    its section headings; `chat`: none beyond the tokenizer's EOS (the chat template's end of turn),
+    which ends a row already (the server's EOS rule; the Modelfile adds it, gguf.stop_tokens)."""
+    return ALPACA_SECTIONS if template_of(template) == "alpaca" else ()

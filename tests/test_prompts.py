@@ -133,7 +133,7 @@ def test_template_is_chosen_in_one_place():
 
 def test_template_stops():
     tok = SimpleNamespace(eos_token="<|im_end|>")
-    assert prompts.template_stops("chat", tok) == ["<|im_end|>"]
-    assert prompts.template_stops("alpaca", tok) == ["<|im_end|>", "### Instruction:", "### Input:", "### Response:"]
+    assert prompts.template_stops("chat", tok) == ()
+    assert prompts.template_stops("alpaca", tok) == ("### Instruction:", "### Input:", "### Response:")
     prompt = prompts.format_alpaca({"instruction": "Add.", "input": "2 and 3", "output": ""})[0]
     assert all(stop in prompt for stop in prompts.ALPACA_SECTIONS)  # the markers are the template's own

@@ -96,6 +96,7 @@ def advance(job: Job, token: int, tokenizer, entry: dict | None) -> None:
             job.text = text[:at]
             return finish(job, "stop")
     if len(job.tokens) >= job.max_tokens:
+        job.text = job.text.rstrip("\ufffd")  # a character cut in half by max_tokens is never sent
         return finish(job, "length")
     _send(job, len(text) - _stop_holdback(text, job.stop))
 

@@ -134,6 +134,19 @@ def generate_jobs(model, tokenizer, jobs: list[Job], decoder=None) -> None:
 # --- the engine: a bounded queue in front of the worker --------------------------------------------
 
 
+DRAIN_WINDOW_S = 120.0  # completions this recent measure how fast the queue drains
+
+
+def drain_seconds(finished_at, waiting: int, now: float, fallback: float) -> int:
+    """Retry-After for a full queue: the seconds its `waiting` jobs take to finish at the rate jobs
+    finished over the last DRAIN_WINDOW_S (`finished_at`: their perf_counter times, oldest first);
+    `fallback` until a second of completions has been seen."""
+    recent = [t for t in finished_at if now - t <= DRAIN_WINDOW_S]
+    if not recent or now - recent[0] < 1.0:
+        return max(1, round(fallback))
+    return max(1, round(waiting * (now - recent[0]) / len(recent)))
+
+
 class QueueFull(QLoraError):
     """Too many requests are waiting; the client should retry after `retry_after` seconds."""
 
@@ -158,6 +171,7 @@ class BatchEngine:
         self.running = 0
         self.completed = 0
         self._job_seconds = 1.0
+        self.finished_at: collections.deque[float] = collections.deque(maxlen=512)  # for Retry-After
         self._cond = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -184,7 +198,8 @@ class BatchEngine:
             self._drop_cancelled()
             if len(self.waiting) >= self.max_queue:
                 rounds = 1 + len(self.waiting) // self.max_batch
-                raise QueueFull(len(self.waiting), max(1, round(rounds * self._job_seconds)))
+                raise QueueFull(len(self.waiting), drain_seconds(self.finished_at, len(self.waiting),
+                                                                 time.perf_counter(), rounds * self._job_seconds))
             self.waiting.append(job)
             self._cond.notify_all()
 
@@ -239,6 +254,7 @@ class BatchEngine:
             with self._cond:
                 self.running = len(self.batch.jobs)
                 self.completed += len(done)
+                self.finished_at.extend(job.done_at or time.perf_counter() for job in done)
                 for job in done:
                     self._job_seconds = 0.7 * self._job_seconds + 0.3 * ((job.done_at or time.perf_counter())
                                                                          - job.submitted)

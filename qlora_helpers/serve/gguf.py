@@ -38,7 +38,7 @@ from ..config import GGUF_TYPES
 from ..errors import QLoraError
 from ..models import load_tokenizer
 from ..paths import write_text_atomic
-from ..prompts import render_conversation
+from ..prompts import render_conversation, template_stops
 from ..runs import Run
 from .run import context_length, model_name
 
@@ -319,7 +319,8 @@ def modelfile(run: Run, served: str) -> str:
              f"'{run.cfg.data.template}' as in training.",
              f"FROM ./{run.gguf_file(served).name}",
              f'TEMPLATE """{template}"""']
-    lines += [f'PARAMETER stop "{s}"' for s in stop_tokens(tokenizer)]
+    stops = [*stop_tokens(tokenizer), *template_stops(run.cfg.data.template, tokenizer)]  # as the server stops
+    lines += [f'PARAMETER stop "{s}"' for s in stops]
     lines.append(f"PARAMETER num_ctx {context_length(run)}")
     return "\n".join(lines) + "\n"
 
