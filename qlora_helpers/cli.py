@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 
-from .config import CONFIG_DIR, describe_config, load_config, resolve_config_path
+from .config import CONFIG_DIR, GGUF_TYPES, describe_config, load_config, resolve_config_path
 from .errors import QLoraError
 from .plan import describe_plan, fits, memory_plan
 from .runner import run_pipeline
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="merge the adapter, export GGUF files with llama.cpp and run the "
                             "export gate (export.json); exits 1 when a form disagrees with the adapter model")
     export.add_argument("--run", required=True, help="the run folder, e.g. outputs/default")
-    export.add_argument("--gguf", action="append", default=[], choices=["f16", "q8_0", "q4_k_m"],
+    export.add_argument("--gguf", action="append", default=[], choices=GGUF_TYPES,
                         help="GGUF type to write into <run>/gguf/ (repeatable; needs the [gguf] extra); the "
                              "first is the one the Ollama Modelfile names")
     export.add_argument("--set", dest="overrides", action="append", default=[], metavar="serve.KEY=VALUE")

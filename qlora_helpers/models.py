@@ -318,6 +318,19 @@ def four_bit_kernel(model) -> str | None:
     return f"{device}: dequantize + matmul in {layers[0].compute_dtype or 'the input dtype'}".replace("torch.", "")
 
 
+def load_tuned_model(run):
+    """(model with the run's adapter, tokenizer): the 4-bit base as trained, plus the adapter (what
+    05 evaluates, 06 merges and serves, and the export gate checks every form against)."""
+    from peft import PeftModel
+
+    adapter = run.require_adapter()
+    tokenizer = load_tokenizer(run.cfg.model)
+    base = load_model(run.cfg.model, run.cfg.quant, run.compute_dtype, run.device)
+    model = PeftModel.from_pretrained(base, str(adapter))
+    model.eval()
+    return model, tokenizer
+
+
 def _hub_error(resolved: ResolvedModel, exc: Exception) -> QLoraError:
     if resolved.kind != "hub":
         return ModelSourceError(f"Could not load {resolved.description}: {exc}")

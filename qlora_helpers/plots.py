@@ -8,6 +8,8 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 
+from .tasks import metric
+
 MiB = 2**20
 
 
@@ -205,14 +207,15 @@ def plot_loss_curves(histories: dict[str, list[dict[str, Any]]], same_batches: b
 
 
 def plot_metrics(summary: dict[str, dict[str, float]]):
-    """Base vs tuned, one panel per metric (losses: lower is better; the rest: higher)."""
+    """Base vs tuned, one panel per metric of eval.json's summary (which way is better: its task's
+    registry entry, tasks.py)."""
     names = list(summary)
     fig, axes = plt.subplots(1, len(names), figsize=(2.4 * len(names), 3.2), squeeze=False)
     for ax, name in zip(axes[0], names):
         values = [summary[name]["base"], summary[name]["tuned"]]
         bars = ax.bar(["base", "tuned"], values, color=["#999999", "#2a9d55"])
         ax.bar_label(bars, fmt="%.3g")
-        better = "lower" if name in ("held-out loss", "perplexity") else "higher"
+        better = "lower" if metric(name).lower_is_better else "higher"
         ax.set_title(f"{name}\n({better} is better)", fontsize=9)
         ax.set_ylim(0, max(values) * 1.25 or 1)
     fig.tight_layout()

@@ -15,11 +15,12 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from .data import heldout_pairs
-from .evaluate import heldout_loss
-from .generation import generate, render_prompt
+from .generation import generate
 from .models import load_model, load_tokenizer, resolve_model
 from .paths import write_json_atomic
+from .prompts import encode_prompt, native_template
 from .runs import Run
+from .scoring import heldout_loss
 
 SAMPLE_INSTRUCTION = "Give three tips for staying healthy."
 # NF4 puts its outermost levels at the normal quantile 0.9677 (bitsandbytes' create_normal_map) and
@@ -122,9 +123,8 @@ def normal_mass_per_level(levels: list[float], sigma: float = NF4_SIGMA) -> list
 def compare_generations(tokenizer, models: dict[str, Any], max_new_tokens: int,
                         instruction: str = SAMPLE_INSTRUCTION) -> dict[str, str]:
     """One greedy answer per model to the same instruction (chat template when the tokenizer has one)."""
-    style = "chat" if tokenizer.chat_template else "alpaca"
-    prompt = render_prompt(tokenizer, instruction, style)
-    return {name: generate(model, tokenizer, [prompt], max_new_tokens)[0] for name, model in models.items()}
+    ids = encode_prompt(native_template(tokenizer), tokenizer, instruction)
+    return {name: generate(model, tokenizer, [ids], max_new_tokens)[0] for name, model in models.items()}
 
 
 def compare_perplexity(run: Run, tokenizer, models: dict[str, Any]) -> dict[str, Any]:
@@ -132,7 +132,7 @@ def compare_perplexity(run: Run, tokenizer, models: dict[str, Any]) -> dict[str,
     cfg = run.cfg
     pairs = heldout_pairs(run, cfg.eval.perplexity_samples, tokenizer)
     return {name: heldout_loss(model, tokenizer, pairs, cfg.eval.batch_size, cfg.model.max_seq_length,
-                               desc=f"perplexity ({name})")
+                               desc=f"perplexity ({name})", template=run)
             for name, model in models.items()}
 
 

@@ -27,11 +27,11 @@ from .config import Config
 from .data import PreparedData, collate, collate_packed, load_prepared, pack_examples
 from .environment import is_interactive, wandb_mode
 from .errors import QLoraError
-from .evaluate import heldout_loss
 from .fastpath import collate_flat
 from .models import keep_4bit_on_autograd_path, load_model, load_tokenizer, resolve_model
 from .paths import atomic_dir, write_json_atomic
 from .runs import RunFolder, Runtime
+from .scoring import heldout_loss
 
 COMPLETE_MARKER = "checkpoint_complete.json"
 OOM_ADVICE = (
@@ -462,7 +462,7 @@ def heldout_eval_loss(run, model, tokenizer, data: PreparedData) -> float:
     """Token-weighted held-out loss on the first train.eval_samples eval examples (as stages 02/05)."""
     pairs = data.eval_pairs()[:run.cfg.train.eval_samples]
     return heldout_loss(model, tokenizer, pairs, run.cfg.eval.batch_size, run.cfg.model.max_seq_length,
-                        desc="held-out loss")["loss"]
+                        desc="held-out loss", template=run)["loss"]
 
 
 def train_adapter(run, data: PreparedData, model=None, tokenizer=None, extra_callbacks=()) -> dict[str, Any]:

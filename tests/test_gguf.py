@@ -34,8 +34,8 @@ def exported(run, export):
 
 
 def test_export_writes_the_gguf_files_and_an_ollama_modelfile(run, exported):
-    from qlora_helpers.data import render_conversation
     from qlora_helpers.models import load_tokenizer
+    from qlora_helpers.prompts import render_conversation
 
     assert exported.returncode == 0, exported.stdout + exported.stderr
     folder = run.gguf_dir

@@ -28,7 +28,8 @@ ELSEWHERE = {("models.py", "config.json"), ("export.py", "config.json"), ("confi
              ("config.py", "merged"), ("checks.py", "adapter"), ("checks.py", "merged"),
              ("export.py", "adapter"), ("export.py", "merged"), ("plots.py", "adapter"),
              ("06_serve.ipynb", "merged"), ("api.py", "data"), ("docs.py", "data"),
-             ("gguf.py", "config.json"), ("gguf.py", "data"), ("gate.py", "adapter"), ("gate.py", "merged")}
+             ("gguf.py", "config.json"), ("gguf.py", "data"), ("gate.py", "adapter"), ("gate.py", "merged"),
+             ("forms.py", "adapter"), ("forms.py", "merged"), ("tasks.py", "lm_eval_tasks")}
 
 
 def _code_strings(source: str) -> list[tuple[int, str]]:

@@ -172,8 +172,8 @@ def test_echo_logprobs_and_token_prompts_are_what_the_model_computes(server, run
 
 
 def test_multi_turn_chat_on_an_alpaca_run_uses_the_rule_03_trains_with(server, client, run):
-    from qlora_helpers.data import render_conversation
     from qlora_helpers.models import load_tokenizer
+    from qlora_helpers.prompts import render_conversation
 
     assert run.cfg.data.template == "alpaca"
     tokenizer = load_tokenizer(run.cfg.model)

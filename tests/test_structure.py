@@ -27,7 +27,6 @@ ALLOWED_OFFENDERS = {
     "qlora_helpers/data.py": "A1 (prompts/scoring core) is shrinking data.py (808 lines)",
     "qlora_helpers/train.py": "F splits train.py (633 lines)",
     "qlora_helpers/train.py:_make_trainer_class": "F splits train.py (92 lines)",
-    "qlora_helpers/serve/gate.py:run_export_gate": "A1 (serving-form registry) rewrites the gate (69 lines)",
 }
 
 
@@ -209,14 +208,7 @@ STAGE_OF = {"qlora_helpers.quantize": "02", "qlora_helpers.data": "03", "qlora_h
 ALLOWED_STAGE_IMPORTS = {
     ("qlora_helpers.evaluate", "qlora_helpers.data"): "A1: prompts, scoring, tasks into the core",
     ("qlora_helpers.quantize", "qlora_helpers.data"): "A1: held-out pairs into the core",
-    ("qlora_helpers.quantize", "qlora_helpers.evaluate"): "A1: held-out scoring into the core",
-    ("qlora_helpers.serve.api", "qlora_helpers.data"): "A1: prompt encoding into the core",
-    ("qlora_helpers.serve.checks", "qlora_helpers.evaluate"): "A1: load_tuned_model / scoring into the core",
-    ("qlora_helpers.serve.export", "qlora_helpers.evaluate"): "A1: load_tuned_model into the core",
-    ("qlora_helpers.serve.gate", "qlora_helpers.evaluate"): "A1: load_tuned_model / scoring into the core",
-    ("qlora_helpers.serve.gguf", "qlora_helpers.data"): "A1: the prompt template into the core",
     ("qlora_helpers.train", "qlora_helpers.data"): "A1 and F: the data collator into the core",
-    ("qlora_helpers.train", "qlora_helpers.evaluate"): "A1 and F: held-out scoring into the core",
 }
 
 

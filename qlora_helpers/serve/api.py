@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from ..config import ServeConfig
-from ..data import render_conversation
+from ..prompts import encode_text, render_conversation, template_stops
 from ..runs import Run
 from . import responses as out
 from .engine import BatchEngine, Job
@@ -252,16 +252,6 @@ def stop_strings(req: Sampling) -> tuple[str, ...]:
     return tuple(check_text(s, "stop") for s in values)
 
 
-def template_stops(template: str, tokenizer) -> tuple[str, ...]:
-    """Strings that end an answer because the prompt template uses them to open a section: the model
-    learnt to write its response and stop, and what follows a marker is a new example it imagines.
-    `alpaca`: its section headings; `chat`: none (the chat template's end token is the tokenizer's
-    EOS, which ends a row already). Moves to qlora_helpers/prompts.py with the other template rules."""
-    if template == "alpaca":
-        return ("### Instruction:", "### Input:", "### Response:")
-    return ()
-
-
 def new_jobs(state: Serving, req: Sampling, prompts: list[list[int]], asked: int | None, default: int | None,
              param: str, params) -> list[Job]:
     """n jobs per prompt (prompt-major), `params(copy)` their sampling; the template's section markers
@@ -348,7 +338,7 @@ async def prompt_ids(state: Serving, prompt) -> list[tuple[list[int], str | None
     if not prompt:
         raise APIError(400, "prompt is an empty list.", param="prompt")
     texts = [check_text(p, "prompt") for p in prompt if isinstance(p, str)]
-    encoded = iter(await run_in_threadpool(lambda: [state.tokenizer(t)["input_ids"] for t in texts]))
+    encoded = iter(await run_in_threadpool(lambda: [encode_text(state.template, state.tokenizer, t) for t in texts]))
     prompts = []
     for p in prompt:
         ids, text = (next(encoded), p) if isinstance(p, str) else (p, None)

@@ -12,12 +12,9 @@ import time
 from typing import Any
 
 from ..errors import QLoraError
-from ..evaluate import load_tuned_model
-from ..models import load_model, load_tokenizer, resolve_model
+from ..models import load_model, load_tokenizer, load_tuned_model, resolve_model
 from ..paths import atomic_dir, write_json_atomic, write_text_atomic
 from ..runs import Run
-from .gguf import gguf_available
-from .llamacpp import load_gguf_serving
 from .run import adapter_dir, context_length, model_name
 
 # The merged model must compute what base + adapter computes, in the run's compute dtype. In fp32 the
@@ -196,34 +193,3 @@ def free_memory_bytes(device: str) -> int:
     import psutil
 
     return psutil.virtual_memory().available
-
-
-def choose_form(run: Run) -> dict[str, Any]:
-    """serve.form, or for `auto`: on a CPU with the [gguf] extra the GGUF through llama.cpp; else the
-    merged model when it fits in 80% of free memory (it generates faster on CPU and GPU,
-    benchmarks/BENCHMARKS.md), else the 4-bit base + adapter."""
-    form = run.cfg.serve.form
-    if form != "auto":
-        return {"form": form, "reason": f"serve.form={form}"}
-    if run.device == "cpu" and run.cfg.serve.gguf and gguf_available():
-        return {"form": "gguf", "reason": f"auto: on a CPU llama.cpp serves the GGUF ({run.cfg.serve.gguf[0]}), "
-                                          f"several times faster than merged (benchmarks/BENCHMARKS.md)"}
-    need, free = estimate_merged_bytes(run), free_memory_bytes(run.device)
-    fits = need < 0.8 * free
-    return {"form": "merged" if fits else "adapter",
-            "reason": f"auto: merged needs {need / 2**30:.2f} GiB, {free / 2**30:.1f} GiB free on {run.device}"
-                      + ("" if fits else " (too little: serving the 4-bit base + adapter)")}
-
-
-def load_serving_model(run: Run, form: str):
-    """(model, tokenizer) for serving: 'merged' (exported first if missing), 'adapter' (4-bit + peft)
-    or 'gguf' (llama.cpp, serve/llamacpp.py; exported first if missing)."""
-    if form == "adapter":
-        return load_tuned_model(run)
-    if not run.has_merged:  # both other forms are made from the merged model
-        merge_and_export(run)
-    if form == "gguf":
-        return load_gguf_serving(run), load_tokenizer(run.cfg.model)
-    return load_merged(run), load_tokenizer(run.cfg.model)
-
-

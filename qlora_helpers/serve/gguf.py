@@ -34,15 +34,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..config import GGUF_TYPES
 from ..errors import QLoraError
 from ..models import load_tokenizer
 from ..paths import write_text_atomic
+from ..prompts import render_conversation, template_stops
 from ..runs import Run
-from .api import template_stops  # moves to qlora_helpers/prompts.py with the template rules
 from .run import context_length, model_name
 
-GGUF_TYPES = ("f16", "q8_0", "q4_k_m")
-CONVERTER_TYPES = ("f16",)  # written by convert_hf_to_gguf.py itself; the others are quantized from f16
+CONVERTER_TYPES = ("f16",)  # written by convert_hf_to_gguf.py itself; the others (GGUF_TYPES) are quantized from f16
 DISTRIBUTION = "llama-cpp-python"
 CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
 INSTALL_HINT = ("install the [gguf] extra: `make gguf`, or `pip install -e '.[gguf]'` "
@@ -203,9 +203,8 @@ def quantize(source: Path, out: Path, gguf_type: str) -> None:
     """llama.cpp's quantizer (`llama_model_quantize`) from a 16-bit GGUF to `gguf_type`."""
     llama_cpp = require_llama_cpp()
     quiet_logs(llama_cpp)  # its loader and per-tensor lines (~600) to nowhere; warnings still show
-    ftype = {"q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, "q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0}[gguf_type]
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = ftype
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{check_type(gguf_type).upper()}")  # llama.cpp's name for it
     params.nthread = cpu_threads()
     code = llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params))
     if code != 0 or not out.is_file():
@@ -288,8 +287,7 @@ def _go_literal(text: str) -> str:
 
 def ollama_template(run: Run, tokenizer) -> str:
     """The run's prompt template as an Ollama Go template: the server's own rule
-    (`render_conversation`) rendered around markers that become {{ .System }} and {{ .Prompt }}."""
-    from ..data import render_conversation
+    (`prompts.render_conversation`) rendered around markers that become {{ .System }} and {{ .Prompt }}."""
 
     system, prompt = "\x00SYSTEM\x00", "\x00PROMPT\x00"
     template = run.cfg.data.template

@@ -20,7 +20,7 @@ from ..paths import cache_dir, read_json
 from ..runs import Run
 from .api import create_app
 from .engine import BatchEngine
-from .export import choose_form, load_serving_model
+from .forms import choose_form, load_serving_model
 from .run import api_key_from_env, context_length, model_name
 from .static import start_decoder
 
