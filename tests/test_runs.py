@@ -20,16 +20,18 @@ LAYOUT_FILES = ("config.json", "env.json", "sweep_run.json", "quantization.json"
                 "serve_load.json", "serve_commands.md", "generations.html", "generations.md",
                 "quantization_footprint.png", "training_curves.png", "eval_metrics.png", "latency.png")
 LAYOUT_FOLDERS = ("adapter", "merged", "checkpoints", "data", "notebooks", "lm_eval_tasks")
-# Where the same words mean something else: a transformers model folder's config.json (models.py),
-# and of the merged export (serve_commands.md's text, export.py, gguf.py's freshness check), serve.form's
-# values "adapter"/"merged" (config, serve, plots, the export gate's form names, notebook 06), the OpenAI
-# list's and nbformat's "data" keys, tarfile's "data" extraction filter (gguf.py).
+# Where the same words mean something else: a transformers model folder's config.json (models.py,
+# plan.py's model-shape lookup), and of the merged export (serve_commands.md's text, export.py, gguf.py's
+# freshness check), serve.form's values "adapter"/"merged" (config, plan, serve, plots, the export
+# gate's form names, notebook 06), the OpenAI list's and nbformat's "data" keys, tarfile's "data"
+# extraction filter (gguf.py).
 ELSEWHERE = {("models.py", "config.json"), ("export.py", "config.json"), ("config.py", "adapter"),
              ("config.py", "merged"), ("checks.py", "adapter"), ("checks.py", "merged"),
              ("export.py", "adapter"), ("export.py", "merged"), ("plots.py", "adapter"),
              ("06_serve.ipynb", "merged"), ("api.py", "data"), ("docs.py", "data"),
              ("gguf.py", "config.json"), ("gguf.py", "data"), ("gate.py", "adapter"), ("gate.py", "merged"),
-             ("forms.py", "adapter"), ("forms.py", "merged"), ("tasks.py", "lm_eval_tasks")}
+             ("forms.py", "adapter"), ("forms.py", "merged"), ("tasks.py", "lm_eval_tasks"),
+             ("plan.py", "config.json"), ("plan.py", "adapter"), ("plan.py", "merged")}
 
 
 def _code_strings(source: str) -> list[tuple[int, str]]:
