@@ -2,7 +2,10 @@
 
 Standalone on purpose (standard library only, no import of the package): on Colab the notebook
 opens from GitHub before the project is on disk, so the cell clones the repository and runs this
-file by path (`runpy.run_path`) before `qlora_helpers` can be imported.
+file by path (`runpy.run_path(..., run_name="__main__")`) before `qlora_helpers` can be imported.
+The cell's three lines are written by `setup_cell` from the repository URL in pyproject.toml's
+`[project.urls]` (the one place it is spelled; `python -m qlora_helpers.docs --sync-links` rewrites
+the cells and the README's Colab links after a fork changes it).
 
 On Colab `prepare_notebook()` installs the project's dependencies without replacing what the
 running kernel is built on (torch, ipykernel, ipywidgets, numpy ... are left out of the request
@@ -110,3 +113,25 @@ def prepare_notebook(root: str | Path) -> str:
     marker.write_text("".join(f"{name}=={version}\n" for name, version in keep.items()))
     return (f"installed qlora_helpers from {root}{' with the [gpu] extra' if cuda else ''}; kept "
             f"{', '.join(f'{n} {v}' for n, v in keep.items() if n in ('torch', 'ipykernel', 'ipywidgets'))}")
+
+
+def repository_url(root: Path) -> str:
+    """The project's repository, from pyproject.toml's [project.urls] (its one spelling)."""
+    import tomllib
+
+    return tomllib.loads((Path(root) / "pyproject.toml").read_text())["project"]["urls"]["Repository"]
+
+
+def setup_cell(url: str) -> str:
+    """The first cell of every notebook: find the project beside the notebook (`..`), or clone it
+    (Colab opens a notebook alone); then run this file, which installs on Colab once."""
+    folder = url.rstrip("/").removesuffix(".git").rsplit("/", 1)[-1]
+    return (f'import os, runpy, subprocess; root = ".." if os.path.isdir("../qlora_helpers") else "{folder}"'
+            f"  # Colab: a clone\n"
+            f'os.path.isdir(root) or subprocess.check_call(["git", "clone", "{url}"])\n'
+            f'runpy.run_path(f"{{root}}/qlora_helpers/bootstrap.py", run_name="__main__")'
+            f"  # Colab: installs once, no restart")
+
+
+if __name__ == "__main__":  # the notebooks' first cell runs this file by path
+    print(prepare_notebook(Path(__file__).resolve().parents[1]))

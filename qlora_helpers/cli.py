@@ -72,7 +72,7 @@ def train_command(args) -> int:
     parent sets up and prepares, then launches N accelerate workers that only open the run and train."""
     run_name = args.run_name or resolve_config_path(args.config).stem
     if "LOCAL_RANK" in os.environ:  # a worker of a multi-GPU run: the parent prepared everything
-        run = open_run(args.config, run_name, args.overrides, args.outputs_dir)
+        run = open_run(run_name, args.outputs_dir)  # the parent set it up with these settings
     else:
         run = setup_run(args.config, run_name, args.overrides, args.outputs_dir)
         stage("03").run(run)
