@@ -148,17 +148,19 @@ def plot_lora_shapes(d_in: int, d_out: int, r: int, alpha: float):
     fig, ax = plt.subplots(figsize=(9, 3.4))
     scale = 2.6 / max(d_in, d_out)
     w, h, rr = d_in * scale, d_out * scale, max(r * scale, 0.04)  # r is drawn at least as a visible strip
+    bx, ax_ = w + 1.2, w + 1.2 + rr + 0.6  # where B and A start
     boxes = [(0, "W (frozen, 4-bit)", d_out, d_in, w, h, "#bbbbbb"),
-             (w + 0.9, "B (trained)", d_out, r, rr, h, "#dd8452"),
-             (w + rr + 1.5, "A (trained)", r, d_in, w, rr, "#4c72b0")]
+             (bx, "B (trained)", d_out, r, rr, h, "#dd8452"),
+             (ax_, "A (trained)", r, d_in, w, rr, "#4c72b0")]
     for x, name, rows, cols, bw, bh, color in boxes:
         ax.add_patch(Rectangle((x, h - bh), bw, bh, color=color))
         ax.text(x + bw / 2, h + 0.12, f"{name}\n{rows:,} x {cols:,} = {rows * cols:,}", ha="center", va="bottom")
-    ax.text(w + 0.45, h / 2, "+", fontsize=18, ha="center", va="center")
-    ax.text(w + rr + 1.2, h / 2, f"x{alpha / r:g}", ha="center", va="center")
+    ax.text(w + 0.3, h / 2, "+", fontsize=18, ha="center", va="center")
+    ax.text(w + 0.75, h / 2, f"{alpha / r:g} x", fontsize=12, ha="center", va="center")
+    ax.text(bx + rr + 0.3, h / 2, "·", fontsize=24, ha="center", va="center")
     share = r * (d_in + d_out) / (d_in * d_out)
     ax.set_title(f"W + (alpha/r)·B·A with r={r}, alpha={alpha:g}: the adapter trains {share:.1%} of W's weights")
-    ax.set_xlim(-0.1, 2 * w + rr + 1.7)
+    ax.set_xlim(-0.1, ax_ + w + 0.1)
     ax.set_ylim(-0.1, h + 0.8)
     ax.set_aspect("equal")
     ax.axis("off")

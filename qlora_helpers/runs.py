@@ -130,6 +130,10 @@ class _Layout:
         return self.adapter_dir
 
     @property
+    def lora_plot(self) -> Path:  # 04's picture of LoRA's shapes
+        return self.path / "lora_shapes.png"
+
+    @property
     def train_log(self) -> Path:
         return self.path / "train_log.json"
 
