@@ -133,6 +133,8 @@ ALT_TEXT = {
     "plot_metrics": "Base model against tuned model on every evaluation metric",
     "plot_latency": "Generation speed of each serving form: time to first token and tokens per second",
 }
+# Figures also written under a fixed name, for the README to show (its picture).
+FEATURED = {"plot_training": "training_curves.png"}
 _ERRNO = re.compile(r"\[Errno -?\d+\][^\n<)\]'\"]*")
 _FLOAT = re.compile(r"(?<![\w.])(-?\d+\.\d{5,})(?![\w.])")
 _HOME = re.compile(r"(?<![\w.~])/(?:root|home/[^/\s'\"<]+)(?=/)")
@@ -243,6 +245,8 @@ def markdown_page(nb: dict, stem: str, pages_dir: Path, nav: str) -> str:
                 image = pages_dir / "img" / f"{stem}-{count}.png"
                 image.parent.mkdir(parents=True, exist_ok=True)
                 image.write_bytes(base64.b64decode(_joined(out["data"]["image/png"])))
+                for name in (f for call, f in FEATURED.items() if f"{call}(" in source):
+                    (image.parent / name).write_bytes(image.read_bytes())
             text = _output_markdown(out, image)
             if text:
                 blocks.append(text)

@@ -76,6 +76,10 @@ _CELLS = [
     ("code", "for piece in ['The', ' answer', ' is', ' one', ' line.']:\n    print(piece, end='', flush=True)"),
     ("markdown", "## The picture"),
     ("code", "from qlora_helpers.plots import plot_lora_shapes\n\nfig = plot_lora_shapes(64, 64, 8, 16)"),
+    ("markdown", "## Curves"),
+    ("code", "import tempfile\nfrom pathlib import Path\nfrom qlora_helpers.plots import plot_training, save\n\n"
+             "history = [{'step': 1, 'loss': 2.0, 'learning_rate': 1e-4, 'grad_norm': 1.0}]\n"
+             "_ = save(plot_training(history), Path(tempfile.mkdtemp()) / 'curves.png')"),
     ("markdown", "## Any other plot"),
     ("code", "import matplotlib.pyplot as plt\n\nplt.plot([1, 2, 3])\nplt.show()"),
 ]
@@ -125,7 +129,10 @@ def test_pages_github_renders_are_clean_titled_linked_and_illustrated(executed, 
     assert "hub: unreachable (offline)" in first and "trained in 402.6 s, efficiency 0.9683, version 2.13.0" in first
     assert "```text\nThe answer is one line.\n```" in first  # the streamed pieces, one block, one line
     assert f"![{ALT_TEXT['plot_lora_shapes']}](img/01_first-1.png)" in first
-    assert "![Figure: Any other plot](img/01_first-2.png)" in first
+    assert f"![{ALT_TEXT['plot_training']}](img/01_first-2.png)" in first
+    assert "![Figure: Any other plot](img/01_first-3.png)" in first
+    featured = tmp_path / "tutorial" / "img" / "training_curves.png"  # the README's picture
+    assert featured.read_bytes() == (tmp_path / "tutorial" / "img" / "02_second-2.png").read_bytes()
     assert (tmp_path / "tutorial" / "img" / "01_first-1.png").read_bytes()[:4] == b"\x89PNG"
     index = (tmp_path / "tutorial" / "README.md").read_text()
     assert "1. [01 · First page](01_first.md): What the first page is about." in index
