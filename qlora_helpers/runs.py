@@ -7,11 +7,13 @@ run-folder file name. `STAGES` says, once, what each stage notebook reads, the f
 (its report, which marks the stage done) and its entry point (`run_stage(run) -> report`) that the
 CLI calls and the notebook's last cell shares.
 
-Stage 01 resolves the config and inspects the machine (`setup_run`); every later stage reopens the
-run from those files (`open_run`, or `open_run_folder` from a path alone), so the notebooks never
-depend on each other's memory.
+Stage 01 resolves the config and inspects the machine (`setup_run`): the one place a run's settings
+are chosen. Every later stage reopens the run by its name from those files (`open_run`, or
+`open_run_folder` from a path alone), so the notebooks never depend on each other's memory and
+settings are never typed twice; 05 and 06 may change their own section (`STAGE_SECTIONS`) for
+themselves, and record it.
 
-Where this differs from ../shared/STYLE.md's anchors, and why:
+Where this differs from the style the project follows (each notebook's report in its last cell), and why:
 - The notebooks end by writing their report through the function `run_stage` uses, but not always in
   the very last cell: 03 writes `data_report.json` in its second step (`prepare_run_data`, whose
   later cells only show what it made), 05 writes `eval.json` before its cells that show the paired
