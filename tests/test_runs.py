@@ -149,8 +149,14 @@ def test_the_runner_passes_each_notebook_the_parameters_its_cell_has(by_name):
 
     everything = {"config": "smoke", "run_name": "r", "overrides": ["x=1"], "outputs_dir": "o",
                   "eval_overrides": ["eval.rouge_samples=3"], "serve_overrides": []}
+    from papermill.iorw import load_notebook_node
+    from papermill.inspection import _infer_parameters
+
     for s in STAGES:
         assert sorted(notebook_parameters(s, everything)) == sorted(_parameters(s.notebook_path)), s.notebook
+        # papermill reads every line (its --help-notebook); a comment it cannot parse drops a parameter
+        inferred = [p.name for p in _infer_parameters(load_notebook_node(str(s.notebook_path)))]
+        assert inferred == _parameters(s.notebook_path), s.notebook
     assert _parameters(stage("04").notebook_path) == ["run_name", "outputs_dir"]  # the run name alone
 
 
