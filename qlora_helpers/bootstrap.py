@@ -129,7 +129,7 @@ def setup_cell(url: str) -> str:
     return (f'import os, runpy, subprocess; root = ".." if os.path.isdir("../qlora_helpers") else "{folder}"'
             f"  # Colab: a clone\n"
             f'os.path.isdir(root) or subprocess.check_call(["git", "clone", "{url}"])\n'
-            f'runpy.run_path(f"{{root}}/qlora_helpers/bootstrap.py", run_name="__main__")'
+            f'_ = runpy.run_path(f"{{root}}/qlora_helpers/bootstrap.py", run_name="__main__")'
             f"  # Colab: installs once, no restart")
 
 
