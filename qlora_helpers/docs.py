@@ -38,7 +38,7 @@ from typing import Any
 from .bootstrap import repository_url, setup_cell
 from .errors import QLoraError
 from .paths import PROJECT_ROOT, read_json, write_json_atomic, write_text_atomic
-from .runs import RunFolder
+from .runs import NOTEBOOK_DIR, RunFolder
 
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
@@ -134,7 +134,7 @@ ALT_TEXT = {
     "plot_latency": "Generation speed of each serving form: time to first token and tokens per second",
 }
 # Figures also written under a fixed name, for the README to show (its picture).
-FEATURED = {"plot_training": "training_curves.png"}
+FEATURED = {"plot_training": "training-curves.png"}
 _ERRNO = re.compile(r"\[Errno -?\d+\][^\n<)\]'\"]*")
 _FLOAT = re.compile(r"(?<![\w.])(-?\d+\.\d{5,})(?![\w.])")
 _HOME = re.compile(r"(?<![\w.~])/(?:root|home/[^/\s'\"<]+)(?=/)")
@@ -412,7 +412,7 @@ def colab_links(url: str) -> str:
     """The README's line of "Open in Colab" links, one per notebook, from the repository URL."""
     slug = url.rstrip("/").removesuffix(".git").split("github.com/", 1)[-1]
     links = [f"[{nb.name[:2]}](https://colab.research.google.com/github/{slug}/blob/main/notebooks/{nb.name})"
-             for nb in sorted((PROJECT_ROOT / "notebooks").glob("0[1-6]_*.ipynb"))]
+             for nb in sorted(NOTEBOOK_DIR.glob("0[1-6]_*.ipynb"))]
     return f"<!-- colab -->Open in Colab: {' · '.join(links)}<!-- /colab -->"
 
 
@@ -425,7 +425,7 @@ def sync_links(root: Path = PROJECT_ROOT) -> list[Path]:
     new = _COLAB.sub(colab_links(url), text)
     if new != text:
         changed.append(write_text_atomic(readme, new))
-    for path in sorted((root / "notebooks").glob("0[1-6]_*.ipynb")):
+    for path in sorted((root / NOTEBOOK_DIR.relative_to(PROJECT_ROOT)).glob("0[1-6]_*.ipynb")):
         nb = json.loads(path.read_text(encoding="utf-8"))
         first = next(c for c in nb["cells"] if c["cell_type"] == "code")
         lines = setup_cell(url).splitlines(keepends=True)

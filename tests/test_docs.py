@@ -131,7 +131,7 @@ def test_pages_github_renders_are_clean_titled_linked_and_illustrated(executed, 
     assert f"![{ALT_TEXT['plot_lora_shapes']}](img/01_first-1.png)" in first
     assert f"![{ALT_TEXT['plot_training']}](img/01_first-2.png)" in first
     assert "![Figure: Any other plot](img/01_first-3.png)" in first
-    featured = tmp_path / "tutorial" / "img" / "training_curves.png"  # the README's picture
+    featured = tmp_path / "tutorial" / "img" / "training-curves.png"  # the README's picture
     assert featured.read_bytes() == (tmp_path / "tutorial" / "img" / "02_second-2.png").read_bytes()
     assert (tmp_path / "tutorial" / "img" / "01_first-1.png").read_bytes()[:4] == b"\x89PNG"
     index = (tmp_path / "tutorial" / "README.md").read_text()
