@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .config import Config, apply_overrides, config_from_dict, describe_config, load_config
+from .config import Config, apply_overrides, config_from_dict, load_config
 from .environment import collect_environment, plan_runtime, write_setup
 from .errors import ConfigError, QLoraError
 from .paths import PROJECT_ROOT, read_json, run_dir
@@ -405,11 +405,16 @@ def open_run_folder(path: str | Path, overrides: Iterable[str] = ()) -> Run:
 
 
 def describe_run(run: Run) -> str:
-    """One line: the run, where its settings live, and what they change from the defaults (01's table)."""
-    changed = ", ".join(f"{r['key']}={r['value']}" for r in describe_config(run.cfg, changed_only=True))
-    own = f"; this stage only: {', '.join(run.stage_overrides)}" if run.stage_overrides else ""
-    return (f"run {run.name!r} on {run.device} ({run.runtime.compute_dtype}), settings fixed by 01 in "
-            f"{run.config_file.parent.name}/{run.config_file.name}: {changed or 'the defaults'}{own}")
+    """One line for the top of 02-06: the run, where its settings live, the ones that shape it most,
+    and this stage's own changes (01 shows every changed setting in a table)."""
+    cfg = run.cfg
+    quant = f"{cfg.quant.quant_type.upper()} 4-bit" if cfg.quant.load_in_4bit else "full precision"
+    targets = cfg.lora.target_modules if isinstance(cfg.lora.target_modules, str) else ",".join(cfg.lora.target_modules)
+    steps = f"{cfg.train.max_steps} steps" if cfg.train.max_steps > 0 else f"{cfg.train.num_epochs:g} epochs"
+    own = f"; for this stage only: {', '.join(run.stage_overrides)}" if run.stage_overrides else ""
+    return (f"run {run.name!r} (settings fixed by 01 in {run.config_file.parent.name}/{run.config_file.name}): "
+            f"{cfg.model.source}, {quant}, LoRA r={cfg.lora.r} alpha={cfg.lora.alpha} on {targets}, "
+            f"lr {cfg.train.learning_rate:g} for {steps}; {run.device}, {run.runtime.compute_dtype}{own}")
 
 
 def saved_config(folder: _Layout) -> Config | None:

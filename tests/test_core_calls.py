@@ -50,8 +50,9 @@ def test_04_model_lora_config_and_arguments_are_the_helpers(smoke):
     cell_params = dict(ns["model"].named_parameters())
     helper_params = dict(helper.named_parameters())
     assert cell_params.keys() == helper_params.keys()
-    assert {n: p.requires_grad for n, p in cell_params.items()} == {n: p.requires_grad for n, p in helper_params.items()}
-    assert {n: p.dtype for n, p in cell_params.items()} == {n: p.dtype for n, p in helper_params.items()}
+    for attribute in ("requires_grad", "dtype", "shape"):
+        assert ({n: getattr(p, attribute) for n, p in cell_params.items()}
+                == {n: getattr(p, attribute) for n, p in helper_params.items()}), attribute
     lora = [n for n in cell_params if "lora_" in n]
     assert lora and all(torch.equal(cell_params[n], helper_params[n]) for n in lora)  # the same seeded init
     checkpointing = [m.base_model.model.is_activation_checkpointing for m in (ns["model"], helper)]

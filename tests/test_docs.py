@@ -157,7 +157,8 @@ def test_readme_results_come_from_the_reports_and_disagreements_are_found(tmp_pa
     assert "rouge_tuned" not in results  # no eval.json in this run
     readme = "Trained <!-- r:train_steps -->?<!-- /r --> steps, loss <!-- r:heldout_loss_tuned -->x<!-- /r -->."
     filled = fill_readme(readme, results)
-    assert filled == "Trained <!-- r:train_steps -->120<!-- /r --> steps, loss <!-- r:heldout_loss_tuned -->1.500<!-- /r -->."
+    assert filled == ("Trained <!-- r:train_steps -->120<!-- /r --> steps, "
+                      "loss <!-- r:heldout_loss_tuned -->1.500<!-- /r -->.")
     assert readme_disagreements(filled, results) == []
     edited = filled.replace(">1.500<", ">1.400<")
     assert readme_disagreements(edited, results) == [

@@ -125,10 +125,11 @@ def test_later_stages_open_the_run_by_name_and_change_only_their_section(by_name
 
     run = open_run("byname", by_name)
     assert run.cfg.train.learning_rate == 0.001 and run.stage_overrides == ()
-    assert "train.learning_rate=0.001" in describe_run(run)
+    assert "lr 0.001 for" in describe_run(run) and "byname/config.json" in describe_run(run)
     evaluated = open_run("byname", by_name, ["eval.rouge_samples=3"], stage="05")
     assert evaluated.cfg.eval.rouge_samples == 3 and evaluated.stage_overrides == ("eval.rouge_samples=3",)
-    assert evaluated.cfg.train == run.cfg.train and "this stage only: eval.rouge_samples=3" in describe_run(evaluated)
+    assert evaluated.cfg.train == run.cfg.train
+    assert "for this stage only: eval.rouge_samples=3" in describe_run(evaluated)
     assert open_run("byname", by_name, ["serve.bench_tokens=3"], stage="06").cfg.serve.bench_tokens == 3
     with pytest.raises(ConfigError, match=r"train.learning_rate: now 0.002, run has 0.001.*Set them in 01_setup"):
         open_run("byname", by_name, ["train.learning_rate=0.002"], stage="04")
