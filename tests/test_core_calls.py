@@ -10,7 +10,6 @@ import torch
 
 from qlora_helpers.paths import PROJECT_ROOT
 from qlora_helpers.runs import setup_run
-
 from tests.serve_fixtures import run as serve_run  # noqa: F401 - a fixture (a run with a random adapter)
 
 

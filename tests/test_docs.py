@@ -49,7 +49,8 @@ def test_the_machines_project_folder_is_cut_from_sources_and_outputs(tmp_path):
                       "text/html": f"<code>{root}/outputs/default/eval.json</code>"}}]},
         {"cell_type": "code", "source": "", "outputs": [
             {"output_type": "stream", "name": "stdout",
-             "text": f"qlora_helpers from {root} (not Colab)\nusing the offline copy {tmp_path}/shared/data/a.json\n"}]},
+             "text": f"qlora_helpers from {root} (not Colab)\n"
+                     f"using the offline copy {tmp_path}/shared/data/a.json\n"}]},
         {"cell_type": "markdown", "source": f"elsewhere: /opt/{root.name}/x and {root}-other/y"}]}
     cells = make_static(nb, root=root)["cells"]
     assert cells[0]["source"] == "config = 'configs/default.yaml'\nx = 1"

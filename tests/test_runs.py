@@ -150,8 +150,8 @@ def test_the_runner_passes_each_notebook_the_parameters_its_cell_has(by_name):
 
     everything = {"config": "smoke", "run_name": "r", "overrides": ["x=1"], "outputs_dir": "o",
                   "eval_overrides": ["eval.rouge_samples=3"], "serve_overrides": []}
-    from papermill.iorw import load_notebook_node
     from papermill.inspection import _infer_parameters
+    from papermill.iorw import load_notebook_node
 
     for s in STAGES:
         assert sorted(notebook_parameters(s, everything)) == sorted(_parameters(s.notebook_path)), s.notebook
