@@ -116,7 +116,7 @@ def open_run_in_worker(args, run_name: str):
     # the backend Trainer will pick: gloo on CPU, nccl on CUDA (PartialState is one per process)
     with PartialState(cpu=not torch.cuda.is_available()).main_process_first():
         try:
-            return open_run(args.config, run_name, args.overrides, args.outputs_dir)
+            return open_run(run_name, args.outputs_dir)  # machine 0's parent set it up with these settings
         except QLoraError as exc:
             raise QLoraError(f"{exc} (machine rank {os.environ.get('GROUP_RANK', '?')}: with several machines "
                              f"--outputs-dir must be a folder every machine sees, e.g. on a shared "
@@ -131,7 +131,7 @@ def train_command(args) -> int:
     check_layout(args)
     if "LOCAL_RANK" in os.environ:  # a worker of a multi-process run: machine 0's parent prepared everything
         run = (open_run_in_worker(args, run_name) if int(os.environ.get("WORLD_SIZE", "1")) > 1
-               else open_run(args.config, run_name, args.overrides, args.outputs_dir))
+               else open_run(run_name, args.outputs_dir))  # the parent set it up with these settings
     elif args.machine_rank > 0:  # another machine: its workers wait for machine 0's
         distributed = load_config(args.config, args.overrides).train.distributed
         return subprocess.call(accelerate_command(args, run_name, distributed))

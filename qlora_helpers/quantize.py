@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .data import heldout_pairs
 from .generation import generate
-from .models import load_model, load_tokenizer, resolve_model
+from .models import bnb_config, load_full_model, load_quantized_model, load_tokenizer, resolve_model
 from .paths import write_json_atomic
 from .prompts import encode_prompt, native_template
 from .runs import Run
@@ -28,15 +28,18 @@ SAMPLE_INSTRUCTION = "Give three tips for staying healthy."
 NF4_SIGMA = 1 / NormalDist().inv_cdf(0.9677083)
 
 
-def load_full_and_quantized(run: Run) -> dict[str, Any]:
-    """The tokenizer, the full-precision model and the 4-bit model, with their load times."""
+def load_full_and_quantized(run: Run, quantization_config=None) -> dict[str, Any]:
+    """The tokenizer, the full-precision model and the 4-bit model (loaded with `quantization_config`,
+    the BitsAndBytesConfig notebook 02 builds in sight; `bnb_config` for the run when None), with
+    their load times."""
     cfg = run.cfg
     resolved = resolve_model(cfg.model)
     tokenizer = load_tokenizer(cfg.model, resolved)
+    quantization_config = quantization_config or bnb_config(cfg.quant, run.compute_dtype)
     t0 = time.perf_counter()
-    full = load_model(cfg.model, cfg.quant, run.compute_dtype, run.device, quantized=False, resolved=resolved)
+    full = load_full_model(cfg.model, run.compute_dtype, run.device, resolved)
     t1 = time.perf_counter()
-    quant = load_model(cfg.model, cfg.quant, run.compute_dtype, run.device, quantized=True, resolved=resolved)
+    quant = load_quantized_model(cfg.model, quantization_config, run.device, resolved)
     t2 = time.perf_counter()
     return {"tokenizer": tokenizer, "full": full, "quantized": quant, "source": resolved.description,
             "load_seconds": {"full": t1 - t0, "quantized": t2 - t1}}

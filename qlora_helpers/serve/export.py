@@ -34,7 +34,7 @@ PROBE_TEXTS = ["Below is an instruction that describes a task. Write a short poe
 
 
 def merge_adapter(run: Run):
-    """(merged model in the compute dtype, tokenizer): the 4-bit base de-quantized, the adapter merged.
+    """(merged model in the compute dtype, tokenizer): notebook 06's de-quantize-then-merge, for the CLI.
 
     peft's own `merge_and_unload` on a 4-bit model re-quantizes the merged weights (lossy); merging
     into the de-quantized weights keeps exactly what base + adapter computes.
@@ -80,16 +80,19 @@ def merge_tolerance(dtype) -> float:
     return MERGE_TOLERANCE[str(dtype).removeprefix("torch.")]
 
 
-def merge_and_export(run: Run) -> dict[str, Any]:
-    """Merge, check the merged logits against base + adapter, save 16-bit safetensors to
-    `outputs/<run>/merged/`, reload it and check again; write `merge.json` and `serve_commands.md`."""
+def merge_and_export(run: Run, merged=None) -> dict[str, Any]:
+    """Check the merged model (`merged`: the one notebook 06 built; else `merge_adapter`) against base +
+    adapter on probe texts, save 16-bit safetensors to `outputs/<run>/merged/`, reload it and check
+    again; write `merge.json` and `serve_commands.md`."""
     import torch
 
     start = time.perf_counter()
     tuned, tokenizer = load_tuned_model(run)
     reference = probe_logits(tuned, tokenizer)
     del tuned
-    merged, _ = merge_adapter(run)
+    if merged is None:
+        merged, _ = merge_adapter(run)
+    merged.eval()
     bound = merge_tolerance(run.compute_dtype)
     in_memory = logit_gap(probe_logits(merged, tokenizer), reference, bound)
     if not in_memory["within_bound"]:
@@ -113,7 +116,8 @@ def merge_and_export(run: Run) -> dict[str, Any]:
               "probe_tokens": int(reference.shape[0]),
               "merged_vs_adapter_logits": in_memory, "exported_vs_adapter_logits": exported,
               "files": files, "merged_mib": round(sum(files.values()) / 2**20, 1),
-              "seconds": round(time.perf_counter() - start, 1)}
+              "seconds": round(time.perf_counter() - start, 1),
+              "overrides": list(getattr(run, "stage_overrides", ()))}  # 06's own serve.* changes
     write_json_atomic(run.merge_report, report)
     write_text_atomic(run.serve_commands_file, export_commands(run))
     return report
