@@ -19,7 +19,7 @@ from .config import load_config, resolve_config_path
 from .data import DataError, check_sources
 from .errors import QLoraError
 from .paths import PROJECT_ROOT, run_dir
-from .runs import NOTEBOOK_DIR, STAGES, RunFolder, Stage
+from .runs import NOTEBOOK_DIR, STAGES, RunFolder, Stage, record_stage, stage_key
 
 
 class StageFailed(QLoraError):
@@ -32,10 +32,10 @@ def select_stages(stages: str | Iterable[str] | None) -> list[Stage]:
         return list(STAGES)
     wanted = [s.strip() for s in (stages.split(",") if isinstance(stages, str) else stages) if s.strip()]
     known = {s.number for s in STAGES}
-    unknown = [s for s in wanted if s.zfill(2) not in known]
+    unknown = [s for s in wanted if stage_key(s) not in known]
     if unknown:
         raise QLoraError(f"Unknown stage(s) {', '.join(unknown)}; available: {', '.join(sorted(known))}.")
-    return [s for s in STAGES if s.number in {w.zfill(2) for w in wanted}]
+    return [s for s in STAGES if s.number in {stage_key(w) for w in wanted}]
 
 
 def run_pipeline(config: str, run_name: str | None = None, overrides: Iterable[str] = (),
@@ -46,7 +46,7 @@ def run_pipeline(config: str, run_name: str | None = None, overrides: Iterable[s
     config_path = resolve_config_path(config)
     cfg = load_config(config_path, overrides)  # fail on a bad key before any notebook starts
     run_name = run_name or config_path.stem
-    selected = select_stages(stages)
+    selected = [s for s in select_stages(stages) if s.applies(cfg)]  # 04b only when the profile enables it
     readers = [s.notebook for s in selected if s.reads_sources]
     if readers:  # and on training data that cannot be read, instead of minutes into the run
         try:
@@ -117,4 +117,6 @@ def _execute(stages: list[Stage], folder: RunFolder, parameters: dict, progress:
             raise StageFailed(
                 f"{notebook.name} failed in cell {exc.exec_count} ({exc.ename}: {exc.evalue}). "
                 f"The executed copy with all outputs is {out}.") from None
-        print(f"    done in {time.perf_counter() - start:.0f} s", flush=True)
+        seconds = time.perf_counter() - start
+        record_stage(folder, stage, seconds)
+        print(f"    done in {seconds:.0f} s", flush=True)

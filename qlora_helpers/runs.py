@@ -27,6 +27,7 @@ used, because they are heavy and this module is read by every light tool (sweep 
 from __future__ import annotations
 
 import importlib
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -34,7 +35,7 @@ from typing import Any, Callable, Iterable
 from .config import Config, apply_overrides, config_from_dict, load_config
 from .environment import collect_environment, plan_runtime, write_setup
 from .errors import ConfigError, QLoraError
-from .paths import PROJECT_ROOT, read_json, run_dir
+from .paths import PROJECT_ROOT, read_json, run_dir, write_json_atomic
 
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
 
@@ -122,12 +123,13 @@ class _Layout:
     def has_adapter(self) -> bool:
         return (self.adapter_dir / "adapter_config.json").is_file()  # peft's file: the adapter is complete
 
-    def require_adapter(self) -> Path:
-        """The adapter folder, or an error saying to train first."""
+    def require_adapter(self, final: bool = True) -> Path:
+        """The final adapter (`final_adapter_dir`: what 05 evaluates and 06 serves), or with
+        `final=False` the SFT adapter stage 04 wrote; an error saying to train first."""
         if not self.has_adapter:
             raise MissingArtifact(f"No adapter in {self.adapter_dir}. Run notebooks/04_train.ipynb for run "
                                   f"{self.path.name!r} first.")
-        return self.adapter_dir
+        return self.final_adapter_dir if final else self.adapter_dir
 
     @property
     def train_log(self) -> Path:
@@ -140,6 +142,49 @@ class _Layout:
     @property
     def wandb_dir(self) -> Path:  # W&B writes its own `wandb/` folder inside
         return self.path
+
+    # 04b preference (only when the profile enables it: preference.enabled)
+    @property
+    def preference_adapter_dir(self) -> Path:
+        return self.path / "adapter_preference"
+
+    @property
+    def has_preference_adapter(self) -> bool:
+        return (self.preference_adapter_dir / "adapter_config.json").is_file()
+
+    @property
+    def preference_pairs(self) -> Path:  # the pairs trained on and held out, with where each came from
+        return self.path / "preference_pairs.json"
+
+    @property
+    def preference_checkpoints_dir(self) -> Path:
+        return self.path / "checkpoints_preference"
+
+    @property
+    def preference_plot(self) -> Path:
+        return self.path / "preference_margins.png"
+
+    @property
+    def preference_report(self) -> Path:  # written last by 04b
+        return self.path / "preference.json"
+
+    @property
+    def final_adapter_stage(self) -> str:
+        """Which stage wrote the adapter that 05 evaluates and 06 serves: "04b" when the preference
+        stage saved one after the SFT adapter was written (a retrained SFT adapter makes it stale), else "04"."""
+        if self.has_preference_adapter and self.has_adapter:
+            sft = (self.adapter_dir / "adapter_config.json").stat().st_mtime_ns
+            if (self.preference_adapter_dir / "adapter_config.json").stat().st_mtime_ns >= sft:
+                return "04b"
+        return "04"
+
+    @property
+    def final_adapter_dir(self) -> Path:
+        return self.preference_adapter_dir if self.final_adapter_stage == "04b" else self.adapter_dir
+
+    @property
+    def stages_file(self) -> Path:  # which stages ran here, when and for how long (runner, Stage.run)
+        return self.path / "stages.json"
 
     # 05 evaluate
     @property
@@ -291,6 +336,14 @@ class Stage:
     writes: tuple[str, ...]     # artifacts it writes, the report it writes last at the end
     entry: str | None           # "module:function" taking a Run, returning the report; None for 01
     reads_sources: bool = False  # reads the training data (data.sources) itself, not only 03's split
+    enabled_by: str | None = None  # a boolean config key ("preference.enabled"); None: always runs
+
+    def applies(self, cfg: Config | None) -> bool:
+        """Does this stage run for `cfg`? (None: a folder without config, every stage applies.)"""
+        if self.enabled_by is None or cfg is None:
+            return True
+        section, key = self.enabled_by.split(".")
+        return bool(getattr(getattr(cfg, section), key))
 
     @property
     def notebook_path(self) -> Path:
@@ -312,7 +365,10 @@ class Stage:
             run.require(artifact)
         module, function = self.entry.split(":")
         fn: Callable[[Run], dict[str, Any]] = getattr(importlib.import_module(module), function)
-        return fn(run)
+        start = time.perf_counter()
+        report = fn(run)
+        record_stage(run, self, time.perf_counter() - start)
+        return report
 
 
 STAGES: tuple[Stage, ...] = (
@@ -323,6 +379,9 @@ STAGES: tuple[Stage, ...] = (
           "qlora_helpers.data:run_stage", reads_sources=True),
     Stage("04", "04_train.ipynb", ("config_file", "env_file", "data_report"),
           ("checkpoints_dir", "adapter_dir", "train_log"), "qlora_helpers.train:run_stage"),
+    Stage("04b", "04b_preference.ipynb", ("config_file", "env_file", "data_report", "adapter_dir"),
+          ("preference_adapter_dir", "preference_report"), "qlora_helpers.preference:run_stage",
+          enabled_by="preference.enabled"),
     Stage("05", "05_evaluate.ipynb", ("config_file", "env_file", "data_report", "adapter_dir"),
           ("generations_html", "eval_report"), "qlora_helpers.evaluate:run_stage"),
     Stage("06", "06_serve.ipynb", ("config_file", "env_file", "adapter_dir"),
@@ -332,9 +391,26 @@ STAGES: tuple[Stage, ...] = (
 )
 
 
+def record_stage(folder: _Layout, done: Stage, seconds: float) -> None:
+    """Add a finished stage to the run's `stages.json` (latest entry per stage; the table's order)."""
+    entries = read_json(folder.stages_file).get("stages", {}) if folder.stages_file.is_file() else {}
+    entries[done.number] = {"notebook": done.notebook, "seconds": round(seconds, 1),
+                            "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    order = [s.number for s in STAGES]
+    entries = dict(sorted(entries.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+    write_json_atomic(folder.stages_file, {"stages": entries, "final_adapter": folder.final_adapter_stage})
+
+
+def stage_key(number: str | int) -> str:
+    """A stage number as STAGES spells it: 4 -> "04", "4b" -> "04b"."""
+    text = str(number).strip()
+    digits = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+    return f"{int(digits):02d}{text[len(digits):]}" if digits.isdigit() else text
+
+
 def stage(number: str | int) -> Stage:
-    """The stage numbered `number` ("4", "04" or 4)."""
-    key = f"{int(number):02d}" if str(number).strip().isdigit() else str(number)
+    """The stage numbered `number` ("4", "04" or 4; "4b" or "04b")."""
+    key = stage_key(number)
     for s in STAGES:
         if s.number == key:
             return s

@@ -276,8 +276,9 @@ def remaining_stages(plan: SweepPlan, run: SweepRun) -> list[str]:
     folder = plan.run_folder(run.tag)
     if not folder.config_file.is_file():
         return list(plan.stages)
+    cfg = saved_config(folder)  # a stage the run's profile leaves out (04b) is never "to do"
     for i, number in enumerate(plan.stages):
-        if not stage_done(folder, number):
+        if stage(number).applies(cfg) and not stage_done(folder, number):
             return plan.stages[i:]
     return []
 
