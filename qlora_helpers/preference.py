@@ -131,6 +131,20 @@ def compare_accuracy(before: list[float], after: list[float], seed: int = 0) -> 
 # --- training -------------------------------------------------------------------------------------
 
 
+class _Clock:
+    """Wall and CPU seconds per phase: on a shared machine CPU time (all threads) is the steadier one."""
+
+    def __init__(self):
+        self.seconds: dict[str, dict[str, float]] = {}
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+
+    def lap(self, phase: str) -> dict[str, dict[str, float]]:
+        wall, cpu = time.perf_counter(), time.process_time()
+        self.seconds[phase] = {"wall": round(wall - self._wall, 1), "cpu": round(cpu - self._cpu, 1)}
+        self._wall, self._cpu = wall, cpu
+        return {phase: self.seconds[phase]}
+
+
 def dpo_settings(run) -> dict[str, Any]:
     """Keyword arguments of TRL's DPOConfig for this run: preference.* plus the runtime stage 01 chose."""
     p, runtime = run.cfg.preference, run.runtime
@@ -232,9 +246,13 @@ def run_preference(run, trainer, tokenizer, pairs: dict[str, Any]) -> dict[str, 
     """Score the held-out pairs before, train, score after, save the adapter, write the report (last)."""
     cfg = run.cfg
     batch = cfg.eval.batch_size
+    clock = _Clock()
     before = pair_margins(trainer.model, tokenizer, pairs["eval"], cfg.data.template, batch)
+    clock.lap("score_before")
     trained = train_dpo(trainer)
+    clock.lap("train")
     after = pair_margins(trainer.model, tokenizer, pairs["eval"], cfg.data.template, batch)
+    clock.lap("score_after")
     rows = training_rows(trained.pop("log_history"))
     summary = {
         "method": cfg.preference.method, "beta": cfg.preference.beta, "reference": "frozen copy of the SFT adapter "
@@ -243,6 +261,7 @@ def run_preference(run, trainer, tokenizer, pairs: dict[str, Any]) -> dict[str, 
         "accuracy": compare_accuracy(before, after, seed=cfg.preference.seed),
         "margins": {"before": before, "after": after}, "training": rows,
         "final_logged": rows[-1] if rows else None, "device": run.device, "compute_dtype": run.runtime.compute_dtype,
+        "seconds": {**pairs["report"].get("seconds", {}), **clock.seconds},
     }
     save_preference_adapter(run, trainer.model, tokenizer, summary)
     write_json_atomic(run.preference_report, {**summary, "pair_report": pairs["report"]})
@@ -253,7 +272,9 @@ def prepare_run_pairs(run, model, tokenizer, prepared: PreparedData | None = Non
     """The run's pairs (hub/offline sources or its own data), written to `preference_pairs.json`."""
     cfg = run.cfg
     prepared = prepared or load_prepared(run)
+    clock = _Clock()
     pairs = prepare_pairs(model, tokenizer, cfg.preference, cfg.data, prepared, cfg.eval.batch_size)
+    pairs["report"]["seconds"] = clock.lap("pairs")
     write_json_atomic(run.preference_pairs, pairs)
     return pairs
 

@@ -49,7 +49,7 @@ def test_prompt_chosen_rejected_rows_and_their_bad_rows():
     rows = _rows("pairs")
     assert normalize_pair(rows[0], "prompt_chosen_rejected") == {
         "messages": [{"role": "user", "content": "What is the capital of France?"}],
-        "chosen": "The capital of France is Paris.", "rejected": "No idea."}
+        "chosen": "The capital of France is Paris.", "rejected": "The capital of France is Atlantis."}
     assert _reasons(rows, "prompt_chosen_rejected")[-3:] == ["missing_chosen", "identical", "empty_prompt"]
     assert _reasons(rows, "prompt_chosen_rejected")[:-3] == [None] * 24
 
@@ -158,8 +158,15 @@ def test_the_three_files_load_with_a_report_of_kept_and_dropped_rows(tokenizer):
 
 
 def test_pairs_longer_than_max_length_are_dropped_not_cut(tokenizer):
-    pairs, report = _load(tokenizer, PreferenceSourceConfig(path="preference/pairs.jsonl"), max_length=60)
-    assert report["dropped"]["too_long"] == 24 - len(pairs) > 0
+    from qlora_helpers.preference_data import pair_tokens
+
+    src = PreferenceSourceConfig(path="preference/pairs.jsonl")
+    pairs, _ = _load(tokenizer, src)
+    lengths = sorted(pair_tokens(tokenizer, p["prompt"], p["chosen"], "alpaca") for p in pairs)
+    limit = lengths[len(lengths) // 2]
+    kept, report = _load(tokenizer, src, max_length=limit)
+    assert report["dropped"]["too_long"] == sum(n > limit for n in lengths) == 24 - len(kept) > 0
+    assert all(p["chosen"] in {q["chosen"] for q in pairs} for p in kept)  # whole answers, never cut
 
 
 def test_an_unreachable_hub_source_falls_back_only_when_allowed(tokenizer):

@@ -19,12 +19,12 @@ CAPITALS = [("France", "Paris"), ("Japan", "Tokyo"), ("Kenya", "Nairobi"), ("Per
             ("Mali", "Bamako"), ("Laos", "Vientiane"), ("Fiji", "Suva"), ("Oman", "Muscat"),
             ("Chad", "N'Djamena"), ("Togo", "Lome"), ("Iraq", "Baghdad"), ("Qatar", "Doha")]
 RAMBLE = "Well, that is a question. That is a question. That is a question that is a question."
-SHRUG = "No idea."  # shorter than the chosen answer: a model that knows nothing prefers it (fewer tokens)
+WRONG = "Atlantis"  # every rejected answer names it: a preference that carries over to held-out pairs
 
 
 def pairs() -> list[dict]:
     rows = [{"prompt": f"What is the capital of {c}?", "chosen": f"The capital of {c} is {city}.",
-             "rejected": SHRUG} for c, city in CAPITALS]
+             "rejected": f"The capital of {c} is {WRONG}."} for c, city in CAPITALS]
     rows += [{"prompt": "Name a primary colour.", "rejected": "Blue."},                      # missing chosen
              {"prompt": "Say hello.", "chosen": "Hello!", "rejected": "Hello!"},             # identical
              {"prompt": "   ", "chosen": "Yes.", "rejected": "No."}]                          # empty prompt
