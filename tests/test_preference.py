@@ -247,3 +247,25 @@ def test_three_way_comparison_scores_base_sft_and_dpo_on_the_same_pairs(sft_run,
     pairs = json.loads(sft_run.preference_pairs.read_text())["eval"]
     answers = answers_three_way(sft_run, model, tokenizer, pairs, n=2, seed=0)
     assert len(answers) == 2 and set(answers[0]) == {"prompt", "chosen", "base", "sft", "sft+dpo"}
+
+
+@pytest.mark.integration
+def test_the_notebook_runs_under_papermill_when_the_profile_enables_it(tmp_path, tiny_dir):
+    from qlora_helpers.runner import run_pipeline
+
+    overrides = [*QUIET, "preference.sources=[{path: preference/pairs.jsonl}]", "preference.learning_rate=5e-3"]
+    path = run_pipeline("smoke", "nb", overrides, stages="01,03,04,04b", outputs_dir=str(tmp_path),
+                        progress=False)
+    report = json.loads((path / "preference.json").read_text())
+    assert report["steps"] == 4 and report["pairs"]["origin"] == "preference.sources"
+    assert (path / "preference_margins.png").stat().st_size > 10_000
+    executed = json.loads((path / "notebooks" / "04b_preference.ipynb").read_text())
+    assert all(c.get("outputs") for c in executed["cells"] if c["cell_type"] == "code" and
+               "parameters" not in c["metadata"].get("tags", []) and "injected-parameters" not in
+               c["metadata"].get("tags", []))
+    stages = json.loads((path / "stages.json").read_text())
+    assert list(stages["stages"]) == ["01", "03", "04", "04b"] and stages["final_adapter"] == "04b"
+    assert RunFolder(path).require_adapter() == path / "adapter_preference"  # what 05 and 06 load
+    # without the setting the runner leaves 04b out
+    plain = run_pipeline("smoke", "plain", [*QUIET[:2]], stages="01,04b", outputs_dir=str(tmp_path), progress=False)
+    assert list(json.loads((plain / "stages.json").read_text())["stages"]) == ["01"]
