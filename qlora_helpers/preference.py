@@ -23,7 +23,7 @@ Two departures from TRL's defaults, both to match stage 04: TRL casts trainable 
 of a quantized model to bf16 (the QLoRA paper's recommendation); we keep them in float32 as stage
 04 trained them (on a CPU, bf16 matmuls are ~10x slower and our compute dtype is float32; on CUDA
 mixed precision still computes in bf16). And the guards: the first optimizer step must have a
-non-zero gradient (AVX512-BF16 CPUs can lose it in bitsandbytes' CPU kernel: docs/design.md).
+non-zero gradient (AVX512-BF16 CPUs can lose it in bitsandbytes' CPU kernel: models.py's note).
 
 Preference accuracy (the evaluation): the share of held-out pairs where the model gives the chosen
 answer a higher summed log-probability than the rejected one, for base, SFT and SFT+DPO alike (no
