@@ -349,6 +349,7 @@ def answers_three_way(run, model, tokenizer, pairs: list[dict[str, Any]], n: int
     prompts drawn by `seed`."""
     picked = sorted(random.Random(seed).sample(range(len(pairs)), min(n, len(pairs))))
     prompts = [pairs[i]["prompt"] for i in picked]
+    model.eval()
     answers = for_three(model, lambda: generate(model, tokenizer, prompts, run.cfg.eval.answer_tokens,
                                                 run.cfg.eval.batch_size))
     return [{"prompt": prompts[j], "chosen": pairs[i]["chosen"], **{k: answers[k][j] for k in THREE}}

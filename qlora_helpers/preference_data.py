@@ -275,7 +275,10 @@ def build_own_pairs(model, tokenizer, examples: list[dict[str, Any]], pref: Pref
                     report: _Report, name: str) -> list[dict[str, Any]]:
     """chosen = the reference answer, rejected = the model's greedy answer (preference.answer_tokens at
     most) where it differs; examples whose greedy answer equals the reference are dropped ('identical')."""
+    was_training = model.training
+    model.eval()  # greedy and without LoRA dropout: the SFT model's own answer
     answers = generate(model, tokenizer, [e["prompt"] for e in examples], pref.answer_tokens, batch_size)
+    model.train(was_training)
     capped = sum(len(tokenizer(a, add_special_tokens=False)["input_ids"]) >= pref.answer_tokens for a in answers)
     report.open(name, "the run's own data (03's split) + the SFT model's greedy answers", "own_data",
                 len(examples), rejected_is="the SFT model's greedy answer", answers_at_length_cap=capped)
