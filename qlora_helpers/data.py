@@ -486,7 +486,7 @@ def collate_packed(rows: list[dict[str, list[int]]], pad_token_id: int, bool_mas
     """Batch packed rows with a 4-D block-diagonal causal mask [batch, 1, q, k].
 
     Position ids alone do NOT keep packed examples apart under sdpa/eager attention in
-    transformers (measured: see DESIGN.md), so the mask does. sdpa takes the boolean form
+    transformers (measured: docs/design.md, packing pitfall), so the mask does. sdpa takes the boolean form
     (True = may attend); eager needs the additive float form (0 / dtype min): `bool_mask=False`.
     Padding positions attend only to themselves, which keeps their (ignored) outputs finite.
     """

@@ -3,8 +3,8 @@
 Held-out loss and perplexity (also used by stages 02 and 04), ROUGE-L on held-out Alpaca
 examples, GSM8K exact match, IFEval verifiable instructions (`ifeval.py`), and a side-by-side table
 of answers to AlpacaEval and MT-bench prompts; lm-evaluation-harness tasks on request.
-Each task returns its result; `write_eval_report` assembles them into eval.json, the stage's report,
-and `run_stage` runs them all (CLI) as the notebook does one per cell.
+Each task returns its result; `write_eval_report` assembles them into eval.json, the stage's report;
+the notebook runs them one per cell.
 
 Imports: torch, numpy, peft, rouge_score and lm_eval are imported inside the functions that use
 them: heavy (seconds) or optional, and the unit tests of the scoring functions need none of them.
@@ -24,7 +24,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from . import ifeval
-from .data import (HUB_DATASETS, DataUnavailable, collate, load_prepared, load_table, looks_like_file,
+from .data import (HUB_DATASETS, DataUnavailable, collate, load_table, looks_like_file,
                    resolve_data_dir, tokenize_pair)
 from .errors import DataError
 from .generation import generate, render_prompt
@@ -384,18 +384,6 @@ def write_eval_report(run, model=None, extra: dict[str, Any] | None = None, **ta
               "differences": compare_paired(results), "results": results, **(extra or {})}
     write_json_atomic(run.eval_report, report)
     return report
-
-
-def run_stage(run) -> dict[str, Any]:
-    """Stage 05's entry point: the notebook's tasks one after another, the side-by-side page, then
-    the same report (without the figure, which only the notebook draws)."""
-    model, tokenizer = load_tuned_model(run)
-    data = load_prepared(run)
-    tasks = {"loss": evaluate_loss(run, model, tokenizer, data), "rouge": evaluate_rouge(run, model, tokenizer, data),
-             "gsm8k": evaluate_gsm8k(run, model, tokenizer), "ifeval": evaluate_ifeval(run, model, tokenizer),
-             "showcase": evaluate_showcase(run, model, tokenizer)}
-    write_side_by_side(run, tasks["showcase"].get("items", []))
-    return write_eval_report(run, model, lm_eval=evaluate_lm_eval(run, model, tokenizer), **tasks)
 
 
 def lm_eval_local_tasks(run, folder) -> list[str]:

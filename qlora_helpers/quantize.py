@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from .data import heldout_pairs
 from .evaluate import heldout_loss
 from .generation import generate, render_prompt
-from .models import four_bit_kernel, load_model, load_tokenizer, resolve_model
+from .models import load_model, load_tokenizer, resolve_model
 from .paths import write_json_atomic
 from .runs import Run
 
@@ -152,17 +152,3 @@ def write_quantization_report(run: Run, **sections: Any) -> dict[str, Any]:
         report["perplexity_ratio_4bit_vs_full"] = ppl["4bit"]["perplexity"] / ppl["full"]["perplexity"]
     write_json_atomic(run.quantization_report, report)
     return report
-
-
-def run_stage(run: Run) -> dict[str, Any]:
-    """Stage 02's entry point: the notebook's steps, one after another, ending in the same report
-    (without the figures, which only the notebook draws)."""
-    loaded = load_full_and_quantized(run)
-    full, quantized, tokenizer = loaded["full"], loaded["quantized"], loaded["tokenizer"]
-    models = {"full": full, "4bit": quantized}
-    return write_quantization_report(
-        run, source=loaded["source"], load_seconds=loaded["load_seconds"],
-        footprint=memory_footprint(full, quantized),
-        layer_errors=layer_errors(full, quantized, run.cfg.quant.double_quant),
-        generations=compare_generations(tokenizer, models, run.cfg.eval.max_new_tokens),
-        perplexity=compare_perplexity(run, tokenizer, models), four_bit_kernel=four_bit_kernel(quantized))

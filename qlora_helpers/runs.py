@@ -3,19 +3,20 @@
 This module owns the folder's layout: every file and folder a stage writes is a property of
 `RunFolder` (a bare path, for code that inspects a run that may be half done, like a sweep resuming)
 and so of `Run` (the folder with its validated config and environment). No other module spells a
-run-folder file name. `STAGES` says, once, what each stage notebook reads, the file it writes last
-(its report, which marks the stage done) and its entry point (`run_stage(run) -> report`) that the
-CLI calls and the notebook's last cell shares.
+run-folder file name. `STAGES` says, once, what each stage notebook reads and the file it writes last
+(its report, which marks the stage done). Each stage's sequence is its notebook; 03 and 04, which the
+`train` command also runs without notebooks, have an entry point (`run_stage(run) -> report`) over
+the same functions the notebook's cells call.
 
 Stage 01 resolves the config and inspects the machine (`setup_run`); every later stage reopens the
 run from those files (`open_run`, or `open_run_folder` from a path alone), so the notebooks never
 depend on each other's memory.
 
-Where this differs from ../shared/STYLE.md's anchors, and why:
-- The notebooks end by writing their report through the function `run_stage` uses, but not always in
-  the very last cell: 03 writes `data_report.json` in its second step (`prepare_run_data`, whose
-  later cells only show what it made), 05 writes `eval.json` before its cells that show the paired
-  differences and the latest sweep (read back from the report), and 06 before it stops the server.
+Where this differs from docs/design.md's style rules, and why:
+- The notebooks end by writing their report, but not always in the very last cell: 03 writes
+  `data_report.json` in its second step (`prepare_run_data`, whose later cells only show what it
+  made), 05 writes `eval.json` before its cells that show the paired differences and the latest
+  sweep (read back from the report), and 06 before it stops the server.
   The report is the stage's last *file*, which is what `STAGES` and a resuming sweep rely on.
 - The sweep executes the notebooks (papermill) rather than `Stage.run`: a sweep's runs are meant to be
   read like any run, executed notebooks included; it uses `STAGES` to decide what is done.
@@ -28,9 +29,10 @@ from __future__ import annotations
 
 import importlib
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from .config import Config, apply_overrides, config_from_dict, load_config
 from .environment import collect_environment, plan_runtime, write_setup
@@ -289,7 +291,7 @@ class Runtime:
     notes: tuple[str, ...] = field(default=())  # why a setting differs from what the config asked
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Runtime":
+    def from_dict(cls, data: dict[str, Any]) -> Runtime:
         return cls(device=data["device"], compute_dtype=data["compute_dtype"], optimizer=data["optimizer"],
                    load_in_4bit=data["load_in_4bit"], notes=tuple(data.get("notes", ())))
 
@@ -334,7 +336,7 @@ class Stage:
     notebook: str               # file name under notebooks/
     reads: tuple[str, ...]      # artifacts (RunFolder property names) of earlier stages it needs
     writes: tuple[str, ...]     # artifacts it writes, the report it writes last at the end
-    entry: str | None           # "module:function" taking a Run, returning the report; None for 01
+    entry: str | None           # "module:function" taking a Run, returning the report; None: notebook only
     reads_sources: bool = False  # reads the training data (data.sources) itself, not only 03's split
     enabled_by: str | None = None  # a boolean config key ("preference.enabled"); None: always runs
 
@@ -359,8 +361,11 @@ class Stage:
 
     def run(self, run: Run) -> dict[str, Any]:
         """Execute the stage on an open run without the notebook; returns (and has written) its report."""
+        if self.number == "01":
+            raise QLoraError("Stage 01 sets the run up: call runs.setup_run, not Stage.run.")
         if self.entry is None:
-            raise QLoraError(f"Stage {self.number} sets the run up: call runs.setup_run, not Stage.run.")
+            raise QLoraError(f"Stage {self.number} runs as its notebook, notebooks/{self.notebook}: e.g. "
+                             f"python -m qlora_helpers run --config <profile> --stages {self.number}.")
         for artifact in self.reads:
             run.require(artifact)
         module, function = self.entry.split(":")
@@ -373,8 +378,8 @@ class Stage:
 
 STAGES: tuple[Stage, ...] = (
     Stage("01", "01_setup.ipynb", (), ("config_file", "env_file"), None),
-    Stage("02", "02_quantize.ipynb", ("config_file", "env_file"), ("quantization_report",),
-          "qlora_helpers.quantize:run_stage", reads_sources=True),  # held-out pairs for perplexity
+    Stage("02", "02_quantize.ipynb", ("config_file", "env_file"), ("quantization_report",), None,
+          reads_sources=True),  # held-out pairs for perplexity
     Stage("03", "03_data_prep.ipynb", ("config_file", "env_file"), ("data_dir", "data_report"),
           "qlora_helpers.data:run_stage", reads_sources=True),
     Stage("04", "04_train.ipynb", ("config_file", "env_file", "data_report"),
@@ -383,11 +388,10 @@ STAGES: tuple[Stage, ...] = (
           ("preference_adapter_dir", "preference_report"), "qlora_helpers.preference:run_stage",
           enabled_by="preference.enabled"),
     Stage("05", "05_evaluate.ipynb", ("config_file", "env_file", "data_report", "adapter_dir"),
-          ("generations_html", "eval_report"), "qlora_helpers.evaluate:run_stage"),
+          ("generations_html", "eval_report"), None),
     Stage("06", "06_serve.ipynb", ("config_file", "env_file", "adapter_dir"),
           ("merged_dir", "merge_report", "export_report", "latency_report", "serve_smoke_report",
-           "serve_load_report"),
-          "qlora_helpers.serve.stage:run_stage"),
+           "serve_load_report"), None),
 )
 
 

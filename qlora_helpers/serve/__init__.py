@@ -1,6 +1,7 @@
 """Stage 06: serve the tuned model, one job per module.
 
 - `engine`: scheduling and generation (no HTTP): a bounded queue in front of one generating thread.
+- `batch`: a job's state and the decode step every backend's batch shares (dynamic, static, llama.cpp).
 - `api`: the OpenAI-compatible FastAPI app: request models, errors in OpenAI's shape, the routes.
 - `export`: de-quantize-then-merge, the merge check, the files vLLM and TGI load; which form to serve.
 - `gguf`: GGUF files through llama.cpp's own converter (the [gguf] extra) and the Ollama Modelfile.

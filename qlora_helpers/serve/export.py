@@ -12,8 +12,12 @@ import time
 from typing import Any
 
 from ..errors import QLoraError
+from ..evaluate import load_tuned_model
+from ..models import load_model, load_tokenizer, resolve_model
 from ..paths import atomic_dir, write_json_atomic, write_text_atomic
 from ..runs import Run
+from .gguf import gguf_available
+from .llamacpp import load_gguf_serving
 from .run import adapter_dir, context_length, model_name
 
 # The merged model must compute what base + adapter computes, in the run's compute dtype. In fp32 the
@@ -39,8 +43,6 @@ def merge_adapter(run: Run):
     into the de-quantized weights keeps exactly what base + adapter computes.
     """
     from peft import PeftModel
-
-    from ..models import load_model, load_tokenizer
 
     adapter = adapter_dir(run)
     tokenizer = load_tokenizer(run.cfg.model)
@@ -85,8 +87,6 @@ def merge_and_export(run: Run) -> dict[str, Any]:
     """Merge, check the merged logits against base + adapter, save 16-bit safetensors to
     `outputs/<run>/merged/`, reload it and check again; write `merge.json` and `serve_commands.md`."""
     import torch
-
-    from ..evaluate import load_tuned_model
 
     start = time.perf_counter()
     tuned, tokenizer = load_tuned_model(run)
@@ -138,8 +138,6 @@ def load_merged(run: Run):
 
 def base_location(run: Run) -> str:
     """The full-precision base a LoRA-serving engine needs next to the adapter (folder or hub id)."""
-    from ..models import resolve_model
-
     return resolve_model(run.cfg.model).location
 
 
@@ -183,8 +181,6 @@ def estimate_merged_bytes(run: Run) -> int:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ..models import resolve_model
-
     config = AutoConfig.from_pretrained(resolve_model(run.cfg.model).location)
     with init_empty_weights():
         empty = AutoModelForCausalLM.from_config(config)
@@ -209,8 +205,6 @@ def choose_form(run: Run) -> dict[str, Any]:
     form = run.cfg.serve.form
     if form != "auto":
         return {"form": form, "reason": f"serve.form={form}"}
-    from .gguf import gguf_available
-
     if run.device == "cpu" and run.cfg.serve.gguf and gguf_available():
         return {"form": "gguf", "reason": f"auto: on a CPU llama.cpp serves the GGUF ({run.cfg.serve.gguf[0]}), "
                                           f"several times faster than merged (benchmarks/BENCHMARKS.md)"}
@@ -224,17 +218,12 @@ def choose_form(run: Run) -> dict[str, Any]:
 def load_serving_model(run: Run, form: str):
     """(model, tokenizer) for serving: 'merged' (exported first if missing), 'adapter' (4-bit + peft)
     or 'gguf' (llama.cpp, serve/llamacpp.py; exported first if missing)."""
-    from ..evaluate import load_tuned_model
-    from ..models import load_tokenizer
-
     if form == "adapter":
         return load_tuned_model(run)
-    if form == "gguf":
-        from .llamacpp import load_gguf_serving
-
-        return load_gguf_serving(run), load_tokenizer(run.cfg.model)
-    if not run.has_merged:
+    if not run.has_merged:  # both other forms are made from the merged model
         merge_and_export(run)
+    if form == "gguf":
+        return load_gguf_serving(run), load_tokenizer(run.cfg.model)
     return load_merged(run), load_tokenizer(run.cfg.model)
 
 
