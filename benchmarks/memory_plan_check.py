@@ -108,7 +108,7 @@ def measure_training(name: str, folder: Path, steps: int) -> dict:
     import torch
 
     from qlora_helpers.models import load_tokenizer
-    from qlora_helpers.runs import setup_run
+    from qlora_helpers.opening import setup_run
     from qlora_helpers.train import load_trainable_model
 
     (_, config), overrides, sizes = SETTINGS[name]

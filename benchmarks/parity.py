@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 def train_once(config: str, name: str, overrides: list[str], outputs: str) -> dict:
     from qlora_helpers.data import prepare_run_data
-    from qlora_helpers.runs import setup_run
+    from qlora_helpers.opening import setup_run
     from qlora_helpers.train import train_adapter
 
     run = setup_run(config, name, overrides, outputs)

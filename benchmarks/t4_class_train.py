@@ -70,7 +70,7 @@ def main() -> None:
 
     from qlora_helpers.data import PreparedData
     from qlora_helpers.models import ensure_random_model, load_tokenizer
-    from qlora_helpers.runs import setup_run
+    from qlora_helpers.opening import setup_run
     from qlora_helpers.train import build_trainer, load_trainable_model
 
     folder = ensure_random_model(args.shape, Path(args.cache))

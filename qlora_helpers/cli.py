@@ -13,9 +13,10 @@ import sys
 
 from .config import CONFIG_DIR, GGUF_TYPES, describe_config, load_config, resolve_config_path
 from .errors import QLoraError
+from .opening import open_run, open_run_folder, setup_run
 from .plan import describe_plan, fits, memory_plan
 from .runner import run_pipeline
-from .runs import open_run, open_run_folder, setup_run, stage
+from .runs import stage
 from .sweep import add_arguments as add_sweep_arguments
 from .sweep import sweep_command
 

@@ -220,6 +220,44 @@ class ServeConfig:
 
 
 @dataclass(frozen=True)
+class PreferenceSourceConfig:
+    path: str = _f("Anthropic/hh-rlhf", "hub preference dataset id or a JSON, JSONL, CSV or Parquet file "
+                   "(relative: inside the data directory)")
+    name: Union[str, None] = _f(None, "tag for this source in reports (default: the file or id)")
+    format: Literal["auto", "prompt_chosen_rejected", "chosen_rejected_messages", "chosen_rejected_transcripts"] = _f(
+        "auto", "pair layout: prompt/chosen/rejected strings; chosen/rejected message lists; chosen/rejected "
+        "full transcripts with a shared prefix (Anthropic/hh-rlhf); auto detects it")
+    columns: dict[str, str] = _f({}, "our field -> your column, e.g. {chosen: preferred, rejected: dispreferred}")
+    split: str = _f("train", "split of a hub dataset")
+    sample: Union[int, None] = _f(None, "draw this many rows at random (by preference.seed) before validation",
+                                  low=1)
+
+
+@dataclass(frozen=True)
+class PreferenceConfig:
+    enabled: bool = _f(False, "run stage 04b (preference tuning after SFT); 05 and 06 then use its adapter")
+    method: Literal["dpo"] = _f("dpo", "preference objective: DPO (TRL's DPOTrainer, sigmoid loss)")
+    sources: list[PreferenceSourceConfig] = _f(
+        [], "preference datasets; empty: pairs built from the run's own data (chosen = the reference "
+        "answer, rejected = the SFT model's greedy answer where it differs)")
+    fallback: bool = _f(True, "when every source is unreachable (no hub, no offline copy): build pairs "
+                        "from the run's own data instead of failing")
+    beta: float = _f(0.1, "DPO's beta: how far the policy may move from the reference (higher: less)", gt=0)
+    learning_rate: float = _f(5e-5, "peak learning rate of the adapters during preference tuning", gt=0)
+    lr_scheduler: Literal["constant", "linear", "cosine"] = _f("constant", "learning-rate schedule")
+    max_steps: int = _f(100, "optimizer steps", low=1)
+    micro_batch_size: int = _f(2, "pairs per forward pass (each pair is two sequences)", low=1)
+    gradient_accumulation_steps: int = _f(2, "micro batches per optimizer step", low=1)
+    max_length: int = _f(512, "prompt + answer tokens per sequence (longer: the pair is dropped)", low=8)
+    train_pairs: int = _f(400, "training pairs taken (drawn by seed)", low=1)
+    eval_pairs: int = _f(64, "held-out pairs for preference accuracy before and after", low=1)
+    answer_tokens: int = _f(64, "own-data pairs: greedy answer length of the SFT model (the rejected side); "
+                            "only examples whose reference answer fits are used", low=1)
+    logging_steps: int = _f(1, "log loss and rewards every N steps", low=1)
+    seed: int = _f(42, "seed of pair sampling, the held-out split and training order")
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
@@ -228,6 +266,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

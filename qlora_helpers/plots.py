@@ -247,3 +247,25 @@ def plot_metrics(summary: dict[str, dict[str, float]]):
         ax.set_ylim(0, max(values) * 1.25 or 1)
     fig.tight_layout()
     return fig
+
+
+def plot_preference_margins(rows: list[dict[str, Any]]):
+    """DPO per logged step: the implicit rewards of chosen and rejected answers (beta x log-ratio to the
+    reference), their margin, and the loss (log 2 at the start, when the policy equals the reference)."""
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(12.6, 3.3))
+    axes[0].plot(steps, [r["rewards/chosen"] for r in rows], marker=".", color="#55a868", label="chosen")
+    axes[0].plot(steps, [r["rewards/rejected"] for r in rows], marker=".", color="#c44e52", label="rejected")
+    axes[0].axhline(0, color="#999", lw=0.8)
+    axes[0].legend()
+    axes[0].set_title("rewards")
+    axes[1].plot(steps, [r["rewards/margins"] for r in rows], marker=".", color="#4c72b0")
+    axes[1].axhline(0, color="#999", lw=0.8)
+    axes[1].set_title("reward margin (chosen - rejected)")
+    axes[2].plot(steps, [r["loss"] for r in rows], marker=".", color="#4c72b0")
+    axes[2].axhline(0.6931, color="#999", lw=0.8, ls="--")
+    axes[2].set_title("DPO loss (dashed: log 2)")
+    for ax in axes:
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    return fig

@@ -19,8 +19,9 @@ from pathlib import Path
 from .config import load_config, resolve_config_path
 from .data import DataError, check_sources
 from .errors import ConfigError, QLoraError
+from .opening import STAGE_SECTIONS, config_differences, saved_config
 from .paths import PROJECT_ROOT, run_dir
-from .runs import NOTEBOOK_DIR, STAGE_SECTIONS, STAGES, NotSetUp, RunFolder, Stage, config_differences, saved_config
+from .runs import NOTEBOOK_DIR, STAGES, NotSetUp, RunFolder, Stage, record_stage, stage_key
 
 
 class StageFailed(QLoraError):
@@ -33,10 +34,10 @@ def select_stages(stages: str | Iterable[str] | None) -> list[Stage]:
         return list(STAGES)
     wanted = [s.strip() for s in (stages.split(",") if isinstance(stages, str) else stages) if s.strip()]
     known = {s.number for s in STAGES}
-    unknown = [s for s in wanted if s.zfill(2) not in known]
+    unknown = [s for s in wanted if stage_key(s) not in known]
     if unknown:
         raise QLoraError(f"Unknown stage(s) {', '.join(unknown)}; available: {', '.join(sorted(known))}.")
-    return [s for s in STAGES if s.number in {w.zfill(2) for w in wanted}]
+    return [s for s in STAGES if s.number in {stage_key(w) for w in wanted}]
 
 
 def run_pipeline(config: str, run_name: str | None = None, overrides: Iterable[str] = (),
@@ -47,7 +48,7 @@ def run_pipeline(config: str, run_name: str | None = None, overrides: Iterable[s
     config_path = resolve_config_path(config)
     cfg = load_config(config_path, overrides)  # fail on a bad key before any notebook starts
     run_name = run_name or config_path.stem
-    selected = select_stages(stages)
+    selected = [s for s in select_stages(stages) if s.applies(cfg)]  # 04b only when the profile enables it
     readers = [s.notebook for s in selected if s.reads_sources]
     if readers:  # and on training data that cannot be read, instead of minutes into the run
         try:
@@ -73,7 +74,7 @@ def run_pipeline(config: str, run_name: str | None = None, overrides: Iterable[s
 
 
 # The parameters cell of each notebook: 01 chooses the run's settings; 02-06 open the run by name,
-# 05 and 06 with changes to their own section only (runs.STAGE_SECTIONS).
+# 05 and 06 with changes to their own section only (opening.STAGE_SECTIONS).
 PARAMETER_NAMES = {"01": ("config", "run_name", "overrides", "outputs_dir"),
                    "05": ("run_name", "outputs_dir", "eval_overrides"),
                    "06": ("run_name", "outputs_dir", "serve_overrides")}
@@ -88,7 +89,7 @@ def notebook_parameters(stage: Stage, parameters: dict) -> dict:
 def stage_overrides(folder: RunFolder, run_name: str, asked, stages: list[Stage]) -> dict:
     """Without stage 01, the overrides must be the run's own settings, except for the sections of 05
     (eval.*) and 06 (serve.*), which go to those notebooks; anything else is the clear error of
-    `runs.open_run`, raised before any notebook starts."""
+    `opening.open_run`, raised before any notebook starts."""
     saved = saved_config(folder)
     if saved is None:
         raise NotSetUp(f"Run {run_name!r} has not been set up ({folder.config_file} is missing): "
@@ -162,4 +163,6 @@ def _execute(stages: list[Stage], folder: RunFolder, parameters: dict, progress:
             raise StageFailed(
                 f"{notebook.name} failed in cell {exc.exec_count} ({exc.ename}: {exc.evalue}). "
                 f"The executed copy with all outputs is {out}.") from None
-        print(f"    done in {time.perf_counter() - start:.0f} s", flush=True)
+        seconds = time.perf_counter() - start
+        record_stage(folder, stage, seconds)
+        print(f"    done in {seconds:.0f} s", flush=True)

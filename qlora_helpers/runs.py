@@ -8,11 +8,7 @@ run-folder file name. `STAGES` says, once, what each stage notebook reads and th
 `train` command also runs without notebooks, have an entry point (`run_stage(run) -> report`) over
 the same functions the notebook's cells call.
 
-Stage 01 resolves the config and inspects the machine (`setup_run`): the one place a run's settings
-are chosen. Every later stage reopens the run by its name from those files (`open_run`, or
-`open_run_folder` from a path alone), so the notebooks never depend on each other's memory and
-settings are never typed twice; 05 and 06 may change their own section (`STAGE_SECTIONS`) for
-themselves, and record it.
+Setting a run up (stage 01) and opening it again by name (02-06, serving) live in `opening.py`.
 
 Where this differs from docs/design.md's style rules, and why:
 - The notebooks end by writing their report, but not always in the very last cell: 03 writes
@@ -30,15 +26,15 @@ used, because they are heavy and this module is read by every light tool (sweep 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import Config, apply_overrides, config_from_dict, load_config
-from .environment import collect_environment, plan_runtime, write_setup
-from .errors import ConfigError, QLoraError
-from .paths import PROJECT_ROOT, read_json, run_dir
+from .config import Config
+from .errors import QLoraError
+from .paths import PROJECT_ROOT, read_json, write_json_atomic
 
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
 
@@ -126,12 +122,13 @@ class _Layout:
     def has_adapter(self) -> bool:
         return (self.adapter_dir / "adapter_config.json").is_file()  # peft's file: the adapter is complete
 
-    def require_adapter(self) -> Path:
-        """The adapter folder, or an error saying to train first."""
+    def require_adapter(self, final: bool = True) -> Path:
+        """The final adapter (`final_adapter_dir`: what 05 evaluates and 06 serves), or with
+        `final=False` the SFT adapter stage 04 wrote; an error saying to train first."""
         if not self.has_adapter:
             raise MissingArtifact(f"No adapter in {self.adapter_dir}. Run notebooks/04_train.ipynb for run "
                                   f"{self.path.name!r} first.")
-        return self.adapter_dir
+        return self.final_adapter_dir if final else self.adapter_dir
 
     @property
     def lora_plot(self) -> Path:  # 04's picture of LoRA's shapes
@@ -148,6 +145,49 @@ class _Layout:
     @property
     def wandb_dir(self) -> Path:  # W&B writes its own `wandb/` folder inside
         return self.path
+
+    # 04b preference (only when the profile enables it: preference.enabled)
+    @property
+    def preference_adapter_dir(self) -> Path:
+        return self.path / "adapter_preference"
+
+    @property
+    def has_preference_adapter(self) -> bool:
+        return (self.preference_adapter_dir / "adapter_config.json").is_file()
+
+    @property
+    def preference_pairs(self) -> Path:  # the pairs trained on and held out, with where each came from
+        return self.path / "preference_pairs.json"
+
+    @property
+    def preference_checkpoints_dir(self) -> Path:
+        return self.path / "checkpoints_preference"
+
+    @property
+    def preference_plot(self) -> Path:
+        return self.path / "preference_margins.png"
+
+    @property
+    def preference_report(self) -> Path:  # written last by 04b
+        return self.path / "preference.json"
+
+    @property
+    def final_adapter_stage(self) -> str:
+        """Which stage wrote the adapter that 05 evaluates and 06 serves: "04b" when the preference
+        stage saved one after the SFT adapter was written (a retrained SFT adapter makes it stale), else "04"."""
+        if self.has_preference_adapter and self.has_adapter:
+            sft = (self.adapter_dir / "adapter_config.json").stat().st_mtime_ns
+            if (self.preference_adapter_dir / "adapter_config.json").stat().st_mtime_ns >= sft:
+                return "04b"
+        return "04"
+
+    @property
+    def final_adapter_dir(self) -> Path:
+        return self.preference_adapter_dir if self.final_adapter_stage == "04b" else self.adapter_dir
+
+    @property
+    def stages_file(self) -> Path:  # which stages ran here, when and for how long (runner, Stage.run)
+        return self.path / "stages.json"
 
     # 05 evaluate
     @property
@@ -300,6 +340,14 @@ class Stage:
     writes: tuple[str, ...]     # artifacts it writes, the report it writes last at the end
     entry: str | None           # "module:function" taking a Run, returning the report; None: notebook only
     reads_sources: bool = False  # reads the training data (data.sources) itself, not only 03's split
+    enabled_by: str | None = None  # a boolean config key ("preference.enabled"); None: always runs
+
+    def applies(self, cfg: Config | None) -> bool:
+        """Does this stage run for `cfg`? (None: a folder without config, every stage applies.)"""
+        if self.enabled_by is None or cfg is None:
+            return True
+        section, key = self.enabled_by.split(".")
+        return bool(getattr(getattr(cfg, section), key))
 
     @property
     def notebook_path(self) -> Path:
@@ -316,7 +364,7 @@ class Stage:
     def run(self, run: Run) -> dict[str, Any]:
         """Execute the stage on an open run without the notebook; returns (and has written) its report."""
         if self.number == "01":
-            raise QLoraError("Stage 01 sets the run up: call runs.setup_run, not Stage.run.")
+            raise QLoraError("Stage 01 sets the run up: call opening.setup_run, not Stage.run.")
         if self.entry is None:
             raise QLoraError(f"Stage {self.number} runs as its notebook, notebooks/{self.notebook}: e.g. "
                              f"python -m qlora_helpers run --config <profile> --stages {self.number}.")
@@ -324,7 +372,10 @@ class Stage:
             run.require(artifact)
         module, function = self.entry.split(":")
         fn: Callable[[Run], dict[str, Any]] = getattr(importlib.import_module(module), function)
-        return fn(run)
+        start = time.perf_counter()
+        report = fn(run)
+        record_stage(run, self, time.perf_counter() - start)
+        return report
 
 
 STAGES: tuple[Stage, ...] = (
@@ -335,6 +386,9 @@ STAGES: tuple[Stage, ...] = (
           "qlora_helpers.data:run_stage", reads_sources=True),
     Stage("04", "04_train.ipynb", ("config_file", "env_file", "data_report"),
           ("checkpoints_dir", "adapter_dir", "train_log"), "qlora_helpers.train:run_stage"),
+    Stage("04b", "04b_preference.ipynb", ("config_file", "env_file", "data_report", "adapter_dir"),
+          ("preference_adapter_dir", "preference_report"), "qlora_helpers.preference:run_stage",
+          enabled_by="preference.enabled"),
     Stage("05", "05_evaluate.ipynb", ("config_file", "env_file", "data_report", "adapter_dir"),
           ("generations_html", "eval_report"), None),
     Stage("06", "06_serve.ipynb", ("config_file", "env_file", "adapter_dir"),
@@ -343,109 +397,27 @@ STAGES: tuple[Stage, ...] = (
 )
 
 
+def record_stage(folder: _Layout, done: Stage, seconds: float) -> None:
+    """Add a finished stage to the run's `stages.json` (latest entry per stage; the table's order)."""
+    entries = read_json(folder.stages_file).get("stages", {}) if folder.stages_file.is_file() else {}
+    entries[done.number] = {"notebook": done.notebook, "seconds": round(seconds, 1),
+                            "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    order = [s.number for s in STAGES]
+    entries = dict(sorted(entries.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+    write_json_atomic(folder.stages_file, {"stages": entries, "final_adapter": folder.final_adapter_stage})
+
+
+def stage_key(number: str | int) -> str:
+    """A stage number as STAGES spells it: 4 -> "04", "4b" -> "04b"."""
+    text = str(number).strip()
+    digits = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+    return f"{int(digits):02d}{text[len(digits):]}" if digits.isdigit() else text
+
+
 def stage(number: str | int) -> Stage:
-    """The stage numbered `number` ("4", "04" or 4)."""
-    key = f"{int(number):02d}" if str(number).strip().isdigit() else str(number)
+    """The stage numbered `number` ("4", "04" or 4; "4b" or "04b")."""
+    key = stage_key(number)
     for s in STAGES:
         if s.number == key:
             return s
     raise QLoraError(f"Unknown stage {number!r}; stages: {', '.join(s.number for s in STAGES)}.")
-
-
-# --- opening a run ------------------------------------------------------------------------------
-
-
-# What a later stage may change for itself: its own section, which shapes nothing an earlier stage made.
-STAGE_SECTIONS = {"05": "eval", "06": "serve"}
-
-
-def setup_run(config: str, run_name: str, overrides: Iterable[str] = (),
-              outputs_dir: str | None = None) -> Run:
-    """Stage 01: validate the config, inspect the machine, write config.json and env.json. This is the
-    one place a run's settings are chosen (notebook 01's parameters, or `--set` on the command line)."""
-    cfg = load_config(config, list(overrides))
-    folder = RunFolder(run_dir(run_name, outputs_dir))
-    env = collect_environment()
-    write_setup(folder.config_file, folder.env_file, cfg, env, plan_runtime(cfg, env))
-    return open_run(run_name, outputs_dir)
-
-
-def open_run(run_name: str, outputs_dir: str | None = None, overrides: Iterable[str] = (),
-             stage: str | None = None) -> Run:
-    """Stages 02-06: reopen a run set up by 01 by its name alone, with the settings 01 saved.
-
-    `overrides` may change only `stage`'s own section (`eval.*` for "05", `serve.*` for "06"): they
-    apply to this stage only and travel in `Run.stage_overrides` into its report. Any other change is
-    an error naming the setting: it would make this stage disagree with what earlier stages made."""
-    folder = RunFolder(run_dir(run_name, outputs_dir, create=False))
-    saved = _saved_config(folder, run_name)
-    overrides = [o.strip() for o in overrides if o.strip()]
-    if not overrides:
-        return Run(run_name, folder.path, saved, read_json(folder.env_file))
-    asked = config_from_dict(apply_overrides(saved.to_dict(), overrides))
-    section = STAGE_SECTIONS.get(str(stage).zfill(2) if stage is not None else "")
-    changed = [c for c in config_differences(asked, saved) if section is None or not c.startswith(f"{section}.")]
-    if changed:
-        own = f" Only {section}.* settings can change in stage {stage}." if section else ""
-        raise ConfigError(
-            f"Run {run_name!r} was set up with different settings ({'; '.join(changed[:5])}).{own} "
-            f"Set them in 01_setup (or `python -m qlora_helpers run --set KEY=VALUE`) for a new run "
-            f"name, or rerun 01_setup for this one.")
-    return Run(run_name, folder.path, asked, read_json(folder.env_file), tuple(overrides))
-
-
-def open_run_folder(path: str | Path, overrides: Iterable[str] = ()) -> Run:
-    """A finished run from its folder alone (`outputs/<run>`), as serving opens it; `overrides` may
-    change `serve.*` settings only, since everything else shaped the adapter."""
-    folder = RunFolder(Path(path).expanduser().resolve())
-    overrides = list(overrides)
-    bad = [o for o in overrides if not o.strip().startswith("serve.")]
-    if bad:
-        raise ConfigError(f"Only serve.* settings can change when serving a finished run; got {bad[0]!r}. "
-                          f"Other settings belong to the run (set them in 01 and retrain).")
-    _saved_config(folder, folder.path.name)  # the same error as open_run when 01 never ran
-    cfg = config_from_dict(apply_overrides(read_json(folder.config_file), overrides))
-    return Run(folder.path.name, folder.path, cfg, read_json(folder.env_file), tuple(overrides))
-
-
-def describe_run(run: Run) -> str:
-    """One line for the top of 02-06: the run, where its settings live, the ones that shape it most,
-    and this stage's own changes (01 shows every changed setting in a table)."""
-    cfg = run.cfg
-    quant = f"{cfg.quant.quant_type.upper()} 4-bit" if cfg.quant.load_in_4bit else "full precision"
-    targets = cfg.lora.target_modules if isinstance(cfg.lora.target_modules, str) else ",".join(cfg.lora.target_modules)
-    steps = f"{cfg.train.max_steps} steps" if cfg.train.max_steps > 0 else f"{cfg.train.num_epochs:g} epochs"
-    own = f"; for this stage only: {', '.join(run.stage_overrides)}" if run.stage_overrides else ""
-    return (f"run {run.name!r} (settings fixed by 01 in {run.config_file.parent.name}/{run.config_file.name}): "
-            f"{cfg.model.source}, {quant}, LoRA r={cfg.lora.r} alpha={cfg.lora.alpha} on {targets}, "
-            f"lr {cfg.train.learning_rate:g} for {steps}; {run.device}, {run.runtime.compute_dtype}{own}")
-
-
-def saved_config(folder: _Layout) -> Config | None:
-    """The config a run folder was set up with, or None when 01 has not run there."""
-    return config_from_dict(read_json(folder.config_file)) if folder.config_file.is_file() else None
-
-
-def _saved_config(folder: _Layout, run_name: str) -> Config:
-    cfg = saved_config(folder)
-    if cfg is None:
-        raise NotSetUp(f"Run {run_name!r} has not been set up ({folder.config_file} is missing). "
-                       f"Run notebooks/{STAGES[0].notebook} with run_name={run_name!r} first (it fixes the "
-                       f"run's settings), or `python -m qlora_helpers run --stages 01 --run-name {run_name}`.")
-    return cfg
-
-
-def config_differences(asked: Config, saved: Config) -> list[str]:
-    """'section.key: now X, run has Y' for every setting that differs."""
-    return _differences(asked.to_dict(), saved.to_dict())
-
-
-def _differences(asked: dict[str, Any], saved: dict[str, Any], prefix: str = "") -> list[str]:
-    out = []
-    for key in asked:
-        a, s = asked[key], saved.get(key)
-        if isinstance(a, dict) and isinstance(s, dict):
-            out += _differences(a, s, f"{prefix}{key}.")
-        elif a != s:
-            out.append(f"{prefix}{key}: now {a!r}, run has {s!r}")
-    return out

@@ -18,8 +18,7 @@ is validated with `load_config` before any run starts. Runs go one after another
 A failed run is recorded and the sweep goes on. Rerunning the same sweep skips finished runs (the
 last requested stage wrote its output and the run's config.json matches) and, inside an unfinished
 run, the stages that already wrote theirs (the report each writes last, `runs.STAGES`); failed and
-interrupted runs are tried again. A sweep's own folder (sweep.json, comparison.*) is laid out here;
-the run folders inside it, like every run folder, by `runs.py`.
+interrupted runs are tried again. A sweep's own folder is laid out here; its run folders by `runs.py`.
 
 Imports: matplotlib and pandas (and `plots`, which needs matplotlib) are imported where the comparison
 is written: they are heavy, and planning or validating a sweep needs neither.
@@ -40,9 +39,10 @@ import yaml
 
 from .config import CONFIG_DIR, load_config, resolve_config_path
 from .errors import ConfigError
+from .opening import config_differences, saved_config
 from .paths import OUTPUTS_DIR, PROJECT_ROOT, read_json, run_dir, write_json_atomic, write_text_atomic
 from .runner import run_pipeline, select_stages
-from .runs import RunFolder, config_differences, saved_config, stage
+from .runs import RunFolder, stage
 from .tasks import metrics
 
 SWEEP_DIR = CONFIG_DIR / "sweeps"
@@ -277,8 +277,9 @@ def remaining_stages(plan: SweepPlan, run: SweepRun) -> list[str]:
     folder = plan.run_folder(run.tag)
     if not folder.config_file.is_file():
         return list(plan.stages)
+    cfg = saved_config(folder)  # a stage the run's profile leaves out (04b) is never "to do"
     for i, number in enumerate(plan.stages):
-        if not stage_done(folder, number):
+        if stage(number).applies(cfg) and not stage_done(folder, number):
             return plan.stages[i:]
     return []
 

@@ -37,7 +37,7 @@ def run(tmp_path_factory, tiny_dir):
     from peft import LoraConfig, get_peft_model
 
     from qlora_helpers.models import load_model
-    from qlora_helpers.runs import setup_run
+    from qlora_helpers.opening import setup_run
     from qlora_helpers.serve import open_run_folder
 
     outputs = tmp_path_factory.mktemp("serve-outputs")

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
+from qlora_helpers.opening import setup_run
 from qlora_helpers.paths import PROJECT_ROOT
-from qlora_helpers.runs import setup_run
 from tests.serve_fixtures import run as serve_run  # noqa: F401 - a fixture (a run with a random adapter)
 
 

@@ -13,7 +13,8 @@ from qlora_helpers.errors import DataError
 from qlora_helpers.paths import PROJECT_ROOT
 from qlora_helpers.prompts import BadConversation, encode_pairs, format_alpaca, render_conversation
 from qlora_helpers.scoring import collate
-from qlora_helpers.runs import RunFolder, setup_run
+from qlora_helpers.runs import RunFolder
+from qlora_helpers.opening import setup_run
 
 ASSETS = PROJECT_ROOT / "tests" / "assets" / "data"
 

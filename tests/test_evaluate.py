@@ -80,7 +80,7 @@ def test_lm_eval_local_gsm8k_task_runs_offline(tmp_path, tiny_dir):
     from lm_eval.tasks import TaskManager
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qlora_helpers.runs import setup_run
+    from qlora_helpers.opening import setup_run
 
     run = setup_run("smoke", "lm-eval", ["train.wandb=disabled"], str(tmp_path))
     assert lm_eval_local_tasks(run, tmp_path / "tasks") == ["gsm8k_local"]
@@ -99,7 +99,7 @@ def test_a_task_without_data_is_skipped_and_recorded(tmp_path, tiny_dir, monkeyp
     import json
 
     from qlora_helpers.evaluate import evaluate_ifeval, evaluate_showcase, headline, write_eval_report
-    from qlora_helpers.runs import setup_run
+    from qlora_helpers.opening import setup_run
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     run = setup_run("smoke", "no-data", ["train.wandb=disabled", "eval.ifeval_path=google/IFEval",
@@ -190,7 +190,7 @@ def test_multiple_choice_picks_the_choice_the_model_finds_likeliest(tmp_path, ti
     from qlora_helpers.models import load_tokenizer
     from qlora_helpers.paths import PROJECT_ROOT
     from qlora_helpers.prompts import encode_pairs, render_instruction
-    from qlora_helpers.runs import setup_run
+    from qlora_helpers.opening import setup_run
     from qlora_helpers.tasks import TASKS
 
     qa = PROJECT_ROOT / "tests" / "assets" / "lm_eval" / "qa.jsonl"

@@ -57,7 +57,7 @@ def test_packed_logits_equal_separate_on_cuda(tiny_dir):
 @pytest.mark.parametrize("fast_path", ["auto", "never"])
 def test_qlora_training_on_cuda(tmp_path, tiny_dir, fast_path):
     from qlora_helpers.data import prepare_run_data
-    from qlora_helpers.runs import setup_run
+    from qlora_helpers.opening import setup_run
     from qlora_helpers.train import train_adapter
 
     run = setup_run("smoke", f"gpu-{fast_path}", [

@@ -10,16 +10,19 @@ from pathlib import Path
 import pytest
 
 from qlora_helpers.errors import QLoraError
+from qlora_helpers.opening import open_run_folder
 from qlora_helpers.paths import PROJECT_ROOT
-from qlora_helpers.runs import STAGES, MissingArtifact, RunFolder, Runtime, open_run_folder, stage
+from qlora_helpers.runs import STAGES, MissingArtifact, RunFolder, Runtime, stage
 
 # Every file a stage writes into a run folder (found inside any string literal of the code), and the
 # folders (found as whole string literals).
 LAYOUT_FILES = ("config.json", "env.json", "sweep_run.json", "quantization.json", "data_report.json",
+                "preference.json", "preference_pairs.json", "preference_margins.png", "stages.json",
                 "train_log.json", "eval.json", "merge.json", "latency.json", "serve_smoke.json",
                 "serve_load.json", "serve_commands.md", "generations.html", "generations.md",
                 "quantization_footprint.png", "training_curves.png", "eval_metrics.png", "latency.png")
-LAYOUT_FOLDERS = ("adapter", "merged", "checkpoints", "data", "notebooks", "lm_eval_tasks")
+LAYOUT_FOLDERS = ("adapter", "merged", "checkpoints", "data", "notebooks", "lm_eval_tasks", "adapter_preference",
+                  "checkpoints_preference")
 # Where the same words mean something else: a transformers model folder's config.json (models.py,
 # plan.py's model-shape lookup), and of the merged export (serve_commands.md's text, export.py, gguf.py's
 # freshness check), serve.form's values "adapter"/"merged" (config, plan, serve, plots, the export
@@ -62,7 +65,7 @@ def test_no_module_or_notebook_but_runs_spells_a_run_folder_name():
 
 
 def test_the_stage_table_matches_the_notebooks_and_the_layout():
-    assert [s.number for s in STAGES] == ["01", "02", "03", "04", "05", "06"]
+    assert [s.number for s in STAGES] == ["01", "02", "03", "04", "04b", "05", "06"]
     assert sorted(p.name for p in (PROJECT_ROOT / "notebooks").glob("*.ipynb")) == [s.notebook for s in STAGES]
     folder = RunFolder(Path("/runs/x"))
     for s in STAGES:
@@ -74,14 +77,14 @@ def test_the_stage_table_matches_the_notebooks_and_the_layout():
             assert callable(getattr(importlib.import_module(module), function)), s.entry
     assert STAGES[0].entry is None  # 01 is setup_run: it makes the Run the others take
     assert [s.report for s in STAGES] == ["env_file", "quantization_report", "data_report", "train_log",
-                                          "eval_report", "serve_load_report"]
+                                          "preference_report", "eval_report", "serve_load_report"]
     assert folder.data_report == Path("/runs/x/data/data_report.json")
     assert folder.split_dir("eval") == Path("/runs/x/data/eval")
 
 
 def test_stage_lookup_and_errors(tmp_path):
     assert stage(4) is stage("04") is stage("4") is STAGES[3]
-    with pytest.raises(QLoraError, match=r"^Unknown stage '09'; stages: 01, 02, 03, 04, 05, 06\.$"):
+    with pytest.raises(QLoraError, match=r"^Unknown stage '09'; stages: 01, 02, 03, 04, 04b, 05, 06\.$"):
         stage("09")
     folder = RunFolder(tmp_path)
     assert not stage("05").done(folder)
@@ -116,7 +119,7 @@ def test_a_folder_without_setup_is_named(tmp_path):
 
 @pytest.fixture
 def by_name(tmp_path):
-    from qlora_helpers.runs import setup_run
+    from qlora_helpers.opening import setup_run
 
     setup_run("smoke", "byname", ["train.wandb=disabled", "train.learning_rate=0.001"], str(tmp_path))
     return str(tmp_path)
@@ -124,7 +127,8 @@ def by_name(tmp_path):
 
 def test_later_stages_open_the_run_by_name_and_change_only_their_section(by_name):
     from qlora_helpers.errors import ConfigError
-    from qlora_helpers.runs import NotSetUp, describe_run, open_run
+    from qlora_helpers.opening import describe_run, open_run
+    from qlora_helpers.runs import NotSetUp
 
     run = open_run("byname", by_name)
     assert run.cfg.train.learning_rate == 0.001 and run.stage_overrides == ()

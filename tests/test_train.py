@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from qlora_helpers.config import load_config
 from qlora_helpers.data import prepare_run_data
 from qlora_helpers.errors import QLoraError
-from qlora_helpers.runs import RunFolder, Runtime, setup_run
+from qlora_helpers.runs import RunFolder, Runtime
+from qlora_helpers.opening import setup_run
 from qlora_helpers.train import (COMPLETE_MARKER, NonFiniteLoss, last_complete_checkpoint, load_trainable_model,
                                  save_adapter, train_adapter, training_arguments)
 
@@ -147,7 +148,8 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_good_checkpoints(tmp_path
 FREEZE_AT_CHECKPOINT = """
 import signal, sys
 from transformers import TrainerCallback
-from qlora_helpers.runs import setup_run, stage
+from qlora_helpers.runs import stage
+from qlora_helpers.opening import setup_run
 from qlora_helpers.data import load_prepared
 from qlora_helpers.train import train_adapter
 

@@ -6,7 +6,8 @@ import os
 from pathlib import Path
 
 from ..errors import QLoraError
-from ..runs import Run, open_run_folder  # noqa: F401 -- re-exported: serve's way to open a run is runs'
+from ..opening import open_run_folder  # noqa: F401 -- re-exported: serve's way to open a run is opening's
+from ..runs import Run
 
 
 def model_name(run: Run) -> str:

@@ -1,0 +1,358 @@
+"""Stage 04b: preference tuning (DPO) of the SFT adapter on the same frozen 4-bit base.
+
+DPO (Rafailov et al. 2023) trains on pairs (prompt, chosen, rejected) with one line of loss,
+
+    -log sigmoid(beta * ((log pi(c) - log ref(c)) - (log pi(r) - log ref(r))))
+
+where pi is the model being tuned and ref the model it started from. We use TRL's `DPOTrainer`
+(pinned in requirements.txt) rather than writing the loss: it brings the tokenization of pairs,
+the chosen/rejected batching, the reward metrics and every Trainer feature stage 04 relies on.
+
+The reference, and why no second model: the policy is the run's SFT adapter loaded trainable on the
+4-bit base (`PeftModel.from_pretrained(..., is_trainable=True)`). Given such a PeftModel and no
+`ref_model`, TRL copies the adapter into a second, frozen adapter named "ref" and computes the
+reference log-probabilities by switching to it (peft's multiple adapters) for a no-grad forward.
+So the reference is exactly "the model with the SFT adapter as it was before this stage", it
+costs one more adapter (~1 MB for SmolLM2 at r=16, ~16 MB for 7B q/v) and no second copy of the
+base. We chose it over `precompute_ref_log_probs`: that would save the no-grad forward only when
+pairs are seen more than once (we train about one epoch), and it writes a cache file keyed by a
+hash of the model into the datasets cache. Disabling the adapter instead (TRL's rule for a fresh
+adapter) would make the *base* the reference, which is not what DPO after SFT means.
+
+Two departures from TRL's defaults, both to match stage 04: TRL casts trainable adapter weights
+of a quantized model to bf16 (the QLoRA paper's recommendation); we keep them in float32 as stage
+04 trained them (on a CPU, bf16 matmuls are ~10x slower and our compute dtype is float32; on CUDA
+mixed precision still computes in bf16). And the guards: the first optimizer step must have a
+non-zero gradient (AVX512-BF16 CPUs can lose it in bitsandbytes' CPU kernel: models.py's note).
+
+Preference accuracy (the evaluation): the share of held-out pairs where the model gives the chosen
+answer a higher summed log-probability than the rejected one, for base, SFT and SFT+DPO alike (no
+reference needed), with paired bootstrap intervals for the differences. 05 calls
+`compare_three_way` / `answers_three_way` for the base vs SFT vs SFT+DPO table.
+
+Imports: torch, transformers, peft, trl and datasets are imported inside the functions that use them.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from typing import Any
+
+from .data import PreparedData, collate, load_prepared
+from .errors import QLoraError
+from .generation import generate
+from .models import keep_4bit_on_autograd_path, load_model, load_tokenizer
+from .paths import atomic_dir, read_json, write_json_atomic
+from .preference_data import prepare_pairs
+from .prompts import encode_pairs, encode_text
+from .scoring import paired_bootstrap
+from .train import NOT_LEARNING_CHECKS, NonFiniteLoss, NotLearning, local_device, peak_memory
+
+SFT, POLICY, REFERENCE = "sft", "default", "ref"  # adapter names: 05's comparison, TRL's policy and reference
+THREE = ("base", "sft", "sft+dpo")
+
+
+# --- models ---------------------------------------------------------------------------------------
+
+
+def load_policy_model(run):
+    """(model, tokenizer): the 4-bit base prepared for k-bit training as in stage 04, with the run's SFT
+    adapter loaded trainable (adapter name "default", which DPOTrainer trains)."""
+    from peft import PeftModel, prepare_model_for_kbit_training
+
+    cfg = run.cfg
+    sft = run.require_adapter(final=False)
+    tokenizer = load_tokenizer(cfg.model)
+    base = load_model(cfg.model, cfg.quant, run.compute_dtype, local_device(run.device))
+    if cfg.quant.load_in_4bit:
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=cfg.train.gradient_checkpointing,
+                                               gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = PeftModel.from_pretrained(base, str(sft), is_trainable=True)
+    return model, tokenizer
+
+
+def keep_adapters_float32(model) -> int:
+    """Undo TRL's bf16 cast of trainable adapter weights on quantized models (see the module doc)."""
+    import torch
+
+    cast = 0
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+            cast += 1
+    return cast
+
+
+# --- scoring pairs --------------------------------------------------------------------------------
+
+
+def answer_logps(model, tokenizer, prompts: list[str], answers: list[str], template: str,
+                 batch_size: int) -> list[float]:
+    """Summed log-probability of each answer (+ EOS) after its prompt, tokenized as stage 03 does."""
+    import torch
+
+    rows = encode_pairs(template, tokenizer, list(zip(prompts, answers)))
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out: list[float] = []
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            padded = collate(rows[start:start + batch_size], tokenizer.pad_token_id)
+            batch = {k: v.to(device) for k, v in padded.items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            labels = batch["labels"][:, 1:]
+            logp = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            out += (logp * (labels != -100)).sum(-1).tolist()
+    model.train(was_training)
+    return out
+
+
+def pair_margins(model, tokenizer, pairs: list[dict[str, Any]], template: str, batch_size: int) -> list[float]:
+    """log p(chosen) - log p(rejected) per pair: > 0 means the model prefers the chosen answer."""
+    prompts = [p["prompt"] for p in pairs]
+    chosen = answer_logps(model, tokenizer, prompts, [p["chosen"] for p in pairs], template, batch_size)
+    rejected = answer_logps(model, tokenizer, prompts, [p["rejected"] for p in pairs], template, batch_size)
+    return [c - r for c, r in zip(chosen, rejected)]
+
+
+def preference_accuracy(margins: list[float]) -> float:
+    return sum(m > 0 for m in margins) / len(margins)
+
+
+def compare_accuracy(before: list[float], after: list[float], seed: int = 0) -> dict[str, Any]:
+    """Accuracy before and after on the same pairs, and the difference with a paired bootstrap interval."""
+    hits = lambda margins: [float(m > 0) for m in margins]  # noqa: E731
+    return {"before": preference_accuracy(before), "after": preference_accuracy(after),
+            "difference": paired_bootstrap(hits(before), hits(after), seed=seed)}
+
+
+# --- training -------------------------------------------------------------------------------------
+
+
+class _Clock:
+    """Wall and CPU seconds per phase: on a shared machine CPU time (all threads) is the steadier one."""
+
+    def __init__(self):
+        self.seconds: dict[str, dict[str, float]] = {}
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+
+    def lap(self, phase: str) -> dict[str, dict[str, float]]:
+        wall, cpu = time.perf_counter(), time.process_time()
+        self.seconds[phase] = {"wall": round(wall - self._wall, 1), "cpu": round(cpu - self._cpu, 1)}
+        self._wall, self._cpu = wall, cpu
+        return {phase: self.seconds[phase]}
+
+
+def dpo_settings(run) -> dict[str, Any]:
+    """Keyword arguments of TRL's DPOConfig for this run: preference.* plus the runtime stage 01 chose."""
+    p, runtime = run.cfg.preference, run.runtime
+    return dict(
+        output_dir=str(run.preference_checkpoints_dir),
+        beta=p.beta, loss_type=["sigmoid"], learning_rate=p.learning_rate, lr_scheduler_type=p.lr_scheduler,
+        max_steps=p.max_steps, per_device_train_batch_size=p.micro_batch_size,
+        gradient_accumulation_steps=p.gradient_accumulation_steps, max_length=p.max_length,
+        precompute_ref_log_probs=False,  # the frozen "ref" adapter instead: see the module doc
+        gradient_checkpointing=run.cfg.train.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        optim=runtime.optimizer, bf16=runtime.compute_dtype == "bfloat16", fp16=runtime.compute_dtype == "float16",
+        use_cpu=runtime.device == "cpu", max_grad_norm=run.cfg.train.max_grad_norm,
+        logging_steps=p.logging_steps, logging_nan_inf_filter=False, save_strategy="no", report_to=[],
+        seed=p.seed, data_seed=p.seed, dataloader_num_workers=0, disable_tqdm=False,
+    )
+
+
+def pairs_dataset(pairs: list[dict[str, Any]]):
+    """The pairs as the `datasets.Dataset` DPOTrainer takes: prompt, chosen, rejected (strings)."""
+    import datasets
+
+    return datasets.Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
+
+
+def guard_callbacks() -> list:
+    """Stop at a non-finite loss, or at a zero gradient norm (nothing would learn)."""
+    from transformers import TrainerCallback
+
+    class PreferenceGuard(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            if "loss" in logs and not math.isfinite(logs["loss"]):
+                raise NonFiniteLoss(f"The DPO loss became {logs['loss']} at step {state.global_step}. Lower "
+                                    f"preference.learning_rate or raise preference.beta.")
+            if logs.get("grad_norm") == 0.0:
+                raise NotLearning(f"The adapters got a zero gradient at DPO step {state.global_step}: training "
+                                  f"would run but learn nothing. {NOT_LEARNING_CHECKS}")
+
+    return [PreferenceGuard()]
+
+
+def build_dpo_trainer(run, model, tokenizer, train_pairs: list[dict[str, Any]]):
+    """DPOTrainer over the pairs with the frozen reference adapter (the notebook shows these lines)."""
+    from trl import DPOConfig, DPOTrainer
+
+    args = DPOConfig(**dpo_settings(run))
+    return DPOTrainer(model=model, ref_model=None, args=args, train_dataset=pairs_dataset(train_pairs),
+                      processing_class=tokenizer, callbacks=guard_callbacks())
+
+
+def check_reference(trainer) -> dict[str, Any]:
+    """The policy trains, the reference adapter is a frozen copy of it; adapters kept in float32."""
+    model = trainer.model
+    if REFERENCE not in model.peft_config:
+        raise QLoraError("DPOTrainer did not create its frozen reference adapter 'ref': the reference would be "
+                         "the base model, not the SFT model. Check the trl and peft versions in requirements.txt.")
+    cast = keep_adapters_float32(model)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    if not trainable or any(f".{REFERENCE}." in n for n in trainable):
+        raise QLoraError(f"Wrong trainable weights for DPO ({len(trainable)}; the reference adapter must be frozen).")
+    return {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad), "recast_to_float32": cast}
+
+
+def train_dpo(trainer) -> dict[str, Any]:
+    """Run the trainer; the log history (loss, rewards/chosen, rejected, margins, accuracies per step)."""
+    import torch
+
+    keep_4bit_on_autograd_path(trainer.model)  # whatever ran before, the 4-bit layers must pass gradients
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    result = trainer.train()
+    seconds = time.perf_counter() - start
+    return {"steps": trainer.state.global_step, "train_seconds": seconds, "train_loss": result.training_loss,
+            "log_history": list(trainer.state.log_history), **peak_memory()}
+
+
+def save_preference_adapter(run, model, tokenizer, summary: dict[str, Any]) -> None:
+    """The tuned policy adapter alone (not the reference copy), atomically, beside the SFT adapter."""
+    with atomic_dir(run.preference_adapter_dir) as tmp:
+        model.save_pretrained(tmp, selected_adapters=[POLICY], safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        write_json_atomic(tmp / "qlora_config.json", run.cfg.to_dict())
+        (tmp / "README.md").write_text(
+            f"# Preference-tuned adapter: {run.name}\n\nThe run's SFT adapter after {summary['steps']} DPO steps "
+            f"(beta {run.cfg.preference.beta}, lr {run.cfg.preference.learning_rate}) on "
+            f"{summary['pairs']['train']} pairs ({summary['pairs']['origin']}). Held-out preference accuracy "
+            f"{summary['accuracy']['before']:.3f} -> {summary['accuracy']['after']:.3f}.\n", encoding="utf-8")
+
+
+def training_rows(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per logged step: loss, chosen and rejected rewards, their margin and reward accuracy."""
+    keys = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "grad_norm")
+    return [{"step": h["step"], **{k: h[k] for k in keys if k in h}} for h in log_history if "rewards/margins" in h]
+
+
+def run_preference(run, trainer, tokenizer, pairs: dict[str, Any]) -> dict[str, Any]:
+    """Score the held-out pairs before, train, score after, save the adapter, write the report (last)."""
+    cfg = run.cfg
+    batch = cfg.eval.batch_size
+    clock = _Clock()
+    before = pair_margins(trainer.model, tokenizer, pairs["eval"], cfg.data.template, batch)
+    clock.lap("score_before")
+    trained = train_dpo(trainer)
+    clock.lap("train")
+    after = pair_margins(trainer.model, tokenizer, pairs["eval"], cfg.data.template, batch)
+    clock.lap("score_after")
+    rows = training_rows(trained.pop("log_history"))
+    summary = {
+        "method": cfg.preference.method, "beta": cfg.preference.beta, "reference": "frozen copy of the SFT adapter "
+        "(TRL's 'ref' adapter on the same 4-bit base)", "sft_adapter": str(run.adapter_dir), **trained,
+        "pairs": {"train": len(pairs["train"]), "eval": len(pairs["eval"]), "origin": pairs["report"]["origin"]},
+        "accuracy": compare_accuracy(before, after, seed=cfg.preference.seed),
+        "margins": {"before": before, "after": after}, "training": rows,
+        "final_logged": rows[-1] if rows else None, "device": run.device, "compute_dtype": run.runtime.compute_dtype,
+        "seconds": {**pairs["report"].get("seconds", {}), **clock.seconds},
+    }
+    save_preference_adapter(run, trainer.model, tokenizer, summary)
+    write_json_atomic(run.preference_report, {**summary, "pair_report": pairs["report"]})
+    return summary
+
+
+def prepare_run_pairs(run, model, tokenizer, prepared: PreparedData | None = None) -> dict[str, Any]:
+    """The run's pairs (hub/offline sources or its own data), written to `preference_pairs.json`."""
+    cfg = run.cfg
+    prepared = prepared or load_prepared(run)
+    clock = _Clock()
+    pairs = prepare_pairs(model, tokenizer, cfg.preference, cfg.data, prepared, cfg.eval.batch_size)
+    pairs["report"]["seconds"] = clock.lap("pairs")
+    write_json_atomic(run.preference_pairs, pairs)
+    return pairs
+
+
+def run_stage(run) -> dict[str, Any]:
+    """Stage 04b's entry point (CLI, the notebook's steps): pairs, DPO from the SFT adapter, the tuned
+    adapter in `adapter_preference/` and `preference.json` (written last)."""
+    if not run.cfg.preference.enabled:
+        raise QLoraError("Stage 04b runs only with preference.enabled=true (e.g. --set preference.enabled=true).")
+    model, tokenizer = load_policy_model(run)
+    pairs = prepare_run_pairs(run, model, tokenizer)
+    trainer = build_dpo_trainer(run, model, tokenizer, pairs["train"])
+    check_reference(trainer)
+    summary = run_preference(run, trainer, tokenizer, pairs)
+    return {k: v for k, v in summary.items() if k != "margins"}
+
+
+# --- base vs SFT vs SFT+DPO (for stage 05) ----------------------------------------------------------
+
+
+def load_three_way_model(run):
+    """(model, tokenizer): the 4-bit base with the SFT adapter ("sft") and the preference adapter
+    ("default"); the base is either adapter disabled. One base in memory for all three."""
+    from peft import PeftModel
+
+    if not run.has_preference_adapter:
+        run.require("preference_adapter_dir")
+    tokenizer = load_tokenizer(run.cfg.model)
+    base = load_model(run.cfg.model, run.cfg.quant, run.compute_dtype, run.device)
+    model = PeftModel.from_pretrained(base, str(run.preference_adapter_dir), adapter_name=POLICY)
+    model.load_adapter(str(run.require_adapter(final=False)), adapter_name=SFT)
+    model.eval()
+    return model, tokenizer
+
+
+def for_three(model, fn, labels: tuple[str, ...] = THREE) -> dict[str, Any]:
+    """{'base': fn() with adapters off, 'sft': with the SFT adapter, 'sft+dpo': with the tuned one}
+    (only the `labels` asked for)."""
+    out = {}
+    if "base" in labels:
+        with model.disable_adapter():
+            out["base"] = fn()
+    for label, adapter in (("sft", SFT), ("sft+dpo", POLICY)):
+        if label in labels:
+            model.set_adapter(adapter)
+            out[label] = fn()
+    model.set_adapter(POLICY)
+    return out
+
+
+def compare_three_way(run, model, tokenizer, pairs: list[dict[str, Any]] | None = None,
+                      known: dict[str, list[float]] | None = None) -> dict[str, Any]:
+    """Held-out preference accuracy of base, SFT and SFT+DPO on the same pairs (default: the held-out
+    pairs 04b saved), and each step's difference with a paired bootstrap interval. `known` margins
+    ({'sft': ..., 'sft+dpo': ...}: 04b's before and after) are reused, not scored again."""
+    cfg = run.cfg
+    pairs = pairs if pairs is not None else read_json(run.require("preference_pairs"))["eval"]
+    known = known or {}
+    score = lambda: pair_margins(model, tokenizer, pairs, cfg.data.template, cfg.eval.batch_size)  # noqa: E731
+    found = for_three(model, score, tuple(label for label in THREE if label not in known))
+    margins = {label: known[label] if label in known else found[label] for label in THREE}
+    seed = cfg.preference.seed
+    steps = {f"{a} -> {b}": compare_accuracy(margins[a], margins[b], seed)["difference"]
+             for a, b in (("base", "sft"), ("sft", "sft+dpo"), ("base", "sft+dpo"))}
+    return {"pairs": len(pairs), "accuracy": {k: preference_accuracy(m) for k, m in margins.items()},
+            "differences": steps, "margins": margins}
+
+
+def answers_three_way(run, model, tokenizer, pairs: list[dict[str, Any]], n: int,
+                      seed: int = 0) -> list[dict[str, Any]]:
+    """Greedy answers of base, SFT and SFT+DPO side by side (and the chosen answer) for n held-out
+    prompts drawn by `seed`."""
+    picked = sorted(random.Random(seed).sample(range(len(pairs)), min(n, len(pairs))))
+    prompts = [pairs[i]["prompt"] for i in picked]
+    model.eval()
+    ids = [encode_text(run, tokenizer, p) for p in prompts]
+    tokens, batch = run.cfg.eval.answer_tokens, run.cfg.eval.batch_size
+    answers = for_three(model, lambda: generate(model, tokenizer, ids, tokens, batch))
+    return [{"prompt": prompts[j], "chosen": pairs[i]["chosen"], **{k: answers[k][j] for k in THREE}}
+            for j, i in enumerate(picked)]
