@@ -64,6 +64,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--batches", default="8,16,32")
     parser.add_argument("--adapter", default=None)
+    parser.add_argument("--sides", default="tuned,base", help="tuned (adapter on), base (adapter off), or both")
+    parser.add_argument("--four-bit", action="store_true",
+                        help="also time generate_answers on the 4-bit layers (rows leave, no de-quantized weights)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -79,14 +82,14 @@ def main() -> None:
     model, tokenizer = load(args.adapter)
     texts = prompts(args.prompts)
     rows = []
-    for side in ("tuned", "base"):
+    for side in args.sides.split(","):
         ctx = model.disable_adapter if side == "base" else torch.no_grad
         with ctx():
             today, today_seconds, today_cpu = timed(lambda: generate(model, tokenizer, texts, args.tokens, 8))
             rows.append({"side": side, "path": "generation.generate, 4-bit + adapter", "batch": 8,
                          "seconds": round(today_seconds, 1), "cpu_seconds": round(today_cpu, 1)})
             print(rows[-1], flush=True)
-            for dense in (False, True):
+            for dense in ((False, True) if args.four_bit else (True,)):
                 for batch in [int(b) for b in args.batches.split(",")]:
                     if not dense and batch != 8:
                         continue

@@ -158,3 +158,23 @@ def test_a_row_that_ends_leaves_and_is_reported_stopped(tiny_lora):
     for i, answer in enumerate(answers):  # the other rows go on as before, unless they also met that token
         if i != row and not answer.stopped:
             assert answer.text == free[i].text and answer.tokens == 6
+
+
+def test_run_answers_scores_both_sides_and_adds_exact_match_on_builtin_data(tmp_path, tiny_lora):
+    from qlora_helpers.answers import run_answers
+    from qlora_helpers.data import prepare_run_data
+    from qlora_helpers.runs import setup_run
+
+    model, tok = tiny_lora
+    run = setup_run("smoke", "answers", ["train.wandb=disabled", "data.sources=[{path: builtin}]",
+                                         "data.eval_size=16"], str(tmp_path))
+    data = prepare_run_data(run)
+    result = run_answers(run, model, tok, n=6, batch_size=4, max_new_tokens=5, data=data)
+    assert result["settings"]["examples"] == 6 and result["sources"] == ["builtin"] * 6
+    assert result["prompts"] == [e["prompt"] for e in data.eval[:6]]
+    rows = {r["metric"]: r for r in result["differences"]}
+    assert list(rows) == ["clean stop", "repetition", "length gap", "ROUGE-L F1", "exact match"]
+    assert all(r["n"] == 6 for r in rows.values())
+    assert result["base"]["outputs"] != result["tuned"]["outputs"]  # the adapter is on for tuned only
+    assert all(t <= 5 for side in ("base", "tuned") for t in result[side]["tokens"])
+    assert result["tuned"]["exact match"] == 0.0  # random weights answer nothing right
