@@ -121,11 +121,12 @@ def builtin_source_names(report: dict[str, Any]) -> set[str]:
     return {name for name, s in report["sources"].items() if s["origin"].startswith("built-in")}
 
 
-def run_answers(run, model, tokenizer, n: int, batch_size: int = 16, max_new_tokens: int | None = None,
+def run_answers(run, model, tokenizer, n: int, batch_size: int = 32, max_new_tokens: int | None = None,
                 data=None) -> dict[str, Any]:
     """The answer task of stage 05: the first `n` held-out examples of the run (03's eval split, drawn
     by data.seed), answered once by the base (adapter off) and once tuned, every answer metric scored,
-    each difference with its interval. `max_new_tokens`: eval.answer_tokens unless given."""
+    each difference with its interval. `max_new_tokens`: eval.answer_tokens unless given. Batch 32:
+    64 examples, both sides, in ~60 CPU seconds on the 2-core CPU (benchmarks/BENCHMARKS.md)."""
     data = data if data is not None else load_prepared(run)
     examples = data.eval[:n]
     if not examples:
