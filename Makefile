@@ -24,7 +24,7 @@ CONFIG ?= default
 SWEEP ?= lora-targets
 ARGS ?=
 
-.PHONY: run test test-unit browser sweep install gguf lab docs docs-site clean-venv
+.PHONY: run test test-unit lint browser sweep install gguf lab docs docs-site clean-venv
 
 run: $(STAMP)
 	$(PY) -m qlora_helpers run --config $(CONFIG) $(ARGS)
@@ -32,9 +32,15 @@ run: $(STAMP)
 # The whole suite, the browser test included (tests/test_browser.py: JupyterLab + selenium from
 # requirements-lab.txt, and Debian's chromium + chromium-driver, installed here when missing where
 # apt-get can, as root; elsewhere the test is skipped and says what to install), and the GGUF tests
-# (the [gguf] extra, built once).
+# (the [gguf] extra, built once). ruff checks the tree first: a lint error fails the run.
 test: $(LAB_STAMP) $(GGUF_STAMP) browser
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q $(ARGS)
+
+# ruff (pinned in requirements.txt, configured in pyproject.toml): the lint rules, then the formatting.
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 browser:
 	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \

@@ -45,7 +45,7 @@ def load(adapter: str | None):
 
 def prompts(n: int) -> list[str]:
     from qlora_helpers.builtin_data import split_records
-    from qlora_helpers.data import format_alpaca
+    from qlora_helpers.prompts import format_alpaca
 
     return [format_alpaca(r)[0] for r in split_records(42, 200)[1][:n]]
 
@@ -80,7 +80,7 @@ def main() -> None:
     from qlora_helpers.generation import generate
 
     model, tokenizer = load(args.adapter)
-    texts = prompts(args.prompts)
+    texts = [tokenizer(p)["input_ids"] for p in prompts(args.prompts)]  # token ids, as both generators take
     rows = []
     for side in args.sides.split(","):
         ctx = model.disable_adapter if side == "base" else torch.no_grad

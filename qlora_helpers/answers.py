@@ -25,7 +25,9 @@ from typing import Any
 from .builtin_data import exact_match
 from .data import load_prepared
 from .decoding import Answer, generate_answers
-from .evaluate import describe_difference, paired_bootstrap, rouge_l
+from .evaluate import rouge_l
+from .prompts import encode_text
+from .scoring import describe_difference, paired_bootstrap
 
 _WORD = re.compile(r"\w+")
 
@@ -134,11 +136,12 @@ def run_answers(run, model, tokenizer, n: int, batch_size: int = 32, max_new_tok
     budget = max_new_tokens or run.cfg.eval.answer_tokens
     prompts, refs = [e["prompt"] for e in examples], [e["response"] for e in examples]
     builtin = builtin_source_names(data.report)
+    ids = [encode_text(run, tokenizer, p) for p in prompts]  # 03 rendered them in the template
     start = time.perf_counter()
     with model.disable_adapter():
-        base = generate_answers(model, tokenizer, prompts, budget, batch_size)
+        base = generate_answers(model, tokenizer, ids, budget, batch_size)
     middle = time.perf_counter()
-    tuned = generate_answers(model, tokenizer, prompts, budget, batch_size)
+    tuned = generate_answers(model, tokenizer, ids, budget, batch_size)
     seconds = {"base": middle - start, "tuned": time.perf_counter() - middle}
     result = score_answers(base, tuned, refs, [e["source"] in builtin for e in examples], seed=run.cfg.data.seed)
     return {**result, "prompts": prompts, "references": refs, "sources": [e["source"] for e in examples],

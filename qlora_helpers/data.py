@@ -3,7 +3,7 @@
 Flow (`prepare_data`): read each source (hub id, or a JSON / JSONL / CSV / Parquet file in the data
 directory) -> map columns -> detect the format (Alpaca, chat messages, ShareGPT, prompt/completion)
 -> validate every row (dropped rows are counted by reason, with examples) -> render the prompt
-(Alpaca template or the tokenizer's chat template) and tokenize, labels -100 on the prompt ->
+and tokenize it (`prompts.py`, the rule every stage shares), labels -100 on the prompt ->
 length check (drop or truncate, counted) -> dedupe -> subsample per source -> deterministic
 train/eval split -> repeat up-weighted sources in train -> save the tokenized sets with a
 fingerprint, so an unchanged rerun reuses them.
@@ -40,21 +40,11 @@ from .config import DataConfig, SourceConfig
 from .errors import DataError
 from .models import load_tokenizer
 from .paths import PROJECT_ROOT, atomic_dir, read_json, write_json_atomic
+from .prompts import BadConversation, encode_pairs, render
 from .runs import RunFolder
+from .scoring import collate  # noqa: F401 - batching lives in the core; train.py and the benchmarks import it here
 
 DATA_FORMAT_VERSION = 1  # bump when the tokenized layout changes: invalidates cached sets
-
-ALPACA_PROMPT = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:\n"
-)
-ALPACA_PROMPT_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further "
-    "context. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
-
 
 @dataclass(frozen=True)
 class HubDataset:
@@ -76,11 +66,6 @@ HUB_DATASETS = {
 }
 HUB_DATASETS["gsm8k"] = HUB_DATASETS["openai/gsm8k"]
 HUB_PROBE_SECONDS = 3.0
-
-
-class BadConversation(DataError):
-    """A chat conversation the template cannot render (a data row is dropped for it, a chat request
-    gets a 400)."""
 
 
 class DataUnavailable(DataError):
@@ -400,104 +385,6 @@ def normalize_row(row: Any, fmt: str) -> dict[str, Any]:
     return {"kind": "chat", "messages": messages}
 
 
-def format_alpaca(record: dict[str, Any]) -> tuple[str, str]:
-    """(prompt, response) in the Stanford Alpaca template, with or without the input section."""
-    fill = {"instruction": record["instruction"], "input": record.get("input") or ""}
-    template = ALPACA_PROMPT_WITH_INPUT if fill["input"].strip() else ALPACA_PROMPT
-    return template.format(**fill), record["output"]
-
-
-def render_conversation(messages: list[dict[str, str]], template: str, tokenizer) -> str:
-    """The prompt for a conversation whose next turn is the assistant's: what 03 trains on for
-    multi-turn data and what the server sends the model for a chat request (one rule for both).
-
-    `chat`: the tokenizer's chat template. `alpaca`: system messages are the preamble (the Input
-    section), the earlier turns follow as context in the Input ("User: ..." / "Assistant: ..."
-    lines), the last user turn is the Instruction. BadConversation when there is no user turn, or
-    an assistant turn follows the last one."""
-    if template == "chat":
-        if not tokenizer.chat_template:
-            raise DataError("data.template is 'chat' but this tokenizer has no chat template; use 'alpaca'.")
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    last = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
-    if last is None:
-        raise BadConversation("the conversation has no user message (the alpaca template needs one as the instruction)")
-    if last != len(messages) - 1 and any(m["role"] == "assistant" for m in messages[last + 1:]):
-        raise BadConversation("an assistant turn follows the last user message; end the conversation with a user turn")
-    system = "\n".join(m["content"] for m in messages if m["role"] == "system")
-    earlier = "\n".join(f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}"
-                        for m in messages[:last] if m["role"] != "system")
-    context = "\n\n".join(part for part in (system, earlier and f"Conversation so far:\n{earlier}") if part)
-    return format_alpaca({"instruction": messages[last]["content"], "input": context, "output": ""})[0]
-
-
-def render(record: dict[str, Any], template: str, tokenizer) -> tuple[str, str]:
-    """(prompt, response) text. The response is the last assistant turn; earlier turns are context
-    (`render_conversation`)."""
-    kind = record["kind"]
-    if kind == "raw":
-        return record["prompt"], record["completion"]
-    if kind == "chat":
-        msgs = record["messages"]
-        try:
-            return render_conversation(msgs[:-1], template, tokenizer), msgs[-1]["content"]
-        except BadConversation as exc:
-            raise RowProblem("bad_messages", str(exc)) from None
-    if template == "alpaca":
-        return format_alpaca(record)
-    if not tokenizer.chat_template:
-        raise DataError("data.template is 'chat' but this tokenizer has no chat template; use 'alpaca'.")
-    user = record["instruction"] + (f"\n\n{record['input']}" if record["input"].strip() else "")
-    msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
-    prompt = tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
-    return prompt, msgs[-1]["content"]
-
-
-# --- tokenization ---------------------------------------------------------------------------------
-
-
-def tokenize_pair(tokenizer, prompt: str, response: str, train_on_prompt: bool = False,
-                  prompt_special_tokens: bool = True) -> dict[str, list[int]]:
-    """input_ids = prompt + response + EOS; labels are -100 on the prompt unless train_on_prompt."""
-    prompt_ids = tokenizer(prompt, add_special_tokens=prompt_special_tokens)["input_ids"]
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    labels = (prompt_ids if train_on_prompt else [-100] * len(prompt_ids)) + response_ids
-    return {"input_ids": prompt_ids + response_ids, "labels": labels}
-
-
-def tokenize_many(tokenizer, pairs: list[tuple[str, str]], template: str,
-                  train_on_prompt: bool) -> list[dict[str, list[int]]]:
-    """Batch version of tokenize_pair (one fast-tokenizer call per side). Chat prompts carry their
-    own special tokens in the template text, so none are added to them."""
-    if not pairs:
-        return []
-    # We check lengths ourselves (drop or truncate, counted): silence the tokenizer's own warning.
-    getattr(tokenizer, "deprecation_warnings", {})["sequence-length-is-longer-than-the-specified-maximum"] = True
-    prompts = tokenizer([p for p, _ in pairs], add_special_tokens=template != "chat")["input_ids"]
-    responses = tokenizer([r for _, r in pairs], add_special_tokens=False)["input_ids"]
-    eos = tokenizer.eos_token_id
-    out = []
-    for p, r in zip(prompts, responses):
-        r = r + [eos]
-        out.append({"input_ids": p + r, "labels": (p if train_on_prompt else [-100] * len(p)) + r,
-                    "prompt_len": len(p)})
-    return out
-
-
-def collate(examples: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, Any]:
-    """Right-pad a batch; padding is marked by attention_mask = 0 and labels = -100."""
-    import torch
-
-    width = max(len(e["input_ids"]) for e in examples)
-    batch: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": []}
-    for e in examples:
-        pad = width - len(e["input_ids"])
-        batch["input_ids"].append(list(e["input_ids"]) + [pad_token_id] * pad)
-        batch["attention_mask"].append([1] * len(e["input_ids"]) + [0] * pad)
-        batch["labels"].append(list(e["labels"]) + [-100] * pad)
-    return {k: torch.tensor(v) for k, v in batch.items()}
-
-
 # --- packing ----------------------------------------------------------------------------------------
 
 
@@ -541,7 +428,7 @@ def collate_packed(rows: list[dict[str, list[int]]], pad_token_id: int, bool_mas
     """Batch packed rows with a 4-D block-diagonal causal mask [batch, 1, q, k].
 
     Position ids alone do NOT keep packed examples apart under sdpa/eager attention in
-    transformers (measured: see DESIGN.md), so the mask does. sdpa takes the boolean form
+    transformers (measured: docs/design.md, packing pitfall), so the mask does. sdpa takes the boolean form
     (True = may attend); eager needs the additive float form (0 / dtype min): `bool_mask=False`.
     Padding positions attend only to themselves, which keeps their (ignored) outputs finite.
     """
@@ -652,14 +539,17 @@ def build_examples(data_cfg: DataConfig, tokenizer, max_length: int) -> tuple[li
             except RowProblem as problem:
                 drop(name, problem.reason, row_no, problem.detail)
                 continue
+            except BadConversation as exc:
+                drop(name, "bad_messages", row_no, str(exc))
+                continue
             if data_cfg.dedupe:
                 if (prompt, response) in seen:
                     drop(name, "duplicate", row_no, prompt[:120])
                     continue
                 seen.add((prompt, response))
             rendered.append((row_no, prompt, response))
-        tokenized = tokenize_many(tokenizer, [(p, r) for _, p, r in rendered], data_cfg.template,
-                                  data_cfg.train_on_prompt)
+        tokenized = encode_pairs(data_cfg.template, tokenizer, [(p, r) for _, p, r in rendered],
+                                 data_cfg.train_on_prompt)
         for (row_no, prompt, response), tok in zip(rendered, tokenized):
             n = len(tok["input_ids"])
             if n > max_length:

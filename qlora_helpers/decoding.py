@@ -130,20 +130,22 @@ def _decode_batch(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens:
     return [Answer(tokenizer.decode(t, skip_special_tokens=True), len(t), s) for t, s in zip(tokens, stopped)]
 
 
-def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 16,
+def generate_answers(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int = 32,
                      dense: bool = True) -> list[Answer]:
-    """Greedy answers to `prompts`, in their order. Prompts are batched by length (less padding);
-    finished rows leave their batch; `dense` runs a CPU 4-bit base on its de-quantized weights
-    (`dense_base`: the same numbers, several times faster). The prompt is tokenized as
-    generation.generate does (with the tokenizer's special tokens)."""
+    """Greedy answers to the prompts' token ids (encoded with prompts.encode_prompt, as for
+    generation.generate), in their order. Prompts are batched by length (less padding); finished rows
+    leave their batch; `dense` runs a CPU 4-bit base on its de-quantized weights (`dense_base`: the
+    same numbers, fewer CPU seconds)."""
     import torch
 
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError(f"generate_answers needs max_new_tokens >= 1 and batch_size >= 1 "
                          f"(got {max_new_tokens} and {batch_size}).")
-    encoded = tokenizer(list(prompts))["input_ids"]
-    order = sorted(range(len(prompts)), key=lambda i: (len(encoded[i]), i))
-    answers: list[Answer | None] = [None] * len(prompts)
+    if prompt_ids and not isinstance(prompt_ids[0], list):
+        raise TypeError("generate_answers takes token ids (lists of int): encode prompts with prompts.encode_prompt.")
+    encoded = prompt_ids
+    order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), i))
+    answers: list[Answer | None] = [None] * len(encoded)
     was_training = model.training
     model.eval()
     swap = dense_base(model) if dense else contextlib.nullcontext(0)

@@ -1,9 +1,11 @@
-"""The tutorial as a static site: the executed notebooks of a run rendered to HTML, plus an index.
+"""The tutorial as pages: the executed notebooks of a run as Markdown + PNG pages GitHub shows
+(`docs/tutorial/`), as an HTML site (`docs/site/`), and the README's quoted results from that run.
 
 `make docs` runs 01-06 on the default profile, then `python -m qlora_helpers.docs` renders
-`outputs/default/notebooks/` into `docs/site/`. nbconvert does the rendering (it is what JupyterLab's
-own "Export as HTML" uses, so the pages look like the notebooks, and it comes with JupyterLab);
-this module only makes the executed copies readable as static pages:
+`outputs/default/notebooks/`. Markdown + PNG rather than executed .ipynb files under docs/: GitHub
+renders Markdown with relative images and links everywhere (prev/next, alt text, no 1-MB JSON with
+base64 images in every diff), and the text diffs review like code. nbconvert renders the HTML site
+(what JupyterLab's own "Export as HTML" uses). This module makes the executed copies readable:
 
 - tqdm's notebook bars are ipywidgets, saved as a reference to widget state that a static page
   cannot run (GitHub showed them frozen at `0%`): a bar still open at the end becomes the line of
@@ -12,17 +14,31 @@ this module only makes the executed copies readable as static pages:
 - text progress bars in streams keep only what the last carriage return left on each line.
 - the project folder of the machine that ran them (`/home/you/qlora-notebooks/`) is cut from paths in
   sources and outputs, leaving `outputs/default/...` as a reader's own clone would print it (and
-  `../shared/data/...` for a folder beside it).
+  `../shared/data/...` for a folder beside it); other absolute paths (caches under the home folder,
+  temporary folders) become `~/...` and `<tmp>/...`.
+- papermill's injected parameters cell is dropped; an offline machine's hub-probe errors
+  (`[Errno -2] ...`) read "offline"; long floats in outputs are rounded for people; consecutive
+  stream outputs (06's streamed tokens) become one block; every image gets alt text saying what the
+  plot shows, and every page a real title and prev/next links.
+- the README's results (between `<!-- r:KEY -->` markers) are filled from the run's report files,
+  through `docs/results.json` (committed with the pages; tests/test_docs.py checks the README agrees);
+  its Colab links (between `<!-- colab -->` markers) are generated from pyproject's repository URL.
 """
 
 from __future__ import annotations
 
+import base64
 import html
+import json
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
+from .bootstrap import repository_url, setup_cell
 from .errors import QLoraError
+from .paths import PROJECT_ROOT, read_json, write_json_atomic, write_text_atomic
+from .runs import NOTEBOOK_DIR, RunFolder
 
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
@@ -100,70 +116,341 @@ def make_static(nb: dict, root: Path | None = None) -> dict:
     return nb
 
 
+# --- pages a person reads: no machine noise ---------------------------------------------------------
+
+# What each figure of the notebooks shows, by the plotting call in its cell (the alt text of its image).
+ALT_TEXT = {
+    "plot_footprint": "Bar charts of memory: the whole model and its quantized linear layers, 16-bit reference "
+                      "against the loaded full-precision model against 4-bit",
+    "plot_4bit_levels": "The 16 levels of NF4 and of FP4 over the normal distribution of block-scaled weights: "
+                        "NF4's levels follow the distribution",
+    "plot_layer_errors": "Relative weight error of every quantized layer after a 4-bit round trip, NF4 against FP4",
+    "plot_lengths": "Histogram of training example lengths in tokens, with the model.max_seq_length limit",
+    "plot_padding_efficiency": "Share of computed tokens that are real tokens: padded micro-batches against packing",
+    "plot_lora_shapes": "LoRA's matrices to scale: the frozen weight W beside the trainable B and A, with the "
+                        "number of weights in each",
+    "plot_training": "Training curves per optimizer step: loss, learning-rate schedule and gradient norm",
+    "plot_metrics": "Base model against tuned model on every evaluation metric",
+    "plot_latency": "Generation speed of each serving form: time to first token and tokens per second",
+}
+# Figures also written under a fixed name, for the README to show (its picture).
+FEATURED = {"plot_training": "training-curves.png"}
+_ERRNO = re.compile(r"\[Errno -?\d+\][^\n<)\]'\"]*")
+_FLOAT = re.compile(r"(?<![\w.])(-?\d+\.\d{5,})(?![\w.])")
+_HOME = re.compile(r"(?<![\w.~])/(?:root|home/[^/\s'\"<]+)(?=/)")
+_TMP = re.compile(r"(?<![\w.])/(?:tmp|work|var/folders)/[^\s'\"<>)]*?([^/\s'\"<>)]+)(?=[\s'\"<>)]|$)")
+
+
+def human_number(value: float) -> str:
+    """A float as a person reads it: four significant digits, thousands separated."""
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.4g}" if abs(value) >= 1e-3 else f"{value:.2e}"
+
+
+def scrub(text: str) -> str:
+    """Output text for a page: home and temporary paths shortened, hub-probe errors as 'offline',
+    long floats rounded."""
+    text = _HOME.sub("~", text)
+    text = _TMP.sub(lambda m: f"<tmp>/{m.group(1)}", text)
+    text = _ERRNO.sub("offline", text)
+    return _FLOAT.sub(lambda m: human_number(float(m.group(1))), text)
+
+
+def _alt(source: str, heading: str) -> str:
+    called = [alt for name, alt in ALT_TEXT.items() if f"{name}(" in source]
+    return called[0] if called else f"Figure: {heading or 'output of the cell above'}"
+
+
+def tidy(nb: dict) -> dict:
+    """After `make_static`: no injected parameters cell, one block per run of stream output, scrubbed
+    text, alt text on every image, the page title in the metadata (nbconvert's <title>)."""
+    nb["cells"] = [c for c in nb["cells"] if "injected-parameters" not in c.get("metadata", {}).get("tags", [])]
+    heading = ""
+    for cell in nb["cells"]:
+        if cell["cell_type"] == "markdown":
+            found = re.findall(r"^#+\s+(.+)$", _joined(cell["source"]), flags=re.M)
+            heading = found[-1] if found else heading
+            continue
+        outputs: list[dict] = []
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "stream":
+                out["text"] = scrub(_joined(out["text"]))
+                if outputs and outputs[-1].get("output_type") == "stream" and outputs[-1]["name"] == out["name"]:
+                    outputs[-1]["text"] += out["text"]
+                    continue
+            for kind in ("text/plain", "text/html", "text/markdown"):
+                if kind in out.get("data", {}):
+                    out["data"][kind] = scrub(_joined(out["data"][kind]))
+            if "image/png" in out.get("data", {}):
+                alt = _alt(_joined(cell["source"]), heading)
+                out.setdefault("metadata", {}).setdefault("image/png", {})["alt"] = alt
+            outputs.append(out)
+        cell["outputs"] = outputs
+    nb.setdefault("metadata", {})["title"] = _summary(nb)[0]
+    return nb
+
+
 def _summary(nb: dict) -> tuple[str, str]:
     """The notebook's title (first heading) and first paragraph, from its first markdown cell."""
-    first = next(("".join(c["source"]) if isinstance(c["source"], list) else c["source"]
-                  for c in nb["cells"] if c["cell_type"] == "markdown"), "")
+    first = next((_joined(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown"), "")
     blocks = re.split(r"\n\s*\n", first.strip())
     return blocks[0].lstrip("# ").strip(), (blocks[1] if len(blocks) > 1 else "")
 
 
+# --- Markdown + PNG pages -------------------------------------------------------------------------------
+
+
+def _nav(prev: tuple[str, str] | None, nxt: tuple[str, str] | None, index: str) -> str:
+    parts = [f"[← {html.escape(prev[1])}]({prev[0]})" if prev else "", f"[Contents]({index})",
+             f"[{html.escape(nxt[1])} →]({nxt[0]})" if nxt else ""]
+    return " · ".join(p for p in parts if p)
+
+
+def _strip_styles(markup: str) -> str:
+    return re.sub(r"<style[^>]*>.*?</style>", "", markup, flags=re.S).strip()
+
+
+def _output_markdown(out: dict, image: Path | None) -> str:
+    kind = out.get("output_type")
+    if kind == "stream":
+        return f"```text\n{out['text'].rstrip()}\n```"
+    if kind == "error":
+        return f"```text\n{out.get('ename')}: {out.get('evalue')}\n```"
+    data = out.get("data", {})
+    if image is not None:
+        alt = out.get("metadata", {}).get("image/png", {}).get("alt", "figure")
+        return f"![{alt}]({image.parent.name}/{image.name})"
+    if "text/markdown" in data:
+        return data["text/markdown"]
+    if "text/html" in data:
+        return _strip_styles(data["text/html"])
+    return f"```text\n{data['text/plain'].rstrip()}\n```" if "text/plain" in data else ""
+
+
+def markdown_page(nb: dict, stem: str, pages_dir: Path, nav: str) -> str:
+    """One tidied notebook as Markdown, its images written as PNG files under `pages_dir/img/`."""
+    blocks, count = [nav], 0
+    for cell in nb["cells"]:
+        source = _joined(cell["source"]).strip()
+        if cell["cell_type"] == "markdown":
+            blocks.append(source)
+            continue
+        if source:
+            blocks.append(f"```python\n{source}\n```")
+        for out in cell.get("outputs", []):
+            image = None
+            if "image/png" in out.get("data", {}):
+                count += 1
+                image = pages_dir / "img" / f"{stem}-{count}.png"
+                image.parent.mkdir(parents=True, exist_ok=True)
+                image.write_bytes(base64.b64decode(_joined(out["data"]["image/png"])))
+                for name in (f for call, f in FEATURED.items() if f"{call}(" in source):
+                    (image.parent / name).write_bytes(image.read_bytes())
+            text = _output_markdown(out, image)
+            if text:
+                blocks.append(text)
+    blocks.append(nav)
+    return "\n\n".join(blocks) + "\n"
+
+
 INDEX = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>QLoRA in six notebooks</title>
-<style>body{{font-family:system-ui,sans-serif;max-width:52rem;margin:2rem auto;padding:0 1rem;line-height:1.5;color:#222}}
+<style>body{{font-family:system-ui,sans-serif;max-width:52rem;margin:2rem auto;padding:0 1rem;
+line-height:1.5;color:#222}}
 li{{margin-bottom:1rem}} a{{font-weight:600}} .meta{{color:#666;font-size:.9rem}}</style></head><body>
 <h1>QLoRA in six notebooks</h1>
-<p>Fine-tuning a causal language model with QLoRA (4-bit NF4 base weights + LoRA adapters), one
-notebook per step, shown here with the outputs of one real run on the <code>{config}</code> profile
-(SmolLM2-135M-Instruct on an Alpaca sample, on a CPU). Read them in order; each step reads what the
-earlier ones wrote to the run folder. To run them yourself, see the project's README.</p>
+<p>{intro}</p>
 <ol>
 {items}
 </ol>
 <p class="meta">Built by <code>make docs</code> with nbconvert from <code>{source}</code>.</p>
 </body></html>
 """
+INTRO = ("Fine-tuning a causal language model with QLoRA (4-bit NF4 base weights + LoRA adapters), one notebook "
+         "per step, shown with the outputs of one real run on the `{config}` profile (SmolLM2-135M-Instruct on an "
+         "Alpaca sample, on a CPU). Read them in order; each step reads what the earlier ones wrote to the run "
+         "folder. To run them yourself, see the project's README.")
 
 
-def build_site(notebooks_dir: Path, site_dir: Path) -> list[Path]:
-    """Render every executed notebook in `notebooks_dir` to `site_dir` as HTML, with index.html;
-    return the files written. (No notebook copies: committed notebooks stay without outputs.)"""
+def _executed(notebooks_dir: Path) -> list[tuple[Path, dict]]:
+    """The finished executed notebooks, made static and tidied."""
     import nbformat
-    from nbconvert import HTMLExporter
-    from nbconvert.filters import markdown2html
 
-    notebooks = sorted(Path(notebooks_dir).glob("[0-9][0-9]_*.ipynb"))
-    if not notebooks:
-        raise QLoraError(f"No executed notebooks in {notebooks_dir}: run them first "
-                         f"(`make run`, or `make docs`, which runs and renders).")
-    site_dir.mkdir(parents=True, exist_ok=True)
-    exporter = HTMLExporter(template_name="lab")
-    pages, items, config = [], [], "default"
-    for path in notebooks:
-        # sources as strings, as nbconvert wants; paths relative to the run's project folder
-        # (<project>/outputs/<run>/notebooks/)
-        nb = make_static(nbformat.read(path, as_version=4), root=Path(notebooks_dir).resolve().parents[2])
+    found = []
+    root = Path(notebooks_dir).resolve().parents[2]  # <project>/outputs/<run>/notebooks/
+    for path in sorted(Path(notebooks_dir).glob("[0-9][0-9]*_*.ipynb")):
+        nb = make_static(nbformat.read(path, as_version=4), root=root)
         papermill = nb.get("metadata", {}).get("papermill", {})
         if papermill and (not papermill.get("end_time") or papermill.get("exception")):
             print(f"skipped {path}: its execution did not finish (still running, or failed)", file=sys.stderr)
             continue
-        config = Path(nb.get("metadata", {}).get("papermill", {}).get("parameters", {}).get("config", config)).stem
-        node = nbformat.from_dict(nb)  # the new outputs as NotebookNodes too
-        body, _ = exporter.from_notebook_node(node)
+        found.append((path, tidy(nb)))
+    if not found:
+        raise QLoraError(f"No executed notebooks in {notebooks_dir}: run them first "
+                         f"(`make run`, or `make docs`, which runs and renders).")
+    return found
+
+
+def _html_page(nb: dict, nav: str):
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    cells = [{"cell_type": "markdown", "metadata": {}, "source": nav}, *nb["cells"],
+             {"cell_type": "markdown", "metadata": {}, "source": nav}]
+    node = nbformat.from_dict({**nb, "cells": cells})
+    for i, cell in enumerate(node.cells):
+        cell.setdefault("id", f"page-{i}")
+    body, _ = HTMLExporter(template_name="lab").from_notebook_node(node)
+    # nbconvert's lab template writes no alt attribute (it fills in "No description has been
+    # provided"): set each output image's own, in page order
+    from bs4 import BeautifulSoup
+
+    soup = BeautifulSoup(body, features="html.parser")
+    alts = [o["metadata"]["image/png"]["alt"] for c in nb["cells"] for o in c.get("outputs", [])
+            if "image/png" in o.get("data", {})]
+    for img, alt in zip(soup.select(".jp-OutputArea-output img"), alts):
+        img["alt"] = alt
+    return str(soup)
+
+
+def build_site(notebooks_dir: Path, site_dir: Path, pages_dir: Path | None = None) -> list[Path]:
+    """Render every executed notebook in `notebooks_dir` as HTML into `site_dir` and as Markdown + PNG
+    into `pages_dir` (default: `site_dir`'s sibling `tutorial/`), each with an index; write the run's
+    results digest beside them (`results.json`). Returns the files written."""
+    from nbconvert.filters import markdown2html
+
+    executed = _executed(Path(notebooks_dir))
+    site_dir, pages_dir = Path(site_dir), Path(pages_dir or Path(site_dir).parent / "tutorial")
+    site_dir.mkdir(parents=True, exist_ok=True)
+    pages_dir.mkdir(parents=True, exist_ok=True)
+    titles = [(path.stem, _summary(nb)[0]) for path, nb in executed]
+    written, items, md_items = [], [], []
+    for i, (path, nb) in enumerate(executed):
+        prev, nxt = (titles[i - 1] if i else None), (titles[i + 1] if i + 1 < len(titles) else None)
         page = site_dir / f"{path.stem}.html"
-        page.write_text(body)
-        pages.append(page)
+        page.write_text(_html_page(nb, _nav(*[(f"{t[0]}.html", t[1]) if t else None for t in (prev, nxt)],
+                                            "index.html")))
+        md = pages_dir / f"{path.stem}.md"
+        md.write_text(markdown_page(nb, path.stem, pages_dir,
+                                    _nav(*[(f"{t[0]}.md", t[1]) if t else None for t in (prev, nxt)], "README.md")))
+        written += [page, md]
         title, paragraph = _summary(nb)
         items.append(f'<li><a href="{page.name}">{html.escape(title)}</a>{markdown2html(paragraph)}</li>')
-    index = site_dir / "index.html"
+        md_items.append(f"{i + 1}. [{title}]({md.name}): {' '.join(paragraph.split())}")
+    config = Path(str(executed[0][1].get("metadata", {}).get("papermill", {}).get("parameters", {})
+                      .get("config", "default"))).stem
     source = Path(notebooks_dir).resolve()
     source = source.relative_to(Path.cwd()) if source.is_relative_to(Path.cwd()) else source
-    index.write_text(INDEX.format(config=html.escape(config), items="\n".join(items), source=html.escape(str(source))))
-    return [index, *pages]
+    intro = INTRO.format(config=config)
+    (site_dir / "index.html").write_text(INDEX.format(intro=html.escape(intro).replace("`", ""),
+                                                      items="\n".join(items), source=html.escape(str(source))))
+    (pages_dir / "README.md").write_text(f"# QLoRA in six notebooks\n\n{intro}\n\n" + "\n".join(md_items) + "\n")
+    written += [site_dir / "index.html", pages_dir / "README.md"]
+    run_folder = RunFolder(Path(notebooks_dir).resolve().parent)
+    if run_folder.train_log.is_file():
+        written.append(write_json_atomic(pages_dir.parent / "results.json", results_digest(run_folder)))
+    return written
+
+
+# --- the README's numbers and links ------------------------------------------------------------------
+
+# key: (report, path inside it, format). The README quotes these between <!-- r:key --> markers.
+RESULTS = {
+    "perplexity_ratio": ("quantization_report", "perplexity_ratio_4bit_vs_full", "x{:.2f}"),
+    "train_minutes": ("train_log", "summary.train_seconds", "minutes"),
+    "train_steps": ("train_log", "summary.steps", "{:,}"),
+    "trainable_percent": ("train_log", "summary.parameters.trainable_percent", "{:.2f}%"),
+    "heldout_loss_base": ("train_log", "summary.heldout_loss_base", "{:.3f}"),
+    "heldout_loss_tuned": ("train_log", "summary.heldout_loss_tuned", "{:.3f}"),
+    "rouge_base": ("eval_report", "summary.ROUGE-L F1.base", "{:.3f}"),
+    "rouge_tuned": ("eval_report", "summary.ROUGE-L F1.tuned", "{:.3f}"),
+}
+_MARKER = re.compile(r"<!-- r:([\w-]+) -->(.*?)<!-- /r -->", re.S)
+_COLAB = re.compile(r"<!-- colab -->.*?<!-- /colab -->", re.S)
+
+
+def _format(value: Any, fmt: str) -> str:
+    return f"{value / 60:.0f} min" if fmt == "minutes" else fmt.format(value)
+
+
+def results_digest(folder: RunFolder) -> dict[str, dict[str, Any]]:
+    """The numbers the README quotes, each with the report file and key it comes from. Reports a run
+    has not written are left out; a report without the key is an error naming both."""
+    out = {}
+    for key, (report, dotted, fmt) in RESULTS.items():
+        path = getattr(folder, report)
+        if not path.is_file():
+            continue
+        value: Any = read_json(path)
+        for part in dotted.split("."):
+            if not isinstance(value, dict) or part not in value:
+                raise QLoraError(f"{path.name} has no {dotted!r} (wanted for the README's {key!r}): update "
+                                 f"docs.RESULTS to the report's layout.")
+            value = value[part]
+        out[key] = {"value": value, "text": _format(value, fmt) if value is not None else "n/a",
+                    "file": path.name, "key": dotted}
+    return out
+
+
+def fill_readme(text: str, results: dict[str, dict[str, Any]]) -> str:
+    """The README with every <!-- r:key --> marker holding the run's value."""
+    unknown = [m.group(1) for m in _MARKER.finditer(text) if m.group(1) not in results]
+    if unknown:
+        raise QLoraError(f"README.md quotes {', '.join(unknown)}, which docs/results.json does not have "
+                         f"(known: {', '.join(results)}). Fix the marker or docs.RESULTS.")
+    return _MARKER.sub(lambda m: f"<!-- r:{m.group(1)} -->{results[m.group(1)]['text']}<!-- /r -->", text)
+
+
+def readme_disagreements(text: str, results: dict[str, dict[str, Any]]) -> list[str]:
+    """'key: README says X, the run's report says Y' for every quoted number that differs."""
+    return [f"{m.group(1)}: README says {m.group(2)!r}, {results.get(m.group(1), {}).get('file')} says "
+            f"{results.get(m.group(1), {}).get('text')!r}"
+            for m in _MARKER.finditer(text) if results.get(m.group(1), {}).get("text") != m.group(2)]
+
+
+def colab_links(url: str) -> str:
+    """The README's line of "Open in Colab" links, one per notebook, from the repository URL."""
+    slug = url.rstrip("/").removesuffix(".git").split("github.com/", 1)[-1]
+    links = [f"[{nb.name[:2]}](https://colab.research.google.com/github/{slug}/blob/main/notebooks/{nb.name})"
+             for nb in sorted(NOTEBOOK_DIR.glob("0[1-6]_*.ipynb"))]
+    return f"<!-- colab -->Open in Colab: {' · '.join(links)}<!-- /colab -->"
+
+
+def sync_links(root: Path = PROJECT_ROOT) -> list[Path]:
+    """After the repository URL in pyproject.toml changes (a fork): rewrite the README's Colab links
+    and every notebook's setup cell from it. Returns the files changed."""
+    url, changed = repository_url(root), []
+    readme = root / "README.md"
+    text = readme.read_text(encoding="utf-8")
+    new = _COLAB.sub(colab_links(url), text)
+    if new != text:
+        changed.append(write_text_atomic(readme, new))
+    for path in sorted((root / NOTEBOOK_DIR.relative_to(PROJECT_ROOT)).glob("0[1-6]_*.ipynb")):
+        nb = json.loads(path.read_text(encoding="utf-8"))
+        first = next(c for c in nb["cells"] if c["cell_type"] == "code")
+        lines = setup_cell(url).splitlines(keepends=True)
+        if first["source"] != lines:
+            first["source"] = lines
+            changed.append(write_text_atomic(path, json.dumps(nb, indent=1, ensure_ascii=False) + "\n"))
+    return changed
+
+
+def main(argv: list[str]) -> None:
+    if argv[:1] == ["--sync-links"]:
+        for path in sync_links():
+            print(f"updated {path}")
+        return
+    source = Path(argv[0] if argv else "outputs/default/notebooks")
+    target = Path(argv[1] if len(argv) > 1 else "docs/site")
+    for page in build_site(source, target):
+        print(f"{page} ({page.stat().st_size // 1024} KiB)")
+    results = target.parent / "results.json"
+    readme = PROJECT_ROOT / "README.md"
+    if results.is_file() and target.resolve().parent == (PROJECT_ROOT / "docs").resolve():
+        write_text_atomic(readme, fill_readme(readme.read_text(encoding="utf-8"), read_json(results)))
+        print(f"{readme}: results filled from {results}")
 
 
 if __name__ == "__main__":
-    source = Path(sys.argv[1] if len(sys.argv) > 1 else "outputs/default/notebooks")
-    target = Path(sys.argv[2] if len(sys.argv) > 2 else "docs/site")
-    for page in build_site(source, target):
-        print(f"{page} ({page.stat().st_size // 1024} KiB)")
+    main(sys.argv[1:])

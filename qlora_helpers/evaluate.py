@@ -1,10 +1,10 @@
 """Stage 05: how good is the tuned model against its base? Same prompts, same greedy decoding.
 
-Held-out loss and perplexity (also used by stages 02 and 04), ROUGE-L on held-out Alpaca
-examples, GSM8K exact match, IFEval verifiable instructions (`ifeval.py`), and a side-by-side table
-of answers to AlpacaEval and MT-bench prompts; lm-evaluation-harness tasks on request.
-Each task returns its result; `write_eval_report` assembles them into eval.json, the stage's report,
-and `run_stage` runs them all (CLI) as the notebook does one per cell.
+The tasks are the entries of `tasks.TASKS` (held-out loss and perplexity, ROUGE-L on held-out Alpaca
+examples, GSM8K exact match, IFEval verifiable instructions (`ifeval.py`), a side-by-side table of
+answers to AlpacaEval and MT-bench prompts, lm-evaluation-harness tasks on request); their functions
+live here. `run_tasks` runs them in the registry's order (notebook 05's task cell), and
+`write_eval_report` assembles their results into eval.json, the stage's report.
 
 Imports: torch, numpy, peft, rouge_score and lm_eval are imported inside the functions that use
 them: heavy (seconds) or optional, and the unit tests of the scoring functions need none of them.
@@ -14,61 +14,23 @@ from __future__ import annotations
 
 import functools
 import html
-import math
 import re
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
-from tqdm.auto import tqdm
 
 from . import ifeval
-from .data import (HUB_DATASETS, DataUnavailable, collate, load_prepared, load_table, looks_like_file,
-                   resolve_data_dir, tokenize_pair)
+from .data import HUB_DATASETS, DataUnavailable, load_table, looks_like_file, resolve_data_dir
 from .errors import DataError
-from .generation import generate, render_prompt
-from .models import four_bit_kernel, load_model, load_tokenizer
+from .generation import generate
+from .models import four_bit_kernel
 from .paths import write_json_atomic, write_text_atomic
+from .prompts import encode_prompts, encode_text, render_instruction
 from .runs import RunFolder
-
-
-def heldout_loss(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int,
-                 max_length: int, desc: str = "held-out loss") -> dict[str, Any]:
-    """Token-weighted mean negative log-likelihood of the responses given their prompts.
-
-    Examples longer than `max_length` are skipped and counted, never cut silently.
-    """
-    import torch
-
-    if not pairs:
-        raise DataError("No held-out examples to score: the eval split is empty or the *_samples "
-                        "setting that chose them is 0. Raise data.eval_size or that setting.")
-    examples = [tokenize_pair(tokenizer, p, r) for p, r in pairs]
-    kept = [e for e in examples if len(e["input_ids"]) <= max_length]
-    if not kept:
-        raise DataError(f"All {len(examples)} held-out examples are longer than model.max_seq_length="
-                        f"{max_length}; raise model.max_seq_length or check the data.")
-    device = next(model.parameters()).device
-    per_example: list[list[float]] = []
-    was_training = model.training
-    model.eval()  # no dropout while measuring
-    with torch.no_grad():
-        for start in tqdm(range(0, len(kept), batch_size), desc=desc, leave=False):
-            batch = collate(kept[start:start + batch_size], tokenizer.pad_token_id)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            labels = batch["labels"][:, 1:]
-            nll = torch.nn.functional.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                ignore_index=-100, reduction="none").view(labels.shape).sum(1)
-            per_example += [[n, t] for n, t in zip(nll.tolist(), (labels != -100).sum(1).tolist())]
-    model.train(was_training)
-    total_nll, total_tokens = sum(n for n, _ in per_example), sum(t for _, t in per_example)
-    loss = total_nll / total_tokens
-    return {"loss": loss, "perplexity": math.exp(loss), "examples": len(kept),
-            "skipped_too_long": len(examples) - len(kept), "tokens": total_tokens,
-            "per_example": per_example}  # [summed NLL, response tokens] of each scored example
+from .scoring import describe_difference, heldout_loss, paired_bootstrap
+from .tasks import TASKS, metrics
 
 
 # --- text metrics -------------------------------------------------------------------------------
@@ -118,18 +80,6 @@ def gsm8k_exact_match(predictions: list[str], answers: list[str]) -> dict[str, A
 # base, so both see the same 4-bit weights, the same prompts and the same greedy decoding.
 
 
-def load_tuned_model(run):
-    """(model with the run's adapter, tokenizer): the 4-bit base as trained, plus the adapter."""
-    from peft import PeftModel
-
-    adapter = run.require_adapter()
-    tokenizer = load_tokenizer(run.cfg.model)
-    base = load_model(run.cfg.model, run.cfg.quant, run.compute_dtype, run.device)
-    model = PeftModel.from_pretrained(base, str(adapter))
-    model.eval()
-    return model, tokenizer
-
-
 def for_both(model, fn):
     """{'base': fn() with the adapter off, 'tuned': fn() with it on}, with timings."""
     start = time.perf_counter()
@@ -139,11 +89,6 @@ def for_both(model, fn):
     tuned = fn()
     return {"base": base, "tuned": tuned,
             "seconds": {"base": middle - start, "tuned": time.perf_counter() - middle}}
-
-
-def _prompts(run, tokenizer, instructions: list[str]) -> list[str]:
-    style = "chat" if run.cfg.data.template == "chat" else "alpaca"
-    return [render_prompt(tokenizer, text, style) for text in instructions]
 
 
 def _gsm8k_tables(run, with_shots: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -200,7 +145,7 @@ def evaluate_loss(run, model, tokenizer, data) -> dict[str, Any]:
     pairs = data.eval_pairs()[:run.cfg.eval.loss_samples]
     cfg = run.cfg
     return for_both(model, lambda: heldout_loss(model, tokenizer, pairs, cfg.eval.batch_size,
-                                                cfg.model.max_seq_length))
+                                                cfg.model.max_seq_length, template=run))
 
 
 def evaluate_rouge(run, model, tokenizer, data) -> dict[str, Any]:
@@ -209,7 +154,8 @@ def evaluate_rouge(run, model, tokenizer, data) -> dict[str, Any]:
     examples = data.eval[:cfg.rouge_samples]
     prompts = [e["prompt"] for e in examples]
     refs = [e["response"] for e in examples]
-    out = for_both(model, lambda: generate(model, tokenizer, prompts, cfg.answer_tokens, cfg.batch_size))
+    ids = [encode_text(run, tokenizer, p) for p in prompts]
+    out = for_both(model, lambda: generate(model, tokenizer, ids, cfg.answer_tokens, cfg.batch_size))
     for side in ("base", "tuned"):
         out[side] = {"outputs": out[side], **rouge_l(out[side], refs)}
     out["prompts"], out["references"] = prompts, refs
@@ -223,13 +169,13 @@ def gsm8k_instruction(question: str, shots: list[dict[str, Any]]) -> str:
 
 
 @needs_data
-def evaluate_gsm8k(run, model, tokenizer) -> dict[str, Any]:
+def evaluate_gsm8k(run, model, tokenizer, data=None) -> dict[str, Any]:
     """Exact match of the final number on the first N GSM8K test problems."""
     cfg = run.cfg.eval
     test, train = _gsm8k_tables(run, with_shots=cfg.gsm8k_shots > 0)
     rows = test[:cfg.gsm8k_samples]
     shots = train[:cfg.gsm8k_shots]
-    prompts = _prompts(run, tokenizer, [gsm8k_instruction(r["question"], shots) for r in rows])
+    prompts = encode_prompts(run, tokenizer, [gsm8k_instruction(r["question"], shots) for r in rows])
     answers = [r["answer"] for r in rows]
     out = for_both(model, lambda: generate(model, tokenizer, prompts, cfg.gsm8k_tokens, cfg.batch_size))
     for side in ("base", "tuned"):
@@ -239,11 +185,11 @@ def evaluate_gsm8k(run, model, tokenizer) -> dict[str, Any]:
 
 
 @needs_data
-def evaluate_ifeval(run, model, tokenizer) -> dict[str, Any]:
+def evaluate_ifeval(run, model, tokenizer, data=None) -> dict[str, Any]:
     """IFEval verifiable instructions on the first N prompts (checks that need no downloads)."""
     cfg = run.cfg.eval
     rows = _read(run, cfg.ifeval_path)[:cfg.ifeval_samples]
-    prompts = _prompts(run, tokenizer, [r["prompt"] for r in rows])
+    prompts = encode_prompts(run, tokenizer, [r["prompt"] for r in rows])
     out = for_both(model, lambda: generate(model, tokenizer, prompts, cfg.answer_tokens, cfg.batch_size))
     for side in ("base", "tuned"):
         out[side] = {"outputs": out[side], **ifeval.score(rows, out[side])}
@@ -252,14 +198,41 @@ def evaluate_ifeval(run, model, tokenizer) -> dict[str, Any]:
 
 
 @needs_data
-def evaluate_showcase(run, model, tokenizer) -> dict[str, Any]:
+def evaluate_choice(run, model, tokenizer, data=None) -> dict[str, Any]:
+    """Multiple choice: the answer the model finds likeliest after the question (the summed
+    log-likelihood of the choice and EOS, as held-out loss scores a response) against the gold one."""
+    cfg = run.cfg.eval
+    rows = _read(run, cfg.choice_path)[:cfg.choice_samples]
+    pairs = [(render_instruction(run, tokenizer, r["question"]), c) for r in rows for c in r["choices"]]
+    if not pairs:  # choice_samples: 0
+        empty = {"accuracy": 0.0, "per_example": [], "chosen": []}
+        return {"base": empty, "tuned": dict(empty), "seconds": {"base": 0.0, "tuned": 0.0}, "questions": []}
+
+    def picks():
+        scored = heldout_loss(model, tokenizer, pairs, cfg.batch_size, run.cfg.model.max_seq_length,
+                              desc="choices", template=run)
+        if scored["skipped_too_long"]:
+            raise DataError(f"{scored['skipped_too_long']} question + choice pairs of {cfg.choice_path} are "
+                            f"longer than model.max_seq_length; raise it or shorten them.")
+        nll = iter(n for n, _ in scored["per_example"])
+        chosen = [min(range(len(r["choices"])), key=[next(nll) for _ in r["choices"]].__getitem__) for r in rows]
+        hits = [c == int(r["gold"]) for c, r in zip(chosen, rows)]
+        return {"accuracy": sum(hits) / len(hits) if hits else 0.0, "per_example": hits, "chosen": chosen}
+
+    out = for_both(model, picks)
+    out["questions"] = [r["question"] for r in rows]
+    return out
+
+
+@needs_data
+def evaluate_showcase(run, model, tokenizer, data=None) -> dict[str, Any]:
     """Side-by-side answers to AlpacaEval instructions and MT-bench first turns."""
     cfg = run.cfg.eval
     alpaca = [r["instruction"] for r in _read(run, cfg.alpaca_eval_path, split="eval")[:cfg.showcase_samples]]
     mt = _read(run, cfg.mt_bench_path)[:cfg.showcase_samples]
     items = ([{"source": "AlpacaEval", "prompt": p} for p in alpaca]  # hub rows: prompt; the file's: turns
              + [{"source": f"MT-bench ({q['category']})", "prompt": (q.get("turns") or q["prompt"])[0]} for q in mt])
-    prompts = _prompts(run, tokenizer, [i["prompt"] for i in items])
+    prompts = encode_prompts(run, tokenizer, [i["prompt"] for i in items])
     out = for_both(model, lambda: generate(model, tokenizer, prompts, cfg.answer_tokens, cfg.batch_size))
     for item, base, tuned in zip(items, out["base"], out["tuned"]):
         item.update(base=base, tuned=tuned)
@@ -282,89 +255,57 @@ def write_side_by_side(folder: RunFolder, items: list[dict[str, Any]]) -> dict[s
 
 def sample_counts(results: dict[str, Any]) -> dict[str, int | None]:
     """Examples behind each task's numbers (0: the task was configured away, e.g. gsm8k_samples: 0)."""
-    return {"loss": results.get("loss", {}).get("tuned", {}).get("examples"),
-            "rouge": len(results.get("rouge", {}).get("references", [])),
-            "gsm8k": len(results.get("gsm8k", {}).get("answers", [])),
-            "ifeval": len(results.get("ifeval", {}).get("prompts", []))}
+    return {task.name: task.examples(results[task.name]) for task in TASKS.values()
+            if task.name in results and task.examples is not None}
 
 
 def summarize(results: dict[str, Any]) -> dict[str, dict[str, float]]:
     """{metric: {'base': x, 'tuned': y}} for the headline numbers of the tasks that had examples."""
-    pick = {"held-out loss": ("loss", "loss"), "perplexity": ("loss", "perplexity"),
-            "ROUGE-L F1": ("rouge", "rougeL_f1"), "GSM8K exact match": ("gsm8k", "exact_match"),
-            "IFEval prompt-level": ("ifeval", "prompt_level_strict"),
-            "IFEval instruction-level": ("ifeval", "instruction_level_strict")}
     counts = sample_counts(results)
-    return {name: {side: results[task][side][key] for side in ("base", "tuned")}
-            for name, (task, key) in pick.items() if task in results and counts[task] != 0}
-
-
-# --- is the difference real? ------------------------------------------------------------------------
-
-
-def paired_bootstrap(base, tuned, weights=None, transform=None, resamples: int = 2000, seed: int = 0,
-                     level: float = 0.95) -> dict[str, Any]:
-    """Difference tuned - base of a (weighted) mean over the same examples, with a percentile
-    bootstrap interval: each resample draws example indices with replacement and uses the same
-    indices for both sides, so what the two models share per example cancels. `transform` maps each
-    side's mean before the difference (exp: perplexity from mean loss). Seeded: reproducible."""
-    import numpy as np
-
-    b, t = np.asarray(base, dtype=float), np.asarray(tuned, dtype=float)
-    if b.shape != t.shape or b.ndim != 1 or len(b) == 0:
-        raise ValueError(f"paired_bootstrap needs two equally long, non-empty lists (got {len(b)} and {len(t)}).")
-    w = np.ones_like(b) if weights is None else np.asarray(weights, dtype=float)
-    f = np.vectorize(transform) if transform else (lambda x: x)
-
-    def difference(idx):
-        ww = w[idx]
-        return f((t[idx] * ww).sum(-1) / ww.sum(-1)) - f((b[idx] * ww).sum(-1) / ww.sum(-1))
-
-    idx = np.random.default_rng(seed).integers(0, len(b), size=(resamples, len(b)))
-    low, high = np.quantile(difference(idx), [(1 - level) / 2, (1 + level) / 2])
-    return {"difference": float(difference(np.arange(len(b)))), "low": float(low), "high": float(high),
-            "level": level, "n": len(b), "resamples": resamples, "seed": seed,
-            "distinguishable": bool(low > 0 or high < 0)}
-
-
-# metric: (task, how each side's per-example values are read: values, weights; transform, lower is better)
-_PAIRED = {
-    "held-out loss": ("loss", lambda r: ([n / k for n, k in r["per_example"]], [k for _, k in r["per_example"]]), None, True),
-    "perplexity": ("loss", lambda r: ([n / k for n, k in r["per_example"]], [k for _, k in r["per_example"]]), math.exp, True),
-    "ROUGE-L F1": ("rouge", lambda r: (r["per_example"], None), None, False),
-    "GSM8K exact match": ("gsm8k", lambda r: ([float(h) for h in r["per_example"]], None), None, False),
-    "IFEval prompt-level": ("ifeval", lambda r: ([p[0] for p in r["per_prompt"]], None), None, False),
-    "IFEval instruction-level": ("ifeval", lambda r: ([p[1] / p[2] for p in r["per_prompt"]],
-                                                      [p[2] for p in r["per_prompt"]]), None, False),
-}
+    return {metric.name: {side: results[task.name][side][metric.key] for side in ("base", "tuned")}
+            for task, metric in metrics() if counts.get(task.name, 0) != 0}
 
 
 def compare_paired(results: dict[str, Any], seed: int = 0) -> list[dict[str, Any]]:
     """Every base -> tuned difference of the headline metrics with its paired bootstrap 95% interval,
     and a sentence saying whether it can be told from zero."""
     rows = []
-    for metric, (task, read, transform, lower_better) in _PAIRED.items():
-        if task not in results or not results[task].get("tuned"):
+    for task, metric in metrics():
+        if task.name not in results or not results[task.name].get("tuned"):
             continue
-        (base, weights), (tuned, _) = read(results[task]["base"]), read(results[task]["tuned"])
+        (base, weights), (tuned, _) = (metric.per_example(results[task.name][side]) for side in ("base", "tuned"))
         if not base:
             continue
-        r = paired_bootstrap(base, tuned, weights, transform, seed=seed)
-        rows.append({"metric": metric, **r, "verdict": describe_difference(metric, r, lower_better)})
+        r = paired_bootstrap(base, tuned, weights, metric.transform, seed=seed)
+        verdict = describe_difference(metric.name, r, metric.lower_is_better)
+        rows.append({"metric": metric.name, **r, "verdict": verdict})
     return rows
 
 
-def describe_difference(metric: str, r: dict[str, Any], lower_is_better: bool = False) -> str:
-    """One sentence: the difference, its interval, and whether it is distinguishable from zero."""
-    span = f"{r['difference']:+.4g} (95% interval {r['low']:+.4g} to {r['high']:+.4g}, {r['n']} paired examples)"
-    if not r["distinguishable"] and r["low"] == r["high"]:
-        return f"{metric}: tuned - base = {span}: no difference; the two models score alike on every example."
-    if not r["distinguishable"]:
-        half = (r["high"] - r["low"]) / 2
-        return (f"{metric}: tuned - base = {span}: not distinguishable from zero; with this many examples "
-                f"only differences beyond about ±{half:.3g} would show.")
-    better = (r["difference"] < 0) == lower_is_better
-    return f"{metric}: tuned - base = {span}: distinguishable from zero, tuned is {'better' if better else 'worse'}."
+def run_tasks(run, model, tokenizer, data) -> dict[str, Any]:
+    """Every enabled task of `tasks.TASKS`, in its order: {task name: result}."""
+    return {task.name: _RUNNERS[task.name](run, model, tokenizer, data)
+            for task in TASKS.values() if task.enabled(run.cfg.eval)}
+
+
+def task_table(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """What each task run measured: a row per metric (base, tuned, which way is better), or why it
+    has no numbers; with its examples and seconds (base + tuned)."""
+    counts, rows = sample_counts(results), []
+    for name, result in results.items():
+        task = TASKS[name]
+        row = {"task": task.title, "examples": counts.get(name),
+               "seconds": round(sum((result.get("seconds") or {}).values()), 1)}
+        if "skipped" in result:
+            rows.append({**row, "metric": f"skipped: {result['skipped']}"})
+        elif counts.get(name) == 0:
+            rows.append({**row, "metric": "configured away (0 examples)"})
+        elif not task.metrics:
+            rows.append({**row, "metric": f"(no score: {task.about})"})
+        for metric in task.metrics if "skipped" not in result and counts.get(name) != 0 else ():
+            rows.append({**row, "metric": metric.name, "base": result["base"][metric.key], "tuned":
+                         result["tuned"][metric.key], "better": "lower" if metric.lower_is_better else "higher"})
+    return rows
 
 
 def write_eval_report(run, model=None, extra: dict[str, Any] | None = None, **tasks: Any) -> dict[str, Any]:
@@ -386,18 +327,6 @@ def write_eval_report(run, model=None, extra: dict[str, Any] | None = None, **ta
     return report
 
 
-def run_stage(run) -> dict[str, Any]:
-    """Stage 05's entry point: the notebook's tasks one after another, the side-by-side page, then
-    the same report (without the figure, which only the notebook draws)."""
-    model, tokenizer = load_tuned_model(run)
-    data = load_prepared(run)
-    tasks = {"loss": evaluate_loss(run, model, tokenizer, data), "rouge": evaluate_rouge(run, model, tokenizer, data),
-             "gsm8k": evaluate_gsm8k(run, model, tokenizer), "ifeval": evaluate_ifeval(run, model, tokenizer),
-             "showcase": evaluate_showcase(run, model, tokenizer)}
-    write_side_by_side(run, tasks["showcase"].get("items", []))
-    return write_eval_report(run, model, lm_eval=evaluate_lm_eval(run, model, tokenizer), **tasks)
-
-
 def lm_eval_local_tasks(run, folder) -> list[str]:
     """Write lm-eval task files that read the data directory (offline): gsm8k_local = lm-eval's
     own gsm8k task (prompt, few-shot, answer extraction) on gsm8k/{train,test}.jsonl."""
@@ -416,7 +345,7 @@ def lm_eval_local_tasks(run, folder) -> list[str]:
     return ["gsm8k_local"]
 
 
-def evaluate_lm_eval(run, model, tokenizer) -> dict[str, Any]:
+def evaluate_lm_eval(run, model, tokenizer, data=None) -> dict[str, Any]:
     """eval.lm_eval_tasks through lm-evaluation-harness on the in-memory model, base and tuned.
     Hub tasks need the network for their data; `gsm8k_local` reads the data directory."""
     cfg = run.cfg.eval
@@ -440,3 +369,7 @@ def evaluate_lm_eval(run, model, tokenizer) -> dict[str, Any]:
                 for task, metrics in results["results"].items()}
 
     return for_both(model, run_tasks)
+
+
+# Each task's function, by the name its registry entry gives (a KeyError here names an entry without one).
+_RUNNERS = {task.name: globals()[task.run] for task in TASKS.values()}

@@ -7,7 +7,7 @@ idles. Each change here is measured in benchmarks/BENCHMARKS.md (benchmarks/trai
    `train.packed_tokens` tokens (first fit, longest first), position ids restarting per example.
 2. Attention that never crosses examples: torch's varlen FlashAttention over the examples'
    boundaries (`cu_seq_lens`), registered with transformers' AttentionInterface. Position ids
-   alone do not isolate packed examples under sdpa/eager/flex in transformers (DESIGN.md). The
+   alone do not isolate packed examples under sdpa/eager/flex (docs/design.md, packing pitfall). The
    varlen kernels need compute capability 8.0+; on older cards (T4, RTX 20xx) SDPA with a 4-D
    block-diagonal mask does the same job with O(tokens^2) mask memory. Without boundaries
    (evaluation, generation) both fall back to transformers' own sdpa with the usual padding mask.
@@ -199,7 +199,7 @@ def _varlen_mask(*args, attention_mask=None, **kwargs):
 
 def block_diagonal_mask(cu, length: int, device=None):
     """[1, 1, length, length] boolean mask (True = may attend): causal within each example of a
-    packed row, nothing across examples. The form sdpa takes (DESIGN.md's packing pitfall)."""
+    packed row, nothing across examples. The form sdpa takes (docs/design.md, packing pitfall)."""
     import torch
 
     lens = (cu[1:] - cu[:-1]).to(device)
@@ -277,27 +277,36 @@ def apply_fused_kernels(model) -> list[str]:
 
 
 # Bytes kept per token and decoder layer for the backward pass, in units of 2-byte activations, as
-# multiples of the hidden size and the MLP width. Measured on an H100 (LLaMA-2-7B shape, LoRA on
-# q_proj/v_proj, Liger kernels, 16k-token rows): ~6 h + 2 m; one more h of margin, and one more m
-# when LoRA sits on down_proj (its input must then be kept). A checkpointed layer keeps its input.
+# multiples of the hidden size h and the MLP width m. Fused kernels (Liger RMSNorm/RoPE/SwiGLU), measured
+# on an H100 (LLaMA-2-7B shape, LoRA on q_proj/v_proj, 16k-token rows): ~6 h + 2 m; one more h of margin.
+# Unfused, eager RMSNorm keeps float32 copies of its input (+2 h) and eager SwiGLU keeps gate, up and
+# silu(gate) (3 m): 9 h + 3 m, which the 12 GB-class run on an H200 gave (benchmarks/BENCHMARKS.md,
+# "memory plan"). One more m when LoRA sits on down_proj (its input must then be kept). A checkpointed
+# layer keeps its input.
 ACT_HIDDEN_FACTOR = 7
 ACT_MLP_FACTOR = 2
+UNFUSED_HIDDEN_FACTOR = 9
+UNFUSED_MLP_FACTOR = 3
 
 
-def activation_bytes(model_config, tokens: int, lora_targets: Any = ()) -> tuple[int, int]:
-    """(bytes a layer keeps without recomputation, bytes with) for `tokens` tokens."""
+def activation_bytes(model_config, tokens: int, lora_targets: Any = (), fused: bool = True,
+                     hidden_bytes: int = 2) -> tuple[int, int]:
+    """(bytes a layer keeps without recomputation, bytes with) for `tokens` tokens, with or without the
+    fused kernels; `hidden_bytes` is the residual stream's element size."""
     h, m = model_config.hidden_size, model_config.intermediate_size
-    mlp = ACT_MLP_FACTOR + (1 if lora_targets == "all-linear" or "down_proj" in lora_targets else 0)
-    full = tokens * 2 * (ACT_HIDDEN_FACTOR * h + mlp * m)
-    return full, tokens * 2 * h
+    hidden, mlp = (ACT_HIDDEN_FACTOR, ACT_MLP_FACTOR) if fused else (UNFUSED_HIDDEN_FACTOR, UNFUSED_MLP_FACTOR)
+    mlp += 1 if lora_targets == "all-linear" or "down_proj" in lora_targets else 0
+    full = tokens * (hidden * h * hidden_bytes + mlp * m * 2)
+    return full, tokens * h * hidden_bytes
 
 
 def plan_recompute(model_config, tokens: int, budget_bytes: int, in_use_bytes: int,
-                   lora_targets: Any = ()) -> dict[str, Any]:
+                   lora_targets: Any = (), fused: bool = True) -> dict[str, Any]:
     """The fewest decoder layers to recompute so that activations fit the budget beside what is
-    already allocated (the model) and one layer's recomputed activations during backward."""
+    already allocated (the model) and one layer's recomputed activations during backward; sized with
+    the factors of the kernels that run (`fused`: Liger's; otherwise eager's, which keep more)."""
     layers = model_config.num_hidden_layers
-    full, kept = activation_bytes(model_config, tokens, lora_targets)
+    full, kept = activation_bytes(model_config, tokens, lora_targets, fused)
     room = budget_bytes - in_use_bytes - full  # one recomputed layer is live during the backward pass
     for recompute in range(layers + 1):
         need = (layers - recompute) * full + recompute * kept
@@ -348,7 +357,7 @@ def prepare_fast_model(model, train_cfg, device, lora_targets: Any = ()) -> dict
     print(describe_choice(choice, model.dtype))
     plan = plan_recompute(model.config, train_cfg.packed_tokens, budget_bytes(train_cfg, device),
                           torch.cuda.memory_allocated(device) + GIB,  # + workspace, optimizer, loss chunks
-                          lora_targets)
+                          lora_targets, fused=bool(kernels))
     apply_recompute(model, plan["recompute_layers"])
     if not plan["fits"]:
         print(f"train.packed_tokens={train_cfg.packed_tokens} may not fit the memory budget "

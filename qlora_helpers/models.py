@@ -213,7 +213,8 @@ def load_tokenizer(model_cfg: ModelConfig, resolved: ResolvedModel | None = None
 
 
 def bnb_config(quant_cfg: QuantConfig, compute_dtype: torch.dtype, quant_type: str | None = None):
-    """The BitsAndBytesConfig for this run (NF4 + double quantization for the seed recipe)."""
+    """The BitsAndBytesConfig for this run (NF4 + double quantization for the seed recipe). Notebook 02
+    builds the same object in a visible cell; tests/test_models.py requires the two to be equal."""
     import torch
     from transformers import BitsAndBytesConfig
 
@@ -241,30 +242,51 @@ def check_bitsandbytes(device: str) -> str:
     return bnb.__version__
 
 
-def load_model(model_cfg: ModelConfig, quant_cfg: QuantConfig, compute_dtype: torch.dtype,
-               device: str, quantized: bool | None = None, quant_type: str | None = None,
-               resolved: ResolvedModel | None = None) -> PreTrainedModel:
-    """Load the causal LM: 4-bit (quant settings) or full precision in `compute_dtype`, on `device`
-    (None: no device map, as FSDP wants; bitsandbytes then quantizes onto the current GPU)."""
+def load_quantized_model(model_cfg: ModelConfig, quantization_config, device: str | None,
+                         resolved: ResolvedModel | None = None) -> PreTrainedModel:
+    """`from_pretrained` with the BitsAndBytesConfig the caller built (notebook 02's cell, or
+    `bnb_config`), computing in its `bnb_4bit_compute_dtype`; plus the guards: bitsandbytes present,
+    hub errors explained, the 4-bit layers kept on the autograd path (below)."""
+    check_bitsandbytes(device or "cuda")
+    model = _from_pretrained(model_cfg, quantization_config.bnb_4bit_compute_dtype, device, resolved,
+                             quantization_config=quantization_config)
+    keep_4bit_on_autograd_path(model)
+    return model
+
+
+def load_full_model(model_cfg: ModelConfig, compute_dtype: torch.dtype, device: str | None,
+                    resolved: ResolvedModel | None = None) -> PreTrainedModel:
+    """The model in full precision (`compute_dtype`), for comparison (02) or full-precision LoRA."""
+    return _from_pretrained(model_cfg, compute_dtype, device, resolved)
+
+
+def _from_pretrained(model_cfg: ModelConfig, dtype, device: str | None, resolved: ResolvedModel | None,
+                     **extra: Any) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
     resolved = resolved or resolve_model(model_cfg)
-    quantized = quant_cfg.load_in_4bit if quantized is None else quantized
-    kwargs: dict[str, Any] = dict(_hub_kwargs(model_cfg), dtype=compute_dtype,
-                                  attn_implementation=model_cfg.attn_implementation)
+    kwargs: dict[str, Any] = dict(_hub_kwargs(model_cfg), dtype=dtype,
+                                  attn_implementation=model_cfg.attn_implementation, **extra)
     if device is not None:
         kwargs["device_map"] = {"": device}
-    if quantized:
-        check_bitsandbytes(device or "cuda")
-        kwargs["quantization_config"] = bnb_config(quant_cfg, compute_dtype, quant_type)
     try:
         model = AutoModelForCausalLM.from_pretrained(resolved.location, **kwargs)
     except OSError as exc:
         raise _hub_error(resolved, exc) from None
-    if quantized:
-        keep_4bit_on_autograd_path(model)
     model.eval()
     return model
+
+
+def load_model(model_cfg: ModelConfig, quant_cfg: QuantConfig, compute_dtype: torch.dtype,
+               device: str, quantized: bool | None = None, quant_type: str | None = None,
+               resolved: ResolvedModel | None = None) -> PreTrainedModel:
+    """The causal LM as the run's settings say: 4-bit through `bnb_config` + `load_quantized_model`
+    (the calls notebook 02 makes in sight), or full precision; on `device` (None: no device map, as
+    FSDP wants; bitsandbytes then quantizes onto the current GPU)."""
+    quantized = quant_cfg.load_in_4bit if quantized is None else quantized
+    if quantized:
+        return load_quantized_model(model_cfg, bnb_config(quant_cfg, compute_dtype, quant_type), device, resolved)
+    return load_full_model(model_cfg, compute_dtype, device, resolved)
 
 
 # --- bitsandbytes' CPU kernels --------------------------------------------------------------------
@@ -316,6 +338,19 @@ def four_bit_kernel(model) -> str | None:
     if any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers):
         return f"{device}: bf16 packed CPU kernel (gemv_4bit, no autograd)"
     return f"{device}: dequantize + matmul in {layers[0].compute_dtype or 'the input dtype'}".replace("torch.", "")
+
+
+def load_tuned_model(run):
+    """(model with the run's adapter, tokenizer): the 4-bit base as trained, plus the adapter (what
+    05 evaluates, 06 merges and serves, and the export gate checks every form against)."""
+    from peft import PeftModel
+
+    adapter = run.require_adapter()
+    tokenizer = load_tokenizer(run.cfg.model)
+    base = load_model(run.cfg.model, run.cfg.quant, run.compute_dtype, run.device)
+    model = PeftModel.from_pretrained(base, str(adapter))
+    model.eval()
+    return model, tokenizer
 
 
 def _hub_error(resolved: ResolvedModel, exc: Exception) -> QLoraError:

@@ -8,6 +8,8 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 
+from .tasks import metric
+
 MiB = 2**20
 
 
@@ -140,6 +142,33 @@ def plot_training(log_history: list[dict[str, Any]], only_loss: bool = False):
     return fig
 
 
+def plot_lora_shapes(d_in: int, d_out: int, r: int, alpha: float):
+    """LoRA's shapes to scale: the frozen W (d_out x d_in) beside the trainable B (d_out x r) and
+    A (r x d_in), with each one's parameter count: the update (alpha/r)*B*A has W's shape."""
+    from matplotlib.patches import Rectangle
+
+    fig, ax = plt.subplots(figsize=(9, 3.4))
+    scale = 2.6 / max(d_in, d_out)
+    w, h, rr = d_in * scale, d_out * scale, max(r * scale, 0.04)  # r is drawn at least as a visible strip
+    bx, ax_ = w + 1.2, w + 1.2 + rr + 0.6  # where B and A start
+    boxes = [(0, "W (frozen, 4-bit)", d_out, d_in, w, h, "#bbbbbb"),
+             (bx, "B (trained)", d_out, r, rr, h, "#dd8452"),
+             (ax_, "A (trained)", r, d_in, w, rr, "#4c72b0")]
+    for x, name, rows, cols, bw, bh, color in boxes:
+        ax.add_patch(Rectangle((x, h - bh), bw, bh, color=color))
+        ax.text(x + bw / 2, h + 0.12, f"{name}\n{rows:,} x {cols:,} = {rows * cols:,}", ha="center", va="bottom")
+    ax.text(w + 0.3, h / 2, "+", fontsize=18, ha="center", va="center")
+    ax.text(w + 0.75, h / 2, f"{alpha / r:g} x", fontsize=12, ha="center", va="center")
+    ax.text(bx + rr + 0.3, h / 2, "·", fontsize=24, ha="center", va="center")
+    share = r * (d_in + d_out) / (d_in * d_out)
+    ax.set_title(f"W + (alpha/r)·B·A with r={r}, alpha={alpha:g}: the adapter trains {share:.1%} of W's weights")
+    ax.set_xlim(-0.1, ax_ + w + 0.1)
+    ax.set_ylim(-0.1, h + 0.8)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    return fig
+
+
 def plot_heldout_by_key(rows: list[dict[str, Any]], keys: list[str]):
     """A sweep: held-out loss against each swept key (one panel per key); runs that share the
     other keys' values are joined by a line, and the base model's loss is the dashed line."""
@@ -205,14 +234,15 @@ def plot_loss_curves(histories: dict[str, list[dict[str, Any]]], same_batches: b
 
 
 def plot_metrics(summary: dict[str, dict[str, float]]):
-    """Base vs tuned, one panel per metric (losses: lower is better; the rest: higher)."""
+    """Base vs tuned, one panel per metric of eval.json's summary (which way is better: its task's
+    registry entry, tasks.py)."""
     names = list(summary)
     fig, axes = plt.subplots(1, len(names), figsize=(2.4 * len(names), 3.2), squeeze=False)
     for ax, name in zip(axes[0], names):
         values = [summary[name]["base"], summary[name]["tuned"]]
         bars = ax.bar(["base", "tuned"], values, color=["#999999", "#2a9d55"])
         ax.bar_label(bars, fmt="%.3g")
-        better = "lower" if name in ("held-out loss", "perplexity") else "higher"
+        better = "lower" if metric(name).lower_is_better else "higher"
         ax.set_title(f"{name}\n({better} is better)", fontsize=9)
         ax.set_ylim(0, max(values) * 1.25 or 1)
     fig.tight_layout()

@@ -15,11 +15,12 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from .data import heldout_pairs
-from .evaluate import heldout_loss
-from .generation import generate, render_prompt
-from .models import four_bit_kernel, load_model, load_tokenizer, resolve_model
+from .generation import generate
+from .models import bnb_config, load_full_model, load_quantized_model, load_tokenizer, resolve_model
 from .paths import write_json_atomic
+from .prompts import encode_prompt, native_template
 from .runs import Run
+from .scoring import heldout_loss
 
 SAMPLE_INSTRUCTION = "Give three tips for staying healthy."
 # NF4 puts its outermost levels at the normal quantile 0.9677 (bitsandbytes' create_normal_map) and
@@ -27,15 +28,18 @@ SAMPLE_INSTRUCTION = "Give three tips for staying healthy."
 NF4_SIGMA = 1 / NormalDist().inv_cdf(0.9677083)
 
 
-def load_full_and_quantized(run: Run) -> dict[str, Any]:
-    """The tokenizer, the full-precision model and the 4-bit model, with their load times."""
+def load_full_and_quantized(run: Run, quantization_config=None) -> dict[str, Any]:
+    """The tokenizer, the full-precision model and the 4-bit model (loaded with `quantization_config`,
+    the BitsAndBytesConfig notebook 02 builds in sight; `bnb_config` for the run when None), with
+    their load times."""
     cfg = run.cfg
     resolved = resolve_model(cfg.model)
     tokenizer = load_tokenizer(cfg.model, resolved)
+    quantization_config = quantization_config or bnb_config(cfg.quant, run.compute_dtype)
     t0 = time.perf_counter()
-    full = load_model(cfg.model, cfg.quant, run.compute_dtype, run.device, quantized=False, resolved=resolved)
+    full = load_full_model(cfg.model, run.compute_dtype, run.device, resolved)
     t1 = time.perf_counter()
-    quant = load_model(cfg.model, cfg.quant, run.compute_dtype, run.device, quantized=True, resolved=resolved)
+    quant = load_quantized_model(cfg.model, quantization_config, run.device, resolved)
     t2 = time.perf_counter()
     return {"tokenizer": tokenizer, "full": full, "quantized": quant, "source": resolved.description,
             "load_seconds": {"full": t1 - t0, "quantized": t2 - t1}}
@@ -122,9 +126,8 @@ def normal_mass_per_level(levels: list[float], sigma: float = NF4_SIGMA) -> list
 def compare_generations(tokenizer, models: dict[str, Any], max_new_tokens: int,
                         instruction: str = SAMPLE_INSTRUCTION) -> dict[str, str]:
     """One greedy answer per model to the same instruction (chat template when the tokenizer has one)."""
-    style = "chat" if tokenizer.chat_template else "alpaca"
-    prompt = render_prompt(tokenizer, instruction, style)
-    return {name: generate(model, tokenizer, [prompt], max_new_tokens)[0] for name, model in models.items()}
+    ids = encode_prompt(native_template(tokenizer), tokenizer, instruction)
+    return {name: generate(model, tokenizer, [ids], max_new_tokens)[0] for name, model in models.items()}
 
 
 def compare_perplexity(run: Run, tokenizer, models: dict[str, Any]) -> dict[str, Any]:
@@ -132,7 +135,7 @@ def compare_perplexity(run: Run, tokenizer, models: dict[str, Any]) -> dict[str,
     cfg = run.cfg
     pairs = heldout_pairs(run, cfg.eval.perplexity_samples, tokenizer)
     return {name: heldout_loss(model, tokenizer, pairs, cfg.eval.batch_size, cfg.model.max_seq_length,
-                               desc=f"perplexity ({name})")
+                               desc=f"perplexity ({name})", template=run)
             for name, model in models.items()}
 
 
@@ -152,17 +155,3 @@ def write_quantization_report(run: Run, **sections: Any) -> dict[str, Any]:
         report["perplexity_ratio_4bit_vs_full"] = ppl["4bit"]["perplexity"] / ppl["full"]["perplexity"]
     write_json_atomic(run.quantization_report, report)
     return report
-
-
-def run_stage(run: Run) -> dict[str, Any]:
-    """Stage 02's entry point: the notebook's steps, one after another, ending in the same report
-    (without the figures, which only the notebook draws)."""
-    loaded = load_full_and_quantized(run)
-    full, quantized, tokenizer = loaded["full"], loaded["quantized"], loaded["tokenizer"]
-    models = {"full": full, "4bit": quantized}
-    return write_quantization_report(
-        run, source=loaded["source"], load_seconds=loaded["load_seconds"],
-        footprint=memory_footprint(full, quantized),
-        layer_errors=layer_errors(full, quantized, run.cfg.quant.double_quant),
-        generations=compare_generations(tokenizer, models, run.cfg.eval.max_new_tokens),
-        perplexity=compare_perplexity(run, tokenizer, models), four_bit_kernel=four_bit_kernel(quantized))

@@ -10,16 +10,17 @@ its kernel machinery).
 
 from __future__ import annotations
 
+import json
 import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from .config import load_config, resolve_config_path
 from .data import DataError, builtin_notice, check_sources
-from .errors import QLoraError
+from .errors import ConfigError, QLoraError
 from .paths import PROJECT_ROOT, run_dir
-from .runs import NOTEBOOK_DIR, STAGES, RunFolder, Stage
+from .runs import NOTEBOOK_DIR, STAGE_SECTIONS, STAGES, NotSetUp, RunFolder, Stage, config_differences, saved_config
 
 
 class StageFailed(QLoraError):
@@ -59,6 +60,8 @@ def run_pipeline(config: str, run_name: str | None = None, overrides: Iterable[s
     path = run_dir(run_name, outputs_dir)
     parameters = {"config": str(config_path), "run_name": run_name, "overrides": overrides,
                   "outputs_dir": str(path.parent)}
+    if selected[0].number != "01":  # the run exists: its settings were fixed by 01, check before starting
+        parameters.update(stage_overrides(RunFolder(path), run_name, cfg, selected))
     previous = os.environ.get("QLORA_HEADLESS")
     os.environ["QLORA_HEADLESS"] = "1"  # the kernels inherit it: no interactive prompts
     try:
@@ -69,6 +72,46 @@ def run_pipeline(config: str, run_name: str | None = None, overrides: Iterable[s
         else:
             os.environ["QLORA_HEADLESS"] = previous
     return path
+
+
+# The parameters cell of each notebook: 01 chooses the run's settings; 02-06 open the run by name,
+# 05 and 06 with changes to their own section only (runs.STAGE_SECTIONS).
+PARAMETER_NAMES = {"01": ("config", "run_name", "overrides", "outputs_dir"),
+                   "05": ("run_name", "outputs_dir", "eval_overrides"),
+                   "06": ("run_name", "outputs_dir", "serve_overrides")}
+
+
+def notebook_parameters(stage: Stage, parameters: dict) -> dict:
+    """The values papermill injects into `stage`'s notebook: only the names its parameters cell has."""
+    names = PARAMETER_NAMES.get(stage.number, ("run_name", "outputs_dir"))
+    return {k: parameters[k] for k in names if k in parameters}
+
+
+def stage_overrides(folder: RunFolder, run_name: str, asked, stages: list[Stage]) -> dict:
+    """Without stage 01, the overrides must be the run's own settings, except for the sections of 05
+    (eval.*) and 06 (serve.*), which go to those notebooks; anything else is the clear error of
+    `runs.open_run`, raised before any notebook starts."""
+    saved = saved_config(folder)
+    if saved is None:
+        raise NotSetUp(f"Run {run_name!r} has not been set up ({folder.config_file} is missing): "
+                       f"include stage 01 (--stages 01,...).")
+    changed = {c.partition(":")[0]: c for c in config_differences(asked, saved)}
+    sections = {s.number: STAGE_SECTIONS[s.number] for s in stages if s.number in STAGE_SECTIONS}
+    own = {key for key in changed if any(key.startswith(f"{sec}.") for sec in sections.values())}
+    if set(changed) - own:
+        raise ConfigError(
+            f"Run {run_name!r} was set up with different settings "
+            f"({'; '.join(changed[k] for k in sorted(set(changed) - own))}). Include stage 01 to set them "
+            f"(--stages 01,...), or pick a new run name.")
+    values = asked.to_dict()
+    texts = [f"{key}={json.dumps(_value(values, key))}" for key in sorted(own)]
+    return {f"{sec}_overrides": [t for t in texts if t.startswith(f"{sec}.")] for sec in ("eval", "serve")}
+
+
+def _value(data: dict, dotted: str):
+    for key in dotted.split("."):
+        data = data[key]
+    return data
 
 
 def _kernel_manager_class():
@@ -99,12 +142,14 @@ def _execute(stages: list[Stage], folder: RunFolder, parameters: dict, progress:
         notebook = stage.notebook_path
         out = folder.notebooks_dir / stage.notebook
         out.parent.mkdir(parents=True, exist_ok=True)
-        print(f"[{i}/{len(stages)}] {notebook.stem} -> {out.relative_to(PROJECT_ROOT) if out.is_relative_to(PROJECT_ROOT) else out}", flush=True)
+        shown = out.relative_to(PROJECT_ROOT) if out.is_relative_to(PROJECT_ROOT) else out
+        print(f"[{i}/{len(stages)}] {notebook.stem} -> {shown}", flush=True)
         start = time.perf_counter()
         try:
             for attempt in (1, 2):
                 try:
-                    papermill.execute_notebook(str(notebook), str(out), parameters=parameters,
+                    papermill.execute_notebook(str(notebook), str(out),
+                                               parameters=notebook_parameters(stage, parameters),
                                                kernel_name="python3", cwd=str(NOTEBOOK_DIR),
                                                progress_bar=progress, log_output=False,
                                                kernel_manager_class=kernel_manager_class)

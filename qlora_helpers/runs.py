@@ -3,19 +3,22 @@
 This module owns the folder's layout: every file and folder a stage writes is a property of
 `RunFolder` (a bare path, for code that inspects a run that may be half done, like a sweep resuming)
 and so of `Run` (the folder with its validated config and environment). No other module spells a
-run-folder file name. `STAGES` says, once, what each stage notebook reads, the file it writes last
-(its report, which marks the stage done) and its entry point (`run_stage(run) -> report`) that the
-CLI calls and the notebook's last cell shares.
+run-folder file name. `STAGES` says, once, what each stage notebook reads and the file it writes last
+(its report, which marks the stage done). Each stage's sequence is its notebook; 03 and 04, which the
+`train` command also runs without notebooks, have an entry point (`run_stage(run) -> report`) over
+the same functions the notebook's cells call.
 
-Stage 01 resolves the config and inspects the machine (`setup_run`); every later stage reopens the
-run from those files (`open_run`, or `open_run_folder` from a path alone), so the notebooks never
-depend on each other's memory.
+Stage 01 resolves the config and inspects the machine (`setup_run`): the one place a run's settings
+are chosen. Every later stage reopens the run by its name from those files (`open_run`, or
+`open_run_folder` from a path alone), so the notebooks never depend on each other's memory and
+settings are never typed twice; 05 and 06 may change their own section (`STAGE_SECTIONS`) for
+themselves, and record it.
 
-Where this differs from ../shared/STYLE.md's anchors, and why:
-- The notebooks end by writing their report through the function `run_stage` uses, but not always in
-  the very last cell: 03 writes `data_report.json` in its second step (`prepare_run_data`, whose
-  later cells only show what it made), 05 writes `eval.json` before its cells that show the paired
-  differences and the latest sweep (read back from the report), and 06 before it stops the server.
+Where this differs from docs/design.md's style rules, and why:
+- The notebooks end by writing their report, but not always in the very last cell: 03 writes
+  `data_report.json` in its second step (`prepare_run_data`, whose later cells only show what it
+  made), 05 writes `eval.json` before its cells that show the paired differences and the latest
+  sweep (read back from the report), and 06 before it stops the server.
   The report is the stage's last *file*, which is what `STAGES` and a resuming sweep rely on.
 - The sweep executes the notebooks (papermill) rather than `Stage.run`: a sweep's runs are meant to be
   read like any run, executed notebooks included; it uses `STAGES` to decide what is done.
@@ -27,9 +30,10 @@ used, because they are heavy and this module is read by every light tool (sweep 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from .config import Config, apply_overrides, config_from_dict, load_config
 from .environment import collect_environment, plan_runtime, write_setup
@@ -128,6 +132,10 @@ class _Layout:
             raise MissingArtifact(f"No adapter in {self.adapter_dir}. Run notebooks/04_train.ipynb for run "
                                   f"{self.path.name!r} first.")
         return self.adapter_dir
+
+    @property
+    def lora_plot(self) -> Path:  # 04's picture of LoRA's shapes
+        return self.path / "lora_shapes.png"
 
     @property
     def train_log(self) -> Path:
@@ -244,7 +252,7 @@ class Runtime:
     notes: tuple[str, ...] = field(default=())  # why a setting differs from what the config asked
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Runtime":
+    def from_dict(cls, data: dict[str, Any]) -> Runtime:
         return cls(device=data["device"], compute_dtype=data["compute_dtype"], optimizer=data["optimizer"],
                    load_in_4bit=data["load_in_4bit"], notes=tuple(data.get("notes", ())))
 
@@ -265,6 +273,7 @@ class Run(_Layout):
     path: Path
     cfg: Config
     env: dict[str, Any]
+    stage_overrides: tuple[str, ...] = ()  # the stage's own changes (eval.* in 05, serve.* in 06), for its report
 
     @property
     def runtime(self) -> Runtime:
@@ -289,7 +298,7 @@ class Stage:
     notebook: str               # file name under notebooks/
     reads: tuple[str, ...]      # artifacts (RunFolder property names) of earlier stages it needs
     writes: tuple[str, ...]     # artifacts it writes, the report it writes last at the end
-    entry: str | None           # "module:function" taking a Run, returning the report; None for 01
+    entry: str | None           # "module:function" taking a Run, returning the report; None: notebook only
     reads_sources: bool = False  # reads the training data (data.sources) itself, not only 03's split
 
     @property
@@ -306,8 +315,11 @@ class Stage:
 
     def run(self, run: Run) -> dict[str, Any]:
         """Execute the stage on an open run without the notebook; returns (and has written) its report."""
+        if self.number == "01":
+            raise QLoraError("Stage 01 sets the run up: call runs.setup_run, not Stage.run.")
         if self.entry is None:
-            raise QLoraError(f"Stage {self.number} sets the run up: call runs.setup_run, not Stage.run.")
+            raise QLoraError(f"Stage {self.number} runs as its notebook, notebooks/{self.notebook}: e.g. "
+                             f"python -m qlora_helpers run --config <profile> --stages {self.number}.")
         for artifact in self.reads:
             run.require(artifact)
         module, function = self.entry.split(":")
@@ -317,18 +329,17 @@ class Stage:
 
 STAGES: tuple[Stage, ...] = (
     Stage("01", "01_setup.ipynb", (), ("config_file", "env_file"), None),
-    Stage("02", "02_quantize.ipynb", ("config_file", "env_file"), ("quantization_report",),
-          "qlora_helpers.quantize:run_stage", reads_sources=True),  # held-out pairs for perplexity
+    Stage("02", "02_quantize.ipynb", ("config_file", "env_file"), ("quantization_report",), None,
+          reads_sources=True),  # held-out pairs for perplexity
     Stage("03", "03_data_prep.ipynb", ("config_file", "env_file"), ("data_dir", "data_report"),
           "qlora_helpers.data:run_stage", reads_sources=True),
     Stage("04", "04_train.ipynb", ("config_file", "env_file", "data_report"),
           ("checkpoints_dir", "adapter_dir", "train_log"), "qlora_helpers.train:run_stage"),
     Stage("05", "05_evaluate.ipynb", ("config_file", "env_file", "data_report", "adapter_dir"),
-          ("generations_html", "eval_report"), "qlora_helpers.evaluate:run_stage"),
+          ("generations_html", "eval_report"), None),
     Stage("06", "06_serve.ipynb", ("config_file", "env_file", "adapter_dir"),
           ("merged_dir", "merge_report", "export_report", "latency_report", "serve_smoke_report",
-           "serve_load_report"),
-          "qlora_helpers.serve.stage:run_stage"),
+           "serve_load_report"), None),
 )
 
 
@@ -344,28 +355,43 @@ def stage(number: str | int) -> Stage:
 # --- opening a run ------------------------------------------------------------------------------
 
 
+# What a later stage may change for itself: its own section, which shapes nothing an earlier stage made.
+STAGE_SECTIONS = {"05": "eval", "06": "serve"}
+
+
 def setup_run(config: str, run_name: str, overrides: Iterable[str] = (),
               outputs_dir: str | None = None) -> Run:
-    """Stage 01: validate the config, inspect the machine, write config.json and env.json."""
+    """Stage 01: validate the config, inspect the machine, write config.json and env.json. This is the
+    one place a run's settings are chosen (notebook 01's parameters, or `--set` on the command line)."""
     cfg = load_config(config, list(overrides))
     folder = RunFolder(run_dir(run_name, outputs_dir))
     env = collect_environment()
     write_setup(folder.config_file, folder.env_file, cfg, env, plan_runtime(cfg, env))
-    return open_run(config, run_name, overrides, outputs_dir)
+    return open_run(run_name, outputs_dir)
 
 
-def open_run(config: str, run_name: str, overrides: Iterable[str] = (),
-             outputs_dir: str | None = None) -> Run:
-    """Stages 02-06: reopen a run set up by 01, checking the parameters still match it."""
+def open_run(run_name: str, outputs_dir: str | None = None, overrides: Iterable[str] = (),
+             stage: str | None = None) -> Run:
+    """Stages 02-06: reopen a run set up by 01 by its name alone, with the settings 01 saved.
+
+    `overrides` may change only `stage`'s own section (`eval.*` for "05", `serve.*` for "06"): they
+    apply to this stage only and travel in `Run.stage_overrides` into its report. Any other change is
+    an error naming the setting: it would make this stage disagree with what earlier stages made."""
     folder = RunFolder(run_dir(run_name, outputs_dir, create=False))
-    cfg = _saved_config(folder, run_name)
-    asked = load_config(config, list(overrides))
-    if asked != cfg:
-        changed = config_differences(asked, cfg)
+    saved = _saved_config(folder, run_name)
+    overrides = [o.strip() for o in overrides if o.strip()]
+    if not overrides:
+        return Run(run_name, folder.path, saved, read_json(folder.env_file))
+    asked = config_from_dict(apply_overrides(saved.to_dict(), overrides))
+    section = STAGE_SECTIONS.get(str(stage).zfill(2) if stage is not None else "")
+    changed = [c for c in config_differences(asked, saved) if section is None or not c.startswith(f"{section}.")]
+    if changed:
+        own = f" Only {section}.* settings can change in stage {stage}." if section else ""
         raise ConfigError(
-            f"Run {run_name!r} was set up with different settings ({'; '.join(changed[:5])}). "
-            f"Rerun 01_setup with these parameters, or pick a new run name.")
-    return Run(run_name, folder.path, cfg, read_json(folder.env_file))
+            f"Run {run_name!r} was set up with different settings ({'; '.join(changed[:5])}).{own} "
+            f"Set them in 01_setup (or `python -m qlora_helpers run --set KEY=VALUE`) for a new run "
+            f"name, or rerun 01_setup for this one.")
+    return Run(run_name, folder.path, asked, read_json(folder.env_file), tuple(overrides))
 
 
 def open_run_folder(path: str | Path, overrides: Iterable[str] = ()) -> Run:
@@ -379,7 +405,20 @@ def open_run_folder(path: str | Path, overrides: Iterable[str] = ()) -> Run:
                           f"Other settings belong to the run (set them in 01 and retrain).")
     _saved_config(folder, folder.path.name)  # the same error as open_run when 01 never ran
     cfg = config_from_dict(apply_overrides(read_json(folder.config_file), overrides))
-    return Run(folder.path.name, folder.path, cfg, read_json(folder.env_file))
+    return Run(folder.path.name, folder.path, cfg, read_json(folder.env_file), tuple(overrides))
+
+
+def describe_run(run: Run) -> str:
+    """One line for the top of 02-06: the run, where its settings live, the ones that shape it most,
+    and this stage's own changes (01 shows every changed setting in a table)."""
+    cfg = run.cfg
+    quant = f"{cfg.quant.quant_type.upper()} 4-bit" if cfg.quant.load_in_4bit else "full precision"
+    targets = cfg.lora.target_modules if isinstance(cfg.lora.target_modules, str) else ",".join(cfg.lora.target_modules)
+    steps = f"{cfg.train.max_steps} steps" if cfg.train.max_steps > 0 else f"{cfg.train.num_epochs:g} epochs"
+    own = f"; for this stage only: {', '.join(run.stage_overrides)}" if run.stage_overrides else ""
+    return (f"run {run.name!r} (settings fixed by 01 in {run.config_file.parent.name}/{run.config_file.name}): "
+            f"{cfg.model.source}, {quant}, LoRA r={cfg.lora.r} alpha={cfg.lora.alpha} on {targets}, "
+            f"lr {cfg.train.learning_rate:g} for {steps}; {run.device}, {run.runtime.compute_dtype}{own}")
 
 
 def saved_config(folder: _Layout) -> Config | None:
@@ -391,7 +430,8 @@ def _saved_config(folder: _Layout, run_name: str) -> Config:
     cfg = saved_config(folder)
     if cfg is None:
         raise NotSetUp(f"Run {run_name!r} has not been set up ({folder.config_file} is missing). "
-                       f"Run notebooks/{STAGES[0].notebook} with the same parameters first.")
+                       f"Run notebooks/{STAGES[0].notebook} with run_name={run_name!r} first (it fixes the "
+                       f"run's settings), or `python -m qlora_helpers run --stages 01 --run-name {run_name}`.")
     return cfg
 
 

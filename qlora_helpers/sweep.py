@@ -43,6 +43,7 @@ from .errors import ConfigError
 from .paths import OUTPUTS_DIR, PROJECT_ROOT, read_json, run_dir, write_json_atomic, write_text_atomic
 from .runner import run_pipeline, select_stages
 from .runs import RunFolder, config_differences, saved_config, stage
+from .tasks import metrics
 
 SWEEP_DIR = CONFIG_DIR / "sweeps"
 STATE_FILE = "sweep.json"
@@ -358,6 +359,21 @@ def _read_optional(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
+def _eval_columns(report: dict[str, Any]) -> dict[str, Any]:
+    """A run's eval.json as sweep columns, in tasks.py's order: each metric's tuned value; one that 04
+    measured first (held-out loss) replaces 04's columns with 05's value and example count."""
+    columns = {}
+    for task, metric in metrics():
+        sides = report["summary"].get(metric.name)
+        if sides is None:
+            continue
+        tuned, base, examples = metric.sweep_columns or (metric.name, None, None)
+        columns[tuned] = sides["tuned"]
+        if base:
+            columns.update({base: sides["base"], examples: report["samples"][task.name]})
+    return columns
+
+
 def collect_results(folder: Path) -> list[dict[str, Any]]:
     """One row per run of the sweep: its swept values, status, and what its stages measured."""
     state = read_json(folder / STATE_FILE)
@@ -379,13 +395,8 @@ def collect_results(folder: Path) -> list[dict[str, Any]]:
             if s.get("resumed_from"):
                 row["note"] = "training resumed: its time covers the resumed part only"
         report = _read_optional(run_folder.eval_report)
-        if report:  # stage 05 measured on its own sample (eval.loss_samples): it replaces 04's
-            summary = report["summary"]
-            loss = summary.pop("held-out loss", None)
-            if loss:
-                row.update(heldout_loss_base=loss["base"], heldout_loss=loss["tuned"],
-                           heldout_examples=report["samples"]["loss"])
-            row.update({name: sides["tuned"] for name, sides in summary.items()})
+        if report:
+            row.update(_eval_columns(report))
         if record["status"] == "failed":
             row["note"] = record.get("error", "")[:200]
         rows.append(row)

@@ -129,16 +129,18 @@ def test_dense_base_computes_the_same_logits_and_restores_the_4bit_layers(tiny_l
 
 def test_generate_answers_matches_model_generate(tiny_lora):
     model, tok = tiny_lora
-    today = generate(model, tok, PROMPTS, 12, batch_size=2)
+    ids = [tok(p)["input_ids"] for p in PROMPTS]
+    today = generate(model, tok, ids, 12, batch_size=2)
     for dense in (False, True):
-        answers = generate_answers(model, tok, PROMPTS, 12, batch_size=2, dense=dense)
+        answers = generate_answers(model, tok, ids, 12, batch_size=2, dense=dense)
         assert [a.text for a in answers] == today
         assert all(a.tokens == 12 and not a.stopped for a in answers)  # random weights never pick EOS here
 
 
 def test_a_row_that_ends_leaves_and_is_reported_stopped(tiny_lora):
     model, tok = tiny_lora
-    free = generate_answers(model, tok, PROMPTS, 6, batch_size=8)
+    ids = [tok(p)["input_ids"] for p in PROMPTS]
+    free = generate_answers(model, tok, ids, 6, batch_size=8)
     greedy = []
     for prompt in PROMPTS:
         enc = tok(prompt, return_tensors="pt")
@@ -150,7 +152,7 @@ def test_a_row_that_ends_leaves_and_is_reported_stopped(tiny_lora):
     old_eos = tok.eos_token
     tok.eos_token = tok.convert_ids_to_tokens(greedy[row][k])
     try:
-        answers = generate_answers(model, tok, PROMPTS, 6, batch_size=8)
+        answers = generate_answers(model, tok, ids, 6, batch_size=8)
     finally:
         tok.eos_token = old_eos
     assert answers[row].stopped and answers[row].tokens == k

@@ -22,13 +22,24 @@ def _setup_cell(path: Path) -> str:
     return "".join(next(c for c in cells if c["cell_type"] == "code")["source"])
 
 
-def test_every_notebook_opens_with_the_same_setup_cell():
+def test_every_notebook_opens_with_the_same_three_line_setup_cell():
     cells = {p.name: _setup_cell(p) for p in NOTEBOOKS}
     assert len(cells) == 6 and len(set(cells.values())) == 1, "the setup cells differ"
     cell = cells["01_setup.ipynb"]
-    assert "prepare_notebook" in cell and "QLORA_REPO_URL" in cell
-    placeholder = cell.split('"QLORA_REPO_URL", "')[1].split('"')[0]
-    assert placeholder in (PROJECT_ROOT / "README.md").read_text()  # README says what to change
+    assert len(cell.splitlines()) <= 3 and max(len(line) for line in cell.splitlines()) <= 120
+    # the repository is spelled once, in pyproject.toml; the cell is generated from it
+    url = bootstrap.repository_url(PROJECT_ROOT)
+    assert url.startswith("https://github.com/") and "YOUR-ORG" not in url
+    assert cell == bootstrap.setup_cell(url), "run python -m qlora_helpers.docs --sync-links"
+
+
+def test_no_placeholder_repository_is_left():
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=PROJECT_ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    found = [f for f in files if f != "tests/test_bootstrap.py" and (PROJECT_ROOT / f).is_file()
+             and f.endswith((".md", ".py", ".ipynb", ".toml", ".yaml", ".yml", "Makefile"))
+             and "YOUR-ORG" in (PROJECT_ROOT / f).read_text(encoding="utf-8", errors="replace")]
+    assert not found
 
 
 def test_pip_commands_keep_the_kernel_and_add_gpu_only_on_cuda(tmp_path):
@@ -57,8 +68,9 @@ import importlib.metadata as md, json, subprocess, sys
 kept = {n: md.version(n) for n in ("torch", "ipykernel", "ipywidgets")}
 cell = json.loads(open(sys.argv[1]).read())
 cell = "".join(next(c for c in cell["cells"] if c["cell_type"] == "code")["source"])
-exec(cell, {})
-exec(cell, {})
+cell = cell.replace(sys.argv[2], sys.argv[3])  # the repository's URL -> the throwaway remote
+exec(cell, {"__name__": "__main__"})
+exec(cell, {"__name__": "__main__"})
 import qlora_helpers.config
 child = subprocess.run([sys.executable, "-c", "import qlora_helpers; print(qlora_helpers.__file__)"],
                        capture_output=True, text=True, cwd="/")
@@ -72,7 +84,7 @@ def colab(tmp_path):
     """A fresh Colab-like runtime: a venv that sees this one's packages (as Colab preinstalls torch,
     ipykernel, ipywidgets), a fake `google.colab`, the repository only as a git remote, pip with no
     index (everything it needs is already installed, so nothing downloads)."""
-    remote = tmp_path / "remote"
+    remote = tmp_path / "remote" / "qlora-notebooks"  # git clone names the folder after the remote
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=PROJECT_ROOT,
                            capture_output=True, text=True, check=True).stdout.split()
     for name in files:  # the working tree as it is, committed into a throwaway remote
@@ -96,7 +108,7 @@ def colab(tmp_path):
     content = tmp_path / "content"  # Colab's working folder, without the project
     content.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "VIRTUAL_ENV", "QLORA_HEADLESS"))}
-    env.update(QLORA_REPO_URL=str(remote), PYTHONPATH=str(fake), PIP_NO_INDEX="1",
+    env.update(PYTHONPATH=str(fake), PIP_NO_INDEX="1",
                PIP_NO_BUILD_ISOLATION="0",  # pip's spelling of --no-build-isolation: setuptools is here
                PIP_CONFIG_FILE=os.devnull, CUDA_VISIBLE_DEVICES="")
     return {"python": python, "env": env, "content": content, "clone": content / "qlora-notebooks",
@@ -105,7 +117,8 @@ def colab(tmp_path):
 
 @pytest.mark.slow
 def test_simulated_colab_first_run(colab):
-    done = subprocess.run([colab["python"], "-c", _COLAB_SCRIPT, str(NOTEBOOKS[0])], cwd=colab["content"],
+    done = subprocess.run([colab["python"], "-c", _COLAB_SCRIPT, str(NOTEBOOKS[0]),
+                           bootstrap.repository_url(PROJECT_ROOT), str(colab["remote"])], cwd=colab["content"],
                           env=colab["env"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.strip().splitlines()
@@ -129,10 +142,12 @@ def test_simulated_colab_runs_01_and_03_headless(colab, tiny_dir, tmp_path):
     kept = {n: md.version(n) for n in ("torch", "ipykernel", "ipywidgets")}
     opened = tmp_path / "opened"  # the .ipynb files alone, as a browser would hand them to Colab
     opened.mkdir()
-    for nb in ("01_setup.ipynb", "03_data_prep.ipynb"):
-        (opened / nb).write_bytes((colab["remote"] / "notebooks" / nb).read_bytes())
+    url = bootstrap.repository_url(PROJECT_ROOT)
+    for nb, params in (("01_setup.ipynb", ["-p", "config", "smoke"]), ("03_data_prep.ipynb", [])):
+        text = (colab["remote"] / "notebooks" / nb).read_text()
+        (opened / nb).write_text(text.replace(url, str(colab["remote"])))  # clone the throwaway remote
         done = subprocess.run([colab["python"], "-m", "papermill", str(opened / nb), str(tmp_path / f"ran-{nb}"),
-                               "-p", "config", "smoke", "-p", "run_name", "colab", "--cwd", str(colab["content"]),
+                               *params, "-p", "run_name", "colab", "--cwd", str(colab["content"]),
                                "--no-progress-bar", "--execution-timeout", "600"],
                               cwd=colab["content"], env=colab["env"], capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, (nb, done.stderr[-3000:])

@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from qlora_helpers.config import DataConfig, SourceConfig, load_config
-from qlora_helpers.data import (BadConversation, DataUnavailable, collate, collate_packed, dropped_table, format_alpaca,
-                                heldout_pairs, load_source, load_split, pack_examples, padding_efficiency,
-                                prepare_data, read_records, tokenize_pair)
+from qlora_helpers.data import (DataUnavailable, collate_packed, dropped_table, heldout_pairs, load_source, load_split,
+                                pack_examples, padding_efficiency, prepare_data, read_records)
 from qlora_helpers.errors import DataError
 from qlora_helpers.paths import PROJECT_ROOT
+from qlora_helpers.prompts import BadConversation, encode_pairs, format_alpaca, render_conversation
+from qlora_helpers.scoring import collate
 from qlora_helpers.runs import RunFolder, setup_run
 
 ASSETS = PROJECT_ROOT / "tests" / "assets" / "data"
@@ -262,9 +263,11 @@ def test_multi_turn_renders_with_both_templates(tmp_path, tok):
     assert "<|im_start|>assistant\nb" in e["prompt"] and e["response"].startswith("d")
 
 
-def test_render_conversation_rule():
-    from qlora_helpers.data import render_conversation
+def tokenize_pair(tok, prompt: str, response: str, train_on_prompt: bool = False) -> dict:
+    return encode_pairs("alpaca", tok, [(prompt, response)], train_on_prompt)[0]
 
+
+def test_render_conversation_rule():
     one = render_conversation([{"role": "user", "content": "Add 2 and 3."}], "alpaca", None)
     assert one == format_alpaca({"instruction": "Add 2 and 3.", "output": ""})[0]
     for bad in ([{"role": "system", "content": "s"}],
@@ -401,17 +404,21 @@ def test_user_errors_are_qlora_errors_that_name_the_setting(tok):
     import copy
 
     from qlora_helpers.errors import ConfigError, QLoraError
-    from qlora_helpers.evaluate import heldout_loss
-    from qlora_helpers.generation import render_prompt
+    from qlora_helpers.prompts import NoChatTemplate, render_instruction
+    from qlora_helpers.scoring import heldout_loss
 
     with pytest.raises(DataError, match=r"packed row of 8 tokens.*train.packed_tokens"):
         pack_examples([{"input_ids": list(range(12)), "labels": list(range(12))}], budget=8)
     with pytest.raises(DataError, match=r"No held-out examples.*data.eval_size"):
-        heldout_loss(None, tok, [], batch_size=2, max_length=64)
+        heldout_loss(None, tok, [], batch_size=2, max_length=64, template="alpaca")
     with pytest.raises(DataError, match=r"longer than model.max_seq_length=4"):
-        heldout_loss(None, tok, [("A long prompt here", "and a long answer")], batch_size=2, max_length=4)
+        heldout_loss(None, tok, [("A long prompt here", "and a long answer")], batch_size=2, max_length=4,
+                     template="alpaca")
     plain = copy.copy(tok)
     plain.chat_template = None
-    with pytest.raises(ConfigError, match="data.template=alpaca"):
-        render_prompt(plain, "Hi", style="chat")
+    for render_chat in (lambda: render_instruction("chat", plain, "Hi"),
+                        lambda: render_conversation([{"role": "user", "content": "Hi"}], "chat", plain)):
+        with pytest.raises(NoChatTemplate, match="data.template=alpaca"):  # one type, one message, every path
+            render_chat()
+    assert issubclass(NoChatTemplate, ConfigError)
     assert issubclass(DataError, QLoraError) and issubclass(ConfigError, QLoraError)

@@ -1,6 +1,9 @@
 """The static tutorial's notebook clean-up (qlora_helpers/docs.py) on a small executed notebook."""
 
+import pytest
+
 from qlora_helpers.docs import WIDGET_STATE, WIDGET_VIEW, make_static
+from qlora_helpers.errors import QLoraError
 
 
 def _bar(state: dict, key: str, left: str, value: float, total: float, right: str, hidden=False) -> None:
@@ -46,7 +49,8 @@ def test_the_machines_project_folder_is_cut_from_sources_and_outputs(tmp_path):
                       "text/html": f"<code>{root}/outputs/default/eval.json</code>"}}]},
         {"cell_type": "code", "source": "", "outputs": [
             {"output_type": "stream", "name": "stdout",
-             "text": f"qlora_helpers from {root} (not Colab)\nusing the offline copy {tmp_path}/shared/data/a.json\n"}]},
+             "text": f"qlora_helpers from {root} (not Colab)\n"
+                     f"using the offline copy {tmp_path}/shared/data/a.json\n"}]},
         {"cell_type": "markdown", "source": f"elsewhere: /opt/{root.name}/x and {root}-other/y"}]}
     cells = make_static(nb, root=root)["cells"]
     assert cells[0]["source"] == "config = 'configs/default.yaml'\nx = 1"
@@ -57,3 +61,130 @@ def test_the_machines_project_folder_is_cut_from_sources_and_outputs(tmp_path):
     assert cells[1]["outputs"][0]["text"] == ("qlora_helpers from . (not Colab)\n"
                                               "using the offline copy ../shared/data/a.json\n")
     assert cells[2]["source"] == f"elsewhere: /opt/{root.name}/x and ../{root.name}-other/y"
+
+
+# --- pages from a small executed notebook ---------------------------------------------------------
+
+_CELLS = [
+    ("markdown", "# 01 · First page\n\nWhat the first page is about."),
+    ("code", "run_name = 'default'", ["parameters"]),
+    # (the noise is made at run time, so that only the outputs hold it)
+    ("code", "home, tmp = '/' + 'root', '/' + 'tmp'\n"
+             "print(f'cache: {home}/.cache/qlora-notebooks/models/x and {tmp}/pytest-7/run/eval.json')\n"
+             "print('hub: unreachable ([Err' + 'no -2] Name or service not known)')\n"
+             "print(f'trained in {402594642 / 1e6} s, efficiency {2.905 / 3}, version 2.13.0')"),
+    ("markdown", "## Streaming"),
+    ("code", "for piece in ['The', ' answer', ' is', ' one', ' line.']:\n    print(piece, end='', flush=True)"),
+    ("markdown", "## The picture"),
+    ("code", "from qlora_helpers.plots import plot_lora_shapes\n\nfig = plot_lora_shapes(64, 64, 8, 16)"),
+    ("markdown", "## Curves"),
+    ("code", "import tempfile\nfrom pathlib import Path\nfrom qlora_helpers.plots import plot_training, save\n\n"
+             "history = [{'step': 1, 'loss': 2.0, 'learning_rate': 1e-4, 'grad_norm': 1.0}]\n"
+             "_ = save(plot_training(history), Path(tempfile.mkdtemp()) / 'curves.png')"),
+    ("markdown", "## Any other plot"),
+    ("code", "import matplotlib.pyplot as plt\n\nplt.plot([1, 2, 3])\nplt.show()"),
+]
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory):
+    """Two small notebooks executed by papermill with a parameter (so it injects its cell), in a
+    run folder's notebooks/ as the runner leaves them."""
+    import nbformat
+    import papermill
+
+    from qlora_helpers.paths import PROJECT_ROOT
+
+    run = tmp_path_factory.mktemp("project") / "outputs" / "demo"
+    (run / "notebooks").mkdir(parents=True)
+    src = tmp_path_factory.mktemp("src")
+    for name, title in (("01_first.ipynb", "01 · First page"), ("02_second.ipynb", "02 · Second page")):
+        cells = []
+        for kind, text, *tags in _CELLS:
+            text = text.replace("01 · First page", title)
+            cell = nbformat.v4.new_markdown_cell(text) if kind == "markdown" else nbformat.v4.new_code_cell(text)
+            if tags:
+                cell.metadata["tags"] = tags[0]
+            cells.append(cell)
+        nb = nbformat.v4.new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "language": "python",
+                                                                       "display_name": "Python 3"}})
+        nbformat.write(nb, src / name)
+        papermill.execute_notebook(str(src / name), str(run / "notebooks" / name), parameters={"run_name": "demo"},
+                                   kernel_name="python3", cwd=str(PROJECT_ROOT), progress_bar=False)
+    return run
+
+
+def test_pages_github_renders_are_clean_titled_linked_and_illustrated(executed, tmp_path):
+    from qlora_helpers.docs import ALT_TEXT, build_site
+
+    written = build_site(executed / "notebooks", tmp_path / "site", tmp_path / "tutorial")
+    first = (tmp_path / "tutorial" / "01_first.md").read_text()
+    second = (tmp_path / "tutorial" / "02_second.md").read_text()
+    assert first.startswith("[Contents](README.md) · [02 · Second page →](02_second.md)")
+    assert second.rstrip().endswith("[← 01 · First page](01_first.md) · [Contents](README.md)")
+    assert "# 01 · First page" in first and "injected" not in first.lower()
+    assert first.count("run_name") == 1  # the notebook's own parameters cell, not papermill's copy
+    for bad in ("/root/", "/work/", "/tmp/", "Errno", "402.594642", "0.9683333"):
+        assert bad not in first, bad
+    assert "~/.cache/qlora-notebooks/models/x" in first and "<tmp>/eval.json" in first
+    assert "hub: unreachable (offline)" in first and "trained in 402.6 s, efficiency 0.9683, version 2.13.0" in first
+    assert "```text\nThe answer is one line.\n```" in first  # the streamed pieces, one block, one line
+    assert f"![{ALT_TEXT['plot_lora_shapes']}](img/01_first-1.png)" in first
+    assert f"![{ALT_TEXT['plot_training']}](img/01_first-2.png)" in first
+    assert "![Figure: Any other plot](img/01_first-3.png)" in first
+    featured = tmp_path / "tutorial" / "img" / "training-curves.png"  # the README's picture
+    assert featured.read_bytes() == (tmp_path / "tutorial" / "img" / "02_second-2.png").read_bytes()
+    assert (tmp_path / "tutorial" / "img" / "01_first-1.png").read_bytes()[:4] == b"\x89PNG"
+    index = (tmp_path / "tutorial" / "README.md").read_text()
+    assert "1. [01 · First page](01_first.md): What the first page is about." in index
+    page = (tmp_path / "site" / "01_first.html").read_text()
+    assert "<title>01 · First page</title>" in page and "No description has been provided" not in page
+    assert 'href="02_second.html"' in page and "Errno" not in page and "/root/" not in page
+    assert tmp_path / "site" / "index.html" in written
+
+
+def test_readme_results_come_from_the_reports_and_disagreements_are_found(tmp_path):
+    import json
+
+    from qlora_helpers.docs import fill_readme, readme_disagreements, results_digest
+    from qlora_helpers.runs import RunFolder
+
+    folder = RunFolder(tmp_path)
+    folder.train_log.write_text(json.dumps({"summary": {
+        "train_seconds": 402.5, "steps": 120, "parameters": {"trainable_percent": 0.34567},
+        "heldout_loss_base": 1.98765, "heldout_loss_tuned": 1.5}}))
+    results = results_digest(folder)
+    assert results["train_minutes"]["text"] == "7 min" and results["heldout_loss_base"]["text"] == "1.988"
+    assert "rouge_tuned" not in results  # no eval.json in this run
+    readme = "Trained <!-- r:train_steps -->?<!-- /r --> steps, loss <!-- r:heldout_loss_tuned -->x<!-- /r -->."
+    filled = fill_readme(readme, results)
+    assert filled == ("Trained <!-- r:train_steps -->120<!-- /r --> steps, "
+                      "loss <!-- r:heldout_loss_tuned -->1.500<!-- /r -->.")
+    assert readme_disagreements(filled, results) == []
+    edited = filled.replace(">1.500<", ">1.400<")
+    assert readme_disagreements(edited, results) == [
+        "heldout_loss_tuned: README says '1.400', train_log.json says '1.500'"]
+    with pytest.raises(QLoraError, match="quotes rouge_tuned"):
+        fill_readme("<!-- r:rouge_tuned -->0<!-- /r -->", results)
+
+
+def test_the_committed_readme_agrees_with_the_committed_results():
+    """README.md's quoted numbers are the docs build's (docs/results.json, from the run's reports)."""
+    import json
+
+    from qlora_helpers.docs import readme_disagreements
+    from qlora_helpers.paths import PROJECT_ROOT
+
+    results = json.loads((PROJECT_ROOT / "docs" / "results.json").read_text())
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    assert "<!-- r:" in readme and not readme_disagreements(readme, results)
+
+
+def test_colab_links_are_generated_from_the_one_repository_url():
+    from qlora_helpers.bootstrap import repository_url
+    from qlora_helpers.docs import colab_links
+    from qlora_helpers.paths import PROJECT_ROOT
+
+    links = colab_links(repository_url(PROJECT_ROOT))
+    assert links in (PROJECT_ROOT / "README.md").read_text(), "run python -m qlora_helpers.docs --sync-links"
+    assert links.count("colab.research.google.com/github/qlora-notebooks/qlora-notebooks/blob/main/notebooks/") == 6

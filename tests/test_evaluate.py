@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from qlora_helpers.config import load_config
-from qlora_helpers.evaluate import (extract_final_number, gsm8k_exact_match, heldout_loss,
-                                    lm_eval_local_tasks, rouge_l)
+from qlora_helpers.evaluate import extract_final_number, gsm8k_exact_match, lm_eval_local_tasks, rouge_l
+from qlora_helpers.scoring import heldout_loss
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -53,20 +53,21 @@ def test_perplexity_of_a_uniform_model_is_the_vocabulary_size(tiny_dir):
 
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     result = heldout_loss(_Uniform(len(tok)), tok, [("Say:", " hello there"), ("Count:", " one two three")],
-                          batch_size=2, max_length=64)
+                          batch_size=2, max_length=64, template="alpaca")
     assert result["perplexity"] == pytest.approx(len(tok), rel=1e-5)
     assert result["loss"] == pytest.approx(math.log(len(tok)), rel=1e-6)
 
 
 def test_batched_generation_equals_one_by_one(embedded_dir):
-    from qlora_helpers.generation import generate, render_prompt
+    from qlora_helpers.generation import generate
     from qlora_helpers.models import load_model, load_tokenizer
+    from qlora_helpers.prompts import encode_prompts
 
     cfg = load_config("default")
     tok = load_tokenizer(cfg.model)
     model = load_model(cfg.model, cfg.quant, torch.float32, "cpu", quantized=False)
-    prompts = [render_prompt(tok, q) for q in ("Name a colour.", "What is 2 + 2? Answer briefly.",
-                                               "Write one sentence about the sea and the wind at night.")]
+    prompts = encode_prompts("alpaca", tok, ("Name a colour.", "What is 2 + 2? Answer briefly.",
+                                             "Write one sentence about the sea and the wind at night."))
     batched = generate(model, tok, prompts, max_new_tokens=16, batch_size=3)
     single = [generate(model, tok, [p], max_new_tokens=16, batch_size=1)[0] for p in prompts]
     assert batched == single
@@ -117,7 +118,7 @@ def test_a_task_without_data_is_skipped_and_recorded(tmp_path, tiny_dir, monkeyp
 
 
 def test_paired_bootstrap_on_known_inputs():
-    from qlora_helpers.evaluate import paired_bootstrap
+    from qlora_helpers.scoring import paired_bootstrap
 
     # one of four examples flips from wrong to right: the resampled count of flips is Binomial(4, 1/4),
     # so the 2.5% and 97.5% points of the mean difference are 0 and 3/4: zero is inside
@@ -134,7 +135,7 @@ def test_paired_bootstrap_pairs_examples():
     """Big differences between examples, a small consistent gain: paired, the gain shows."""
     import random
 
-    from qlora_helpers.evaluate import paired_bootstrap
+    from qlora_helpers.scoring import paired_bootstrap
 
     rng = random.Random(0)
     base = [rng.uniform(0, 1) for _ in range(40)]
@@ -146,7 +147,7 @@ def test_paired_bootstrap_pairs_examples():
 def test_paired_bootstrap_weights_and_transform():
     import math
 
-    from qlora_helpers.evaluate import paired_bootstrap
+    from qlora_helpers.scoring import paired_bootstrap
 
     # per-example mean losses weighted by token counts: the token-weighted loss difference
     base, tuned, tokens = [2.0, 1.0], [1.0, 1.0], [3, 1]
@@ -175,3 +176,46 @@ def test_compare_paired_says_in_words_whether_it_is_real():
     assert "not distinguishable from zero" in rows["ROUGE-L F1"]["verdict"]
     assert rows["GSM8K exact match"]["verdict"].endswith("the two models score alike on every example.")
     assert rows["IFEval instruction-level"]["difference"] == pytest.approx(3 / 3 - 2 / 3)
+
+
+def test_multiple_choice_picks_the_choice_the_model_finds_likeliest(tmp_path, tiny_dir):
+    """The 'choice' task (tasks.py) on tests/assets/lm_eval/qa.jsonl: each side picks the choice whose
+    tokens (and EOS) have the lowest summed NLL after the question, here computed pair by pair."""
+    import json
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from qlora_helpers.evaluate import compare_paired, evaluate_choice, summarize
+    from qlora_helpers.models import load_tokenizer
+    from qlora_helpers.paths import PROJECT_ROOT
+    from qlora_helpers.prompts import encode_pairs, render_instruction
+    from qlora_helpers.runs import setup_run
+    from qlora_helpers.tasks import TASKS
+
+    qa = PROJECT_ROOT / "tests" / "assets" / "lm_eval" / "qa.jsonl"
+    run = setup_run("smoke", "choice", ["train.wandb=disabled", f"eval.choice_path={qa}", "eval.choice_samples=5"],
+                    str(tmp_path))
+    assert TASKS["choice"].enabled(run.cfg.eval) and not TASKS["choice"].enabled(load_config("smoke").eval)
+    tok = load_tokenizer(run.cfg.model)
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).eval()
+    result = evaluate_choice(run, model, tok)
+    rows = [json.loads(line) for line in qa.read_text().splitlines()][:5]
+
+    def likeliest(row) -> int:
+        nll = []
+        for e in encode_pairs(run, tok, [(render_instruction(run, tok, row["question"]), c) for c in row["choices"]]):
+            with torch.no_grad():
+                logp = model(input_ids=torch.tensor([e["input_ids"]])).logits[0, :-1].log_softmax(-1)
+            nll.append(-sum(logp[i - 1, e["input_ids"][i]].item() for i in range(e["prompt_len"], len(e["input_ids"]))))
+        return min(range(len(nll)), key=nll.__getitem__)
+
+    with model.disable_adapter():
+        assert result["base"]["chosen"] == [likeliest(r) for r in rows]
+    assert result["tuned"]["chosen"] == [likeliest(r) for r in rows]
+    assert result["tuned"]["per_example"] == [c == r["gold"] for c, r in zip(result["tuned"]["chosen"], rows)]
+    assert summarize({"choice": result}) == {"multiple-choice accuracy": {
+        side: sum(result[side]["per_example"]) / 5 for side in ("base", "tuned")}}
+    assert [d["metric"] for d in compare_paired({"choice": result})] == ["multiple-choice accuracy"]

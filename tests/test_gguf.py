@@ -34,8 +34,8 @@ def exported(run, export):
 
 
 def test_export_writes_the_gguf_files_and_an_ollama_modelfile(run, exported):
-    from qlora_helpers.data import render_conversation
     from qlora_helpers.models import load_tokenizer
+    from qlora_helpers.prompts import render_conversation
 
     assert exported.returncode == 0, exported.stdout + exported.stderr
     folder = run.gguf_dir
@@ -46,7 +46,7 @@ def test_export_writes_the_gguf_files_and_an_ollama_modelfile(run, exported):
     assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no temporary file left
     text = (folder / "Modelfile").read_text()
     assert "FROM ./model-q8_0.gguf\n" in text and 'PARAMETER stop "<|im_end|>"' in text
-    assert "PARAMETER num_ctx 256" in text
+    assert "PARAMETER num_ctx 256" in text and 'PARAMETER stop "### Response:"' in text  # the server's stops
     template = text.split('TEMPLATE """')[1].split('"""')[0]
     # the Go template, without a system message, is the server's own rendering of a user turn
     alone = template.split("{{ else }}")[1].split("{{ end }}")[0]

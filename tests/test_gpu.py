@@ -34,12 +34,13 @@ def test_nf4_on_cuda_beats_fp4(tiny_dir):
 def test_packed_logits_equal_separate_on_cuda(tiny_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qlora_helpers.data import collate_packed, pack_examples, tokenize_pair
+    from qlora_helpers.data import collate_packed, pack_examples
+    from qlora_helpers.prompts import encode_pairs
 
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32, attn_implementation="sdpa").cuda()
-    exs = [tokenize_pair(tok, p, r) for p, r in [("Hello there", " general kenobi"), ("2+2?", " four"),
-                                                  ("A longer prompt here", " with an answer")]]
+    exs = encode_pairs("alpaca", tok, [("Hello there", " general kenobi"), ("2+2?", " four"),
+                                        ("A longer prompt here", " with an answer")])
     rows = pack_examples(exs, 64)
     batch = {k: v.cuda() for k, v in collate_packed(rows, tok.pad_token_id).items()}
     with torch.no_grad():

@@ -125,12 +125,17 @@ def test_training_data_that_cannot_be_read_fails_before_any_notebook_runs(tmp_pa
 
 
 def test_a_failing_stage_names_notebook_cell_error_and_copy(tmp_path, tiny_dir):
-    # 02 without 01: the run was never set up, which the notebook reports as one paragraph
-    with pytest.raises(StageFailed) as err:
+    # 02 without 01: the run was never set up, which the runner says before any notebook starts
+    with pytest.raises(QLoraError, match="has not been set up.*include stage 01"):
         run_pipeline("smoke", "no-setup", stages="02", outputs_dir=str(tmp_path), progress=False)
+    assert not (tmp_path / "no-setup" / "notebooks").exists()
+    # 05 on a run without an adapter: the notebook reports it as one paragraph
+    run_pipeline("smoke", "no-adapter", stages="01", outputs_dir=str(tmp_path), progress=False)
+    with pytest.raises(StageFailed) as err:
+        run_pipeline("smoke", "no-adapter", stages="05", outputs_dir=str(tmp_path), progress=False)
     msg = str(err.value)
-    assert "02_quantize.ipynb failed in cell" in msg and "has not been set up" in msg
-    copy = tmp_path / "no-setup" / "notebooks" / "02_quantize.ipynb"
+    assert "05_evaluate.ipynb failed in cell" in msg and "adapter" in msg
+    copy = tmp_path / "no-adapter" / "notebooks" / "05_evaluate.ipynb"
     assert str(copy) in msg and copy.is_file()
     outputs = [o for c in json.loads(copy.read_text())["cells"] for o in c.get("outputs", [])
                if o.get("output_type") == "error"]

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from qlora_helpers.config import load_config
-from qlora_helpers.evaluate import heldout_loss
 from qlora_helpers.models import load_model, load_tokenizer
 from qlora_helpers.quantize import layer_errors, memory_footprint, summarize_errors
+from qlora_helpers.scoring import heldout_loss
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_footprint_counts_packed_weights_and_scales(tiny_pair):
 def test_heldout_loss_matches_a_direct_computation(tiny_pair):
     cfg, tok, full, _ = tiny_pair
     pairs = [("Say a colour:", " blue"), ("Two plus two is", " four, of course")]
-    got = heldout_loss(full, tok, pairs, batch_size=2, max_length=64)
+    got = heldout_loss(full, tok, pairs, batch_size=2, max_length=64, template="alpaca")
     nll, count = 0.0, 0
     for prompt, response in pairs:
         p = tok(prompt)["input_ids"]
@@ -60,7 +60,8 @@ def test_heldout_loss_matches_a_direct_computation(tiny_pair):
 
 def test_too_long_examples_are_counted_not_cut(tiny_pair):
     _, tok, full, _ = tiny_pair
-    got = heldout_loss(full, tok, [("short", " yes"), ("long " * 100, " no")], batch_size=2, max_length=32)
+    got = heldout_loss(full, tok, [("short", " yes"), ("long " * 100, " no")], batch_size=2, max_length=32,
+                       template="alpaca")
     assert (got["examples"], got["skipped_too_long"]) == (1, 1)
 
 

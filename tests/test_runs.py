@@ -20,15 +20,18 @@ LAYOUT_FILES = ("config.json", "env.json", "sweep_run.json", "quantization.json"
                 "serve_load.json", "serve_commands.md", "generations.html", "generations.md",
                 "quantization_footprint.png", "training_curves.png", "eval_metrics.png", "latency.png")
 LAYOUT_FOLDERS = ("adapter", "merged", "checkpoints", "data", "notebooks", "lm_eval_tasks")
-# Where the same words mean something else: a transformers model folder's config.json (models.py),
-# and of the merged export (serve_commands.md's text, export.py, gguf.py's freshness check), serve.form's
-# values "adapter"/"merged" (config, serve, plots, the export gate's form names, notebook 06), the OpenAI
-# list's and nbformat's "data" keys, tarfile's "data" extraction filter (gguf.py).
+# Where the same words mean something else: a transformers model folder's config.json (models.py,
+# plan.py's model-shape lookup), and of the merged export (serve_commands.md's text, export.py, gguf.py's
+# freshness check), serve.form's values "adapter"/"merged" (config, plan, serve, plots, the export
+# gate's form names, notebook 06), the OpenAI list's and nbformat's "data" keys, tarfile's "data"
+# extraction filter (gguf.py).
 ELSEWHERE = {("models.py", "config.json"), ("export.py", "config.json"), ("config.py", "adapter"),
              ("config.py", "merged"), ("checks.py", "adapter"), ("checks.py", "merged"),
              ("export.py", "adapter"), ("export.py", "merged"), ("plots.py", "adapter"),
              ("06_serve.ipynb", "merged"), ("api.py", "data"), ("docs.py", "data"),
-             ("gguf.py", "config.json"), ("gguf.py", "data"), ("gate.py", "adapter"), ("gate.py", "merged")}
+             ("gguf.py", "config.json"), ("gguf.py", "data"), ("gate.py", "adapter"), ("gate.py", "merged"),
+             ("forms.py", "adapter"), ("forms.py", "merged"), ("tasks.py", "lm_eval_tasks"),
+             ("plan.py", "config.json"), ("plan.py", "adapter"), ("plan.py", "merged")}
 
 
 def _code_strings(source: str) -> list[tuple[int, str]]:
@@ -106,3 +109,70 @@ def test_a_folder_without_setup_is_named(tmp_path):
         open_run_folder(tmp_path)
     with pytest.raises(QLoraError, match="Only serve.. settings"):
         open_run_folder(tmp_path, ["train.learning_rate=1"])
+
+
+# --- settings set once (01), later stages open the run by name ----------------------------------
+
+
+@pytest.fixture
+def by_name(tmp_path):
+    from qlora_helpers.runs import setup_run
+
+    setup_run("smoke", "byname", ["train.wandb=disabled", "train.learning_rate=0.001"], str(tmp_path))
+    return str(tmp_path)
+
+
+def test_later_stages_open_the_run_by_name_and_change_only_their_section(by_name):
+    from qlora_helpers.errors import ConfigError
+    from qlora_helpers.runs import NotSetUp, describe_run, open_run
+
+    run = open_run("byname", by_name)
+    assert run.cfg.train.learning_rate == 0.001 and run.stage_overrides == ()
+    assert "lr 0.001 for" in describe_run(run) and "byname/config.json" in describe_run(run)
+    evaluated = open_run("byname", by_name, ["eval.rouge_samples=3"], stage="05")
+    assert evaluated.cfg.eval.rouge_samples == 3 and evaluated.stage_overrides == ("eval.rouge_samples=3",)
+    assert evaluated.cfg.train == run.cfg.train
+    assert "for this stage only: eval.rouge_samples=3" in describe_run(evaluated)
+    assert open_run("byname", by_name, ["serve.bench_tokens=3"], stage="06").cfg.serve.bench_tokens == 3
+    with pytest.raises(ConfigError, match=r"train.learning_rate: now 0.002, run has 0.001.*Set them in 01_setup"):
+        open_run("byname", by_name, ["train.learning_rate=0.002"], stage="04")
+    with pytest.raises(ConfigError, match=r"Only eval\.\* settings can change in stage 05"):
+        open_run("byname", by_name, ["serve.bench_tokens=3"], stage="05")
+    with pytest.raises(NotSetUp, match="01_setup.ipynb with run_name='nope'"):
+        open_run("nope", by_name)
+
+
+def _parameters(notebook: Path) -> list[str]:
+    cells = json.loads(notebook.read_text(encoding="utf-8"))["cells"]
+    cell = next(c for c in cells if "parameters" in c.get("metadata", {}).get("tags", []))
+    return [t.targets[0].id for t in ast.parse("".join(cell["source"])).body if isinstance(t, ast.Assign)]
+
+
+def test_the_runner_passes_each_notebook_the_parameters_its_cell_has(by_name):
+    from qlora_helpers.runner import notebook_parameters
+
+    everything = {"config": "smoke", "run_name": "r", "overrides": ["x=1"], "outputs_dir": "o",
+                  "eval_overrides": ["eval.rouge_samples=3"], "serve_overrides": []}
+    from papermill.inspection import _infer_parameters
+    from papermill.iorw import load_notebook_node
+
+    for s in STAGES:
+        assert sorted(notebook_parameters(s, everything)) == sorted(_parameters(s.notebook_path)), s.notebook
+        # papermill reads every line (its --help-notebook); a comment it cannot parse drops a parameter
+        inferred = [p.name for p in _infer_parameters(load_notebook_node(str(s.notebook_path)))]
+        assert inferred == _parameters(s.notebook_path), s.notebook
+    assert _parameters(stage("04").notebook_path) == ["run_name", "outputs_dir"]  # the run name alone
+
+
+def test_the_runner_without_01_passes_only_eval_and_serve_changes(by_name):
+    from qlora_helpers.config import load_config
+    from qlora_helpers.errors import ConfigError
+    from qlora_helpers.runner import select_stages, stage_overrides
+
+    folder = RunFolder(Path(by_name) / "byname")
+    same = ["train.wandb=disabled", "train.learning_rate=0.001"]
+    asked = load_config("smoke", [*same, "eval.rouge_samples=3", "serve.bench_tokens=4"])
+    assert stage_overrides(folder, "byname", asked, select_stages("05,06")) == {
+        "eval_overrides": ["eval.rouge_samples=3"], "serve_overrides": ["serve.bench_tokens=4"]}
+    with pytest.raises(ConfigError, match=r"train.learning_rate: now 0.002, run has 0.001.*Include stage 01"):
+        stage_overrides(folder, "byname", load_config("smoke", ["train.learning_rate=0.002"]), select_stages("04"))

@@ -12,7 +12,7 @@ from tests.serve_fixtures import API_KEY, KEY_ENV, SERVER_FORMS, export, run, se
 
 
 def test_merged_logits_match_base_plus_adapter(run, export):
-    from qlora_helpers.evaluate import load_tuned_model
+    from qlora_helpers.models import load_tuned_model
     from qlora_helpers.serve import merge_adapter, probe_logits
     from qlora_helpers.serve.export import EXPORT_TOLERANCE, merge_tolerance
 

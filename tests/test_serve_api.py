@@ -172,8 +172,8 @@ def test_echo_logprobs_and_token_prompts_are_what_the_model_computes(server, run
 
 
 def test_multi_turn_chat_on_an_alpaca_run_uses_the_rule_03_trains_with(server, client, run):
-    from qlora_helpers.data import render_conversation
     from qlora_helpers.models import load_tokenizer
+    from qlora_helpers.prompts import render_conversation
 
     assert run.cfg.data.template == "alpaca"
     tokenizer = load_tokenizer(run.cfg.model)
@@ -243,6 +243,122 @@ def test_framework_errors_chunked_bodies_cors_and_the_request_log(server):
             break
         time.sleep(0.1)
     assert " GET /v1/models 401 " in log and " POST /v1/completions 400 " in log and API_KEY not in log
+
+
+# --- details real clients trip on ----------------------------------------------------------------------
+
+HALF_E = 142  # the tiny run's tokenizer (SmolLM2's byte-level BPE): byte 0xC3, the first half of "é" (0xC3 0xA9)
+REST_E = 119  # byte 0xA9
+
+
+def test_n_copies_count_their_prompt_once_in_usage(client):
+    base = dict(model="serve", max_tokens=2, temperature=0, extra_body={"ignore_eos": True})
+    one = client.completions.create(prompt="Once upon a time", **base)
+    three = client.completions.create(prompt="Once upon a time", n=3, **base)
+    assert three.usage.prompt_tokens == one.usage.prompt_tokens and three.usage.completion_tokens == 6
+    hi = client.completions.create(prompt="Hi", **base)
+    both = client.completions.create(prompt=["Once upon a time", "Hi"], n=2, **base)
+    assert both.usage.prompt_tokens == one.usage.prompt_tokens + hi.usage.prompt_tokens
+    assert both.usage.completion_tokens == 8
+    messages = [{"role": "user", "content": "Name a colour."}]
+    chat_one = client.chat.completions.create(messages=messages, **base)
+    chat_two = client.chat.completions.create(messages=messages, n=2, **base)
+    assert chat_two.usage.prompt_tokens == chat_one.usage.prompt_tokens and chat_two.usage.completion_tokens == 4
+    chunks = list(client.chat.completions.create(messages=messages, n=2, stream=True,
+                                                 stream_options={"include_usage": True}, **base))
+    assert chunks[-1].usage.prompt_tokens == chat_one.usage.prompt_tokens
+
+
+def _answer(client, chat: bool, stream: bool, **kw) -> tuple[str, str]:
+    """(text, finish_reason) of one answer, streamed pieces joined."""
+    if chat:
+        kw["messages"] = [{"role": "user", "content": "Say something."}]
+        make = client.chat.completions.create
+    else:
+        kw["prompt"], make = "Say something.", client.completions.create
+    if not stream:
+        choice = make(**kw).choices[0]
+        return (choice.message.content if chat else choice.text), choice.finish_reason
+    pieces, finish = [], None
+    for chunk in make(stream=True, **kw):
+        for c in chunk.choices:
+            pieces.append((c.delta.content if chat else c.text) or "")
+            finish = c.finish_reason or finish
+    return "".join(pieces), finish
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
+def test_an_answer_cut_by_max_tokens_never_ends_in_half_a_character(client, chat):
+    # every token is forced to byte 0xC3: each answer ends inside a two-byte character
+    forced = dict(model="serve", temperature=0, logit_bias={str(HALF_E): 100}, extra_body={"ignore_eos": True})
+    for stream in (False, True):
+        for max_tokens in (1, 3):
+            text, finish = _answer(client, chat, stream, max_tokens=max_tokens, **forced)
+            assert "\ufffd" not in text and finish == "length", (stream, max_tokens, text)
+
+
+def test_a_character_split_over_two_tokens_is_held_back_then_sent_whole(run):
+    from qlora_helpers.models import load_tokenizer
+    from qlora_helpers.serve.batch import Job, advance
+
+    tokenizer = load_tokenizer(run.cfg.model)
+    events = []
+    job = Job([1], 2, lambda kind, payload: events.append((kind, payload)))
+    advance(job, HALF_E, tokenizer, None)
+    assert events == []  # half a character: nothing sent yet
+    advance(job, REST_E, tokenizer, None)
+    assert job.text == "é" and events == [("text", ("é", [])), ("done", "length")]
+
+
+def test_a_prompt_too_long_for_the_context_names_the_field_that_holds_it(server):
+    long_ids = post(server, "/completions", {"model": "serve", "prompt": [5] * 2048, "max_tokens": 1})
+    long_text = post(server, "/chat/completions", {"model": "serve", "max_tokens": 1,
+                                                   "messages": [{"role": "user", "content": "w " * 3000}]})
+    for r, param in ((long_ids, "prompt"), (long_text, "messages")):
+        error = r.json()["error"]
+        assert r.status_code == 400 and (error["param"], error["code"]) == (param, "context_length_exceeded"), r.text
+
+
+def test_the_alpaca_templates_section_markers_end_an_answer(run):
+    import asyncio
+
+    from qlora_helpers.models import load_tokenizer
+    from qlora_helpers.serve.api import ChatRequest, Serving, new_jobs, template_stops
+    from qlora_helpers.serve.batch import Job, advance
+    from qlora_helpers.serve.sampling import SamplingParams
+
+    tokenizer = load_tokenizer(run.cfg.model)
+    stops = template_stops("alpaca", tokenizer)
+    assert stops == ("### Instruction:", "### Input:", "### Response:") and template_stops("chat", tokenizer) == ()
+    # an answer that runs on into a section of its own, token by token as the model would write it
+    job = Job([1], 64, lambda kind, payload: None, stop=stops)
+    for token in tokenizer("Blue.\n\n### Response:\nGreen.")["input_ids"]:
+        if job.finish_reason is None:
+            advance(job, token, tokenizer, None)
+    assert (job.text, job.finish_reason) == ("Blue.\n\n", "stop")
+    # the server adds them to what a request asks, on an alpaca run, unless ignore_eos
+    state = Serving(None, tokenizer, run.cfg.serve, "serve", 2048, run.cfg.data.template, None, "merged", 49152)
+
+    def stops_of(**fields) -> tuple[str, ...]:
+        req = ChatRequest(model="serve", messages=[{"role": "user", "content": "Hi"}], stop="END", **fields)
+
+        async def build():
+            return new_jobs(state, req, [[1, 2]], 4, None, "messages", lambda copy: SamplingParams())[0].stop
+        return asyncio.run(build())
+
+    assert run.cfg.data.template == "alpaca"
+    assert stops_of() == ("END", *stops) and stops_of(ignore_eos=True) == ("END",)
+
+
+def test_retry_after_is_the_waiting_queue_at_the_measured_drain_rate():
+    from qlora_helpers.serve.engine import drain_seconds
+
+    finished = [100.0 + 2 * i for i in range(30)]  # a job finished every 2 s over the last minute
+    assert drain_seconds(finished, 64, now=160.0, fallback=999) == 128  # 64 waiting at 0.5 jobs/s
+    assert drain_seconds(finished, 8, now=160.0, fallback=999) == 16
+    assert drain_seconds([], 64, now=160.0, fallback=7.2) == 7  # nothing measured yet
+    assert drain_seconds([10.0], 64, now=1000.0, fallback=5) == 5  # long ago: not the current rate
+    assert drain_seconds(finished, 0, now=160.0, fallback=5) == 1
 
 
 # --- fuzz: ~1,000 requests over the request schema, valid and hostile --------------------------------------

@@ -75,6 +75,22 @@ def test_static_slots_match_the_dynamic_path_as_rows_join_and_leave(model_and_to
     assert batch.jobs == [] and batch.joining == []
 
 
+def test_overlapped_steps_give_what_one_step_at_a_time_gives(model_and_tokenizer, monkeypatch):
+    # all rows plain greedy: each step after the first is launched before the host reads the one
+    # before it, with the argmax left on the device as its input, while rows join and leave
+    model, tokenizer = model_and_tokenizer
+    limits = [24, 5, 14, 9, 7]
+    runs = {}
+    for overlap in (False, True):
+        monkeypatch.setattr(StaticBatch, "overlap", overlap)
+        jobs = [job(tokenizer, p, n, logprobs=None) for p, n in zip(PROMPTS, limits)]
+        batch = StaticBatch(model, tokenizer, StaticDecoder(model, slots=4, max_len=48))
+        drive(batch, jobs)
+        assert (batch.ahead is not None) == overlap  # the last rows' extra step, never read
+        runs[overlap] = [j.tokens for j in jobs]
+    assert runs[True] == runs[False] and [len(t) for t in runs[True]] == limits
+
+
 def test_static_rows_match_their_solo_runs_with_sampling_and_prompt_logprobs(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     settings = [dict(), dict(temperature=0.8, top_p=0.9, seed=3), dict(repetition_penalty=1.3),
@@ -147,6 +163,7 @@ def test_the_engine_serves_from_static_slots_and_reports_them(model_and_tokenize
     finally:
         engine.stop()
     assert ended == ["done"] * 4 and stats["decode"] == "static" and stats["batch_buckets"] == [1, 2]
+    assert stats["compile_cache"] == "off"  # nothing compiled on the CPU, so nothing cached
     assert warm >= 0 and set(stats["compile_warmup_s_per_bucket"]) == {"1", "2"}
     for p, n, one in zip(PROMPTS, [9, 3, 6, 4], jobs):
         alone = job(tokenizer, p, n)
@@ -206,6 +223,7 @@ def test_the_server_compiles_every_bucket_at_start_and_reports_it(run):
     assert health["form"] == "adapter" and health["decode"] == "static, compiled"
     assert health["batch_buckets"] == [1, 2]
     assert health["compile_warmup_s"] > 0 and set(health["compile_warmup_s_per_bucket"]) == {"1", "2"}
+    assert health["compile_cache"] in ("hit", "miss")  # the model cache's compile folder was used
     assert answer["usage"]["completion_tokens"] == 7 and answer["choices"][0]["finish_reason"] == "length"
 
 
@@ -222,3 +240,38 @@ def test_the_merge_check_passes_in_16_bit_compute_on_cuda(run):
     assert run.device == "cuda" and run.runtime.compute_dtype in ("bfloat16", "float16")
     assert gap["bound"] == merge_tolerance(run.compute_dtype) and gap["within_bound"], gap
     assert gap["same_argmax"] > 0.9 and run.has_merged
+
+
+def test_the_compile_cache_file_is_keyed_by_what_changes_the_compiled_step(model_and_tokenizer, tmp_path):
+    from qlora_helpers.serve.compile_cache import CompileCache, cache_key
+
+    model, _ = model_and_tokenizer
+    base = dict(model=model, dtype=torch.bfloat16, slots=4, max_len=64, buckets=(1, 2, 4),
+                options={"triton.cudagraphs": True})
+    digest = CompileCache(tmp_path, cache_key(**base)).digest
+    assert CompileCache(tmp_path, cache_key(**base)).digest == digest  # the same decoder: the same file
+    for change in (dict(slots=8), dict(max_len=128), dict(buckets=(1, 4)), dict(dtype=torch.float16),
+                   dict(options={"triton.cudagraphs": True, "coordinate_descent_tuning": True})):
+        assert CompileCache(tmp_path, cache_key(**{**base, **change})).digest != digest, change
+    cache = CompileCache(tmp_path, cache_key(**base))
+    assert cache.load()["state"] == "miss"
+    cache.file.write_bytes(b"not torch's artefacts")
+    state = cache.load()
+    assert state["state"] == "unreadable" and state["error"]  # a broken file costs a cold compile, not the server
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_second_decoder_loads_the_compile_cache_the_first_saved(tiny_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).cuda().eval()
+    first = StaticDecoder(model, slots=2, max_len=32)
+    first.warm_up(tmp_path)
+    assert first.compile_cache["state"] == "miss" and first.compile_cache["saved"]
+    assert first.describe()["compile_cache"] == "miss" and len(list(tmp_path.glob("step-*.bin"))) == 1
+    torch._dynamo.reset()
+    second = StaticDecoder(model, slots=2, max_len=32)
+    second.warm_up(tmp_path)
+    assert second.compile_cache["state"] == "hit" and second.compile_cache["entries"] > 0
+    assert second.describe()["compile_cache"] == "hit"

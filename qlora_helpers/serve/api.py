@@ -18,6 +18,7 @@ import logging
 import os
 import time
 from typing import Any, Literal, Optional, Union
+from collections.abc import Callable
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -27,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from ..config import ServeConfig
-from ..data import render_conversation
+from ..prompts import encode_text, render_conversation, template_stops
 from ..runs import Run
 from . import responses as out
 from .engine import BatchEngine, Job
@@ -227,9 +228,11 @@ def check_text(value: str, param: str) -> str:
     return value
 
 
-def plan_tokens(state: Serving, prompt_ids: list[int], asked: int | None, default: int | None) -> int:
+def plan_tokens(state: Serving, prompt_ids: list[int], asked: int | None, default: int | None,
+                param: str = "prompt") -> int:
     """max_tokens for one prompt: what was asked (within serve.max_tokens and the context), else
-    `default` (None: the rest of the context, up to serve.max_tokens)."""
+    `default` (None: the rest of the context, up to serve.max_tokens). A prompt too long for the
+    context is a 400 naming `param`, the field that holds it ("prompt" or "messages")."""
     cap, ctx = state.cfg.max_tokens, state.context
     if asked is not None and not 1 <= asked <= cap:
         raise APIError(400, f"max_tokens must be between 1 and {cap} (serve.max_tokens); got {asked}.",
@@ -238,7 +241,7 @@ def plan_tokens(state: Serving, prompt_ids: list[int], asked: int | None, defaul
     if room < 1 or (asked is not None and asked > room):
         raise APIError(400, f"This model's context is {ctx} tokens; the prompt has {len(prompt_ids)} and "
                        f"max_tokens asks for {asked if asked is not None else 'at least 1'}. Shorten "
-                       f"the prompt or lower max_tokens.", param="messages", code="context_length_exceeded")
+                       f"the prompt or lower max_tokens.", param=param, code="context_length_exceeded")
     return asked if asked is not None else min(default or cap, cap, room)
 
 
@@ -249,11 +252,55 @@ def stop_strings(req: Sampling) -> tuple[str, ...]:
     return tuple(check_text(s, "stop") for s in values)
 
 
-def new_job(state: Serving, ids: list[int], asked: int | None, default: int | None, params: SamplingParams,
-            req: Sampling) -> Job:
-    return Job(ids, plan_tokens(state, ids, asked, default), Events(asyncio.get_running_loop()), params,
-               stop_strings(req),
-               bool(req.ignore_eos))
+def new_jobs(state: Serving, req: Sampling, prompts: list[list[int]], asked: int | None, default: int | None,
+             param: str, params) -> list[Job]:
+    """n jobs per prompt (prompt-major), `params(copy)` their sampling; the template's section markers
+    stop them too unless ignore_eos asks for max_tokens whatever the model writes."""
+    stops = stop_strings(req)
+    if not req.ignore_eos:
+        stops += tuple(s for s in template_stops(state.template, state.tokenizer) if s not in stops)
+    loop = asyncio.get_running_loop()
+    return [Job(ids, plan_tokens(state, ids, asked, default, param), Events(loop), params(copy), stops,
+                bool(req.ignore_eos)) for ids in prompts for copy in range(req.n or 1)]
+
+
+def admit(state: Serving, request: Request, req: Sampling) -> None:
+    """What every generation route checks first: the model, what cannot be done, what is ignored."""
+    check_model(state, req.model)
+    refuse_unsupported(req)
+    warn_ignored(request, req)
+
+
+@dataclasses.dataclass
+class Shape:
+    """What differs between the two generation routes' answers; `respond` does the rest.
+    `choice(index, job)`: a finished choice; `head(index, job)`: a stream's first chunk choice for a
+    job once it is prefilled (or None); `piece(index, job, text, logprob entries, finish)`: a chunk's."""
+    rid: str
+    kind: str
+    chunk_kind: str
+    choice: Callable[[int, Job], dict]
+    head: Callable[[int, Job], Optional[dict]]
+    piece: Callable[[int, Job, str, list, Optional[str]], dict]
+
+
+async def respond(state: Serving, request: Request, req: Sampling, jobs: list[Job], shape: Shape):
+    """Queue the jobs, then stream their chunks or wait and answer whole; usage counts each prompt once
+    whatever n (as OpenAI does)."""
+    copies = req.n or 1
+    submit(state.engine, request, jobs, copies)
+    if req.stream:
+        def wrap(choice: Optional[dict]) -> Optional[dict]:
+            return None if choice is None else out.envelope(shape.rid, shape.chunk_kind, state.name, [choice])
+
+        usage = req.stream_options is not None and req.stream_options.include_usage
+        tail = out.envelope(shape.rid, shape.chunk_kind, state.name, []) if usage else None
+        return streamed(request, jobs, lambda i, job: wrap(shape.head(i, job)),
+                        lambda *piece: wrap(shape.piece(*piece)), tail, copies)
+    if not await collect(request, jobs):
+        return error_response(499, "The client closed the request.", code="client_closed_request")
+    return out.envelope(shape.rid, shape.kind, state.name, [shape.choice(i, job) for i, job in enumerate(jobs)],
+                        usage=out.usage(jobs, copies))
 
 
 # --- routes ----------------------------------------------------------------------------------------------
@@ -291,7 +338,7 @@ async def prompt_ids(state: Serving, prompt) -> list[tuple[list[int], str | None
     if not prompt:
         raise APIError(400, "prompt is an empty list.", param="prompt")
     texts = [check_text(p, "prompt") for p in prompt if isinstance(p, str)]
-    encoded = iter(await run_in_threadpool(lambda: [state.tokenizer(t)["input_ids"] for t in texts]))
+    encoded = iter(await run_in_threadpool(lambda: [encode_text(state.template, state.tokenizer, t) for t in texts]))
     prompts = []
     for p in prompt:
         ids, text = (next(encoded), p) if isinstance(p, str) else (p, None)
@@ -305,38 +352,31 @@ async def prompt_ids(state: Serving, prompt) -> list[tuple[list[int], str | None
 
 @router.post("/v1/completions", dependencies=[Depends(check_key)])
 async def completions(req: CompletionRequest, request: Request, state: Serving = Depends(serving)):
-    check_model(state, req.model)
-    refuse_unsupported(req)
-    warn_ignored(request, req)
+    admit(state, request, req)
     prompts = await prompt_ids(state, req.prompt)
     n, echo = req.n or 1, bool(req.echo)
-    jobs = [new_job(state, ids, req.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS,
-                    sampling_params(state, req, copy, req.logprobs, echo and req.logprobs is not None), req)
-            for ids, _ in prompts for copy in range(n)]
+    jobs = new_jobs(state, req, [ids for ids, _ in prompts], req.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS,
+                    "prompt", lambda copy: sampling_params(state, req, copy, req.logprobs,
+                                                           echo and req.logprobs is not None))
     texts = [text if text is not None else state.tokenizer.decode(ids) for ids, text in prompts for _ in range(n)]
-    submit(state.engine, request, jobs)
-    rid = f"cmpl-{request.state.request_id}"
-    if req.stream:
-        def head(index, job):
-            if not echo:
-                return None
-            return out.envelope(rid, "text_completion", state.name, [out.completion_choice(
-                state.tokenizer, index, dataclasses.replace(job, tokens=[], logprobs=[]), True, texts[index], "", None)])
+    offsets = [len(texts[i]) if echo else 0 for i in range(len(jobs))]  # text_offset of a stream's next piece
 
-        offsets = [len(texts[i]) if echo else 0 for i in range(len(jobs))]  # text_offset of the next piece
+    def head(index, job):
+        if not echo:
+            return None
+        return out.completion_choice(state.tokenizer, index, dataclasses.replace(job, tokens=[], logprobs=[]),
+                                     True, texts[index], "", None)
 
-        def piece(index, job, text, entries, finish):
-            choice = out.completion_chunk(state.tokenizer, index, job, text, entries, offsets[index], finish)
-            offsets[index] += len(text)
-            return out.envelope(rid, "text_completion", state.name, [choice])
-        tail = out.envelope(rid, "text_completion", state.name, []) if req.stream_options and \
-            req.stream_options.include_usage else None
-        return streamed(request, jobs, head, piece, tail)
-    if not await collect(request, jobs):
-        return error_response(499, "The client closed the request.", code="client_closed_request")
-    choices = [out.completion_choice(state.tokenizer, i, job, echo, texts[i], job.text, job.finish_reason)
-               for i, job in enumerate(jobs)]
-    return out.envelope(rid, "text_completion", state.name, choices, usage=out.usage(jobs))
+    def piece(index, job, text, entries, finish):
+        choice = out.completion_chunk(state.tokenizer, index, job, text, entries, offsets[index], finish)
+        offsets[index] += len(text)
+        return choice
+
+    def choice(index, job):
+        return out.completion_choice(state.tokenizer, index, job, echo, texts[index], job.text, job.finish_reason)
+
+    shape = Shape(f"cmpl-{request.state.request_id}", "text_completion", "text_completion", choice, head, piece)
+    return await respond(state, request, req, jobs, shape)
 
 
 def chat_messages(req: ChatRequest) -> list[dict[str, str]]:
@@ -361,9 +401,7 @@ def chat_messages(req: ChatRequest) -> list[dict[str, str]]:
 
 @router.post("/v1/chat/completions", dependencies=[Depends(check_key)])
 async def chat(req: ChatRequest, request: Request, state: Serving = Depends(serving)):
-    check_model(state, req.model)
-    refuse_unsupported(req)
-    warn_ignored(request, req)
+    admit(state, request, req)
     try:
         prompt = render_conversation(chat_messages(req), state.template, state.tokenizer)
     except ValueError as exc:
@@ -371,22 +409,16 @@ async def chat(req: ChatRequest, request: Request, state: Serving = Depends(serv
     ids = (await prompt_ids(state, prompt))[0][0]
     asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    jobs = [new_job(state, ids, asked, None, sampling_params(state, req, copy, logprobs), req)
-            for copy in range(req.n or 1)]
-    submit(state.engine, request, jobs)
-    rid = f"chatcmpl-{request.state.request_id}"
-    if req.stream:
-        def chunk(index, job, text, entries, finish):
-            return out.envelope(rid, "chat.completion.chunk", state.name,
-                                [out.chat_chunk(state.tokenizer, index, job, text, entries, finish)])
-        tail = out.envelope(rid, "chat.completion.chunk", state.name, []) if req.stream_options and \
-            req.stream_options.include_usage else None
-        return streamed(request, jobs, lambda index, job: chunk(index, job, None, [], None), chunk, tail)
-    if not await collect(request, jobs):
-        return error_response(499, "The client closed the request.", code="client_closed_request")
-    return out.envelope(rid, "chat.completion", state.name,
-                        [out.chat_choice(state.tokenizer, i, job, job.text) for i, job in enumerate(jobs)],
-                        usage=out.usage(jobs))
+    jobs = new_jobs(state, req, [ids], asked, None, "messages",
+                    lambda copy: sampling_params(state, req, copy, logprobs))
+
+    def piece(index, job, text, entries, finish):
+        return out.chat_chunk(state.tokenizer, index, job, text, entries, finish)
+
+    shape = Shape(f"chatcmpl-{request.state.request_id}", "chat.completion", "chat.completion.chunk",
+                  lambda index, job: out.chat_choice(state.tokenizer, index, job, job.text),
+                  lambda index, job: piece(index, job, None, [], None), piece)
+    return await respond(state, request, req, jobs, shape)
 
 
 # --- the app -------------------------------------------------------------------------------------------------

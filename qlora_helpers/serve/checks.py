@@ -17,25 +17,25 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
-from ..evaluate import load_tuned_model
-from ..generation import render_prompt
 from ..models import load_tokenizer
 from ..paths import write_json_atomic
+from ..prompts import encode_prompts
 from ..runs import Run
 from .engine import Job, generate_jobs
-from .export import load_merged
-from .gguf import gguf_available, gguf_path
+from .forms import FORMS, checked_forms
+from .gguf import gguf_available
 from .process import ServerProcess
 
-def measure_generation(model, tokenizer, prompts: list[str], new_tokens: int, batch_size: int,
+def measure_generation(model, tokenizer, prompts: list[list[int]], new_tokens: int, batch_size: int,
                        repeats: int = 2, decoder=None, prompt_tokens: int | None = None) -> dict[str, Any]:
     """Time to first token and tokens/s for `batch_size` prompts generated as one batch, exactly
     `new_tokens` each (EOS ignored, so random weights cannot stop early); median of `repeats` runs
-    after one warm-up. `decoder`: a warmed-up `static.StaticDecoder` (else the dynamic path);
-    `prompt_tokens`: each prompt's token ids repeated or cut to exactly that many."""
+    after one warm-up. `prompts`: token ids (`bench_prompts`); `decoder`: a warmed-up
+    `static.StaticDecoder` (else the dynamic path); `prompt_tokens`: each prompt's token ids repeated
+    or cut to exactly that many."""
     import torch
 
-    rows = [tokenizer(p)["input_ids"] for p in (prompts * batch_size)[:batch_size]]
+    rows = [list(p) for p in (prompts * batch_size)[:batch_size]]
     if prompt_tokens:
         rows = [(ids * (prompt_tokens // len(ids) + 1))[:prompt_tokens] for ids in rows]
 
@@ -63,12 +63,11 @@ def measure_generation(model, tokenizer, prompts: list[str], new_tokens: int, ba
             "rows_stopped_early": max(r[2] for r in runs)}
 
 
-def bench_prompts(tokenizer, template: str, n: int = 8) -> list[str]:
-    """Alpaca-style prompts of realistic length (the rendered template around short instructions)."""
+def bench_prompts(tokenizer, template: str, n: int = 8) -> list[list[int]]:
+    """Token ids of prompts of realistic length (the run's template around short instructions)."""
     topics = ["the water cycle", "a healthy breakfast", "how vaccines work", "the French revolution",
               "binary search", "photosynthesis", "saving money", "the rules of chess"]
-    style = "chat" if template == "chat" else "alpaca"
-    return [render_prompt(tokenizer, f"Explain {t} in three sentences.", style) for t in topics[:n]]
+    return encode_prompts(template, tokenizer, [f"Explain {t} in three sentences." for t in topics[:n]])
 
 
 def compare_forms(run: Run, forms: tuple[str, ...] | None = None) -> dict[str, Any]:
@@ -78,17 +77,11 @@ def compare_forms(run: Run, forms: tuple[str, ...] | None = None) -> dict[str, A
     (the `forms` part)."""
     serve_cfg = run.cfg.serve
     if forms is None:
-        ggufs = tuple(f"gguf-{t}" for t in serve_cfg.gguf) if gguf_available() and run.device == "cpu" else ()
-        forms = ("adapter", "merged") + ggufs
+        ggufs = serve_cfg.gguf if gguf_available() and run.device == "cpu" else ()
+        forms = tuple(f.name for f in checked_forms(ggufs))
     rows = []
     for form in forms:
-        if form.startswith("gguf-"):
-            from .llamacpp import LlamaCppModel
-            from .run import context_length
-
-            model = LlamaCppModel(gguf_path(run, form[5:]), context_length(run), max(1, serve_cfg.bench_batch))
-        else:
-            model = load_tuned_model(run)[0] if form == "adapter" else load_merged(run)
+        model = FORMS[form].load(run, rows=max(1, serve_cfg.bench_batch))
         tokenizer = load_tokenizer(run.cfg.model)
         prompts = bench_prompts(tokenizer, run.cfg.data.template)
         for batch in (1, serve_cfg.bench_batch):

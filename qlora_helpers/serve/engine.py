@@ -13,112 +13,22 @@ On CUDA the server replaces the whole batch with `static.StaticBatch` (fixed slo
 cache, a compiled decode step per batch bucket; `serve.compile`), which keeps this scheduler, its
 rows and its per-row choices; the dynamic path stays the fallback (CPU, `serve.compile: false`).
 
-A `Job` is one prompt's generation. Its `emit(kind, payload)` is called from the worker thread with
-('text', (piece, logprob entries)) as text comes, then ('done', finish_reason) or ('error', message).
+A `Job` is one prompt's generation (`batch.py`, with the step skeleton every backend's batch shares).
 """
 
 from __future__ import annotations
 
 import collections
-import dataclasses
-import functools
-import inspect
 import threading
 import time
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from transformers import DynamicCache
 
 from ..errors import QLoraError
-from .sampling import SamplingParams, choose_token, logprob_entry
-
-
-@dataclasses.dataclass(eq=False)
-class Job:
-    """One prompt's generation: its settings, then its state as the worker fills it in."""
-    prompt_ids: list[int]
-    max_tokens: int
-    emit: Callable[[str, Any], None]
-    sampling: SamplingParams = SamplingParams()
-    stop: tuple[str, ...] = ()
-    ignore_eos: bool = False
-    tokens: list[int] = dataclasses.field(default_factory=list)
-    text: str = ""
-    sent: int = 0
-    logprobs: list[dict] = dataclasses.field(default_factory=list)  # one entry per generated token
-    logprobs_sent: int = 0
-    prompt_logprobs: list[dict | None] = dataclasses.field(default_factory=list)  # when sampling.prompt_logprobs
-    finish_reason: str | None = None
-    cancelled: bool = False
-    submitted: float = dataclasses.field(default_factory=time.perf_counter)
-    first_token_at: float | None = None
-    done_at: float | None = None
-    generator: torch.Generator | None = None
-
-
-def _stop_holdback(text: str, stops: tuple[str, ...]) -> int:
-    """Characters at the end of `text` that could still become a stop string (not sent yet)."""
-    hold = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), 0, -1):
-            if text.endswith(stop[:k]):
-                hold = max(hold, k)
-                break
-    return hold
-
-
-def _send(job: Job, upto: int) -> None:
-    """Emit the text up to `upto` not sent yet, with the logprob entries that came since the last piece."""
-    entries = job.logprobs[job.logprobs_sent:]
-    if upto > job.sent or entries:
-        job.emit("text", (job.text[job.sent:upto], entries))
-        job.sent, job.logprobs_sent = max(job.sent, upto), len(job.logprobs)
-
-
-def finish(job: Job, reason: str) -> None:
-    """End the row: the rest of its text (unless nobody listens any more), then 'done'."""
-    job.finish_reason, job.done_at = reason, time.perf_counter()
-    if not job.cancelled:
-        _send(job, len(job.text))
-    job.emit("done", reason)
-
-
-def advance(job: Job, token: int, tokenizer, entry: dict | None) -> None:
-    """One new token for `job`: append it, decode, send the new text, or end the row (EOS, a stop
-    string, max_tokens). transformers' streamers do this for one row; the engine needs it per row."""
-    if job.first_token_at is None:
-        job.first_token_at = time.perf_counter()
-    if entry is not None:
-        job.logprobs.append(entry)  # the EOS that ends a row too (its logprob matters; vLLM reports it)
-    if token == tokenizer.eos_token_id and not job.ignore_eos:
-        return finish(job, "stop")
-    job.tokens.append(token)
-    text = tokenizer.decode(job.tokens, skip_special_tokens=True)
-    if text.endswith("\ufffd") and len(job.tokens) < job.max_tokens:
-        return  # half of a multi-byte character: wait for the rest
-    job.text = text
-    for stop in job.stop:
-        at = text.find(stop, max(0, job.sent - len(stop)))
-        if at >= 0:
-            job.text = text[:at]
-            return finish(job, "stop")
-    if len(job.tokens) >= job.max_tokens:
-        return finish(job, "length")
-    _send(job, len(text) - _stop_holdback(text, job.stop))
-
-
-@functools.lru_cache(maxsize=None)
-def _cache_argument(forward_class: type) -> str:
-    """The name of the KV-cache argument: `cache` in transformers 5.2x (where `past_key_values` is a
-    deprecated alias), `past_key_values` in earlier 5.x releases, which ignore `cache` silently."""
-    return "cache" if "cache" in inspect.signature(forward_class.forward).parameters else "past_key_values"
-
-
-def with_cache(model, cache: DynamicCache) -> dict[str, DynamicCache]:
-    """{argument name: cache} for `model` (a peft wrapper is asked about the model it wraps)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return {_cache_argument(type(base)): cache}
+from .batch import Job, Rows, with_cache
+from .static import StaticBatch
 
 
 def decode_step(model, cache: DynamicCache, tokens: torch.Tensor, mask: torch.Tensor,
@@ -136,7 +46,7 @@ def _pad_cache(cache: DynamicCache, width: int) -> None:
         layer.values = torch.nn.functional.pad(layer.values, (0, 0, width, 0))
 
 
-class Batch:
+class Batch(Rows):
     """The rows generating now: a left-padded KV cache that holds every row's tokens but its pending
     (last chosen, not yet fed) one, the matching attention mask, and the pending tokens."""
 
@@ -147,17 +57,6 @@ class Batch:
         self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None  # [rows, cached positions], 1 = a real token
         self.pending: list[int] = []
-
-    def _choose(self, job: Job, logits: torch.Tensor) -> int:
-        """The row's next token from its logits [vocab]; records its logprob entry when asked."""
-        params = job.sampling
-        token = choose_token(logits, params, job.prompt_ids, job.tokens, self.tokenizer.eos_token_id,
-                             job.generator)
-        entry = None
-        if params.logprobs is not None:
-            entry = logprob_entry(torch.log_softmax(logits, dim=-1), token, params.logprobs)
-        advance(job, token, self.tokenizer, entry)
-        return token
 
     @torch.no_grad()
     def add(self, job: Job) -> None:
@@ -181,43 +80,23 @@ class Batch:
             for c, m in ((self.cache, self.mask), (cache, mask)):
                 _pad_cache(c, width - m.shape[1])
             pad = torch.nn.functional.pad
-            self.mask = torch.cat([pad(self.mask, (width - self.mask.shape[1], 0)), pad(mask, (width - mask.shape[1], 0))])
+            self.mask = torch.cat([pad(self.mask, (width - self.mask.shape[1], 0)),
+                                   pad(mask, (width - mask.shape[1], 0))])
             for mine, theirs in zip(self.cache.layers, cache.layers):
                 mine.keys = torch.cat([mine.keys, theirs.keys])
                 mine.values = torch.cat([mine.values, theirs.values])
         self.jobs.append(job)
         self.pending.append(token)
 
-    def _record_prompt_logprobs(self, job: Job, logits: torch.Tensor) -> None:
-        """Completions' echo: each prompt token's logprob given the tokens before it (none for the first)."""
-        logprobs = torch.log_softmax(logits, dim=-1)
-        top = job.sampling.logprobs or 0
-        job.prompt_logprobs = [None] + [logprob_entry(logprobs[i], t, top)
-                                        for i, t in enumerate(job.prompt_ids[1:])]
-
-    @torch.no_grad()
-    def step(self) -> list[Job]:
-        """One decode step for every row; returns the jobs that ended (they have left the batch)."""
-        cancelled = [j for j in self.jobs if j.cancelled]
-        self._keep([not j.cancelled for j in self.jobs])
-        if not self.jobs:
-            return cancelled
+    def _next_tokens(self) -> list[int]:
         positions = self.mask.sum(dim=1, keepdim=True)  # each row's own count of real tokens
         self.mask = torch.nn.functional.pad(self.mask, (0, 1), value=1)
         tokens = torch.tensor([[t] for t in self.pending], device=self.device)
         logits = decode_step(self.model, self.cache, tokens, self.mask, positions)
-        self.pending = [self._choose(job, row) for job, row in zip(self.jobs, logits)]
-        done = [j for j in self.jobs if j.finish_reason is not None]
-        self._keep([j.finish_reason is None for j in self.jobs])
-        return cancelled + done
+        return [self._choose(job, row) for job, row in zip(self.jobs, logits)]
 
-    def _keep(self, keep: list[bool]) -> None:
-        """Keep only the rows marked True (cancelled ones are finished), then drop padding no row needs."""
-        if all(keep):
-            return
-        for job, k in zip(self.jobs, keep):
-            if not k and job.finish_reason is None:
-                finish(job, "cancelled")
+    def _drop(self, keep: list[bool]) -> None:
+        """Keep the rows marked True, then drop the padding columns no row needs."""
         index = torch.tensor([i for i, k in enumerate(keep) if k], dtype=torch.long, device=self.device)
         self.jobs = [j for j, k in zip(self.jobs, keep) if k]
         self.pending = [t for t, k in zip(self.pending, keep) if k]
@@ -231,22 +110,12 @@ class Batch:
             layer.keys = layer.keys[index, :, unused:]
             layer.values = layer.values[index, :, unused:]
 
-    def fail(self, message: str) -> None:
-        """Every row ends with an error (the step raised); the batch starts empty."""
-        for job in self.jobs:
-            if job.finish_reason is None:
-                job.finish_reason = "error"
-                job.emit("error", message)
-        self.jobs, self.pending, self.cache, self.mask = [], [], None, None
 
-
-def new_batch(model, tokenizer, decoder=None) -> Batch:
+def new_batch(model, tokenizer, decoder=None) -> Rows:
     """The rows generating now, for `model`: the static-slot batch over `decoder` (a compiled
     `static.StaticDecoder`, CUDA); a backend with its own forward pass (llama.cpp, serve/llamacpp.py)
     brings its own Batch through the model's `new_batch`; else the dynamic `Batch`."""
     if decoder is not None:
-        from .static import StaticBatch  # static.py builds on this module
-
         return StaticBatch(model, tokenizer, decoder)
     own = getattr(model, "new_batch", None)
     return own(tokenizer) if own is not None else Batch(model, tokenizer)
@@ -263,6 +132,19 @@ def generate_jobs(model, tokenizer, jobs: list[Job], decoder=None) -> None:
 
 
 # --- the engine: a bounded queue in front of the worker --------------------------------------------
+
+
+DRAIN_WINDOW_S = 120.0  # completions this recent measure how fast the queue drains
+
+
+def drain_seconds(finished_at, waiting: int, now: float, fallback: float) -> int:
+    """Retry-After for a full queue: the seconds its `waiting` jobs take to finish at the rate jobs
+    finished over the last DRAIN_WINDOW_S (`finished_at`: their perf_counter times, oldest first);
+    `fallback` until a second of completions has been seen."""
+    recent = [t for t in finished_at if now - t <= DRAIN_WINDOW_S]
+    if not recent or now - recent[0] < 1.0:
+        return max(1, round(fallback))
+    return max(1, round(waiting * (now - recent[0]) / len(recent)))
 
 
 class QueueFull(QLoraError):
@@ -289,11 +171,12 @@ class BatchEngine:
         self.running = 0
         self.completed = 0
         self._job_seconds = 1.0
+        self.finished_at: collections.deque[float] = collections.deque(maxlen=512)  # for Retry-After
         self._cond = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
 
-    def start(self) -> "BatchEngine":
+    def start(self) -> BatchEngine:
         self._thread = threading.Thread(target=self._work, name="qlora-generate", daemon=True)
         self._thread.start()
         return self
@@ -315,7 +198,8 @@ class BatchEngine:
             self._drop_cancelled()
             if len(self.waiting) >= self.max_queue:
                 rounds = 1 + len(self.waiting) // self.max_batch
-                raise QueueFull(len(self.waiting), max(1, round(rounds * self._job_seconds)))
+                raise QueueFull(len(self.waiting), drain_seconds(self.finished_at, len(self.waiting),
+                                                                 time.perf_counter(), rounds * self._job_seconds))
             self.waiting.append(job)
             self._cond.notify_all()
 
@@ -370,6 +254,7 @@ class BatchEngine:
             with self._cond:
                 self.running = len(self.batch.jobs)
                 self.completed += len(done)
+                self.finished_at.extend(job.done_at or time.perf_counter() for job in done)
                 for job in done:
                     self._job_seconds = 0.7 * self._job_seconds + 0.3 * ((job.done_at or time.perf_counter())
                                                                          - job.submitted)

@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from ..errors import QLoraError
+from ..models import load_model, load_tokenizer, load_tuned_model, resolve_model
 from ..paths import atomic_dir, write_json_atomic, write_text_atomic
 from ..runs import Run
 from .run import adapter_dir, context_length, model_name
@@ -33,14 +34,12 @@ PROBE_TEXTS = ["Below is an instruction that describes a task. Write a short poe
 
 
 def merge_adapter(run: Run):
-    """(merged model in the compute dtype, tokenizer): the 4-bit base de-quantized, the adapter merged.
+    """(merged model in the compute dtype, tokenizer): notebook 06's de-quantize-then-merge, for the CLI.
 
     peft's own `merge_and_unload` on a 4-bit model re-quantizes the merged weights (lossy); merging
     into the de-quantized weights keeps exactly what base + adapter computes.
     """
     from peft import PeftModel
-
-    from ..models import load_model, load_tokenizer
 
     adapter = adapter_dir(run)
     tokenizer = load_tokenizer(run.cfg.model)
@@ -81,18 +80,19 @@ def merge_tolerance(dtype) -> float:
     return MERGE_TOLERANCE[str(dtype).removeprefix("torch.")]
 
 
-def merge_and_export(run: Run) -> dict[str, Any]:
-    """Merge, check the merged logits against base + adapter, save 16-bit safetensors to
-    `outputs/<run>/merged/`, reload it and check again; write `merge.json` and `serve_commands.md`."""
+def merge_and_export(run: Run, merged=None) -> dict[str, Any]:
+    """Check the merged model (`merged`: the one notebook 06 built; else `merge_adapter`) against base +
+    adapter on probe texts, save 16-bit safetensors to `outputs/<run>/merged/`, reload it and check
+    again; write `merge.json` and `serve_commands.md`."""
     import torch
-
-    from ..evaluate import load_tuned_model
 
     start = time.perf_counter()
     tuned, tokenizer = load_tuned_model(run)
     reference = probe_logits(tuned, tokenizer)
     del tuned
-    merged, _ = merge_adapter(run)
+    if merged is None:
+        merged, _ = merge_adapter(run)
+    merged.eval()
     bound = merge_tolerance(run.compute_dtype)
     in_memory = logit_gap(probe_logits(merged, tokenizer), reference, bound)
     if not in_memory["within_bound"]:
@@ -116,7 +116,8 @@ def merge_and_export(run: Run) -> dict[str, Any]:
               "probe_tokens": int(reference.shape[0]),
               "merged_vs_adapter_logits": in_memory, "exported_vs_adapter_logits": exported,
               "files": files, "merged_mib": round(sum(files.values()) / 2**20, 1),
-              "seconds": round(time.perf_counter() - start, 1)}
+              "seconds": round(time.perf_counter() - start, 1),
+              "overrides": list(getattr(run, "stage_overrides", ()))}  # 06's own serve.* changes
     write_json_atomic(run.merge_report, report)
     write_text_atomic(run.serve_commands_file, export_commands(run))
     return report
@@ -138,8 +139,6 @@ def load_merged(run: Run):
 
 def base_location(run: Run) -> str:
     """The full-precision base a LoRA-serving engine needs next to the adapter (folder or hub id)."""
-    from ..models import resolve_model
-
     return resolve_model(run.cfg.model).location
 
 
@@ -183,8 +182,6 @@ def estimate_merged_bytes(run: Run) -> int:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ..models import resolve_model
-
     config = AutoConfig.from_pretrained(resolve_model(run.cfg.model).location)
     with init_empty_weights():
         empty = AutoModelForCausalLM.from_config(config)
@@ -200,41 +197,3 @@ def free_memory_bytes(device: str) -> int:
     import psutil
 
     return psutil.virtual_memory().available
-
-
-def choose_form(run: Run) -> dict[str, Any]:
-    """serve.form, or for `auto`: on a CPU with the [gguf] extra the GGUF through llama.cpp; else the
-    merged model when it fits in 80% of free memory (it generates faster on CPU and GPU,
-    benchmarks/BENCHMARKS.md), else the 4-bit base + adapter."""
-    form = run.cfg.serve.form
-    if form != "auto":
-        return {"form": form, "reason": f"serve.form={form}"}
-    from .gguf import gguf_available
-
-    if run.device == "cpu" and run.cfg.serve.gguf and gguf_available():
-        return {"form": "gguf", "reason": f"auto: on a CPU llama.cpp serves the GGUF ({run.cfg.serve.gguf[0]}), "
-                                          f"several times faster than merged (benchmarks/BENCHMARKS.md)"}
-    need, free = estimate_merged_bytes(run), free_memory_bytes(run.device)
-    fits = need < 0.8 * free
-    return {"form": "merged" if fits else "adapter",
-            "reason": f"auto: merged needs {need / 2**30:.2f} GiB, {free / 2**30:.1f} GiB free on {run.device}"
-                      + ("" if fits else " (too little: serving the 4-bit base + adapter)")}
-
-
-def load_serving_model(run: Run, form: str):
-    """(model, tokenizer) for serving: 'merged' (exported first if missing), 'adapter' (4-bit + peft)
-    or 'gguf' (llama.cpp, serve/llamacpp.py; exported first if missing)."""
-    from ..evaluate import load_tuned_model
-    from ..models import load_tokenizer
-
-    if form == "adapter":
-        return load_tuned_model(run)
-    if form == "gguf":
-        from .llamacpp import load_gguf_serving
-
-        return load_gguf_serving(run), load_tokenizer(run.cfg.model)
-    if not run.has_merged:
-        merge_and_export(run)
-    return load_merged(run), load_tokenizer(run.cfg.model)
-
-

@@ -34,12 +34,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..config import GGUF_TYPES
 from ..errors import QLoraError
+from ..models import load_tokenizer
 from ..paths import write_text_atomic
+from ..prompts import render_conversation, template_stops
 from ..runs import Run
+from .run import context_length, model_name
 
-GGUF_TYPES = ("f16", "q8_0", "q4_k_m")
-CONVERTER_TYPES = ("f16",)  # written by convert_hf_to_gguf.py itself; the others are quantized from f16
+CONVERTER_TYPES = ("f16",)  # written by convert_hf_to_gguf.py itself; the others (GGUF_TYPES) are quantized from f16
 DISTRIBUTION = "llama-cpp-python"
 CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
 INSTALL_HINT = ("install the [gguf] extra: `make gguf`, or `pip install -e '.[gguf]'` "
@@ -200,13 +203,13 @@ def quantize(source: Path, out: Path, gguf_type: str) -> None:
     """llama.cpp's quantizer (`llama_model_quantize`) from a 16-bit GGUF to `gguf_type`."""
     llama_cpp = require_llama_cpp()
     quiet_logs(llama_cpp)  # its loader and per-tensor lines (~600) to nowhere; warnings still show
-    ftype = {"q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, "q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0}[gguf_type]
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = ftype
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{check_type(gguf_type).upper()}")  # llama.cpp's name for it
     params.nthread = cpu_threads()
     code = llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params))
     if code != 0 or not out.is_file():
-        raise QLoraError(f"llama.cpp could not quantize {source} to {gguf_type} (llama_model_quantize returned {code}).")
+        raise QLoraError(f"llama.cpp could not quantize {source} to {gguf_type} "
+                         f"(llama_model_quantize returned {code}).")
 
 
 def merged_parameters(run: Run) -> int:
@@ -217,7 +220,7 @@ def merged_parameters(run: Run) -> int:
     total = 0
     for path in sorted(run.merged_dir.glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 - safe_open is no dict: it cannot be iterated
                 total += math.prod(f.get_slice(key).get_shape())
     return total
 
@@ -234,17 +237,16 @@ def bits_per_weight(path: Path, parameters: int) -> float:
 
 def export_gguf(run: Run, types: list[str] | tuple[str, ...], served: str | None = None) -> dict[str, Any]:
     """Convert `merged/` to each GGUF type in `gguf/` (each file written beside, then renamed) and
-    write the Ollama Modelfile FROM `served` (default: the first type). Exports the merged model
-    first when it is missing."""
-    from .export import merge_and_export
-
+    write the Ollama Modelfile FROM `served` (default: the first type). The merged model must be
+    exported first (`export.merge_and_export`)."""
     types = [check_type(t) for t in types]
     if not types:
         raise QLoraError("No GGUF type asked; pick from " + ", ".join(GGUF_TYPES) + ".")
     require_llama_cpp()
     merged = run.merged_dir
     if not run.has_merged:
-        merge_and_export(run)
+        raise QLoraError(f"No merged model in {merged} to convert to GGUF: run merge_and_export (06_serve) "
+                         f"or `python -m qlora_helpers export --run {run.path}` first.")
     folder = run.gguf_dir
     folder.mkdir(parents=True, exist_ok=True)
     files: dict[str, Any] = {}
@@ -285,8 +287,7 @@ def _go_literal(text: str) -> str:
 
 def ollama_template(run: Run, tokenizer) -> str:
     """The run's prompt template as an Ollama Go template: the server's own rule
-    (`render_conversation`) rendered around markers that become {{ .System }} and {{ .Prompt }}."""
-    from ..data import render_conversation
+    (`prompts.render_conversation`) rendered around markers that become {{ .System }} and {{ .Prompt }}."""
 
     system, prompt = "\x00SYSTEM\x00", "\x00PROMPT\x00"
     template = run.cfg.data.template
@@ -308,9 +309,6 @@ def stop_tokens(tokenizer) -> list[str]:
 
 
 def modelfile(run: Run, served: str) -> str:
-    from ..models import load_tokenizer
-    from .run import context_length, model_name
-
     tokenizer = load_tokenizer(run.cfg.model)
     template = ollama_template(run, tokenizer)
     if '"""' in template:
@@ -321,7 +319,8 @@ def modelfile(run: Run, served: str) -> str:
              f"'{run.cfg.data.template}' as in training.",
              f"FROM ./{run.gguf_file(served).name}",
              f'TEMPLATE """{template}"""']
-    lines += [f'PARAMETER stop "{s}"' for s in stop_tokens(tokenizer)]
+    stops = [*stop_tokens(tokenizer), *template_stops(run.cfg.data.template, tokenizer)]  # as the server stops
+    lines += [f'PARAMETER stop "{s}"' for s in stops]
     lines.append(f"PARAMETER num_ctx {context_length(run)}")
     return "\n".join(lines) + "\n"
 

@@ -5,7 +5,7 @@ Only the forward pass moves to llama.cpp (through llama-cpp-python's ctypes bind
 the tokenizer (the run's transformers tokenizer; the export gate records that llama.cpp tokenizes
 the probes the same way), the chat rule, sampling (`sampling.py` on llama.cpp's logits), stop
 strings, logprobs and the scheduler, so the API behaves exactly as with the transformers forms.
-`LlamaCppBatch` is the engine's `Batch` for this backend: each row is a llama.cpp sequence id with
+`LlamaCppBatch` is the engine's batch for this backend (`batch.Rows`): each row is a llama.cpp sequence id with
 its own KV cells, so rows join (their prompt decoded alone) and leave (their cells dropped)
 between steps, and one `llama_decode` per step advances every row.
 """
@@ -20,8 +20,9 @@ import torch
 
 from ..errors import QLoraError
 from ..runs import Run
-from .engine import Batch, Job, finish
-from .gguf import cpu_threads, quiet_logs, require_llama_cpp
+from .batch import Job, Rows
+from .gguf import cpu_threads, export_gguf, gguf_path, quiet_logs, require_llama_cpp
+from .run import context_length
 
 
 class LlamaCppModel:
@@ -57,7 +58,7 @@ class LlamaCppModel:
         self.config = types.SimpleNamespace(vocab_size=self.n_vocab,
                                             max_position_embeddings=lib.llama_model_n_ctx_train(self.model))
 
-    def new_batch(self, tokenizer) -> "LlamaCppBatch":
+    def new_batch(self, tokenizer) -> LlamaCppBatch:
         """The engine's seam (`engine.new_batch`): this backend's rows."""
         return LlamaCppBatch(self, tokenizer)
 
@@ -123,7 +124,7 @@ class LlamaCppModel:
             self.close()
 
 
-class LlamaCppBatch(Batch):
+class LlamaCppBatch(Rows):
     """The engine's rows on llama.cpp: each job holds a sequence id; its pending token is fed at
     the next step at position `positions[job]`."""
 
@@ -158,24 +159,15 @@ class LlamaCppBatch(Batch):
         self.model.forget(seq)
         self.free.append(seq)
 
-    @torch.no_grad()
-    def step(self) -> list[Job]:
-        cancelled = [j for j in self.jobs if j.cancelled]
-        for job in cancelled:
-            finish(job, "cancelled")
-        self._keep([not j.cancelled for j in self.jobs])
-        if not self.jobs:
-            return cancelled
+    def _next_tokens(self) -> list[int]:
         rows = self.model.decode([(t, self.position[id(j)], self.seq[id(j)], True)
                                   for j, t in zip(self.jobs, self.pending)])
         for job in self.jobs:
             self.position[id(job)] += 1
-        self.pending = [self._choose(job, row) for job, row in zip(self.jobs, rows)]
-        done = [j for j in self.jobs if j.finish_reason is not None]
-        self._keep([j.finish_reason is None for j in self.jobs])
-        return cancelled + done
+        return [self._choose(job, row) for job, row in zip(self.jobs, rows)]
 
-    def _keep(self, keep: list[bool]) -> None:
+    def _drop(self, keep: list[bool]) -> None:
+        """Keep the rows marked True; the others' sequences are forgotten and free again."""
         for job, k in zip(self.jobs, keep):
             if not k:
                 self._release(self.seq.pop(id(job)))
@@ -183,20 +175,10 @@ class LlamaCppBatch(Batch):
         self.jobs = [j for j, k in zip(self.jobs, keep) if k]
         self.pending = [t for t, k in zip(self.pending, keep) if k]
 
-    def fail(self, message: str) -> None:
-        for job in self.jobs:
-            if job.finish_reason is None:
-                job.finish_reason = "error"
-                job.emit("error", message)
-        self._keep([False] * len(self.jobs))
-
 
 def load_gguf_serving(run: Run) -> LlamaCppModel:
     """The run's served GGUF (serve.gguf's first type; exported first if missing), with a sequence
-    per serve.max_concurrent row of the run's context."""
-    from .gguf import export_gguf, gguf_path
-    from .run import context_length
-
+    per serve.max_concurrent row of the run's context. The merged model must be there."""
     if not run.cfg.serve.gguf:
         raise QLoraError("serve.form=gguf but serve.gguf is empty: name the GGUF type to serve, "
                          "e.g. --set 'serve.gguf=[q8_0]'.")

@@ -110,10 +110,11 @@ class RequestLog:
             await self.app(scope, receive, sending)
         finally:
             jobs = state.get("jobs") or []
+            prompts = jobs[::state.get("copies", 1)]  # n copies of a prompt: its tokens once, as usage counts
             left = state.get("outcome") == "disconnected"
             log.info("request %s %s %s %d prompt_tokens=%d completion_tokens=%d %.3fs%s", state["request_id"],
                      scope["method"], scope["path"], 499 if left else status[0] or 500,
-                     sum(len(j.prompt_ids) for j in jobs), sum(len(j.tokens) for j in jobs),
+                     sum(len(j.prompt_ids) for j in prompts), sum(len(j.tokens) for j in jobs),
                      time.perf_counter() - start, " (client disconnected)" if left else "")
 
 

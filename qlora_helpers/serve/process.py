@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import QLoraError
-from ..paths import read_json
+from ..paths import cache_dir, read_json
 from ..runs import Run
 from .api import create_app
 from .engine import BatchEngine
-from .export import choose_form, load_serving_model
+from .forms import choose_form, load_serving_model
 from .run import api_key_from_env, context_length, model_name
 from .static import start_decoder
 
@@ -40,7 +40,8 @@ def serve_run(run: Run) -> None:
     print(f"loading {choice['form']} ({choice['reason']})", flush=True)
     model, tokenizer = load_serving_model(run, choice["form"])
     serve = run.cfg.serve
-    decoder = start_decoder(model, serve.compile, serve.max_concurrent, context_length(run, model))
+    decoder = start_decoder(model, serve.compile, serve.max_concurrent, context_length(run, model),
+                            cache_dir(run.cfg.model.cache_dir) / "compile")
     engine = BatchEngine(model, tokenizer, serve.max_concurrent, serve.max_queue, serve.batch_wait_ms,
                          decoder).start()
     app = create_app(engine, tokenizer, run, api_key, choice["form"])
@@ -102,7 +103,7 @@ class ServerProcess:
     def base_url(self) -> str:
         return f"{self.url}/v1"
 
-    def start(self, timeout: float = 300) -> "ServerProcess":
+    def start(self, timeout: float = 300) -> ServerProcess:
         """Start the child and wait for its /health. A port this launcher picked itself (serve.port, or
         a free one) can be taken by another process between the check and the child's bind; then the
         child exits saying so, and a free port is tried, up to three times in all."""
@@ -115,7 +116,7 @@ class ServerProcess:
                 self.port = free_port(self.run.cfg.serve.host)  # url and log_path follow it
         raise AssertionError("unreachable")
 
-    def _start_once(self, timeout: float) -> "ServerProcess":
+    def _start_once(self, timeout: float) -> ServerProcess:
         if self.proc is not None and self.proc.poll() is None:
             raise QLoraError(f"This server is already running (pid {self.proc.pid}, {self.url}).")
         if not port_is_free(self.run.cfg.serve.host, self.port):
@@ -127,9 +128,8 @@ class ServerProcess:
         cmd = [sys.executable, "-m", "qlora_helpers", "serve", "--run", str(self.run.path),
                "--port", str(self.port)] + [x for o in self.overrides for x in ("--set", o)]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        log.close()
+        with open(self.log_path, "w") as log:  # the child keeps its own copy of the handle
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         atexit.register(self.stop)  # never leave a server behind when Python exits
         deadline = time.time() + timeout
         while time.time() < deadline:
@@ -178,7 +178,7 @@ class ServerProcess:
                 self.proc.wait(timeout=10)
         return self.proc.returncode in (0, -15) and "Finished server process" in self.log_tail(10)
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:
         return self if self.proc is not None and self.proc.poll() is None else self.start()
 
     def __exit__(self, *exc) -> None:

@@ -28,9 +28,10 @@ class Events:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, payload))
 
 
-def submit(engine, request: Request, jobs: list[Job]) -> None:
-    """Queue every job of the request, or none (503 + Retry-After when the queue is full)."""
-    request.state.jobs = jobs
+def submit(engine, request: Request, jobs: list[Job], copies: int = 1) -> None:
+    """Queue every job of the request (`copies` per prompt: n), or none (503 + Retry-After when the
+    queue is full)."""
+    request.state.jobs, request.state.copies = jobs, copies
     if len(jobs) > engine.max_queue:
         raise APIError(400, f"At most {engine.max_queue} prompts x n per request.", param="prompt")
     try:
@@ -66,9 +67,10 @@ async def collect(request: Request, jobs: list[Job]) -> bool:
     return True
 
 
-def streamed(request: Request, jobs: list[Job], head, piece, tail: dict | None) -> StreamingResponse:
+def streamed(request: Request, jobs: list[Job], head, piece, tail: dict | None, copies: int = 1) -> StreamingResponse:
     """SSE: per job `head(index, job)` (or None) once it is prefilled, then `piece(index, job, text,
-    entries, finish)` per event; then `tail` (the usage chunk) when asked, and [DONE]."""
+    entries, finish)` per event; then `tail` (the usage chunk, each prompt of `copies` jobs counted
+    once) when asked, and [DONE]."""
     async def events():
         finished = False
         try:
@@ -90,7 +92,7 @@ def streamed(request: Request, jobs: list[Job], head, piece, tail: dict | None) 
                         return
                     kind, payload = await job.emit.queue.get()
             if tail is not None:
-                yield out.sse(tail | {"usage": out.usage(jobs)})
+                yield out.sse(tail | {"usage": out.usage(jobs, copies)})
             yield out.sse("[DONE]")
             finished = True
         finally:  # the client left (or we finished): free the rows still generating

@@ -44,8 +44,10 @@ def chat_logprobs(tokenizer, entries: list[dict]) -> dict[str, Any]:
                         for e in entries], "refusal": None}
 
 
-def usage(jobs: list[Job]) -> dict[str, int]:
-    prompt = sum(len(j.prompt_ids) for j in jobs)
+def usage(jobs: list[Job], copies: int = 1) -> dict[str, int]:
+    """Token counts of a request whose jobs are `copies` (n) per prompt, prompt-major: each prompt
+    counts once, as OpenAI counts it, every generated token counts."""
+    prompt = sum(len(j.prompt_ids) for j in jobs[::copies])
     completion = sum(len(j.tokens) for j in jobs)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 

@@ -25,8 +25,18 @@ Design (how rows of different lengths share one static cache):
   shapes vary with the prompts), decode is.
 - **The compiled step** reads the pending tokens, columns and positions from static buffers, writes
   one column per row, marks it valid, advances the row's column and position, and returns the
-  logits `[b, vocab]`. Choosing tokens (sampling, stop strings, logprobs) stays per row in Python
-  (`Batch._choose`), exactly as on the dynamic path, so both paths produce the same rows.
+  logits `[b, vocab]` and their argmax, which it also writes into the token buffer as the next
+  step's input. Choosing tokens (sampling, stop strings, logprobs) stays per row in Python
+  (`batch.Rows._choose`), exactly as on the dynamic path, so both paths produce the same rows; a row
+  whose choice is not the plain argmax has its token written over from the host.
+- **Overlapped steps.** The argmax comes back through pinned memory behind an event, so the host
+  waits for that step only. When every row is plain greedy, `StaticBatch.step` launches the next
+  step before it decodes the current step's tokens into text (a row that ends there computed one
+  token too many, which nobody reads; joining and leaving rows move slots in stream order after
+  it); otherwise it launches it with the host's tokens before returning. So the host's work per
+  step (text decoding, stop strings, the guard check and graph launch) runs while the GPU computes.
+- **Restarts.** `warm_up(cache_root)` loads torch's compile artefacts saved by an earlier start with
+  the same model, GPU, versions and buckets, and saves them after a cold compile (compile_cache.py).
 
 The attention of a step reads `max_len` columns of each row (the server's context length), so a
 long context costs bandwidth at every step even for short rows.
@@ -39,15 +49,22 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..errors import QLoraError
-from .engine import Batch, Job, advance, finish
+from .batch import Job, Rows, advance, finish, with_cache
+from .compile_cache import CompileCache, cache_key
 from .sampling import SamplingParams
 
 log = logging.getLogger("qlora_helpers.serve")
+
+# The step's Inductor options: CUDA graphs (what mode="reduce-overhead" sets) and, per decoder,
+# coordinate-descent tuning (gpt-fast's setting: with it Inductor turns a batch-1 matmul into a tuned
+# reduction kernel that reads the weights at near copy bandwidth, where cuBLAS's GEMV does not).
+STEP_OPTIONS = {"triton.cudagraphs": True}
 
 
 def batch_buckets(max_batch: int) -> tuple[int, ...]:
@@ -65,7 +82,7 @@ class SlotLayer(CacheLayerMixin):
     is_compileable = True
     is_sliding = False
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, cache: "SlotCache"):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, cache: SlotCache):
         super().__init__()
         self.keys, self.values, self.cache = keys, values, cache
         self.is_initialized = True
@@ -127,12 +144,11 @@ class StaticDecoder:
     """The slots, their bookkeeping buffers and the decode step (compiled per bucket on CUDA).
 
     `slots`: the most rows at once (serve.max_concurrent); `max_len`: prompt + answer tokens per row
-    (the server's context length); `buckets`: the batch sizes compiled (default `batch_buckets`)."""
+    (the server's context length); `buckets`: the batch sizes compiled (default `batch_buckets`);
+    `tune`: Inductor's coordinate-descent tuning (batch-1 matmuls become its own tuned GEMV kernels)."""
 
     def __init__(self, model, slots: int, max_len: int, compile: bool | None = None,
-                 buckets: tuple[int, ...] | None = None):
-        from .engine import with_cache
-
+                 buckets: tuple[int, ...] | None = None, tune: bool = True):
         self.model, self.slots, self.max_len = model, slots, max_len
         config, self.dtype, self.device = _model_dims(model)
         self.vocab = config.vocab_size
@@ -150,12 +166,20 @@ class StaticDecoder:
         for buffer in (self.tokens, self.columns, self.positions, self.valid, self.row_index):
             torch._dynamo.mark_static_address(buffer)
         self.compiled = (self.device.type == "cuda") if compile is None else compile
+        self.options = dict(STEP_OPTIONS, coordinate_descent_tuning=tune)
         # dynamic=None (Dynamo's default): bucket 1 gets a graph of its own; the second bucket makes the
         # batch size symbolic, and that one compile serves every larger bucket. Each bucket is still
         # captured as its own CUDA graph (static shapes at replay). So warm-up costs two compiles.
-        self._step = (torch.compile(self._decode, mode="reduce-overhead", fullgraph=False, dynamic=None)
+        self._step = (torch.compile(self._decode, options=self.options, fullgraph=False, dynamic=None)
                       if self.compiled else self._decode)
         self.warmup_s: dict[int, float] = {}
+        self.compile_cache: dict = {"state": "off"}
+        # each step's argmax comes back through pinned memory, waited for on an event (not the stream):
+        # a step launched after it keeps the GPU busy while the host reads and decodes these tokens
+        cuda = self.device.type == "cuda"
+        self.greedy_host = torch.zeros(slots, dtype=torch.long, pin_memory=cuda)
+        self.ready = torch.cuda.Event() if cuda else None
+        self.launched: tuple[int, torch.Tensor] | None = None  # (rows, logits [bucket, vocab]) of the last launch
 
     def _decode(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The step over slots 0..b-1 (its shapes depend on b only): logits [b, vocab] float32 and
@@ -170,13 +194,16 @@ class StaticDecoder:
         self.columns[:b].add_(1).clamp_(max=self.max_len - 1)  # free slots' padding rows never overflow
         self.positions[:b].add_(1)
         logits = out.logits[:, -1].float()
-        return logits, logits.argmax(dim=-1)
+        greedy = logits.argmax(dim=-1)
+        self.tokens[:b, 0].copy_(greedy)  # the next step's input, unless the host chooses otherwise
+        return logits, greedy
 
     def describe(self) -> dict:
         """What the server reports: the decode path, its buckets, and the warm-up seconds."""
         return {"decode": "static, compiled" if self.compiled else "static", "batch_buckets": list(self.buckets),
                 "cache_columns": self.max_len, "compile_warmup_s": round(sum(self.warmup_s.values()), 1),
-                "compile_warmup_s_per_bucket": {str(b): s for b, s in self.warmup_s.items()}}
+                "compile_warmup_s_per_bucket": {str(b): s for b, s in self.warmup_s.items()},
+                "compile_cache": self.compile_cache["state"]}
 
     def bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
@@ -184,12 +211,32 @@ class StaticDecoder:
     @torch.no_grad()
     def decode(self, pending: list[int]) -> tuple[torch.Tensor, list[int]]:
         """One step for rows 0..n-1 with these pending tokens -> their logits [n, vocab] and argmax."""
-        n = len(pending)
-        self.tokens[:n, 0].copy_(torch.tensor(pending, dtype=torch.long), non_blocking=False)
+        self.launch(len(pending), pending)
+        logits, greedy = self.collect(logits=True)
+        return logits, greedy
+
+    @torch.no_grad()
+    def launch(self, n: int, pending: list[int] | None) -> None:
+        """Queue one step for rows 0..n-1 and return at once. `pending`: their input tokens, from the host;
+        None: the argmax the previous step left in the token buffer (greedy rows need no round trip)."""
+        if pending is not None:
+            self.tokens[:n, 0].copy_(torch.tensor(pending, dtype=torch.long))
         if self.compiled:
             torch.compiler.cudagraph_mark_step_begin()
         logits, greedy = self._step(self.bucket(n))
-        return logits[:n].clone(), greedy[:n].tolist()
+        self.greedy_host[:n].copy_(greedy[:n], non_blocking=self.ready is not None)
+        if self.ready is not None:
+            self.ready.record()
+        self.launched = (n, logits)
+
+    def collect(self, logits: bool) -> tuple[torch.Tensor | None, list[int]]:
+        """Wait for the last launched step: its argmax per row, and its logits [n, vocab] when asked
+        (copied: the next replay overwrites the graph's output). A step launched after it keeps running."""
+        n, out = self.launched
+        self.launched = None
+        if self.ready is not None:
+            self.ready.synchronize()
+        return (out[:n].clone() if logits else None), self.greedy_host[:n].tolist()
 
     @torch.no_grad()
     def prefill(self, first_slot: int, prompts: list[list[int]], all_logits: bool) -> list[torch.Tensor]:
@@ -226,10 +273,17 @@ class StaticDecoder:
             buffer[target].copy_(buffer[source])
 
     @torch.no_grad()
-    def warm_up(self) -> float:
+    def warm_up(self, cache_root: Path | None = None) -> float:
         """Run (and so compile and capture) the step of every bucket; seconds taken, also per bucket in
-        `warmup_s`. The slots hold garbage afterwards, which every joining row overwrites."""
+        `warmup_s`. The slots hold garbage afterwards, which every joining row overwrites. With
+        `cache_root`, torch's compile artefacts are loaded from there first and saved there after a
+        cold compile (compile_cache.py); `compile_cache` says which happened."""
         start = time.perf_counter()
+        cache = None
+        if cache_root is not None and self.compiled:
+            key = cache_key(self.model, self.dtype, self.slots, self.max_len, self.buckets, self.options)
+            cache = CompileCache(cache_root, key)
+            self.compile_cache = cache.load()
         self.valid.zero_()
         self.valid[:, 0] = True
         for b in self.buckets:
@@ -241,24 +295,31 @@ class StaticDecoder:
                 torch.cuda.synchronize(self.device)
             self.warmup_s[b] = round(time.perf_counter() - t0, 2)
         self.columns.zero_(), self.positions.zero_(), self.valid.zero_()
+        if cache is not None and self.compile_cache["state"] != "hit":
+            self.compile_cache.update(cache.save())
         total = time.perf_counter() - start
-        log.info("static decode step %s for batch buckets %s in %.1f s", "compiled" if self.compiled else "ready",
-                 list(self.buckets), total)
+        log.info("static decode step %s for batch buckets %s in %.1f s (compile cache: %s)",
+                 "compiled" if self.compiled else "ready", list(self.buckets), total, self.compile_cache["state"])
         return total
 
 
-def start_decoder(model, compile_setting: bool, slots: int, max_len: int) -> StaticDecoder | None:
+def start_decoder(model, compile_setting: bool, slots: int, max_len: int,
+                  cache_root: Path | None = None) -> StaticDecoder | None:
     """The warmed-up static decoder the server uses on CUDA (None: the dynamic path: no CUDA,
     serve.compile false, or a model that is not a torch module, e.g. llama.cpp's GGUF form, which
-    brings its own batch). The warm-up compiles every bucket, so no request waits for a compile."""
+    brings its own batch). The warm-up compiles every bucket, so no request waits for a compile;
+    `cache_root`: where the compile artefacts are kept between starts (compile_cache.py)."""
     if not compile_setting or not isinstance(model, torch.nn.Module):
         return None
     if next(model.parameters()).device.type != "cuda":
         return None
     decoder = StaticDecoder(model, slots, max_len, compile=True)
-    seconds = decoder.warm_up()
+    seconds = decoder.warm_up(cache_root)
+    used = {"hit": "used", "miss": "none yet, saved now"}.get(decoder.compile_cache["state"],
+                                                              decoder.compile_cache["state"])
     print(f"compiled the static decode step for batch buckets {list(decoder.buckets)} in {seconds:.1f} s "
-          f"(per bucket: {decoder.warmup_s})", flush=True)
+          f"(per bucket: {decoder.warmup_s}; compile cache: {used}, {decoder.compile_cache.get('file')})",
+          flush=True)
     return decoder
 
 
@@ -270,14 +331,21 @@ def plain_greedy(job: Job) -> bool:
             and not p.presence_penalty and not p.frequency_penalty and len(job.tokens) >= p.min_tokens)
 
 
-class StaticBatch(Batch):
-    """`engine.Batch` over a `StaticDecoder`'s slots: the same rows, steps and choices, but rows that
-    join are prefilled together at the next step, and leaving rows free their slot."""
+class StaticBatch(Rows):
+    """The rows of `batch.Rows` over a `StaticDecoder`'s slots: the same rows, steps and choices as
+    the dynamic `engine.Batch`, but rows that join are prefilled together at the next step, and
+    leaving rows free their slot."""
+
+    overlap = True  # launch the next step before the host reads this one (False: one step at a time)
 
     def __init__(self, model, tokenizer, decoder: StaticDecoder):
-        super().__init__(model, tokenizer)
-        self.decoder = decoder
+        self.model, self.tokenizer, self.decoder = model, tokenizer, decoder
+        self.device = next(model.parameters()).device
+        self.jobs: list[Job] = []
+        self.pending: list[int] = []
         self.joining: list[Job] = []
+        self.ahead: list[Job] | None = None  # the rows of a step launched but not read yet
+        self.host_tokens = False  # a row's next input was chosen on the host (a prefill)
 
     def add(self, job: Job) -> None:
         """Queue `job` for the next step's prefill (it must fit a slot and the context)."""
@@ -292,6 +360,14 @@ class StaticBatch(Batch):
             raise QLoraError(f"prompt token ids must be in [0, {self.decoder.vocab}); got {bad[:3] or 'none'}")
         job.generator = job.sampling.generator(self.device)
         self.joining.append(job)
+
+    def _join(self) -> list[Job]:
+        """The cancelled joining rows leave; the others are prefilled together (`_prefill`)."""
+        cancelled = [j for j in self.joining if j.cancelled]
+        for job in cancelled:
+            finish(job, "cancelled")
+        self.joining = [j for j in self.joining if not j.cancelled]
+        return cancelled + (self._prefill() if self.joining else [])
 
     def _prefill(self) -> list[Job]:
         """Prefill the joining rows into the next free slots; returns those that ended at once."""
@@ -340,29 +416,48 @@ class StaticBatch(Batch):
                 self._record_prompt_logprobs(job, rows)
             self.jobs.append(job)
             self.pending.append(self._choose(job, rows[-1]))
+        self.host_tokens = True
 
     @torch.no_grad()
     def step(self) -> list[Job]:
-        cancelled = [j for j in self.jobs + self.joining if j.cancelled]
-        for job in [j for j in self.joining if j.cancelled]:
-            finish(job, "cancelled")
-        self.joining = [j for j in self.joining if not j.cancelled]
-        self._keep([not j.cancelled for j in self.jobs])
-        done = self._prefill() if self.joining else []
-        if not self.jobs:
-            return cancelled + done
-        logits, greedy = self.decoder.decode(self.pending)
-        self.pending = [self._greedy(job, token) if plain_greedy(job) else self._choose(job, row)
-                        for job, row, token in zip(self.jobs, logits, greedy)]
-        done += [j for j in self.jobs if j.finish_reason is not None]
-        self._keep([j.finish_reason is None for j in self.jobs])
-        return cancelled + done
+        """`Rows.step`; then the next step is launched before this call returns (with the tokens the host
+        chose, when `_next_tokens` launched none), so the GPU computes it while the engine admits rows."""
+        done = super().step()
+        if self.overlap and self.ahead is None and self.jobs:
+            self._launch(self.pending)
+        return done
 
-    def _keep(self, keep: list[bool]) -> None:
+    def _next_tokens(self) -> list[int]:
+        """Read the step launched last (launching it now if none was). When every row is plain greedy,
+        the following step is launched before this one's tokens are decoded on the host: its input is
+        the argmax the GPU already holds; a row that ends here computes one token too many there, which
+        nobody reads."""
+        if self.ahead is not None and not any(j.finish_reason is None for j in self.ahead):
+            self.ahead = self.decoder.launched = None  # its rows have all ended: nothing to read
+        if self.ahead is None:
+            self._launch(self.pending)
+        rows, self.ahead = self.ahead, None
+        exact = [plain_greedy(j) for j in rows]
+        logits, greedy = self.decoder.collect(logits=not all(exact))
+        if self.overlap and all(exact) and not self.host_tokens and set(self.jobs) <= set(rows):
+            self._launch(None)  # the GPU computes the next step while the host decodes this one's tokens
+        chosen = {}
+        for i, job in enumerate(rows):
+            if job.finish_reason is None:
+                chosen[job] = self._greedy(job, greedy[i]) if exact[i] else self._choose(job, logits[i])
+        return [chosen.get(j, p) for j, p in zip(self.jobs, self.pending)]
+
+    def _launch(self, pending: list[int] | None) -> None:
+        """Launch a step over the current rows; `pending` None: their inputs are already on the GPU."""
+        self.decoder.launch(len(self.jobs), pending)
+        self.ahead = list(self.jobs)
+        self.host_tokens = self.host_tokens and pending is None
+
+    def _drop(self, keep: list[bool]) -> None:
         """Keep the rows marked True in slots 0..k-1: each leaving row's slot takes the last row."""
-        for job, k in zip(self.jobs, keep):
-            if not k and job.finish_reason is None:
-                finish(job, "cancelled")
+        if not any(keep):  # every row leaves (also after a failed step): nothing to move
+            self.jobs, self.pending = [], []
+            return
         jobs, pending = list(self.jobs), list(self.pending)
         keep = list(keep)
         i = 0
@@ -378,6 +473,7 @@ class StaticBatch(Batch):
         self.jobs, self.pending = jobs, pending
 
     def fail(self, message: str) -> None:
+        self.ahead, self.decoder.launched, self.host_tokens = None, None, False
         for job in self.joining:
             job.finish_reason = "error"
             job.emit("error", message)

@@ -8,21 +8,25 @@ import html
 import threading
 from typing import Iterator
 
-from ..generation import render_prompt
+from ..prompts import encode_prompt, render_instruction
 from ..runs import Run
 
+
 def prompt_for(run: Run, tokenizer, instruction: str) -> str:
-    """An instruction in the run's template (what the adapter was trained on)."""
-    return render_prompt(tokenizer, instruction, "chat" if run.cfg.data.template == "chat" else "alpaca")
+    """An instruction in the run's template (what the adapter was trained on), as text; its token ids
+    are `prompts.encode_text(run, tokenizer, text)`."""
+    return render_instruction(run, tokenizer, instruction)
 
 
-def stream_text(model, tokenizer, prompt: str, max_new_tokens: int) -> Iterator[str]:
-    """Greedy generation, yielding text pieces as they come (transformers' TextIteratorStreamer,
-    generate running in a thread)."""
+def stream_text(model, tokenizer, prompt_ids: list[int], max_new_tokens: int) -> Iterator[str]:
+    """Greedy generation from a prompt's token ids (`prompt_for`), yielding text pieces as they come
+    (transformers' TextIteratorStreamer, generate running in a thread)."""
+    import torch
     from transformers import TextIteratorStreamer
 
     device = next(model.parameters()).device
-    enc = tokenizer(prompt, return_tensors="pt").to(device)
+    ids = torch.tensor([prompt_ids], device=device)
+    enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
     worker = threading.Thread(target=model.generate, daemon=True, kwargs=dict(
         **enc, streamer=streamer, max_new_tokens=max_new_tokens, do_sample=False,
@@ -50,7 +54,7 @@ def chat_box(run: Run, model, tokenizer, max_new_tokens: int = 128):
             return
         turns.append(f"<b>you</b>: {html.escape(question)}")
         answer = ""
-        for piece in stream_text(model, tokenizer, prompt_for(run, tokenizer, question), max_new_tokens):
+        for piece in stream_text(model, tokenizer, encode_prompt(run, tokenizer, question), max_new_tokens):
             answer += piece
             log.value = "<br>".join(turns + [f"<b>model</b>: {html.escape(answer)}"])
         turns.append(f"<b>model</b>: {html.escape(answer)}")

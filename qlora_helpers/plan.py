@@ -1,0 +1,322 @@
+"""A memory plan before launch: the predicted peak GPU memory of training and of serving a profile,
+from the model's shape alone (its config.json, or a known shape), with no download and no GPU.
+
+    python -m qlora_helpers plan --config llama2-7b-fast --gpu-gib 24
+
+Training, one process (a DDP process holds the same; FSDP is not planned here):
+- the base weights: 4-bit linear layers (packed NF4/FP4, their absmax constants, and with double
+  quantization the 8-bit absmax and its own fp32 constants), and the parts that stay in floating point
+  (embeddings, lm_head, norms): in the compute dtype, or float32 where peft's
+  `prepare_model_for_kbit_training` upcasts them (the plain path with a 4-bit base);
+- the LoRA adapters (float32) with their gradients and AdamW's two states;
+- activations: the fast path's recomputation plan (`fastpath.plan_recompute`, the same function and
+  budget rule training uses) or, on the plain path, every layer's input under gradient checkpointing
+  plus one layer recomputed at a time;
+- the logits and the loss: chunked by Liger's fused linear + cross-entropy, or whole (the logits,
+  their float32 copy and its gradient) without it.
+Serving: the weights of the form served plus the static KV cache (serve.max_concurrent slots of the
+context length) and one prefill of all slots.
+
+The per-token activation factors are measurements (benchmarks/BENCHMARKS.md, "memory plan"); the
+prediction is checked there against torch.cuda.max_memory_allocated on an H200.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from . import fastpath
+from .config import Config
+from .errors import ModelSourceError
+from .models import RANDOM_SHAPES
+
+GIB = 2**30
+BLOCK = 64  # bitsandbytes' 4-bit block size: one absmax per 64 weights
+NESTED_BLOCK = 256  # double quantization: one fp32 absmax per 256 8-bit absmax values
+# What a CUDA process holds outside PyTorch's allocator (context, kernels, cuBLAS workspace): counted
+# when deciding whether the plan fits a card, not in the peaks (which match max_memory_allocated).
+CUDA_CONTEXT_GIB = 0.6
+# The caching allocator reserves more than it hands out (fragmentation): on the H200 the reserved peak
+# was 8-18% above the allocated one in every setting measured, so a card needs the peak x this.
+RESERVED_FACTOR = 1.15
+EMBEDDED_VOCAB = 49152  # the SmolLM2 tokenizer that the embedded and the random:<shape> models use
+
+# Shapes of models a profile names, for users who have not downloaded them yet (config.json values).
+LLAMA2 = dict(vocab_size=32000, num_attention_heads=32, max_position_embeddings=4096)
+KNOWN_SHAPES: dict[str, dict[str, Any]] = {
+    "meta-llama/Llama-2-7b-hf": dict(LLAMA2, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32),
+    "meta-llama/Llama-2-13b-hf": dict(LLAMA2, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                                      num_attention_heads=40),
+    "meta-llama/Llama-2-70b-hf": dict(LLAMA2, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                                      num_attention_heads=64, num_key_value_heads=8),
+    "embedded": dict(RANDOM_SHAPES["smollm2-135m"], vocab_size=EMBEDDED_VOCAB),
+}
+KNOWN_SHAPES["meta-llama/Llama-2-7b-chat-hf"] = KNOWN_SHAPES["meta-llama/Llama-2-7b-hf"]
+
+# Activations per token and decoder layer: fastpath's factors (fused and unfused), the ones training plans with.
+# The loss without fused kernels, bytes per logit alive at its peak: the logits in the compute dtype
+# (2), their float32 copy (`logits.float()` in transformers' loss, 4), log-softmax's float32 output
+# kept for backward (4) and its float32 gradient (4).
+LOSS_BYTES_PER_LOGIT = 2 + 4 + 4 + 4
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the plan needs of a decoder-only model's config.json (LLaMA family names)."""
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tied: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each linear layer of one decoder layer."""
+        h, m, kv = self.hidden, self.intermediate, self.kv_heads * self.head_dim
+        return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+                "gate_proj": (h, m), "up_proj": (h, m), "down_proj": (m, h)}
+
+    def linear_weights(self) -> int:
+        return self.layers * sum(i * o for i, o in self.linears().values())
+
+    def float_weights(self) -> int:
+        """Weights that stay in floating point: embeddings, lm_head (unless tied), norms."""
+        return self.vocab * self.hidden * (1 if self.tied else 2) + (2 * self.layers + 1) * self.hidden
+
+
+def shape_from_config(config: dict[str, Any]) -> Shape:
+    heads = config["num_attention_heads"]
+    return Shape(hidden=config["hidden_size"], intermediate=config["intermediate_size"],
+                 layers=config["num_hidden_layers"], heads=heads,
+                 kv_heads=config.get("num_key_value_heads") or heads, vocab=config["vocab_size"],
+                 tied=bool(config.get("tie_word_embeddings", False)))
+
+
+def model_shape(source: str) -> Shape:
+    """The shape of `model.source`: random:<shape>, embedded, a known hub id, or a local folder (or
+    a hub id already in the Hugging Face cache) with config.json. Nothing is downloaded."""
+    if source.startswith("random:"):
+        name = source.split(":", 1)[1]
+        if name not in RANDOM_SHAPES:
+            raise ModelSourceError(f"Unknown random model shape {name!r}; valid: {', '.join(RANDOM_SHAPES)}.")
+        return shape_from_config({"vocab_size": EMBEDDED_VOCAB, **RANDOM_SHAPES[name]})
+    if source in KNOWN_SHAPES:
+        return shape_from_config(KNOWN_SHAPES[source])
+    path = Path(source).expanduser()
+    found = path / "config.json" if path.is_dir() else _cached_config(source)
+    if found is None or not found.is_file():
+        raise ModelSourceError(
+            f"No config.json for model.source={source!r}: the plan reads the model's shape without "
+            f"downloading it. Pass a local folder holding config.json, download the model once, or use "
+            f"one of: {', '.join(sorted(KNOWN_SHAPES))}, random:<{'|'.join(RANDOM_SHAPES)}>.")
+    config = json.loads(found.read_text(encoding="utf-8"))
+    return shape_from_config(config.get("text_config", config))
+
+
+def _cached_config(repo_id: str) -> Path | None:
+    """config.json of a hub model already in the local Hugging Face cache (no network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    found = try_to_load_from_cache(repo_id, "config.json")
+    return Path(found) if isinstance(found, str) else None
+
+
+# --- the pieces ------------------------------------------------------------------------------------------
+
+
+def quantized_bytes(weights: int, tensors: int, double_quant: bool) -> int:
+    """Bytes of `weights` 4-bit weights in `tensors` layers: packed values (two per byte), one absmax per
+    64 (float32, or 8-bit plus one float32 per 256 of them with double quantization) and per layer the
+    code tables (16 values; 256 more for the nested code)."""
+    blocks = math.ceil(weights / BLOCK)
+    if double_quant:
+        scales = blocks + 4 * math.ceil(blocks / NESTED_BLOCK) + tensors * 4 * (16 + 256 + 1)
+    else:
+        scales = 4 * blocks + tensors * 4 * 16
+    return weights // 2 + scales
+
+
+def lora_targets(shape: Shape, targets: Any) -> list[str]:
+    names = list(shape.linears())
+    if targets == "all-linear":
+        return names
+    wanted = [targets] if isinstance(targets, str) else list(targets)
+    return [n for n in names if n in wanted]
+
+
+def lora_parameters(shape: Shape, r: int, targets: Any) -> int:
+    linears = shape.linears()
+    return shape.layers * sum(r * (linears[n][0] + linears[n][1]) for n in lora_targets(shape, targets))
+
+
+def dtype_bytes(dtype: str) -> int:
+    return 4 if dtype == "float32" else 2
+
+
+def compute_dtype(cfg: Config) -> str:
+    """The compute dtype on a CUDA card: `auto` is bf16 (fp16 on cards without it, same size)."""
+    return "bfloat16" if cfg.quant.compute_dtype == "auto" else cfg.quant.compute_dtype
+
+
+def fast_path_runs(cfg: Config) -> bool:
+    """On a CUDA card the fast path runs unless switched off (`auto` and `always` alike)."""
+    return cfg.train.fast_path != "never" and cfg.train.distributed != "fsdp"
+
+
+def weight_bytes(cfg: Config, shape: Shape, float_bytes: int) -> dict[str, int]:
+    """The frozen base: 4-bit (or full-precision) linear layers and the floating-point rest."""
+    tensors = shape.layers * len(shape.linears())
+    dense = dtype_bytes(compute_dtype(cfg))
+    linear = (quantized_bytes(shape.linear_weights(), tensors, cfg.quant.double_quant)
+              if cfg.quant.load_in_4bit else shape.linear_weights() * dense)
+    return {"base linear layers" + (" (4-bit)" if cfg.quant.load_in_4bit else ""): linear,
+            "embeddings, lm_head, norms": shape.float_weights() * float_bytes}
+
+
+def adapter_bytes(cfg: Config, shape: Shape) -> dict[str, int]:
+    """LoRA weights in float32, their gradients, and the optimizer's two states (1 byte each in 8-bit)."""
+    params = lora_parameters(shape, cfg.lora.r, cfg.lora.target_modules)
+    state = 2 if cfg.train.optimizer == "paged_adamw_8bit" else 8
+    return {"LoRA adapters": 4 * params, "LoRA gradients": 4 * params, "optimizer states": state * params}
+
+
+def _layer_bytes(shape: Shape, tokens: int, targets: Any, fused: bool, hidden_bytes: int = 2) -> tuple[int, int]:
+    """(bytes one decoder layer keeps for backward, bytes it keeps when recomputed: its input)."""
+    return fastpath.activation_bytes(_as_config(shape), tokens, lora_targets(shape, targets), fused, hidden_bytes)
+
+
+def _as_config(shape: Shape) -> SimpleNamespace:
+    """The attributes of a transformers config that fastpath's planning reads."""
+    return SimpleNamespace(hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+                           num_hidden_layers=shape.layers)
+
+
+def loss_bytes(shape: Shape, tokens: int, fused: bool) -> int:
+    """The logits and loss at their peak: Liger's chunks (and the input gradient it computes in the
+    forward), or the whole logits with their float32 copy and gradient."""
+    if not fused:
+        return tokens * shape.vocab * LOSS_BYTES_PER_LOGIT
+    chunk = 1 << max(0, math.ceil(math.log2(math.ceil(tokens / math.ceil(shape.vocab / shape.hidden)))))
+    return chunk * shape.vocab * 2 + 2 * tokens * shape.hidden * 2
+
+
+def budget_bytes(cfg: Config, gpu_gib: float) -> int:
+    """train.memory_budget_gib, or what fastpath.budget_bytes gives on an empty card of `gpu_gib`."""
+    if cfg.train.memory_budget_gib > 0:
+        return int(cfg.train.memory_budget_gib * GIB)
+    return int(0.9 * (gpu_gib - CUDA_CONTEXT_GIB) * GIB)
+
+
+def activation_plan(cfg: Config, shape: Shape, weights: int, gpu_gib: float) -> dict[str, Any]:
+    """Tokens per micro-batch, the layers recomputed, the bytes kept and the transient peak on top."""
+    targets, fast = cfg.lora.target_modules, fast_path_runs(cfg)
+    fused = fast and cfg.train.fused_kernels
+    if fast:
+        tokens = cfg.train.packed_tokens
+        # the same call as training, with the factors of the kernels that run
+        recompute = fastpath.plan_recompute(_as_config(shape), tokens, budget_bytes(cfg, gpu_gib),
+                                            weights + GIB, lora_targets(shape, targets), fused)["recompute_layers"]
+        hidden_bytes = 2
+    else:
+        tokens = cfg.train.micro_batch_size * cfg.model.max_seq_length  # padded to the longest row
+        recompute = shape.layers if cfg.train.gradient_checkpointing else 0
+        # prepare_model_for_kbit_training upcasts the embeddings: the residual stream runs in float32
+        hidden_bytes = 4 if cfg.quant.load_in_4bit else dtype_bytes(compute_dtype(cfg))
+    full, kept = _layer_bytes(shape, tokens, targets, fused, hidden_bytes)
+    stored = (shape.layers - recompute) * full + recompute * kept
+    transient = max(loss_bytes(shape, tokens, fused), full if recompute else 0)
+    return {"path": "fast" if fast else "plain", "fused": fused, "tokens": tokens, "recompute_layers": recompute,
+            "layers": shape.layers, "stored": stored, "transient": transient}
+
+
+def training_plan(cfg: Config, shape: Shape, gpu_gib: float) -> dict[str, Any]:
+    """Peak GPU memory of one training process, by part, in bytes."""
+    fast = fast_path_runs(cfg)
+    upcast = cfg.quant.load_in_4bit and not fast  # peft's prepare_model_for_kbit_training
+    float_bytes = 4 if upcast else dtype_bytes(compute_dtype(cfg))
+    parts = {**weight_bytes(cfg, shape, float_bytes), **adapter_bytes(cfg, shape)}
+    weights = sum(v for k, v in parts.items() if not k.startswith(("LoRA", "optimizer")))
+    acts = activation_plan(cfg, shape, weights, gpu_gib)
+    parts[f"activations ({acts['recompute_layers']} of {acts['layers']} layers recomputed)"] = acts["stored"]
+    parts["logits / loss or a recomputed layer (transient)"] = acts["transient"]
+    return {"parts": parts, "peak": sum(parts.values()), "activations": acts}
+
+
+def serving_plan(cfg: Config, shape: Shape) -> dict[str, Any]:
+    """Peak GPU memory of the server for the merged 16-bit form and the 4-bit base + adapter form:
+    the weights, the static KV cache of serve.max_concurrent slots x the context, and a prefill of
+    every slot at once (one layer's working set, the attention mask and the last logits)."""
+    slots = cfg.serve.max_concurrent
+    context = cfg.serve.context_length or cfg.model.max_seq_length
+    dense = dtype_bytes(compute_dtype(cfg))
+    kv = slots * context * shape.layers * 2 * shape.kv_heads * shape.head_dim * dense
+    tokens = slots * context
+    prefill = (tokens * (4 * shape.hidden + 3 * shape.intermediate) * dense + slots * context * context * (dense + 1)
+               + slots * shape.vocab * 4)
+    forms = {
+        "merged": (shape.linear_weights() + shape.float_weights()) * dtype_bytes(cfg.serve.export_dtype),
+        "adapter": (sum(weight_bytes(cfg, shape, dense).values())
+                    + 4 * lora_parameters(shape, cfg.lora.r, cfg.lora.target_modules)),
+    }
+    return {"slots": slots, "context": context, "kv_cache": kv, "prefill": prefill,
+            "forms": {name: {"weights": w, "peak": w + kv + prefill} for name, w in forms.items()}}
+
+
+def memory_plan(cfg: Config, gpu_gib: float) -> dict[str, Any]:
+    shape = model_shape(cfg.model.source)
+    return {"model": cfg.model.source, "shape": shape, "gpu_gib": gpu_gib, "distributed": cfg.train.distributed,
+            "training": training_plan(cfg, shape, gpu_gib), "serving": serving_plan(cfg, shape)}
+
+
+def card_gib(peak: int) -> float:
+    """The card a peak of tensors needs: the allocator's reserve on top, and the CUDA context."""
+    return peak / GIB * RESERVED_FACTOR + CUDA_CONTEXT_GIB
+
+
+def fits(peak: int, gpu_gib: float) -> bool:
+    return card_gib(peak) <= gpu_gib
+
+
+FUSED_NOTE = (", Liger kernels (a card below compute capability 8.0, a T4, runs without them: plan it with "
+              "train.fused_kernels=false)")
+
+
+def describe_plan(plan: dict[str, Any]) -> list[str]:
+    """The plan as lines for the terminal."""
+    gib = lambda b: f"{b / GIB:8.2f} GiB"  # noqa: E731
+    card = plan["gpu_gib"]
+    train, acts = plan["training"], plan["training"]["activations"]
+
+    def verdict(peak: int) -> str:
+        return f"needs a {card_gib(peak):.1f} GiB card: {'fits' if fits(peak, card) else 'does NOT fit'}"
+
+    lines = [f"Memory plan for {plan['model']} on a {card:g} GiB card (peaks of PyTorch's allocator; a card "
+             f"needs x{RESERVED_FACTOR} for its reserve + {CUDA_CONTEXT_GIB} GiB CUDA context)",
+             f"Training ({acts['path']} path, {acts['tokens']} tokens per micro-batch"
+             f"{FUSED_NOTE if acts['fused'] else ''}):"]
+    if plan["distributed"] == "fsdp":
+        lines.append("  (train.distributed=fsdp: FSDP shards the weights over the processes; this is one "
+                     "process holding them whole, an upper bound)")
+    lines += [f"  {name:<52}{gib(value)}" for name, value in train["parts"].items()]
+    lines.append(f"  {'peak':<52}{gib(train['peak'])}  {verdict(train['peak'])}")
+    serve = plan["serving"]
+    lines.append(f"Serving ({serve['slots']} slots x {serve['context']} tokens of context):")
+    lines.append(f"  {'KV cache':<52}{gib(serve['kv_cache'])}")
+    lines.append(f"  {'prefill of every slot (transient)':<52}{gib(serve['prefill'])}")
+    for name, form in serve["forms"].items():
+        label = "merged 16-bit weights" if name == "merged" else "4-bit base + adapter weights"
+        lines.append(f"  {label:<52}{gib(form['weights'])}  peak {form['peak'] / GIB:.2f} GiB, "
+                     f"{verdict(form['peak'])}")
+    return lines

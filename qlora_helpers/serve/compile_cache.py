@@ -1,0 +1,96 @@
+"""Restarts without recompiling: the static decoder's compile artefacts, kept on disk.
+
+Compiling the decode step (static.py) takes minutes on a 7B model: Dynamo traces the model, Inductor
+generates and tunes Triton kernels, CUDA graphs are captured per bucket. Only the tracing and the
+capture must happen again at each start; the rest is what torch's own caches hold (Inductor's FX
+graph cache, AOTAutograd's cache, the tuning results, the compiled kernels), in a folder under /tmp
+that a new machine or container does not have. So after a cold warm-up the decoder saves them as one
+file (`torch.compiler.save_cache_artifacts`) in the model cache, and the next start loads that file
+(`load_cache_artifacts`) before it compiles.
+
+The file's name is a digest of everything that changes the compiled code: torch, Triton,
+transformers and bitsandbytes versions, the GPU and its compute capability, the model's config and
+module classes (a 4-bit base, a LoRA adapter and its settings), the compute dtype, the slots, the
+cache columns, the buckets and the step's Inductor options. Anything else gives another file, never a
+wrong kernel; a file torch cannot read is reported and the decoder compiles from scratch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..paths import write_json_atomic
+
+log = logging.getLogger("qlora_helpers.serve")
+
+
+def _version(name: str) -> str | None:
+    module = __import__("sys").modules.get(name)
+    return getattr(module, "__version__", None) if module is not None else None
+
+
+def cache_key(model, dtype: torch.dtype, slots: int, max_len: int, buckets: tuple[int, ...],
+              options: dict) -> dict[str, Any]:
+    """What the compiled step depends on (the weights' values are inputs, not part of the code)."""
+    config = getattr(model.config, "to_dict", lambda: vars(model.config))()
+    peft = getattr(model, "peft_config", None) or {}
+    cuda = torch.cuda.is_available()
+    gpu = (torch.cuda.get_device_name(), list(torch.cuda.get_device_capability())) if cuda else None
+    return {"torch": torch.__version__, "triton": _version("triton"), "transformers": _version("transformers"),
+            "bitsandbytes": _version("bitsandbytes"), "python": platform.python_version(), "gpu": gpu,
+            "model_config": config, "modules": sorted({type(m).__name__ for m in model.modules()}),
+            "adapters": {name: c.to_dict() for name, c in peft.items()}, "dtype": str(dtype), "slots": slots,
+            "max_len": max_len, "buckets": list(buckets), "options": options}
+
+
+class CompileCache:
+    """One decoder's artefact file `<root>/step-<digest>.bin`, with its key beside it as JSON."""
+
+    def __init__(self, root: Path, key: dict[str, Any]):
+        text = json.dumps(key, sort_keys=True, default=str)
+        self.digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+        self.key = json.loads(text)
+        self.file = Path(root) / f"step-{self.digest}.bin"
+
+    def load(self) -> dict[str, Any]:
+        """Load the artefacts into torch's caches before compiling: {'state': 'hit'|'miss'|'unreadable', ...}."""
+        if not self.file.is_file():
+            return {"state": "miss", "file": str(self.file)}
+        try:  # torch logs a file it cannot read and returns None; other versions may raise
+            info = torch.compiler.load_cache_artifacts(self.file.read_bytes())
+            error = None if info is not None else "torch could not read it (a corrupt or foreign file)"
+        except Exception as exc:  # noqa: BLE001 - a stale or broken file costs a cold compile, not the server
+            error = f"{type(exc).__name__}: {exc}"
+        if error is not None:
+            log.warning("compile cache %s unreadable (%s); compiling from scratch", self.file, error)
+            return {"state": "unreadable", "file": str(self.file), "error": error}
+        entries = sum(len(v) for v in getattr(info, "artifacts", {}).values())
+        return {"state": "hit", "file": str(self.file), "entries": entries}
+
+    def save(self) -> dict[str, Any]:
+        """Write the artefacts of the compiles this process made (after a cold warm-up)."""
+        saved = torch.compiler.save_cache_artifacts()
+        if saved is None:
+            return {"saved": False}
+        data, _ = saved
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.file.name}.", suffix=".tmp", dir=self.file.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide it from a server in another account
+            os.replace(tmp, self.file)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        write_json_atomic(self.file.with_suffix(".json"), self.key)
+        return {"saved": True, "bytes": len(data)}

@@ -1,0 +1,114 @@
+"""The evaluation tasks of stage 05, one registry entry each (like lm-eval's task registry).
+
+Everything that lists tasks iterates over `TASKS`, in its order: stage 05 runs them
+(`evaluate.run_tasks`, notebook 05's one task cell), eval.json's summary, sample counts and paired
+bootstrap differences (`evaluate.summarize`, `sample_counts`, `compare_paired`), the metrics figure
+(`plots.plot_metrics`) and the sweep table (`sweep.collect_results`). Adding a task is one entry here
+plus its function in evaluate.py (and its settings in config.EvalConfig, and a test).
+
+A task's function takes (run, model, tokenizer, data: the eval split 03 saved) and returns
+{'base': ..., 'tuned': ..., 'seconds': ...} (`evaluate.for_both`), or {'skipped': why} when its data
+is nowhere to be found (`evaluate.needs_data`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+Reader = Callable[[dict[str, Any]], tuple[list[float], list[float] | None]]
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str                 # its name in eval.json's summary, the figure and the sweep table
+    key: str                  # where each side's result holds its value
+    per_example: Reader       # one side's result -> (per-example values, weights or None): the paired bootstrap
+    lower_is_better: bool = False
+    transform: Callable[[float], float] | None = None  # applied to each side's mean (exp: perplexity from loss)
+    # sweep table columns (tuned, base, examples) where 04's train_log measured it first and 05 replaces it
+    sweep_columns: tuple[str, str, str] | None = None
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str                 # its key in eval.json's results, samples and seconds
+    title: str
+    about: str                # what it measures, in a line (the notebook's task table)
+    settings: tuple[str, ...]  # the eval.* settings it reads
+    data: tuple[str, ...]     # the eval.* settings naming its data: a hub id (read from the hub, else its
+    #                           offline copy in the data directory, data.HUB_DATASETS) or a file; ():
+    #                           the run's own eval split (stage 03)
+    run: str                  # its function in evaluate.py
+    metrics: tuple[Metric, ...] = ()
+    examples: Callable[[dict[str, Any]], int | None] | None = None  # examples behind its numbers
+    enabled: Callable[[Any], bool] = lambda eval_cfg: True  # from the eval config: runs at all?
+    section: str = "eval"     # the config section of its settings
+
+
+def _nll_per_token(side: dict[str, Any]) -> tuple[list[float], list[float]]:
+    return [n / k for n, k in side["per_example"]], [k for _, k in side["per_example"]]
+
+
+def _values(side: dict[str, Any]) -> tuple[list[float], None]:
+    return [float(v) for v in side["per_example"]], None
+
+
+def _prompt_level(side: dict[str, Any]) -> tuple[list[float], None]:
+    return [p[0] for p in side["per_prompt"]], None
+
+
+def _instruction_level(side: dict[str, Any]) -> tuple[list[float], list[float]]:
+    return [p[1] / p[2] for p in side["per_prompt"]], [p[2] for p in side["per_prompt"]]
+
+
+def _count(key: str) -> Callable[[dict[str, Any]], int]:
+    return lambda result: len(result.get(key, []))
+
+
+TASKS: dict[str, Task] = {t.name: t for t in (
+    Task("loss", "Held-out loss", "token-weighted NLL of the held-out responses given their prompts",
+         ("loss_samples", "batch_size"), (), "evaluate_loss",
+         (Metric("held-out loss", "loss", _nll_per_token, lower_is_better=True,
+                 sweep_columns=("heldout_loss", "heldout_loss_base", "heldout_examples")),
+          Metric("perplexity", "perplexity", _nll_per_token, lower_is_better=True, transform=math.exp)),
+         examples=lambda result: result.get("tuned", {}).get("examples")),
+    Task("rouge", "ROUGE-L", "word overlap of greedy answers with the held-out references",
+         ("rouge_samples", "answer_tokens", "batch_size"), (), "evaluate_rouge",
+         (Metric("ROUGE-L F1", "rougeL_f1", _values),), examples=_count("references")),
+    Task("gsm8k", "GSM8K", "the final number of the answer (after ####, else the last) against the reference",
+         ("gsm8k_path", "gsm8k_samples", "gsm8k_shots", "gsm8k_tokens", "batch_size"), ("gsm8k_path",),
+         "evaluate_gsm8k", (Metric("GSM8K exact match", "exact_match", _values),), examples=_count("answers")),
+    Task("ifeval", "IFEval", "verifiable instructions followed: every one of a prompt (prompt level), or each",
+         ("ifeval_path", "ifeval_samples", "answer_tokens", "batch_size"), ("ifeval_path",), "evaluate_ifeval",
+         (Metric("IFEval prompt-level", "prompt_level_strict", _prompt_level),
+          Metric("IFEval instruction-level", "instruction_level_strict", _instruction_level)),
+         examples=_count("prompts")),
+    Task("choice", "Multiple choice", "the likeliest of the given answers (log-likelihood) against the gold one",
+         ("choice_path", "choice_samples", "batch_size"), ("choice_path",), "evaluate_choice",
+         (Metric("multiple-choice accuracy", "accuracy", _values),), examples=_count("questions"),
+         enabled=lambda eval_cfg: eval_cfg.choice_path is not None),
+    Task("showcase", "Side by side", "base and tuned answers to AlpacaEval and MT-bench prompts, to read",
+         ("alpaca_eval_path", "mt_bench_path", "showcase_samples", "answer_tokens"),
+         ("alpaca_eval_path", "mt_bench_path"), "evaluate_showcase"),
+    Task("lm_eval", "lm-evaluation-harness", "the tasks of eval.lm_eval_tasks through lm-eval, on the model in memory",
+         ("lm_eval_tasks", "lm_eval_limit", "gsm8k_path", "gsm8k_shots", "gsm8k_tokens"), (), "evaluate_lm_eval",
+         enabled=lambda eval_cfg: bool(eval_cfg.lm_eval_tasks)),
+)}
+
+
+def metrics() -> Iterator[tuple[Task, Metric]]:
+    """Every (task, metric), in registry order."""
+    for task in TASKS.values():
+        for metric in task.metrics:
+            yield task, metric
+
+
+def metric(name: str) -> Metric:
+    """The metric of that summary name; KeyError naming the known ones."""
+    for _, m in metrics():
+        if m.name == name:
+            return m
+    raise KeyError(f"No metric {name!r}; known: {', '.join(m.name for _, m in metrics())}.")

@@ -1,0 +1,107 @@
+"""The memory plan's arithmetic (qlora_helpers/plan.py), on the CPU: byte counts against bitsandbytes'
+own 4-bit tensors, shapes without downloads, and the predictions against the peaks measured on the
+H200 (benchmarks/results/2026-12-04_h200_memory_plan.json)."""
+
+import json
+
+import pytest
+import torch
+
+from qlora_helpers.cli import main
+from qlora_helpers.config import load_config
+from qlora_helpers.errors import ModelSourceError
+from qlora_helpers.paths import PROJECT_ROOT
+from qlora_helpers.plan import (
+    GIB,
+    lora_parameters,
+    model_shape,
+    quantized_bytes,
+    serving_plan,
+    shape_from_config,
+    training_plan,
+)
+
+MEASURED = PROJECT_ROOT / "benchmarks" / "results" / "2026-12-04_h200_memory_plan.json"
+
+
+def _tensor_bytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_four_bit_bytes_match_what_bitsandbytes_stores(double_quant):
+    import bitsandbytes.functional as F
+
+    weight = torch.randn(256, 1024 + 64)  # 278,528 weights: 4,352 blocks of 64, 17 nested blocks of 256
+    packed, state = F.quantize_4bit(weight, blocksize=64, compress_statistics=double_quant, quant_type="nf4")
+    stored = _tensor_bytes(packed, state.absmax, state.code)
+    if double_quant:
+        stored += _tensor_bytes(state.state2.absmax, state.state2.code) + 4  # + the fp32 offset
+    assert quantized_bytes(weight.numel(), 1, double_quant) == stored
+
+
+def test_shapes_come_from_known_models_random_shapes_and_local_config_files(tmp_path):
+    seven = model_shape("random:llama2-7b")
+    assert (seven.hidden, seven.layers, seven.vocab, seven.head_dim) == (4096, 32, 49152, 128)
+    assert model_shape("meta-llama/Llama-2-7b-hf").vocab == 32000
+    assert seven.linear_weights() == 32 * (4 * 4096**2 + 3 * 4096 * 11008)  # LLaMA-2-7B's 6.48e9 in linears
+    seventy = model_shape("meta-llama/Llama-2-70b-hf")
+    assert seventy.linears()["k_proj"] == (8192, 1024)  # grouped-query attention: 8 KV heads
+    assert model_shape("embedded").tied
+    (tmp_path / "config.json").write_text(json.dumps({
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 1000}))
+    assert model_shape(str(tmp_path)) == shape_from_config(json.loads((tmp_path / "config.json").read_text()))
+    with pytest.raises(ModelSourceError, match="without downloading"):
+        model_shape("someone/not-here-7b")
+
+
+def test_lora_parameter_count_follows_targets_and_grouped_query_attention():
+    tiny = model_shape("random:tiny")
+    assert lora_parameters(tiny, 16, ["q_proj", "v_proj"]) == 2 * 2 * 16 * (64 + 64) - 2 * 16 * (64 - 32)
+    seven = model_shape("random:llama2-7b")
+    assert lora_parameters(seven, 16, ["q_proj", "v_proj"]) == 32 * 2 * 16 * 8192
+    assert lora_parameters(seven, 16, "all-linear") == 32 * 16 * (4 * 8192 + 3 * (4096 + 11008))
+
+
+def test_serving_kv_cache_is_slots_times_context_times_layers():
+    cfg = load_config("llama2-7b", ["serve.max_concurrent=8", "serve.context_length=1024"])
+    plan = serving_plan(cfg, model_shape("random:llama2-7b"))
+    assert plan["kv_cache"] == 8 * 1024 * 32 * 2 * 4096 * 2 == 4 * GIB
+    assert plan["forms"]["merged"]["weights"] > 3 * plan["forms"]["adapter"]["weights"]
+
+
+def test_the_plain_path_keeps_float_weights_in_float32_and_the_fast_path_in_the_compute_dtype():
+    shape = model_shape("random:llama2-7b")
+    plain = training_plan(load_config("llama2-7b", ["train.fast_path=never"]), shape, 24)["parts"]
+    fast = training_plan(load_config("llama2-7b-fast"), shape, 24)["parts"]
+    assert plain["embeddings, lm_head, norms"] == 2 * fast["embeddings, lm_head, norms"]
+
+
+def test_a_smaller_budget_recomputes_more_layers():
+    shape = model_shape("random:llama2-7b")
+    layers = [training_plan(load_config("llama2-7b-fast", [f"train.memory_budget_gib={b}"]), shape, 80)
+              ["activations"]["recompute_layers"] for b in (60, 30, 12)]
+    assert layers[0] < layers[1] < layers[2]
+
+
+def test_predictions_are_within_ten_percent_of_the_peaks_measured_on_the_gpu():
+    result = json.loads(MEASURED.read_text())
+    checked = 0
+    for row in result["settings"]:
+        for size in row.get("sizes", []):
+            key = "train.packed_tokens" if row["fast_path"] else "model.max_seq_length"
+            cfg = load_config(row["config"], [*row["overrides"], f"{key}={size['tokens']}"])
+            plan = training_plan(cfg, model_shape("random:llama2-7b"), 141)
+            assert plan["activations"]["recompute_layers"] == size["recompute_layers"]
+            assert plan["peak"] / GIB == pytest.approx(size["peak_allocated_gib"], rel=0.10), (row["setting"], size)
+            checked += 1
+    assert checked == 6
+
+
+def test_plan_command_prints_the_parts_and_exits_1_when_training_does_not_fit(capsys):
+    assert main(["plan", "--config", "llama2-7b", "--set", "train.fast_path=never", "--gpu-gib", "24"]) == 0
+    out = capsys.readouterr().out
+    assert "plain path" in out and "4-bit base + adapter weights" in out and "KV cache" in out
+    assert main(["plan", "--config", "llama2-7b", "--set", "train.fast_path=never", "--gpu-gib", "6"]) == 1
+    assert "does NOT fit" in capsys.readouterr().out

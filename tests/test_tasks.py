@@ -1,0 +1,67 @@
+"""The evaluation-task registry (qlora_helpers/tasks.py) and what iterates over it."""
+
+import dataclasses
+
+import pytest
+
+from qlora_helpers import evaluate, tasks
+from qlora_helpers.config import EvalConfig
+
+SETTINGS = {f.name for f in dataclasses.fields(EvalConfig)}
+
+
+@pytest.mark.parametrize("task", list(tasks.TASKS.values()), ids=list(tasks.TASKS))
+def test_each_entry_names_real_settings_and_a_function(task):
+    assert set(task.settings) <= SETTINGS, set(task.settings) - SETTINGS
+    assert set(task.data) <= set(task.settings)
+    assert evaluate._RUNNERS[task.name].__name__ == task.run
+    assert task.enabled(EvalConfig()) in (True, False)
+
+
+def test_metric_names_are_unique_and_directed():
+    names = [m.name for _, m in tasks.metrics()]
+    assert len(names) == len(set(names))
+    assert [m.name for _, m in tasks.metrics() if m.lower_is_better] == ["held-out loss", "perplexity"]
+    with pytest.raises(KeyError, match="known: held-out loss"):
+        tasks.metric("BLEU")
+
+
+RESULTS = {
+    "loss": {"base": {"loss": 2.0, "perplexity": 7.39, "examples": 2, "per_example": [[4.0, 2], [2.0, 1]]},
+             "tuned": {"loss": 1.5, "perplexity": 4.48, "examples": 2, "per_example": [[3.0, 2], [1.5, 1]]},
+             "seconds": {"base": 1.0, "tuned": 1.0}},
+    "rouge": {"base": {"rougeL_f1": 0.1, "per_example": [0.1, 0.1]},
+              "tuned": {"rougeL_f1": 0.2, "per_example": [0.2, 0.2]},
+              "references": ["a", "b"], "seconds": {"base": 1.0, "tuned": 2.0}},
+    "gsm8k": {"skipped": "no data"},
+    "ifeval": {"base": {"prompt_level_strict": 0.0, "instruction_level_strict": 0.0, "per_prompt": []},
+               "tuned": {"prompt_level_strict": 0.0, "instruction_level_strict": 0.0, "per_prompt": []},
+               "prompts": [], "seconds": {"base": 0.0, "tuned": 0.0}},
+}
+
+
+def test_summary_counts_differences_and_table_follow_the_registry():
+    assert evaluate.sample_counts(RESULTS) == {"loss": 2, "rouge": 2, "gsm8k": 0, "ifeval": 0}
+    summary = evaluate.summarize(RESULTS)
+    assert list(summary) == ["held-out loss", "perplexity", "ROUGE-L F1"]  # ifeval had 0 examples, gsm8k none
+    assert [d["metric"] for d in evaluate.compare_paired(RESULTS)] == list(summary)
+    table = evaluate.task_table(RESULTS)
+    assert [(r["task"], r["metric"]) for r in table] == [
+        ("Held-out loss", "held-out loss"), ("Held-out loss", "perplexity"), ("ROUGE-L", "ROUGE-L F1"),
+        ("GSM8K", "skipped: no data"), ("IFEval", "configured away (0 examples)")]
+    assert table[0]["better"] == "lower" and table[2]["better"] == "higher" and table[2]["seconds"] == 3.0
+
+
+def test_plot_and_sweep_read_direction_and_columns_from_the_registry():
+    import matplotlib.pyplot as plt
+
+    from qlora_helpers.plots import plot_metrics
+    from qlora_helpers.sweep import _eval_columns
+
+    fig = plot_metrics(evaluate.summarize(RESULTS))
+    assert [ax.get_title() for ax in fig.axes] == ["held-out loss\n(lower is better)", "perplexity\n(lower is better)",
+                                                   "ROUGE-L F1\n(higher is better)"]
+    plt.close(fig)
+    report = {"summary": evaluate.summarize(RESULTS), "samples": evaluate.sample_counts(RESULTS)}
+    assert _eval_columns(report) == {"heldout_loss": 1.5, "heldout_loss_base": 2.0, "heldout_examples": 2,
+                                     "perplexity": 4.48, "ROUGE-L F1": 0.2}  # 05's loss replaces 04's columns
