@@ -145,8 +145,8 @@ def test_a_row_that_ends_leaves_and_is_reported_stopped(tiny_lora):
     for prompt in PROMPTS:
         enc = tok(prompt, return_tensors="pt")
         with torch.no_grad():
-            ids = model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
-        greedy.append(ids[0, enc["input_ids"].shape[1]:].tolist())
+            out = model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+        greedy.append(out[0, enc["input_ids"].shape[1]:].tolist())
     # the first prompt whose answer has a token at step k >= 1 not seen before it: that token becomes EOS
     row, k = next((i, k) for i, ids in enumerate(greedy) for k in range(1, 6) if ids[k] not in ids[:k])
     old_eos = tok.eos_token
