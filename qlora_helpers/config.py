@@ -96,6 +96,8 @@ class DataConfig:
     seed: int = _f(42, "seed of the train/eval split and of source sampling")
     packing: bool = _f(False, "pack whole examples into rows of max_seq_length tokens "
                        "(attention never crosses examples)")
+    builtin_fallback: bool = _f(True, "a hub source out of reach with no offline copy: train on the "
+                                "built-in data (qlora_helpers/builtin_data.py) instead; false: stop")
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .config import load_config, resolve_config_path
-from .data import DataError, check_sources
+from .data import DataError, builtin_notice, check_sources
 from .errors import ConfigError, QLoraError
 from .opening import STAGE_SECTIONS, config_differences, saved_config
 from .paths import PROJECT_ROOT, run_dir
@@ -50,12 +50,14 @@ def run_pipeline(config: str, run_name: str | None = None, overrides: Iterable[s
     run_name = run_name or config_path.stem
     selected = [s for s in select_stages(stages) if s.applies(cfg)]  # 04b only when the profile enables it
     readers = [s.notebook for s in selected if s.reads_sources]
-    if readers:  # and on training data that cannot be read, instead of minutes into the run
+    if readers:  # and on a training file that cannot be read, instead of minutes into the run
         try:
-            check_sources(cfg.data)
+            fallback = check_sources(cfg.data)
         except DataError as exc:
             raise type(exc)(f"Nothing was run: {' and '.join(readers)} read the training data "
                             f"(data.sources). {exc}") from None
+        if fallback:  # a hub source out of reach without an offline copy: the run still works
+            print(builtin_notice(fallback), flush=True)
     path = run_dir(run_name, outputs_dir)
     parameters = {"config": str(config_path), "run_name": run_name, "overrides": overrides,
                   "outputs_dir": str(path.parent)}

@@ -106,11 +106,12 @@ def test_bad_override_fails_before_any_notebook_runs(tmp_path):
 
 
 def test_training_data_that_cannot_be_read_fails_before_any_notebook_runs(tmp_path, monkeypatch):
-    # the default profile's Alpaca, with the hub out of reach and no offline copy: a fresh clone offline
+    # the default profile's Alpaca, with the hub out of reach, no offline copy, and the built-in data
+    # refused (data.builtin_fallback=false; by default the run trains on it: tests/test_builtin_data.py)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("QLORA_DATA_DIR", raising=False)
     with pytest.raises(DataUnavailable) as err:
-        run_pipeline("default", "no-data", outputs_dir=str(tmp_path), progress=False)
+        run_pipeline("default", "no-data", ["data.builtin_fallback=false"], outputs_dir=str(tmp_path), progress=False)
     assert str(err.value).startswith("Nothing was run: 02_quantize.ipynb and 03_data_prep.ipynb read the "
                                      "training data (data.sources). Cannot load hub dataset 'tatsu-lab/alpaca' "
                                      "(HF_HUB_OFFLINE is set)")
