@@ -43,7 +43,7 @@ def examples(n: int, seed: int, vocab: int) -> list[dict[str, list[int]]]:
 
 
 def batches(rows: list[dict], mode: str, micro: int, budget: int, seed: int, packed_rows: int) -> list[list[dict]]:
-    from qlora_helpers.data import pack_examples
+    from qlora_helpers.batching import pack_examples
 
     if mode == "packed":
         packed = pack_examples(rows, budget, seed=seed)
@@ -58,7 +58,8 @@ def batches(rows: list[dict], mode: str, micro: int, budget: int, seed: int, pac
 
 
 def one_pass(model, groups, mode: str, pad: int) -> dict[str, float]:
-    from qlora_helpers.data import collate, collate_packed
+    from qlora_helpers.batching import collate_packed
+    from qlora_helpers.scoring import collate
 
     start, cpu = time.perf_counter(), time.process_time()
     computed = 0
