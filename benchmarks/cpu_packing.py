@@ -5,7 +5,7 @@ the same examples, three ways, side by side in one process, alternating (A B C A
   default does today: data.packing false, train.group_by_length false);
 - grouped: the same, but micro-batches of similar lengths (train.group_by_length true);
 - packed: whole examples packed into rows of max_seq_length tokens with the 4-D block-diagonal mask
-  (data.packing true: qlora_helpers.data.pack_examples / collate_packed), micro-batches of
+  (data.packing true: qlora_helpers.batching.pack_examples / collate_packed), micro-batches of
   --packed-rows rows.
 
 Each pass is forward + backward of every example once (the model from qlora_helpers.train's own

@@ -1,6 +1,6 @@
 """Rows into batches: whole examples packed into rows of a token budget, packed rows collated with
 their position ids, and how much of a batch is padding. Used by training (04, 04b) and the fast path;
-the padded collator itself is `scoring.collate`."""
+the padded collator itself is `scoring.collate`. torch is imported inside `collate_packed` (heavy)."""
 
 from __future__ import annotations
 

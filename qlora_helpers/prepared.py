@@ -1,6 +1,10 @@
 """The prepared sets as artifacts: build them (read, validate, render, tokenize, split) with a
 fingerprint, save them in the run folder, and read them back. Stage 03 orchestrates this; stages 02
-(held-out pairs), 04, 04b and 05 read what it saved."""
+(held-out pairs), 04, 04b and 05 read what it saved.
+
+`datasets` and pyarrow are imported inside the functions that use them: they are heavy (seconds) and
+most callers (validation, the unit tests) need neither.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,10 @@
 """Where the data comes from: files in the data directory, hub ids and their offline copies, and the
 built-in data a run falls back to when neither is there. Shared by stage 03 (training sets), 04b
-(preference pairs) and 05 (evaluation tasks)."""
+(preference pairs) and 05 (evaluation tasks).
+
+`datasets` and pyarrow are imported inside the functions that use them: they are heavy (seconds) and
+most callers (validation, the unit tests) need neither.
+"""
 
 from __future__ import annotations
 
