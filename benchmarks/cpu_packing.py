@@ -5,7 +5,7 @@ the same examples, three ways, side by side in one process, alternating (A B C A
   default does today: data.packing false, train.group_by_length false);
 - grouped: the same, but micro-batches of similar lengths (train.group_by_length true);
 - packed: whole examples packed into rows of max_seq_length tokens with the 4-D block-diagonal mask
-  (data.packing true: qlora_helpers.data.pack_examples / collate_packed), micro-batches of
+  (data.packing true: qlora_helpers.batching.pack_examples / collate_packed), micro-batches of
   --packed-rows rows.
 
 Each pass is forward + backward of every example once (the model from qlora_helpers.train's own
@@ -43,7 +43,7 @@ def examples(n: int, seed: int, vocab: int) -> list[dict[str, list[int]]]:
 
 
 def batches(rows: list[dict], mode: str, micro: int, budget: int, seed: int, packed_rows: int) -> list[list[dict]]:
-    from qlora_helpers.data import pack_examples
+    from qlora_helpers.batching import pack_examples
 
     if mode == "packed":
         packed = pack_examples(rows, budget, seed=seed)
@@ -58,7 +58,8 @@ def batches(rows: list[dict], mode: str, micro: int, budget: int, seed: int, pac
 
 
 def one_pass(model, groups, mode: str, pad: int) -> dict[str, float]:
-    from qlora_helpers.data import collate, collate_packed
+    from qlora_helpers.batching import collate_packed
+    from qlora_helpers.scoring import collate
 
     start, cpu = time.perf_counter(), time.process_time()
     computed = 0

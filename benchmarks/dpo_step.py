@@ -40,7 +40,7 @@ SETTINGS = {  # name: (overrides of the llama2-7b profile + preference on)
 
 
 def make_pairs(n: int, seed: int = 0) -> list[dict]:
-    from qlora_helpers.data import format_alpaca
+    from qlora_helpers.prompts import format_alpaca
 
     rng = random.Random(seed)
     text = lambda k: " ".join(rng.choice(WORDS) for _ in range(k)).capitalize() + "."  # noqa: E731

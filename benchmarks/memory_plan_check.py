@@ -76,8 +76,8 @@ def train_once(run, setting: tuple[str, list[str]], model, tokenizer, tokens: in
     import torch
 
     from qlora_helpers.config import load_config
-    from qlora_helpers.data import PreparedData
     from qlora_helpers.plan import GIB, model_shape, training_plan
+    from qlora_helpers.prepared import PreparedData
     from qlora_helpers.train import build_trainer
 
     fast = model.qlora_fast_path is not None

@@ -41,7 +41,7 @@ def packed_vs_separate(model, examples) -> float:
     """Max |logit difference| between the packed row and each example run alone (fp16 autocast)."""
     import torch
 
-    from qlora_helpers.data import pack_examples
+    from qlora_helpers.batching import pack_examples
     from qlora_helpers.fastpath import collate_flat
 
     rows = pack_examples(examples, budget=100_000)
@@ -68,9 +68,9 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from qlora_helpers.data import PreparedData
     from qlora_helpers.models import ensure_random_model, load_tokenizer
     from qlora_helpers.opening import setup_run
+    from qlora_helpers.prepared import PreparedData
     from qlora_helpers.train import build_trainer, load_trainable_model
 
     folder = ensure_random_model(args.shape, Path(args.cache))

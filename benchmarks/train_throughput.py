@@ -264,7 +264,7 @@ def _unwrap(model):
 def run_project(name, base, cfg, examples, tokenizer, steps, warmup, peak, tmp):
     import torch
 
-    from qlora_helpers.data import PreparedData
+    from qlora_helpers.prepared import PreparedData
     from qlora_helpers.train import build_trainer, load_trainable_model
 
     model = load_trainable_model(cfg, "cuda", torch.bfloat16, base=base)
@@ -290,8 +290,9 @@ def loss_check(model, examples) -> dict:
     padded loss (sdpa with the padding mask, ordinary logits and cross-entropy)."""
     import torch
 
-    from qlora_helpers.data import collate, pack_examples
+    from qlora_helpers.batching import pack_examples
     from qlora_helpers.fastpath import collate_flat
+    from qlora_helpers.scoring import collate
 
     dev = "cuda"
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
@@ -353,7 +354,7 @@ def longest(base, base_cfg, lengths, rows) -> dict:
 
     from qlora_helpers import fastpath
     from qlora_helpers.config import load_config
-    from qlora_helpers.data import collate
+    from qlora_helpers.scoring import collate
     from qlora_helpers.train import load_trainable_model
 
     total = torch.cuda.get_device_properties(0).total_memory
@@ -373,7 +374,7 @@ def longest(base, base_cfg, lengths, rows) -> dict:
                 ids = torch.randint(10, base.config.vocab_size, (L,)).tolist()
                 ex = [{"input_ids": ids, "labels": [-100] * (L // 2) + ids[L // 2:]}]
                 if name == "B":
-                    from qlora_helpers.data import pack_examples
+                    from qlora_helpers.batching import pack_examples
 
                     batch = fastpath.collate_flat(pack_examples(ex, budget=L))
                 else:

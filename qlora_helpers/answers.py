@@ -23,9 +23,9 @@ import time
 from typing import Any
 
 from .builtin_data import exact_match
-from .data import load_prepared
 from .decoding import Answer, generate_answers
 from .evaluate import rouge_l
+from .prepared import load_prepared
 from .prompts import encode_text
 from .scoring import describe_difference, paired_bootstrap
 

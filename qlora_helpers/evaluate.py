@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from . import ifeval
-from .data import HUB_DATASETS, DataUnavailable, load_table, looks_like_file, resolve_data_dir
+from .sources import HUB_DATASETS, DataUnavailable, load_table, looks_like_file, resolve_data_dir
 from .errors import DataError
 from .generation import generate
 from .models import four_bit_kernel

@@ -40,15 +40,15 @@ import random
 import time
 from typing import Any
 
-from .data import PreparedData, collate, load_prepared
 from .errors import QLoraError
 from .generation import generate
 from .models import keep_4bit_on_autograd_path, load_model, load_tokenizer
 from .paths import atomic_dir, read_json, write_json_atomic
 from .preference_data import prepare_pairs
+from .prepared import PreparedData, load_prepared
 from .prompts import encode_pairs, encode_text
-from .scoring import paired_bootstrap
-from .train import NOT_LEARNING_CHECKS, NonFiniteLoss, NotLearning, local_device, peak_memory
+from .scoring import collate, paired_bootstrap
+from .trainer import NOT_LEARNING_CHECKS, NonFiniteLoss, NotLearning, local_device, peak_memory
 
 SFT, POLICY, REFERENCE = "sft", "default", "ref"  # adapter names: 05's comparison, TRL's policy and reference
 THREE = ("base", "sft", "sft+dpo")

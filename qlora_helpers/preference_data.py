@@ -31,18 +31,11 @@ from pathlib import Path
 from typing import Any
 
 from .config import DataConfig, PreferenceConfig, PreferenceSourceConfig
-from .data import (
-    EXAMPLES_PER_REASON,
-    BadConversation,
-    DataUnavailable,
-    RowProblem,
-    load_table,
-    looks_like_file,
-    map_columns,
-)
 from .errors import DataError
+from .formats import EXAMPLES_PER_REASON, RowProblem, map_columns
 from .generation import generate
-from .prompts import encode_text, render_conversation
+from .prompts import BadConversation, encode_text, render_conversation
+from .sources import DataUnavailable, load_table, looks_like_file
 
 LAYOUTS = {  # columns that identify each layout (after column mapping); the value types decide between them
     "prompt_chosen_rejected": ("prompt", "chosen", "rejected"),

@@ -116,7 +116,7 @@ def render_instruction(run_or_template: Any, tokenizer, instruction: str) -> str
 
 
 def render(record: dict[str, Any], template: str, tokenizer) -> tuple[str, str]:
-    """(prompt, response) text of a validated record (`data.normalize_row`: kind alpaca, raw or chat).
+    """(prompt, response) text of a validated record (`formats.normalize_row`: kind alpaca, raw or chat).
     The response is the last assistant turn; earlier turns are context (`render_conversation`)."""
     kind = record["kind"]
     if kind == "raw":

@@ -14,10 +14,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .data import heldout_pairs
 from .generation import generate
 from .models import bnb_config, load_full_model, load_quantized_model, load_tokenizer, resolve_model
 from .paths import write_json_atomic
+from .prepared import heldout_pairs
 from .prompts import encode_prompt, native_template
 from .runs import Run
 from .scoring import heldout_loss

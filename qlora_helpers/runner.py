@@ -17,11 +17,11 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .config import load_config, resolve_config_path
-from .data import DataError, builtin_notice, check_sources
-from .errors import ConfigError, QLoraError
+from .errors import ConfigError, DataError, QLoraError
 from .opening import STAGE_SECTIONS, config_differences, saved_config
 from .paths import PROJECT_ROOT, run_dir
 from .runs import NOTEBOOK_DIR, STAGES, NotSetUp, RunFolder, Stage, record_stage, stage_key
+from .sources import builtin_notice, check_sources
 
 
 class StageFailed(QLoraError):

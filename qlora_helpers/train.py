@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,21 +31,24 @@ from transformers import TrainingArguments
 
 from . import fastpath
 from .adapter import gather_fsdp_adapter, save_adapter
+from .batching import collate_packed, pack_examples
 from .config import Config
-from .data import PreparedData, collate, collate_packed, load_prepared, pack_examples
 from .environment import wandb_mode
 from .errors import QLoraError
 from .fastpath import collate_flat
 from .models import keep_4bit_on_autograd_path, load_model, load_tokenizer, resolve_model
 from .paths import write_json_atomic
+from .prepared import PreparedData, load_prepared
 from .runs import RunFolder, Runtime
-from .scoring import heldout_loss
+from .scoring import collate, heldout_loss
 from .trainer import (  # noqa: F401
     COMPLETE_MARKER,
     NOT_LEARNING_CHECKS,
     GuardedTrainer,
     NonFiniteLoss,
     NotLearning,
+    local_device,
+    peak_memory,
     training_callbacks,
 )
 
@@ -60,12 +62,6 @@ GC_KWARGS = {"use_reentrant": False}  # non-reentrant checkpointing: works with 
 
 
 # --- model ----------------------------------------------------------------------------------------
-
-
-def local_device(device: str) -> str:
-    """cuda:<LOCAL_RANK> in each process of a multi-GPU (accelerate/torchrun) run, else `device`."""
-    rank = os.environ.get("LOCAL_RANK")
-    return f"cuda:{rank}" if device == "cuda" and rank is not None else device
 
 
 def fsdp_active(cfg: Config) -> bool:
@@ -407,20 +403,6 @@ def run_stage(run) -> dict[str, Any]:
     """Stage 04's entry point (CLI, accelerate workers): train on the sets 03 saved; the adapter and
     `train_log.json` (written last) are the stage's outputs. Returns the summary."""
     return train_adapter(run, load_prepared(run))["summary"]
-
-
-def peak_memory() -> dict[str, Any]:
-    """On CUDA the peak tensor memory of training; elsewhere the peak resident memory of this whole
-    process (model loading included), since the CPU has no per-phase counter. The kind says which."""
-    if torch.cuda.is_available():
-        return {"peak_memory_mib": torch.cuda.max_memory_allocated() / 2**20, "peak_memory_kind": "cuda_max_allocated"}
-    try:
-        import resource
-    except ImportError:  # Windows
-        return {"peak_memory_mib": None, "peak_memory_kind": None}
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    mib = rss / (2**20 if sys.platform == "darwin" else 2**10)
-    return {"peak_memory_mib": mib, "peak_memory_kind": "process_max_rss"}
 
 
 def _trained_tokens(trainer) -> int:

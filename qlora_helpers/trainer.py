@@ -3,15 +3,19 @@ that makes a checkpoint resumable, the live loss curve, W&B's copy of the run's 
 
 Notebook 04 builds `GuardedTrainer(model=..., args=..., callbacks=training_callbacks(run, args))` in
 sight; `train.build_trainer` (the CLI, sweeps, benchmarks) makes the same call. Each guard is its own
-class, so a reader finds one rule per class.
+class, so a reader finds one rule per class. The guards' errors, the device of each process and the
+peak memory are shared with stage 04b (preference.py), which trains through TRL's trainer instead.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback
@@ -39,6 +43,26 @@ class NonFiniteLoss(QLoraError):
 
 class NotLearning(QLoraError):
     """The adapters get no usable gradient, or the optimizer does not move them."""
+
+
+def local_device(device: str) -> str:
+    """cuda:<LOCAL_RANK> in each process of a multi-GPU (accelerate/torchrun) run, else `device`."""
+    rank = os.environ.get("LOCAL_RANK")
+    return f"cuda:{rank}" if device == "cuda" and rank is not None else device
+
+
+def peak_memory() -> dict[str, Any]:
+    """On CUDA the peak tensor memory of training; elsewhere the peak resident memory of this whole
+    process (model loading included), since the CPU has no per-phase counter. The kind says which."""
+    if torch.cuda.is_available():
+        return {"peak_memory_mib": torch.cuda.max_memory_allocated() / 2**20, "peak_memory_kind": "cuda_max_allocated"}
+    try:
+        import resource
+    except ImportError:  # Windows
+        return {"peak_memory_mib": None, "peak_memory_kind": None}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    mib = rss / (2**20 if sys.platform == "darwin" else 2**10)
+    return {"peak_memory_mib": mib, "peak_memory_kind": "process_max_rss"}
 
 
 class GuardedTrainer(Trainer):

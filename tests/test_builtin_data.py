@@ -7,15 +7,9 @@ import pytest
 from qlora_helpers import builtin_data
 from qlora_helpers.builtin_data import exact_match, final_answer, generate_records, split_records
 from qlora_helpers.config import DataConfig, SourceConfig, load_config
-from qlora_helpers.data import (
-    DataUnavailable,
-    builtin_notice,
-    check_sources,
-    load_source,
-    prepare_data,
-    training_sources,
-)
 from qlora_helpers.paths import PROJECT_ROOT
+from qlora_helpers.prepared import prepare_data
+from qlora_helpers.sources import DataUnavailable, builtin_notice, check_sources, load_source, training_sources
 
 ASSETS = PROJECT_ROOT / "tests" / "assets" / "data"
 

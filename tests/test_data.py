@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from qlora_helpers.config import DataConfig, SourceConfig, load_config
-from qlora_helpers.data import (DataUnavailable, collate_packed, dropped_table, heldout_pairs, load_source, load_split,
-                                pack_examples, padding_efficiency, prepare_data, read_records)
+from qlora_helpers.batching import collate_packed, pack_examples, padding_efficiency
+from qlora_helpers.data import dropped_table
+from qlora_helpers.prepared import heldout_pairs, load_split, prepare_data
+from qlora_helpers.sources import DataUnavailable, load_source, read_records
 from qlora_helpers.errors import DataError
 from qlora_helpers.paths import PROJECT_ROOT
 from qlora_helpers.prompts import BadConversation, encode_pairs, format_alpaca, render_conversation

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from qlora_helpers.config import load_config
-from qlora_helpers.data import pack_examples
+from qlora_helpers.batching import pack_examples
 from qlora_helpers.errors import ConfigError
 from qlora_helpers import fastpath
 
@@ -74,7 +74,7 @@ def test_flat_loss_equals_padded_loss(tiny_dir, attention):
     """Same weights, same tokens: the fast path's loss equals the padded batch's token-weighted loss."""
     from transformers import AutoModelForCausalLM
 
-    from qlora_helpers.data import collate
+    from qlora_helpers.scoring import collate
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
     examples = _examples([21, 9, 30, 14], seed=3)
@@ -162,7 +162,7 @@ def test_varlen_demanded_on_a_t4_is_a_clear_error(card, setting):
 
 
 def test_fast_rows_need_room_for_the_longest_example():
-    from qlora_helpers.data import PreparedData
+    from qlora_helpers.prepared import PreparedData
     from qlora_helpers.errors import QLoraError
     from qlora_helpers.train import training_rows
 

@@ -34,7 +34,7 @@ def test_nf4_on_cuda_beats_fp4(tiny_dir):
 def test_packed_logits_equal_separate_on_cuda(tiny_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qlora_helpers.data import collate_packed, pack_examples
+    from qlora_helpers.batching import collate_packed, pack_examples
     from qlora_helpers.prompts import encode_pairs
 
     tok = AutoTokenizer.from_pretrained(tiny_dir)
@@ -89,7 +89,7 @@ def test_varlen_kernel_packed_equals_separate(tiny_dir):
     from transformers import AutoModelForCausalLM
 
     from qlora_helpers import fastpath
-    from qlora_helpers.data import pack_examples
+    from qlora_helpers.batching import pack_examples
 
     assert fastpath.varlen_available()
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.bfloat16).cuda().eval()
@@ -112,9 +112,10 @@ def test_varlen_kernel_packed_equals_separate(tiny_dir):
 def test_fast_path_loss_matches_padded_loss(tiny_dir):
     """Same weights, same tokens: the fast path's loss (flat row, varlen, fused kernels and loss)
     is within 1% of the plain padded loss (sdpa, ordinary logits and cross-entropy)."""
+    from qlora_helpers.batching import pack_examples
     from qlora_helpers.config import load_config
-    from qlora_helpers.data import collate, pack_examples
     from qlora_helpers.fastpath import collate_flat
+    from qlora_helpers.scoring import collate
     from qlora_helpers.train import load_trainable_model
 
     cfg = load_config("smoke", ["train.fast_path=always", "lora.dropout=0.0", "train.packed_tokens=4096"])

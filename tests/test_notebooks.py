@@ -4,12 +4,12 @@ import json
 
 import pytest
 
-from qlora_helpers.data import DataUnavailable
 from qlora_helpers.errors import ConfigError, QLoraError
 from qlora_helpers.paths import PROJECT_ROOT
 from qlora_helpers.runner import StageFailed, run_pipeline, select_stages
 from qlora_helpers.runs import STAGES
 from qlora_helpers.serve.gguf import gguf_available
+from qlora_helpers.sources import DataUnavailable
 
 SECRET = "hf_test_secret_must_not_leak_0123456789"
 API_KEY = "serve_test_key_must_not_leak_9876543210"

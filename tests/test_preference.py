@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 
 from qlora_helpers.config import PreferenceConfig, PreferenceSourceConfig, load_config
-from qlora_helpers.data import DataUnavailable, RowProblem, read_records
 from qlora_helpers.errors import ConfigError, DataError
+from qlora_helpers.formats import RowProblem
 from qlora_helpers.opening import setup_run
 from qlora_helpers.paths import PROJECT_ROOT
 from qlora_helpers.preference_data import detect_layout, normalize_pair, parse_transcript
 from qlora_helpers.runner import select_stages
 from qlora_helpers.runs import STAGES, RunFolder, stage
+from qlora_helpers.sources import DataUnavailable, read_records
 
 ASSETS = PROJECT_ROOT / "tests" / "assets" / "data" / "preference"
 QUIET = ["train.wandb=disabled", "train.eval_samples=0", "preference.enabled=true"]
@@ -196,10 +197,10 @@ def sft_run(tmp_path_factory, tiny_dir):
 
 
 def test_own_data_pairs_are_the_reference_against_the_models_greedy_answer(sft_run):
-    from qlora_helpers.data import load_prepared
     from qlora_helpers.generation import generate
     from qlora_helpers.preference import load_policy_model
     from qlora_helpers.preference_data import _Report, build_own_pairs, own_candidates
+    from qlora_helpers.prepared import load_prepared
     from qlora_helpers.prompts import encode_text
 
     model, tokenizer = load_policy_model(sft_run)

@@ -69,7 +69,7 @@ def _train_examples(tmp_path, tok, template) -> list[dict]:
     (tmp_path / "al.json").write_text(json.dumps([{"instruction": INSTRUCTION, "input": "", "output": "Sleep."}]))
     (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": INSTRUCTION},
                                                                   {"role": "assistant", "content": "Walk."}]}))
-    from qlora_helpers.data import build_examples
+    from qlora_helpers.prepared import build_examples
 
     cfg = DataConfig(data_dir=str(tmp_path), sources=[SourceConfig(path="al.json"), SourceConfig(path="chat.jsonl")],
                      template=template)

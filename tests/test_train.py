@@ -150,7 +150,7 @@ import signal, sys
 from transformers import TrainerCallback
 from qlora_helpers.runs import stage
 from qlora_helpers.opening import setup_run
-from qlora_helpers.data import load_prepared
+from qlora_helpers.prepared import load_prepared
 from qlora_helpers.train import train_adapter
 
 outputs, name, at, *overrides = sys.argv[1:]

@@ -1,0 +1,262 @@
+"""The prepared sets as artifacts: build them (read, validate, render, tokenize, split) with a
+fingerprint, save them in the run folder, and read them back. Stage 03 orchestrates this; stages 02
+(held-out pairs), 04, 04b and 05 read what it saved.
+
+`datasets` and pyarrow are imported inside the functions that use them: they are heavy (seconds) and
+most callers (validation, the unit tests) need neither.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import statistics
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .batching import packed_efficiency, padding_efficiency
+from .config import DataConfig, SourceConfig
+from .errors import DataError
+from .formats import EXAMPLES_PER_REASON, RowProblem, detect_format, map_columns, normalize_row
+from .models import load_tokenizer
+from .paths import atomic_dir, read_json, write_json_atomic
+from .prompts import BadConversation, encode_pairs, render
+from .runs import RunFolder
+from .sources import builtin_notice, load_source, looks_like_file, resolve_data_dir, training_sources
+
+DATA_FORMAT_VERSION = 1  # bump when the tokenized layout changes: invalidates cached sets
+
+
+@dataclass
+class PreparedData:
+    train: list[dict[str, Any]]
+    eval: list[dict[str, Any]]
+    report: dict[str, Any]
+    reused: bool = False
+    path: Path | None = None
+
+    def eval_pairs(self) -> list[tuple[str, str]]:
+        return [(e["prompt"], e["response"]) for e in self.eval]
+
+
+@dataclass
+class _Tally:
+    rows: int = 0
+    kept: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    truncated: int = 0
+
+
+def _length_stats(values: list[int]) -> dict[str, float]:
+    if not values:
+        return {}
+    ordered = sorted(values)
+    p = lambda q: ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]  # noqa: E731
+    return {"mean": statistics.fmean(values), "p50": p(0.5), "p90": p(0.9), "p99": p(0.99),
+            "max": ordered[-1]}
+
+
+def _source_name(src: SourceConfig) -> str:
+    """The tag of a source in reports: its name, else the file's stem, else the hub id."""
+    if src.name:
+        return src.name
+    return Path(src.path).stem if looks_like_file(src.path) else src.path
+
+
+def build_examples(data_cfg: DataConfig, tokenizer, max_length: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Load, validate, render, tokenize and dedupe every source. Returns (examples, report parts)."""
+    tallies: dict[str, _Tally] = {}
+    samples: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    examples: list[dict[str, Any]] = []
+    seen: set[tuple[str, str]] = set()
+    formats, origins, drawn = {}, {}, {}
+
+    def drop(name: str, reason: str, row_no: int, detail: str) -> None:
+        tallies[name].dropped[reason] += 1
+        if len(samples[reason]) < EXAMPLES_PER_REASON:
+            samples[reason].append({"source": name, "row": row_no, "detail": detail[:300]})
+
+    for src in data_cfg.sources:
+        name = _source_name(src)
+        if name in tallies:
+            raise DataError(f"Two data sources are both called {name!r}; give one a data.sources[].name.")
+        rows, origins[name], drawn[name] = load_source(src, data_cfg)
+        tallies[name] = tally = _Tally(rows=len(rows))
+        rows = [map_columns(r, src.columns) if isinstance(r, dict) else r for r in rows]
+        fmt = formats[name] = detect_format(rows, src, origins[name])
+        rendered: list[tuple[int, str, str]] = []
+        for row_no, row in enumerate(rows, 1):
+            try:
+                prompt, response = render(normalize_row(row, fmt), data_cfg.template, tokenizer)
+            except RowProblem as problem:
+                drop(name, problem.reason, row_no, problem.detail)
+                continue
+            except BadConversation as exc:
+                drop(name, "bad_messages", row_no, str(exc))
+                continue
+            if data_cfg.dedupe:
+                if (prompt, response) in seen:
+                    drop(name, "duplicate", row_no, prompt[:120])
+                    continue
+                seen.add((prompt, response))
+            rendered.append((row_no, prompt, response))
+        tokenized = encode_pairs(data_cfg.template, tokenizer, [(p, r) for _, p, r in rendered],
+                                 data_cfg.train_on_prompt)
+        for (row_no, prompt, response), tok in zip(rendered, tokenized):
+            n = len(tok["input_ids"])
+            if n > max_length:
+                if data_cfg.too_long == "drop" or tok["prompt_len"] >= max_length:
+                    drop(name, "too_long", row_no, f"{n} tokens > model.max_seq_length={max_length}")
+                    continue
+                tok["input_ids"] = tok["input_ids"][:max_length]
+                tok["labels"] = tok["labels"][:max_length]
+                tally.truncated += 1
+            tally.kept += 1
+            examples.append({"source": name, "row": row_no, "prompt": prompt, "response": response,
+                             "input_ids": tok["input_ids"], "labels": tok["labels"],
+                             "prompt_len": tok["prompt_len"]})
+    parts = {"sources": {n: {"origin": origins[n], "format": formats[n], "rows": t.rows, "kept": t.kept,
+                             "truncated": t.truncated, "dropped": dict(t.dropped),
+                             **({"sample": drawn[n]} if drawn[n] else {})}
+                         for n, t in tallies.items()},
+             "dropped_examples": dict(samples)}
+    return examples, parts
+
+
+def mix_and_split(examples: list[dict[str, Any]], data_cfg: DataConfig) -> tuple[list, list, dict[str, Any]]:
+    """Subsample sources (weight < 1, max_rows), split off eval by seed, repeat weight > 1 in train."""
+    rng = random.Random(data_cfg.seed)
+    by_source: dict[str, list] = defaultdict(list)
+    for e in examples:
+        by_source[e["source"]].append(e)
+    pool, repeat = [], {}
+    for src in data_cfg.sources:
+        rows = by_source.get(_source_name(src), [])
+        take = round(min(src.weight, 1.0) * len(rows))
+        if src.max_rows is not None:
+            take = min(take, src.max_rows)
+        pool += rows if take >= len(rows) else rng.sample(rows, take)
+        repeat[_source_name(src)] = max(src.weight, 1.0)
+    if not pool:
+        raise DataError("No usable training examples: every row was dropped (see the reasons above "
+                        "in the data report) or the sources are empty. Fix the data or the column mapping.")
+    if not 0 < data_cfg.eval_size < len(pool):
+        raise DataError(f"data.eval_size={data_cfg.eval_size} must be between 1 and {len(pool) - 1} "
+                        f"for the {len(pool)} usable examples.")
+    order = list(range(len(pool)))
+    random.Random(data_cfg.seed).shuffle(order)
+    eval_set = [pool[i] for i in sorted(order[:data_cfg.eval_size])]
+    train = [pool[i] for i in sorted(order[data_cfg.eval_size:])]
+    boosted = []
+    for e in train:
+        factor = repeat[e["source"]]
+        copies = int(factor) + (1 if rng.random() < factor - int(factor) else 0)
+        boosted += [e] * copies
+    counts = {"train": dict(Counter(e["source"] for e in boosted)),
+              "eval": dict(Counter(e["source"] for e in eval_set))}
+    return boosted, eval_set, counts
+
+
+def data_fingerprint(data_cfg: DataConfig, tokenizer, max_length: int) -> str:
+    """Changes when anything that shapes the tokenized sets changes: config (the data trained on:
+    `training_sources`), tokenizer, input files."""
+    data_cfg = training_sources(data_cfg)[0]
+    files = []
+    for src in data_cfg.sources:
+        if looks_like_file(src.path):
+            path = Path(src.path).expanduser()
+            if not path.is_absolute():
+                data_dir = resolve_data_dir(data_cfg, required=False)
+                path = (data_dir / path) if data_dir else path
+            stat = path.stat() if path.is_file() else None
+            files.append([str(path), stat.st_size if stat else None, stat.st_mtime_ns if stat else None])
+    tok = [tokenizer.name_or_path, len(tokenizer), tokenizer.eos_token_id, tokenizer.chat_template or ""]
+    payload = json.dumps([DATA_FORMAT_VERSION, repr(data_cfg), max_length, tok, files], sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def prepare_data(data_cfg: DataConfig, tokenizer, max_length: int, micro_batch_size: int,
+                 folder: RunFolder | None = None) -> PreparedData:
+    """The stage: examples, split, report; saved in the run folder and reused when unchanged."""
+    data_cfg, fallback = training_sources(data_cfg)
+    if fallback:
+        print(builtin_notice(fallback))
+    fingerprint = data_fingerprint(data_cfg, tokenizer, max_length)
+    if folder is not None and prepared_fingerprint(folder) == fingerprint:
+        cached = load_prepared(folder)
+        cached.reused = True
+        return cached
+    examples, parts = build_examples(data_cfg, tokenizer, max_length)
+    train, eval_set, counts = mix_and_split(examples, data_cfg)
+    lengths = [len(e["input_ids"]) for e in train]
+    report = {
+        "fingerprint": fingerprint,
+        "builtin_fallback": fallback,  # why the built-in data stands in for data.sources (None: it does not)
+        "sources": parts["sources"],
+        "dropped": dict(sum((Counter(s["dropped"]) for s in parts["sources"].values()), Counter())),
+        "dropped_examples": parts["dropped_examples"],
+        "truncated": sum(s["truncated"] for s in parts["sources"].values()),
+        "kept": len(examples), "train": len(train), "eval": len(eval_set), "split_by_source": counts,
+        "lengths": {"prompt": _length_stats([e["prompt_len"] for e in train]),
+                    "response": _length_stats([len(e["input_ids"]) - e["prompt_len"] for e in train]),
+                    "total": _length_stats(lengths)},
+        "trained_tokens": sum(sum(1 for x in e["labels"] if x != -100) for e in train),
+        "padding_efficiency": {f"batch_{micro_batch_size}":
+                               {"efficiency": padding_efficiency(lengths, micro_batch_size)},
+                               "packed": packed_efficiency(train, max_length)},
+        "settings": {"template": data_cfg.template, "train_on_prompt": data_cfg.train_on_prompt,
+                     "too_long": data_cfg.too_long, "max_length": max_length, "packing": data_cfg.packing},
+    }
+    prepared = PreparedData(train, eval_set, report, path=folder.data_dir if folder else None)
+    if folder is not None:
+        save_prepared(prepared, folder)
+    return prepared
+
+
+def prepared_fingerprint(folder: RunFolder) -> str | None:
+    """The fingerprint of the sets saved in the run folder; None when none are complete."""
+    return read_json(folder.data_report).get("fingerprint") if folder.data_report.is_file() else None
+
+
+def save_prepared(prepared: PreparedData, folder: RunFolder) -> None:
+    """Tokenized sets as `datasets` folders plus the report; each written beside, then renamed."""
+    import datasets
+
+    for split, rows in (("train", prepared.train), ("eval", prepared.eval)):
+        with atomic_dir(folder.split_dir(split)) as tmp:
+            datasets.Dataset.from_list(rows).save_to_disk(str(tmp))
+    write_json_atomic(folder.data_report, prepared.report)  # last: marks the set complete
+
+
+def load_split(folder: RunFolder, split: str, limit: int | None = None) -> list[dict[str, Any]]:
+    """One saved split (`train` or `eval`), its first `limit` rows only when given."""
+    import datasets
+
+    folder.require("data_report")
+    rows = datasets.load_from_disk(str(folder.split_dir(split)))
+    return (rows.select(range(min(limit, len(rows)))) if limit is not None else rows).to_list()
+
+
+def load_prepared(folder: RunFolder) -> PreparedData:
+    """The sets stage 03 saved in the run folder."""
+    report = read_json(folder.require("data_report"))
+    return PreparedData(load_split(folder, "train"), load_split(folder, "eval"), report, path=folder.data_dir)
+
+
+def heldout_pairs(run, n: int, tokenizer=None) -> list[tuple[str, str]]:
+    """The first n (prompt, response) pairs of the run's eval split, read from what stage 03 saved.
+
+    Stage 02 runs before 03 in the pipeline: when the saved sets are missing or stale (another
+    fingerprint) this prepares them with 03's own function, once, so 02 and 03 score the same
+    examples and 03 then reuses them instead of tokenizing again."""
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(run.cfg.model)
+    cfg = run.cfg
+    if prepared_fingerprint(run) != data_fingerprint(cfg.data, tokenizer, cfg.model.max_seq_length):
+        prepare_data(cfg.data, tokenizer, cfg.model.max_seq_length, cfg.train.micro_batch_size, folder=run)
+    return [(e["prompt"], e["response"]) for e in load_split(run, "eval", limit=n)]
+
+

@@ -1,0 +1,278 @@
+"""Where the data comes from: files in the data directory, hub ids and their offline copies, and the
+built-in data a run falls back to when neither is there. Shared by stage 03 (training sets), 04b
+(preference pairs) and 05 (evaluation tasks).
+
+`datasets` and pyarrow are imported inside the functions that use them: they are heavy (seconds) and
+most callers (validation, the unit tests) need neither.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import os
+import random
+import socket
+import urllib.parse
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from . import builtin_data
+from .config import DataConfig, SourceConfig
+from .errors import DataError
+from .paths import PROJECT_ROOT
+
+
+@dataclass(frozen=True)
+class HubDataset:
+    """A hub dataset we know: its config name, and per split the offline copy in the data directory."""
+    config: str | None
+    offline: dict[str, str]
+
+
+# Hub ids the profiles name, with the files of an offline data directory (QLORA_DATA_DIR or
+# data.data_dir, laid out as below) that stand in for them when the hub is out of reach. Without
+# either, a run trains on the project's built-in data instead (builtin_data.py, `training_sources`).
+HUB_DATASETS = {
+    "tatsu-lab/alpaca": HubDataset(None, {"train": "alpaca/alpaca_5000.json"}),
+    "openai/gsm8k": HubDataset("main", {"train": "gsm8k/train.jsonl", "test": "gsm8k/test.jsonl"}),
+    "google/IFEval": HubDataset(None, {"train": "eval/ifeval/input_data.jsonl"}),
+    "tatsu-lab/alpaca_eval": HubDataset("alpaca_eval",
+                                        {"eval": "eval/alpaca_eval/alpaca_eval_805_example_outputs.json"}),
+    "HuggingFaceH4/mt_bench_prompts": HubDataset(None, {"train": "eval/mt_bench/question.jsonl"}),
+}
+HUB_DATASETS["gsm8k"] = HUB_DATASETS["openai/gsm8k"]
+HUB_PROBE_SECONDS = 3.0
+
+
+class DataUnavailable(DataError):
+    """A data source is neither reachable on the hub nor present in the data directory."""
+
+
+
+# --- reading -------------------------------------------------------------------------------------
+
+
+def resolve_data_dir(data_cfg: DataConfig, required: bool = True) -> Path | None:
+    """data.data_dir (relative: to the project root), else $QLORA_DATA_DIR, else None."""
+    configured = data_cfg.data_dir or os.environ.get("QLORA_DATA_DIR")
+    if not configured:
+        if not required:
+            return None
+        raise DataUnavailable("No data directory: set QLORA_DATA_DIR in the environment (or data.data_dir "
+                              "in the config) to the folder holding your data files.")
+    path = Path(configured).expanduser()
+    if not path.is_absolute() and data_cfg.data_dir:
+        path = PROJECT_ROOT / path
+    if not path.is_dir():
+        raise DataError(f"Data directory {path} does not exist (from "
+                        f"{'data.data_dir' if data_cfg.data_dir else 'QLORA_DATA_DIR'}).")
+    return path
+
+
+@functools.cache
+def _endpoint_unreachable(endpoint: str) -> str | None:
+    url = urllib.parse.urlsplit(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=HUB_PROBE_SECONDS).close()
+    except OSError as exc:
+        return f"{url.hostname}:{port} unreachable: {exc}"
+    return None
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached now (None: it can). One quick connection per process
+    and endpoint instead of `datasets`' own retries, which take ~25 s per dataset when offline."""
+    for flag in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(flag, "").lower() in ("1", "true", "yes", "on"):
+            return f"{flag} is set"
+    return _endpoint_unreachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """Rows of a JSON array, JSONL, CSV or Parquet file; parse errors name the file and position."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_table(path).to_pylist()
+        except Exception as exc:  # pyarrow raises several types for a bad file
+            raise DataError(f"{path}: not a readable Parquet file ({exc}).") from None
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a leading byte-order mark is not data
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[:exc.start].count(b"\n") + 1
+        raise DataError(f"{path} is not UTF-8 text (line {line}, byte {exc.start}: {exc.reason}). "
+                        f"Re-save it as UTF-8.") from None
+    if suffix == ".csv":
+        return [dict(row) for row in csv.DictReader(text.splitlines())]
+    if suffix == ".jsonl":
+        rows = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}, line {lineno}: not valid JSON ({exc.msg}, column "
+                                f"{exc.colno}). Fix or delete that line.") from None
+            except RecursionError:
+                raise DataError(f"{path}, line {lineno}: JSON nested too deeply to read (thousands of levels); "
+                                "a record is a flat object of text fields. Fix or delete that line.") from None
+        return rows
+    if suffix != ".json":
+        raise DataError(f"{path}: unsupported file type {suffix!r}; use .json, .jsonl, .csv or .parquet.")
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON at line {exc.lineno}, column {exc.colno} "
+                        f"({exc.msg}). Is the file truncated?") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply to read (thousands of levels); the file must "
+                        f"hold an array of flat records.") from None
+    if not isinstance(rows, list):
+        raise DataError(f"{path} must hold a JSON array of records, not a {type(rows).__name__}.")
+    return rows
+
+
+def looks_like_file(text: str) -> bool:
+    return text.lower().endswith((".json", ".jsonl", ".csv", ".parquet")) or text.startswith(("/", ".", "~"))
+
+
+def load_table(ref: str, data_cfg: DataConfig, split: str = "train") -> tuple[list[dict[str, Any]], str]:
+    """(rows, where they came from) for a file (relative: in the data directory), a hub dataset id
+    (from the hub, else its offline copy) or `builtin` (generated). DataUnavailable when not there."""
+    if ref == builtin_data.SOURCE:
+        return (builtin_data.generate_records(data_cfg.seed),
+                f"built-in: generated by qlora_helpers/builtin_data.py from data.seed={data_cfg.seed}")
+    if not looks_like_file(ref):
+        return _load_hub(ref, split, data_cfg)
+    path = data_file(ref, data_cfg)
+    return read_records(path), str(path)
+
+
+def check_sources(data_cfg: DataConfig) -> str | None:
+    """Before any stage starts: fail now when a training file is missing (the same DataUnavailable that
+    loading it would raise minutes later); return why the run trains on the built-in data instead
+    when a hub source is out of reach and has no offline copy (None: every source can be read)."""
+    return training_sources(data_cfg)[1]
+
+
+def unreadable_hub_sources(data_cfg: DataConfig) -> list[str]:
+    """Per hub source that can be read from nowhere now (hub out of reach, no offline copy): why.
+    A missing file raises instead: a file is the user's own data, never replaced."""
+    reasons = []
+    for src in data_cfg.sources:
+        if src.path == builtin_data.SOURCE:
+            continue
+        if looks_like_file(src.path):
+            data_file(src.path, data_cfg)
+        elif (why := hub_unreachable()) is not None:
+            path, where = _offline_copy_path(src.path, src.split, data_cfg)
+            if path is None:
+                reasons.append(f"hub dataset {src.path!r} is unreachable ({why}) and has no offline copy ({where})")
+    return reasons
+
+
+def training_sources(data_cfg: DataConfig) -> tuple[DataConfig, str | None]:
+    """(the data settings a run trains with, why they are not the configured ones or None).
+
+    When a hub source can be read from nowhere, the whole mix gives way to the built-in data
+    (half a recipe is a recipe nobody asked for), with the eval split capped to leave training rows;
+    data.builtin_fallback=false makes that an error instead."""
+    reasons = unreadable_hub_sources(data_cfg)
+    if not reasons:
+        return data_cfg, None
+    if not data_cfg.builtin_fallback:
+        src = next(s for s in data_cfg.sources if not looks_like_file(s.path) and s.path != builtin_data.SOURCE)
+        _offline_copy(src.path, src.split, data_cfg, hub_unreachable() or "unreachable")
+    why = "; ".join(reasons)
+    builtin = SourceConfig(path=builtin_data.SOURCE, name="built-in")
+    eval_size = min(data_cfg.eval_size, builtin_data.RECORDS // 4)
+    return replace(data_cfg, sources=[builtin], eval_size=eval_size), why
+
+
+def builtin_notice(why: str) -> str:
+    """The one line a run prints when it trains on the built-in data instead of the configured data."""
+    return (f"Training on the project's built-in data instead ({builtin_data.RECORDS:,} generated instruction "
+            f"records with checkable answers; qlora_helpers/builtin_data.py): {why}. For your data, connect to "
+            f"the network or set QLORA_DATA_DIR to a folder holding the offline copy.")
+
+
+def data_file(ref: str, data_cfg: DataConfig) -> Path:
+    """The file a data-file reference names (relative: in the data directory); DataUnavailable when
+    it is not there."""
+    path = Path(ref).expanduser()
+    if not path.is_absolute():
+        path = resolve_data_dir(data_cfg) / path
+    if not path.is_file():
+        raise DataUnavailable(f"Data file {path} does not exist (from {ref!r}). Check the path and the "
+                              f"data directory (QLORA_DATA_DIR or data.data_dir).")
+    return path
+
+
+def load_source(src: SourceConfig, data_cfg: DataConfig) -> tuple[list[dict[str, Any]], str, dict[str, Any] | None]:
+    """(rows, origin, sample record) for one training source; `sample: N` draws N rows by data.seed."""
+    rows, origin = load_table(src.path, data_cfg, src.split)
+    if src.sample is None:
+        return rows, origin, None
+    chosen = sorted(random.Random(data_cfg.seed).sample(range(len(rows)), min(src.sample, len(rows))))
+    record = {"rows": len(chosen), "of": len(rows), "seed": data_cfg.seed, "indices": chosen}
+    return [rows[i] for i in chosen], origin, record
+
+
+def _load_hub(ref: str, split: str, data_cfg: DataConfig) -> tuple[list[dict[str, Any]], str]:
+    known = HUB_DATASETS.get(ref)
+    why = hub_unreachable()
+    if why is None:
+        try:
+            import datasets
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds = datasets.load_dataset(ref, known.config if known else None, split=split)
+            return ds.to_list(), f"hub:{ref}[{split}]"
+        except Exception as exc:  # network, auth and missing-repo errors all land here
+            why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    path = _offline_copy(ref, split, data_cfg, why)
+    print(f"Hub dataset {ref!r} is unreachable ({why}); using the offline copy {path}.")
+    return read_records(path), str(path)
+
+
+def _offline_copy_path(ref: str, split: str, data_cfg: DataConfig) -> tuple[Path | None, str]:
+    """(the offline copy of hub dataset `ref` in the data directory, or None; where it was looked for)."""
+    known = HUB_DATASETS.get(ref)
+    copy = known.offline.get(split) if known else None
+    if not copy:
+        return None, f"none is known for it; known: {', '.join(HUB_DATASETS)}"
+    data_dir = resolve_data_dir(data_cfg, required=False)
+    if data_dir and (data_dir / copy).is_file():
+        return data_dir / copy, str(data_dir)
+    return None, (f"{data_dir} has no {copy}" if data_dir
+                  else "no data directory is set: QLORA_DATA_DIR or data.data_dir")
+
+
+def _offline_copy(ref: str, split: str, data_cfg: DataConfig, why: str) -> Path:
+    """The offline copy of hub dataset `ref` in the data directory; DataUnavailable saying both ways
+    to get it when it is not there."""
+    path, where = _offline_copy_path(ref, split, data_cfg)
+    if path is not None:
+        return path
+    known = HUB_DATASETS.get(ref)
+    copy = known.offline.get(split) if known else None
+    if not copy:
+        raise DataUnavailable(
+            f"Cannot load hub dataset {ref!r} ({why}) and no offline copy is known for it (known: "
+            f"{', '.join(HUB_DATASETS)}). Connect to the network, or download the data and point the "
+            f"setting at the file.")
+    raise DataUnavailable(
+        f"Cannot load hub dataset {ref!r} ({why}), and its offline copy is not there ({where}). Either "
+        f"connect to the network (the hub id then loads as it is), or set QLORA_DATA_DIR to a folder "
+        f"holding {copy}: the dataset's {split} split saved once while online, with datasets.load_dataset"
+        f"({ref!r}, split={split!r}).to_json(path, lines={copy.endswith('.jsonl')}).")
+
