@@ -68,7 +68,8 @@ def main() -> None:
     parser.add_argument("--model", default="random:smollm2-135m",
                         help="model.source: embedded, random:smollm2-135m, random:llama2-7b, a folder or hub id")
     parser.add_argument("--tokens", type=int, default=128, help="new tokens per row")
-    parser.add_argument("--prompt-tokens", type=int, default=64, help="prompt tokens per row (0: the prompts as rendered)")
+    parser.add_argument("--prompt-tokens", type=int, default=64,
+                        help="prompt tokens per row (0: the prompts as rendered)")
     parser.add_argument("--batch", type=int, default=8, help="batch size of the batched measurement")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--lora-r", type=int, default=16)

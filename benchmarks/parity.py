@@ -43,7 +43,8 @@ def main() -> None:
               "nf4": train_once(args.config, "nf4", common + ["quant.load_in_4bit=true"], args.outputs),
               "full": train_once(args.config, "full", common + ["quant.load_in_4bit=false"], args.outputs)}
     result["tuned_loss_ratio_nf4_vs_full"] = result["nf4"]["heldout_loss_tuned"] / result["full"]["heldout_loss_tuned"]
-    result["improvement"] = {k: result[k]["heldout_loss_base"] - result[k]["heldout_loss_tuned"] for k in ("nf4", "full")}
+    result["improvement"] = {k: result[k]["heldout_loss_base"] - result[k]["heldout_loss_tuned"]
+                             for k in ("nf4", "full")}
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

@@ -49,7 +49,8 @@ def packed_vs_separate(model, examples) -> float:
     worst = 0.0
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
         model.eval()
-        packed = model(**{k: (v.cuda() if torch.is_tensor(v) else v) for k, v in batch.items() if k != "labels"}).logits[0]
+        inputs = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in batch.items() if k != "labels"}
+        packed = model(**inputs).logits[0]
         cu = batch["cu_seq_lens_q"].tolist()
         ids = batch["input_ids"][0].tolist()
         for a, b in zip(cu[:-1], cu[1:]):

@@ -160,7 +160,7 @@ def export_command(args) -> int:
         merge_and_export(run)
     types = list(dict.fromkeys(args.gguf))
     if types:
-        for gguf_type, info in export_gguf(run, types)["gguf"].items():
+        for info in export_gguf(run, types)["gguf"].values():
             print(f"wrote {info['path']} ({info['mib']} MiB, {info['how']}, {info['seconds']} s)")
     report = run_export_gate(run, types)
     for row in gate_table(report):

@@ -182,7 +182,8 @@ def offer_hf_login(model_source: str) -> str:
     todo = (f"set HF_TOKEN in the environment (a read token from huggingface.co/settings/tokens) before "
             f"starting Jupyter or the run, if {model_source} is gated")
     if not hub_reachable():
-        return f"No Hugging Face token, and the hub is out of reach from here: {todo}, and run where the hub is reachable."
+        return (f"No Hugging Face token, and the hub is out of reach from here: {todo}, and run where the hub "
+                f"is reachable.")
     if not is_interactive():
         return f"No Hugging Face token (batch run, so no login box): {todo}."
     from huggingface_hub import notebook_login
@@ -191,7 +192,8 @@ def offer_hf_login(model_source: str) -> str:
         notebook_login()
     except Exception as exc:  # the widget or device-code login failing must not stop the notebook
         return f"The login box failed ({type(exc).__name__}): {todo}."
-    return f"Log in above if {model_source} is gated; the token is kept in the Hugging Face cache, never in this notebook."
+    return (f"Log in above if {model_source} is gated; the token is kept in the Hugging Face cache, never in "
+            f"this notebook.")
 
 
 def wandb_mode(setting: str) -> str:

@@ -331,7 +331,7 @@ def apply_recompute(model, recompute_layers: int) -> None:
 
 def decoder_layers(model):
     inner = getattr(model, "model", model)
-    return list(getattr(inner, "layers"))
+    return list(inner.layers)
 
 
 def budget_bytes(train_cfg, device) -> int:

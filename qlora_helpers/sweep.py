@@ -20,8 +20,7 @@ last requested stage wrote its output and the run's config.json matches) and, in
 run, the stages that already wrote theirs (the report each writes last, `runs.STAGES`); failed and
 interrupted runs are tried again. A sweep's own folder is laid out here; its run folders by `runs.py`.
 
-Imports: matplotlib and pandas (and `plots`, which needs matplotlib) are imported where the comparison
-is written: they are heavy, and planning or validating a sweep needs neither.
+Imports: matplotlib, pandas and `plots` are imported where the comparison is written (heavy; planning needs none).
 """
 
 from __future__ import annotations
@@ -192,7 +191,8 @@ def plan_sweep(config: str, grid: list[str] = (), overrides: list[str] = (), sta
     both = sorted(set(swept) & fixed_keys)
     if both:
         raise ConfigError(f"{', '.join(both)} is both fixed (set / --set) and swept (grid); keep one.")
-    name = name or spec.get("name") or (path.stem if spec else f"{path.stem}-{'-'.join(k.split('.')[-1] for k in swept)}")
+    grid_name = f"{path.stem}-{'-'.join(k.split('.')[-1] for k in swept)}"
+    name = name or spec.get("name") or (path.stem if spec else grid_name)
     run_dir(name, create=False)  # the same naming rules as a run folder
     base_dir = Path(outputs_dir) if outputs_dir else OUTPUTS_DIR
     folder = (base_dir if base_dir.is_absolute() else PROJECT_ROOT / base_dir) / "sweeps" / name
@@ -464,8 +464,8 @@ def latest_sweep(outputs_dir: str | None = None) -> dict[str, Any]:
     statuses = [r["status"] for r in state["runs"]]
     counts = ", ".join(f"{statuses.count(s)} {s}" for s in dict.fromkeys(statuses))
     figures = [folder / name for name in ("heldout_loss.png", "loss_curves.png") if (folder / name).is_file()]
-    return {"summary": f"sweep {state['name']} ({folder}): {len(statuses)} runs, {counts}; updated {state.get('updated')}",
-            "table": pd.read_csv(folder / "comparison.csv"), "figures": figures}
+    summary = f"sweep {state['name']} ({folder}): {len(statuses)} runs, {counts}; updated {state.get('updated')}"
+    return {"summary": summary, "table": pd.read_csv(folder / "comparison.csv"), "figures": figures}
 
 
 # --- command line ---------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ sets QLORA_REQUIRE_BROWSER=1, which makes that a failure instead.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -110,10 +111,8 @@ def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> N
         except OSError:
             pass
         proc_wait = min(0.5, max(deadline - time.monotonic(), 0))
-        try:  # wait on the process (returns early if it dies), not a bare sleep
+        with contextlib.suppress(subprocess.TimeoutExpired):  # wait on the process (early if it dies), no bare sleep
             proc.wait(timeout=proc_wait)
-        except subprocess.TimeoutExpired:
-            pass
     raise AssertionError(f"JupyterLab did not answer {url} within {timeout:.0f} s; see {log}")
 
 
@@ -204,7 +203,8 @@ def _open(driver, lab, name: str) -> None:
     from selenium.webdriver.support.ui import WebDriverWait
 
     driver.get(f"{lab['url']}/lab/tree/notebooks/{name}?token={lab['token']}&reset")
-    WebDriverWait(driver, 300).until(EC.presence_of_element_located((By.CSS_SELECTOR, ".jp-NotebookPanel .jp-CodeCell")))
+    cell = (By.CSS_SELECTOR, ".jp-NotebookPanel .jp-CodeCell")
+    WebDriverWait(driver, 300).until(EC.presence_of_element_located(cell))
     WebDriverWait(driver, 300).until(lambda d: d.execute_script(KERNEL_IDLE) == "idle",
                                      "the kernel never became idle after opening the notebook")
 
@@ -301,7 +301,8 @@ def test_06_chat_box_is_a_widget_that_answers(browser, lab):
         box = WebDriverWait(browser, 120).until(lambda d: d.find_elements(
             By.CSS_SELECTOR, f"{panel} .widget-vbox .widget-text input[type='text']"),
             "06's chat box did not render as a widget")[0]
-        assert browser.find_elements(By.XPATH, "//button[contains(@class,'jupyter-button') and normalize-space()='Send']")
+        send = "//button[contains(@class,'jupyter-button') and normalize-space()='Send']"
+        assert browser.find_elements(By.XPATH, send)
         box.click()
         box.send_keys("What is QLoRA?", Keys.ENTER)
     with step(browser, "06-answered"):
@@ -310,7 +311,8 @@ def test_06_chat_box_is_a_widget_that_answers(browser, lab):
 
         def answer(d):  # the log above the entry holds the question and a non-empty, finished answer
             text = chat_box.find_element(By.CSS_SELECTOR, ".widget-html-content").text
-            idle = "(ipykernel) | Idle" in d.execute_script("return document.querySelector('#jp-main-statusbar').innerText")
+            status = d.execute_script("return document.querySelector('#jp-main-statusbar').innerText")
+            idle = "(ipykernel) | Idle" in status
             if "you: What is QLoRA?" in text and "model:" in text and idle:
                 return text.split("model:", 1)[1].strip() or None
             return None

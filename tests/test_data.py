@@ -6,17 +6,17 @@ import socket
 import pytest
 import torch
 
-from qlora_helpers.config import DataConfig, SourceConfig, load_config
 from qlora_helpers.batching import collate_packed, pack_examples, padding_efficiency
+from qlora_helpers.config import DataConfig, SourceConfig, load_config
 from qlora_helpers.data import dropped_table
-from qlora_helpers.prepared import heldout_pairs, load_split, prepare_data
-from qlora_helpers.sources import DataUnavailable, load_source, read_records
 from qlora_helpers.errors import DataError
-from qlora_helpers.paths import PROJECT_ROOT
-from qlora_helpers.prompts import BadConversation, encode_pairs, format_alpaca, render_conversation
-from qlora_helpers.scoring import collate
-from qlora_helpers.runs import RunFolder
 from qlora_helpers.opening import setup_run
+from qlora_helpers.paths import PROJECT_ROOT
+from qlora_helpers.prepared import heldout_pairs, load_split, prepare_data
+from qlora_helpers.prompts import BadConversation, encode_pairs, format_alpaca, render_conversation
+from qlora_helpers.runs import RunFolder
+from qlora_helpers.scoring import collate
+from qlora_helpers.sources import DataUnavailable, load_source, read_records
 
 ASSETS = PROJECT_ROOT / "tests" / "assets" / "data"
 
@@ -130,7 +130,8 @@ def _offline_copy_dir(tmp_path):
 
 def test_hub_id_offline_uses_the_known_copy(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    rows, origin, sample = load_source(SourceConfig(path="tatsu-lab/alpaca"), DataConfig(data_dir=str(_offline_copy_dir(tmp_path))))
+    data_cfg = DataConfig(data_dir=str(_offline_copy_dir(tmp_path)))
+    rows, origin, sample = load_source(SourceConfig(path="tatsu-lab/alpaca"), data_cfg)
     assert len(rows) == 96 and origin.endswith("alpaca/alpaca_5000.json") and sample is None
     assert "using the offline copy" in capsys.readouterr().out
 

@@ -1,13 +1,21 @@
 import copy
 import types
+from pathlib import Path
 
 import pytest
 
 from qlora_helpers import environment
 from qlora_helpers.config import load_config
-from qlora_helpers.environment import (collect_environment, environment_summary, hf_auth_status,
-                                       is_interactive, needs_hub_token, offer_hf_login, plan_runtime,
-                                       wandb_mode)
+from qlora_helpers.environment import (
+    collect_environment,
+    environment_summary,
+    hf_auth_status,
+    is_interactive,
+    needs_hub_token,
+    offer_hf_login,
+    plan_runtime,
+    wandb_mode,
+)
 
 
 def test_collect_environment_on_this_machine():
@@ -17,7 +25,8 @@ def test_collect_environment_on_this_machine():
     assert env["bitsandbytes"]["available"]
     rows = {r["what"]: r["value"] for r in environment_summary(env)}
     assert "bitsandbytes" in rows and "Python" in rows
-    in_cpuinfo = " avx512_bf16" in open("/proc/cpuinfo").read() or "\tavx512_bf16" in open("/proc/cpuinfo").read()
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    in_cpuinfo = " avx512_bf16" in cpuinfo or "\tavx512_bf16" in cpuinfo
     assert env["cpu_flags"]["avx512_bf16"] == in_cpuinfo
     assert f"avx512_bf16 {'yes' if in_cpuinfo else 'no'}" in rows["CPU features"]
 

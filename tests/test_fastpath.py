@@ -5,10 +5,10 @@ themselves are checked on CUDA in tests/test_gpu.py."""
 import pytest
 import torch
 
-from qlora_helpers.config import load_config
-from qlora_helpers.batching import pack_examples
-from qlora_helpers.errors import ConfigError
 from qlora_helpers import fastpath
+from qlora_helpers.batching import pack_examples
+from qlora_helpers.config import load_config
+from qlora_helpers.errors import ConfigError
 
 
 def _examples(lengths, vocab=200, seed=0):
@@ -162,8 +162,8 @@ def test_varlen_demanded_on_a_t4_is_a_clear_error(card, setting):
 
 
 def test_fast_rows_need_room_for_the_longest_example():
-    from qlora_helpers.prepared import PreparedData
     from qlora_helpers.errors import QLoraError
+    from qlora_helpers.prepared import PreparedData
     from qlora_helpers.train import training_rows
 
     cfg = load_config("smoke", ["train.packed_tokens=64", "model.max_seq_length=128"])

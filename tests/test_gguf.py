@@ -96,7 +96,8 @@ def test_the_export_gate_passes_every_form_and_records_why(run, exported):
     report = json.loads(run.export_report.read_text())
     forms = {f["form"]: f for f in report["forms"]}
     assert list(forms) == ["adapter", "merged", "gguf-q8_0", "gguf-f16", "gguf-q4_k_m"]
-    assert report["passed"] and report["failed"] == [] and "export gate: every form agrees with the adapter model" in exported.stdout
+    assert report["passed"] and report["failed"] == []
+    assert "export gate: every form agrees with the adapter model" in exported.stdout
     assert all(t["equal"] for t in report["tokenization"].values())
     assert len(report["probes"]) == 4 and all(len(p["reference_tokens"]) > 0 for p in report["probes"])
     assert forms["adapter"]["mean_kl"] < 1e-9  # the reference model itself, through the serving engine

@@ -19,8 +19,9 @@ def test_only_the_named_future_warning_is_ignored():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
         qlora_helpers.noise.silence_known_noise()
-        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
-        warnings.warn("`other_thing` is deprecated", FutureWarning)
+        known = "`is_gradient_checkpointing` is deprecated and will be removed in v6."
+        warnings.warn(known, FutureWarning, stacklevel=1)
+        warnings.warn("`other_thing` is deprecated", FutureWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == ["`other_thing` is deprecated"]
 
 
@@ -30,6 +31,7 @@ def test_llama_cpp_log_keeps_warnings_less_the_per_tensor_fallbacks_it_sums_up()
     fallback = ("warning: blk.0.attn_k.weight - ncols    576 not divisible by 256 (required for type    q4_K) "
                 "-> falling back to    q5_0\n")
     assert not log_line_shown(3, fallback)
-    assert log_line_shown(3, "llama_model_quantize_impl: WARNING: 180 of 272 tensor(s) required fallback quantization\n")
+    fallback = "llama_model_quantize_impl: WARNING: 180 of 272 tensor(s) required fallback quantization\n"
+    assert log_line_shown(3, fallback)
     assert log_line_shown(4, "llama_model_load: error loading model: tensor 'x' has wrong shape\n")
     assert not log_line_shown(2, "llama_model_loader: - kv   0: general.architecture str = llama\n")  # info

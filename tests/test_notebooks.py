@@ -191,7 +191,7 @@ def test_papermill_run_directly_never_waits_for_a_login(tmp_path, tiny_dir, monk
     finally:
         silent_hub.close()
     text = _cell_text(json.loads(out.read_text()))
-    line = next(l for l in text.splitlines() if "Hugging Face token" in l)
+    line = next(row for row in text.splitlines() if "Hugging Face token" in row)
     assert line.startswith("No Hugging Face token (batch run, so no login box): set HF_TOKEN")
     assert (tmp_path / "direct" / "env.json").is_file()
 

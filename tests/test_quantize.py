@@ -72,7 +72,7 @@ def test_nf4_levels_split_normal_weights_evenly_fp4_does_not():
     levels = quantization_levels()
     assert len(levels["nf4"]) == len(levels["fp4"]) == 16
     assert levels["nf4"][0] == -1.0 and levels["nf4"][-1] == 1.0 and 0.0 in levels["nf4"]
-    assert NF4_SIGMA == pytest.approx(0.541, abs=1e-3)
+    assert pytest.approx(0.541, abs=1e-3) == NF4_SIGMA
     nf4, fp4 = normal_mass_per_level(levels["nf4"]), normal_mass_per_level(levels["fp4"])
     assert sum(nf4) == pytest.approx(1.0) and sum(fp4) == pytest.approx(1.0)
     assert max(nf4) / min(nf4) < 1.3  # about 1/16 each: every code carries information

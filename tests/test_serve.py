@@ -7,7 +7,6 @@ import time
 import pytest
 
 from qlora_helpers.errors import QLoraError
-
 from tests.serve_fixtures import API_KEY, KEY_ENV, SERVER_FORMS, export, run, serve_form  # noqa: F401 - fixtures
 
 
@@ -158,8 +157,7 @@ def test_a_full_queue_answers_503_with_retry_after(run, export):
     limits = ["serve.max_concurrent=1", "serve.max_queue=1", "serve.context_length=2048", "serve.max_tokens=2000"]
     with start_server(run, api_key=API_KEY, overrides=limits) as srv:
         url = f"{srv.base_url}/completions"
-        with httpx.Client(headers=headers, timeout=60) as client:
-            with client.stream("POST", url, json=body) as running:
+        with httpx.Client(headers=headers, timeout=60) as client, client.stream("POST", url, json=body) as running:
                 assert running.status_code == 200
                 lines = running.iter_lines()
                 assert next(lines).startswith("data:")  # generating now

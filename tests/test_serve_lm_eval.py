@@ -70,7 +70,8 @@ def test_lm_eval_through_the_server_equals_lm_eval_in_process(server, run, offli
     print(f"\nloglikelihoods, server: {[[round(v, 4) for v in row] for row in ours[:3]]}"
           f"\nloglikelihoods, in-process HF: {[[round(v, 4) for v in row] for row in theirs[:3]]}"
           f"\nlargest gap over {sum(map(len, ours))} choices: {gap:.2e}; acc server "
-          f"{served['results']['qlora_tiny_mc']['acc,none']}, in process {local['results']['qlora_tiny_mc']['acc,none']}")
+          f"{served['results']['qlora_tiny_mc']['acc,none']}, "
+          f"in process {local['results']['qlora_tiny_mc']['acc,none']}")
     assert len(ours) == 8 and all(len(row) == 3 for row in ours)
     assert gap < TOLERANCE
     assert served["results"]["qlora_tiny_mc"]["acc,none"] == local["results"]["qlora_tiny_mc"]["acc,none"]

@@ -17,8 +17,16 @@ from qlora_helpers.cli import main
 from qlora_helpers.config import load_config
 from qlora_helpers.errors import ConfigError
 from qlora_helpers.paths import write_json_atomic
-from qlora_helpers.sweep import (expand_grid, latest_sweep, parse_grid, plan_sweep, remaining_stages,
-                                 run_sweep, run_tags, sweeps_dir)
+from qlora_helpers.sweep import (
+    expand_grid,
+    latest_sweep,
+    parse_grid,
+    plan_sweep,
+    remaining_stages,
+    run_sweep,
+    run_tags,
+    sweeps_dir,
+)
 
 # Stage 05 made light: held-out loss and two ROUGE examples; the other tasks configured away.
 LIGHT = ["train.eval_samples=4", "eval.loss_samples=8", "eval.rouge_samples=2", "eval.answer_tokens=8",
@@ -219,7 +227,8 @@ def test_a_real_sweep_compares_its_runs(smoke_sweep):
     assert "GSM8K exact match" not in table and "IFEval prompt-level" not in table  # 0 samples: not a score
     for r in plan.runs:  # the table's numbers are the runs' own reports
         report = json.loads((plan.runs_dir / r.tag / "eval.json").read_text())
-        assert table.set_index("run").loc[r.tag, "heldout_loss"] == pytest.approx(report["summary"]["held-out loss"]["tuned"])
+        tuned = report["summary"]["held-out loss"]["tuned"]
+        assert table.set_index("run").loc[r.tag, "heldout_loss"] == pytest.approx(tuned)
     assert (plan.folder / "comparison.md").read_text().startswith("| run ")
     for name in ("heldout_loss.png", "loss_curves.png"):
         assert (plan.folder / name).stat().st_size > 10_000

@@ -14,10 +14,17 @@ from safetensors.torch import load_file
 from qlora_helpers.config import load_config
 from qlora_helpers.data import prepare_run_data
 from qlora_helpers.errors import QLoraError
-from qlora_helpers.runs import RunFolder, Runtime
 from qlora_helpers.opening import setup_run
-from qlora_helpers.train import (COMPLETE_MARKER, NonFiniteLoss, last_complete_checkpoint, load_trainable_model,
-                                 save_adapter, train_adapter, training_arguments)
+from qlora_helpers.runs import RunFolder, Runtime
+from qlora_helpers.train import (
+    COMPLETE_MARKER,
+    NonFiniteLoss,
+    last_complete_checkpoint,
+    load_trainable_model,
+    save_adapter,
+    train_adapter,
+    training_arguments,
+)
 
 QUIET = ["train.wandb=disabled", "train.eval_samples=8"]
 
@@ -42,7 +49,8 @@ def test_trainer_config_mapping():
     assert args.save_steps == cfg.train.save_steps and args.save_total_limit == cfg.train.save_total_limit
     assert args.seed == cfg.train.seed and args.output_dir == str(folder.checkpoints_dir)
     assert not args.bf16 and not args.fp16 and args.logging_nan_inf_filter is False
-    packed = training_arguments(load_config("qlora-paper", ["data.packing=true"]), RunFolder(Path("/tmp/y")), runtime, [])
+    packed_cfg = load_config("qlora-paper", ["data.packing=true"])
+    packed = training_arguments(packed_cfg, RunFolder(Path("/tmp/y")), runtime, [])
     assert packed.train_sampling_strategy == "random"  # rows are already packed
 
 

@@ -15,19 +15,30 @@
 What notebook 06, the CLI, the benchmarks and the tests use is re-exported here.
 """
 
-from .checks import (bench_prompts, compare_forms, load_test, machine_name, measure_generation,
-                     plain_request, save_serve_results, smoke_test, stream_request)
+from .checks import (
+                     bench_prompts,
+                     compare_forms,
+                     load_test,
+                     machine_name,
+                     measure_generation,
+                     plain_request,
+                     save_serve_results,
+                     smoke_test,
+                     stream_request,
+)
 from .engine import BatchEngine, Job, QueueFull, generate_jobs
-from .gate import export_and_check, gate_summary, gate_table, run_export_gate
-from .gguf import export_gguf, gguf_available
 from .export import export_commands, load_merged, merge_adapter, merge_and_export, probe_logits
 from .forms import choose_form, load_serving_model
+from .gate import export_and_check, gate_summary, gate_table, run_export_gate
+from .gguf import export_gguf, gguf_available
 from .process import ServerProcess, serve_run, start_server
 from .run import api_key_from_env, context_length, model_name, open_run_folder
 from .widgets import chat_box, prompt_for, stream_text
 
 __all__ = ["BatchEngine", "Job", "QueueFull", "ServerProcess", "api_key_from_env", "bench_prompts", "chat_box",
-           "choose_form", "export_and_check", "export_gguf", "gate_summary", "gate_table", "gguf_available", "run_export_gate", "compare_forms", "context_length", "export_commands", "generate_jobs", "load_merged",
+           "choose_form", "compare_forms", "context_length", "export_and_check", "export_commands",
+           "export_gguf", "gate_summary", "gate_table", "generate_jobs", "gguf_available", "load_merged",
            "load_serving_model", "load_test", "machine_name", "measure_generation", "merge_adapter",
            "merge_and_export", "model_name", "open_run_folder", "plain_request", "probe_logits", "prompt_for",
-           "save_serve_results", "serve_run", "smoke_test", "start_server", "stream_request", "stream_text"]
+           "run_export_gate", "save_serve_results", "serve_run", "smoke_test", "start_server",
+           "stream_request", "stream_text"]

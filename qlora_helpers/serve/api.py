@@ -17,8 +17,8 @@ import hmac
 import logging
 import os
 import time
-from typing import Any, Literal, Optional, Union
 from collections.abc import Callable
+from typing import Any, Literal, Optional, Union
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -32,8 +32,7 @@ from ..prompts import encode_text, render_conversation, template_stops
 from ..runs import Run
 from . import responses as out
 from .engine import BatchEngine, Job
-from .middleware import (APIError, BodyLimit, RequestLog, error_response, http_error, invalid_request,
-                         unexpected_error)
+from .middleware import APIError, BodyLimit, RequestLog, error_response, http_error, invalid_request, unexpected_error
 from .relay import Events, collect, streamed, submit
 from .run import context_length, model_name
 from .sampling import SamplingParams
@@ -149,7 +148,8 @@ def refuse_unsupported(req: Sampling) -> None:
         ("web_search_options", get("web_search_options") is not None, "web search"),
         ("best_of", get("best_of") not in (None, req.n or 1), "best_of other than n"),
         ("stream_options", req.stream_options is not None and not req.stream, "stream_options without stream: true"),
-        ("top_logprobs", get("top_logprobs") is not None and not get("logprobs"), "top_logprobs without logprobs: true"),
+        ("top_logprobs", get("top_logprobs") is not None and not get("logprobs"),
+         "top_logprobs without logprobs: true"),
     ]
     for field, bad, what in problems:
         if bad:

@@ -13,9 +13,10 @@ import platform
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..models import load_tokenizer
 from ..paths import write_json_atomic
@@ -25,6 +26,7 @@ from .engine import Job, generate_jobs
 from .forms import FORMS, checked_forms
 from .gguf import gguf_available
 from .process import ServerProcess
+
 
 def measure_generation(model, tokenizer, prompts: list[list[int]], new_tokens: int, batch_size: int,
                        repeats: int = 2, decoder=None, prompt_tokens: int | None = None) -> dict[str, Any]:

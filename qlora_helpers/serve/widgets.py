@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import html
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 from ..prompts import encode_prompt, render_instruction
 from ..runs import Run
