@@ -25,9 +25,8 @@ from typing import Any
 from .builtin_data import exact_match
 from .data import load_prepared
 from .decoding import Answer, generate_answers
-from .evaluate import rouge_l
 from .prompts import encode_text
-from .scoring import describe_difference, paired_bootstrap
+from .scoring import describe_difference, paired_bootstrap, rouge_l
 
 _WORD = re.compile(r"\w+")
 
