@@ -22,14 +22,14 @@ from typing import Any
 import yaml
 
 from . import ifeval
+from .answers import run_answers
 from .data import HUB_DATASETS, DataUnavailable, load_table, looks_like_file, resolve_data_dir
 from .errors import DataError
 from .generation import generate
 from .models import four_bit_kernel
 from .paths import write_json_atomic, write_text_atomic
-from .prompts import encode_prompts, encode_text, render_instruction
+from .prompts import encode_prompts, render_instruction
 from .runs import RunFolder
-from .answers import run_answers
 from .scoring import describe_difference, heldout_loss, paired_bootstrap, rouge_l  # noqa: F401 (rouge_l: its old home)
 from .tasks import TASKS, metrics
 
