@@ -253,7 +253,11 @@ def summarize(results: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 def _holds(result: dict[str, Any], metric) -> bool:
     """Does a task's result carry this metric? (exact match of the answer task: built-in data only)"""
-    return metric.key in (result.get("base") or {})
+    try:
+        metric.per_example(result.get("base") or {})
+    except KeyError:
+        return False
+    return True
 
 
 def compare_paired(results: dict[str, Any], seed: int = 0) -> list[dict[str, Any]]:

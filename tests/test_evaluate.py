@@ -164,7 +164,8 @@ def test_compare_paired_says_in_words_whether_it_is_real():
 
     results = {
         "loss": {"base": {"per_example": [[20.0, 10]] * 30}, "tuned": {"per_example": [[15.0, 10]] * 30}},
-        "rouge": {"base": {"per_example": [0.2, 0.3, 0.1, 0.4]}, "tuned": {"per_example": [0.3, 0.2, 0.1, 0.4]}},
+        "answers": {"base": {"per_example": {"ROUGE-L F1": [0.2, 0.3, 0.1, 0.4]}},
+                    "tuned": {"per_example": {"ROUGE-L F1": [0.3, 0.2, 0.1, 0.4]}}},  # the other answer metrics absent
         "gsm8k": {"base": {"per_example": [False] * 4}, "tuned": {"per_example": [False] * 4}},
         "ifeval": {"base": {"per_prompt": [[1, 2, 2], [0, 0, 1]]}, "tuned": {"per_prompt": [[1, 2, 2], [1, 1, 1]]}},
     }
