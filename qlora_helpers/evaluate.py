@@ -306,7 +306,7 @@ def task_table(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def write_eval_report(run, model=None, extra: dict[str, Any] | None = None, **tasks: Any) -> dict[str, Any]:
     """eval.json, the report stage 05 writes last, assembled from each task's result (`loss=...,
-    rouge=..., gsm8k=..., ifeval=..., showcase=..., lm_eval=...`; a task left out, None or {} is not
+    answers=..., gsm8k=..., ifeval=..., showcase=..., lm_eval=...`; a task left out, None or {} is not
     in it): every number, with the config, seeds, sample counts, timings, the headline summary, the
     paired bootstrap differences, the 4-bit kernel that ran (`model`) and the tasks skipped for want
     of data, with the reason. Returns the report."""
