@@ -172,7 +172,7 @@ def test_a_row_that_ends_leaves_and_is_reported_stopped(tiny_lora):
 def test_run_answers_scores_both_sides_and_adds_exact_match_on_builtin_data(tmp_path, tiny_lora):
     from qlora_helpers.answers import run_answers
     from qlora_helpers.data import prepare_run_data
-    from qlora_helpers.runs import setup_run
+    from qlora_helpers.opening import setup_run
 
     model, tok = tiny_lora
     run = setup_run("smoke", "answers", ["train.wandb=disabled", "data.sources=[{path: builtin}]",
