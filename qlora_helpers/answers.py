@@ -24,10 +24,9 @@ from typing import Any
 
 from .builtin_data import exact_match
 from .decoding import Answer, generate_answers
-from .evaluate import rouge_l
 from .prepared import load_prepared
 from .prompts import encode_text
-from .scoring import describe_difference, paired_bootstrap
+from .scoring import describe_difference, paired_bootstrap, rouge_l
 
 _WORD = re.compile(r"\w+")
 

@@ -1,12 +1,13 @@
 """Stage 05: how good is the tuned model against its base? Same prompts, same greedy decoding.
 
-The tasks are the entries of `tasks.TASKS` (held-out loss and perplexity, ROUGE-L on held-out Alpaca
-examples, GSM8K exact match, IFEval verifiable instructions (`ifeval.py`), a side-by-side table of
+The tasks are the entries of `tasks.TASKS` (held-out loss and perplexity, the answer metrics of
+answers.py on held-out examples (clean stops, repetition, length, ROUGE-L, exact match), GSM8K exact
+match, IFEval verifiable instructions (`ifeval.py`), a side-by-side table of
 answers to AlpacaEval and MT-bench prompts, lm-evaluation-harness tasks on request); their functions
 live here. `run_tasks` runs them in the registry's order (notebook 05's task cell), and
 `write_eval_report` assembles their results into eval.json, the stage's report.
 
-Imports: torch, numpy, peft, rouge_score and lm_eval are imported inside the functions that use
+Imports: torch, numpy, peft and lm_eval are imported inside the functions that use
 them: heavy (seconds) or optional, and the unit tests of the scoring functions need none of them.
 """
 
@@ -22,27 +23,18 @@ from typing import Any
 import yaml
 
 from . import ifeval
-from .sources import HUB_DATASETS, DataUnavailable, load_table, looks_like_file, resolve_data_dir
+from .answers import run_answers
 from .errors import DataError
 from .generation import generate
 from .models import four_bit_kernel
 from .paths import write_json_atomic, write_text_atomic
-from .prompts import encode_prompts, encode_text, render_instruction
+from .prompts import encode_prompts, render_instruction
 from .runs import RunFolder
-from .scoring import describe_difference, heldout_loss, paired_bootstrap
+from .scoring import describe_difference, heldout_loss, paired_bootstrap, rouge_l  # noqa: F401 (rouge_l: its old home)
+from .sources import HUB_DATASETS, DataUnavailable, load_table, looks_like_file, resolve_data_dir
 from .tasks import TASKS, metrics
 
-
-# --- text metrics -------------------------------------------------------------------------------
-
-
-def rouge_l(predictions: list[str], references: list[str]) -> dict[str, Any]:
-    """Mean ROUGE-L F1 (rouge-score, Porter stemming) and the per-example scores."""
-    from rouge_score import rouge_scorer
-
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    scores = [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
-    return {"rougeL_f1": sum(scores) / len(scores) if scores else 0.0, "per_example": scores}
+# --- text metrics (ROUGE-L: scoring.rouge_l) ------------------------------------------------------
 
 
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
@@ -148,18 +140,11 @@ def evaluate_loss(run, model, tokenizer, data) -> dict[str, Any]:
                                                 cfg.model.max_seq_length, template=run))
 
 
-def evaluate_rouge(run, model, tokenizer, data) -> dict[str, Any]:
-    """ROUGE-L of generated responses against the references of held-out Alpaca examples."""
+def evaluate_answers(run, model, tokenizer, data) -> dict[str, Any]:
+    """What a learner sees in the answers (answers.py): clean stops, repetition, length against the
+    reference, ROUGE-L and (built-in data) exact match, base vs tuned on the same held-out examples."""
     cfg = run.cfg.eval
-    examples = data.eval[:cfg.rouge_samples]
-    prompts = [e["prompt"] for e in examples]
-    refs = [e["response"] for e in examples]
-    ids = [encode_text(run, tokenizer, p) for p in prompts]
-    out = for_both(model, lambda: generate(model, tokenizer, ids, cfg.answer_tokens, cfg.batch_size))
-    for side in ("base", "tuned"):
-        out[side] = {"outputs": out[side], **rouge_l(out[side], refs)}
-    out["prompts"], out["references"] = prompts, refs
-    return out
+    return run_answers(run, model, tokenizer, cfg.answer_samples, cfg.answer_batch_size, cfg.answer_tokens, data)
 
 
 def gsm8k_instruction(question: str, shots: list[dict[str, Any]]) -> str:
@@ -263,7 +248,16 @@ def summarize(results: dict[str, Any]) -> dict[str, dict[str, float]]:
     """{metric: {'base': x, 'tuned': y}} for the headline numbers of the tasks that had examples."""
     counts = sample_counts(results)
     return {metric.name: {side: results[task.name][side][metric.key] for side in ("base", "tuned")}
-            for task, metric in metrics() if counts.get(task.name, 0) != 0}
+            for task, metric in metrics() if counts.get(task.name, 0) != 0 and _holds(results[task.name], metric)}
+
+
+def _holds(result: dict[str, Any], metric) -> bool:
+    """Does a task's result carry this metric? (exact match of the answer task: built-in data only)"""
+    try:
+        metric.per_example(result.get("base") or {})
+    except KeyError:
+        return False
+    return True
 
 
 def compare_paired(results: dict[str, Any], seed: int = 0) -> list[dict[str, Any]]:
@@ -271,7 +265,7 @@ def compare_paired(results: dict[str, Any], seed: int = 0) -> list[dict[str, Any
     and a sentence saying whether it can be told from zero."""
     rows = []
     for task, metric in metrics():
-        if task.name not in results or not results[task.name].get("tuned"):
+        if task.name not in results or not results[task.name].get("tuned") or not _holds(results[task.name], metric):
             continue
         (base, weights), (tuned, _) = (metric.per_example(results[task.name][side]) for side in ("base", "tuned"))
         if not base:
@@ -303,6 +297,8 @@ def task_table(results: dict[str, Any]) -> list[dict[str, Any]]:
         elif not task.metrics:
             rows.append({**row, "metric": f"(no score: {task.about})"})
         for metric in task.metrics if "skipped" not in result and counts.get(name) != 0 else ():
+            if not _holds(result, metric):
+                continue
             rows.append({**row, "metric": metric.name, "base": result["base"][metric.key], "tuned":
                          result["tuned"][metric.key], "better": "lower" if metric.lower_is_better else "higher"})
     return rows
@@ -310,7 +306,7 @@ def task_table(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def write_eval_report(run, model=None, extra: dict[str, Any] | None = None, **tasks: Any) -> dict[str, Any]:
     """eval.json, the report stage 05 writes last, assembled from each task's result (`loss=...,
-    rouge=..., gsm8k=..., ifeval=..., showcase=..., lm_eval=...`; a task left out, None or {} is not
+    answers=..., gsm8k=..., ifeval=..., showcase=..., lm_eval=...`; a task left out, None or {} is not
     in it): every number, with the config, seeds, sample counts, timings, the headline summary, the
     paired bootstrap differences, the 4-bit kernel that ran (`model`) and the tasks skipped for want
     of data, with the reason. Returns the report."""

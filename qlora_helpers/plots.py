@@ -249,6 +249,25 @@ def plot_metrics(summary: dict[str, dict[str, float]]):
     return fig
 
 
+def plot_answer_metrics(rows: list[dict[str, Any]], labels: tuple[str, str] = ("base", "tuned")):
+    """One panel per answer metric (answers.compare's rows: base, tuned, the paired interval of tuned -
+    base): the two means as bars, and on the second bar the paired 95% interval of the difference
+    placed around it (base + low to base + high): when it reaches the first bar's height, the
+    difference cannot be told from zero."""
+    fig, axes = plt.subplots(1, len(rows), figsize=(2.4 * len(rows), 3.2), squeeze=False)
+    for ax, row in zip(axes[0], rows):
+        values = [row["base"], row["tuned"]]
+        interval = [[row["tuned"] - (row["base"] + row["low"])], [row["base"] + row["high"] - row["tuned"]]]
+        bars = ax.bar(list(labels), values, color=["#999999", "#2a9d55"])
+        ax.errorbar([1], [row["tuned"]], yerr=interval, fmt="none", ecolor="black", capsize=5)
+        ax.bar_label(bars, fmt="%.3g", label_type="center")
+        better = "lower" if row["lower_is_better"] else "higher"
+        ax.set_title(f"{row['metric']}\n({better} is better)", fontsize=9)
+        ax.set_ylim(0, max(values + [row["base"] + row["high"]]) * 1.2 or 1)
+    fig.tight_layout()
+    return fig
+
+
 def plot_preference_margins(rows: list[dict[str, Any]]):
     """DPO per logged step: the implicit rewards of chosen and rejected answers (beta x log-ratio to the
     reference), their margin, and the loss (log 2 at the start, when the policy equals the reference)."""

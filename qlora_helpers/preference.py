@@ -28,7 +28,8 @@ non-zero gradient (AVX512-BF16 CPUs can lose it in bitsandbytes' CPU kernel: mod
 Preference accuracy (the evaluation): the share of held-out pairs where the model gives the chosen
 answer a higher summed log-probability than the rejected one, for base, SFT and SFT+DPO alike (no
 reference needed), with paired bootstrap intervals for the differences. 05 calls
-`compare_three_way` / `answers_three_way` for the base vs SFT vs SFT+DPO table.
+`evaluate_three_way` (preference accuracy and the answer metrics of all three) and `answers_three_way`
+(answers side by side) for the base vs SFT vs SFT+DPO tables.
 
 Imports: torch, transformers, peft, trl and datasets are imported inside the functions that use them.
 """
@@ -37,9 +38,12 @@ from __future__ import annotations
 
 import math
 import random
+import statistics
 import time
 from typing import Any
 
+from .answers import builtin_source_names, compare, per_example
+from .decoding import generate_answers
 from .errors import QLoraError
 from .generation import generate
 from .models import keep_4bit_on_autograd_path, load_model, load_tokenizer
@@ -356,3 +360,44 @@ def answers_three_way(run, model, tokenizer, pairs: list[dict[str, Any]], n: int
     answers = for_three(model, lambda: generate(model, tokenizer, ids, tokens, batch))
     return [{"prompt": prompts[j], "chosen": pairs[i]["chosen"], **{k: answers[k][j] for k in THREE}}
             for j, i in enumerate(picked)]
+
+
+STEPS = (("sft", "sft+dpo"), ("base", "sft"), ("base", "sft+dpo"))  # the paired comparisons of 05's three-way table
+
+
+def answer_metrics_three_way(run, model, tokenizer, data: PreparedData | None = None) -> dict[str, Any]:
+    """The answer metrics of answers.py (clean stops, repetition, length, ROUGE-L, exact match on the
+    built-in data) for base, SFT and SFT+DPO on the same eval.answer_samples held-out examples (03's
+    eval split), generated once per model as 05's answer task does; each step of STEPS with its
+    paired bootstrap interval (`answers.compare`: its 'base' is the step's first, 'tuned' its second)."""
+    cfg = run.cfg.eval
+    data = data if data is not None else load_prepared(run)
+    examples = data.eval[:cfg.answer_samples]
+    if not examples:
+        raise QLoraError("No held-out examples for the answer metrics: raise data.eval_size or eval.answer_samples.")
+    builtin = builtin_source_names(data.report)
+    refs, checked = [e["response"] for e in examples], [e["source"] in builtin for e in examples]
+    ids = [encode_text(run, tokenizer, e["prompt"]) for e in examples]
+    model.eval()
+    answers = for_three(model, lambda: generate_answers(model, tokenizer, ids, cfg.answer_tokens,
+                                                        cfg.answer_batch_size))
+    values = {label: per_example(answers[label], refs, checked) for label in THREE}
+    return {"examples": len(examples), "prompts": [e["prompt"] for e in examples], "references": refs,
+            "means": {label: {m: statistics.fmean(v) for m, v in values[label].items()} for label in THREE},
+            "outputs": {label: [a.text for a in answers[label]] for label in THREE}, "per_example": values,
+            "differences": [{"step": f"{a} -> {b}", **row} for a, b in STEPS
+                            for row in compare(values[a], values[b], seed=run.cfg.data.seed)]}
+
+
+def evaluate_three_way(run, model, tokenizer, data: PreparedData | None = None) -> dict[str, Any]:
+    """05's comparison of base, SFT and SFT+DPO (a model from `load_three_way_model`): held-out
+    preference accuracy on the pairs 04b held out, and the answer metrics, each step of STEPS with its
+    paired bootstrap interval."""
+    accuracy = compare_three_way(run, model, tokenizer)
+    margins = accuracy["margins"]
+    compared = {(a, b): compare_accuracy(margins[a], margins[b], run.cfg.preference.seed) for a, b in STEPS}
+    steps = [{"step": f"{a} -> {b}", "before": r["before"], "after": r["after"], **r["difference"]}
+             for (a, b), r in compared.items()]
+    return {"preference": {"pairs": accuracy["pairs"], "accuracy": accuracy["accuracy"], "differences": steps,
+                           "margins": margins},
+            "answers": answer_metrics_three_way(run, model, tokenizer, data)}

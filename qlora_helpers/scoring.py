@@ -1,7 +1,7 @@
-"""Scoring shared by the stages: held-out loss (02, 04, 05) and the paired bootstrap that says
+"""Scoring shared by the stages: held-out loss (02, 04, 05), ROUGE-L (05, the sweep) and the paired bootstrap that says
 whether a base -> tuned difference is real (05, the sweep).
 
-Imports: torch and numpy are imported inside the functions that use them (heavy; the unit tests of
+Imports: torch, numpy and rouge_score are imported inside the functions that use them (heavy; the unit tests of
 the rest need neither).
 """
 
@@ -67,6 +67,18 @@ def heldout_loss(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int
     return {"loss": loss, "perplexity": math.exp(loss), "examples": len(kept),
             "skipped_too_long": len(examples) - len(kept), "tokens": total_tokens,
             "per_example": per_example}  # [summed NLL, response tokens] of each scored example
+
+
+# --- text overlap ----------------------------------------------------------------------------------
+
+
+def rouge_l(predictions: list[str], references: list[str]) -> dict[str, Any]:
+    """Mean ROUGE-L F1 (rouge-score, Porter stemming) and the per-example scores."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    scores = [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
+    return {"rougeL_f1": sum(scores) / len(scores) if scores else 0.0, "per_example": scores}
 
 
 # --- is the difference real? ------------------------------------------------------------------------

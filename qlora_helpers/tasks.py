@@ -4,7 +4,8 @@ Everything that lists tasks iterates over `TASKS`, in its order: stage 05 runs t
 (`evaluate.run_tasks`, notebook 05's one task cell), eval.json's summary, sample counts and paired
 bootstrap differences (`evaluate.summarize`, `sample_counts`, `compare_paired`), the metrics figure
 (`plots.plot_metrics`) and the sweep table (`sweep.collect_results`). Adding a task is one entry here
-plus its function in evaluate.py (and its settings in config.EvalConfig, and a test).
+plus its function in evaluate.py (and its settings in config.EvalConfig, and a test). A metric a
+result does not hold (exact match: only on the built-in data) is left out of the summary and table.
 
 A task's function takes (run, model, tokenizer, data: the eval split 03 saved) and returns
 {'base': ..., 'tuned': ..., 'seconds': ...} (`evaluate.for_both`), or {'skipped': why} when its data
@@ -64,6 +65,15 @@ def _instruction_level(side: dict[str, Any]) -> tuple[list[float], list[float]]:
     return [p[1] / p[2] for p in side["per_prompt"]], [p[2] for p in side["per_prompt"]]
 
 
+def _answer_metric(name: str) -> Reader:
+    return lambda side: ([float(v) for v in side["per_example"][name]], None)
+
+
+def _answer(name: str, lower_is_better: bool = False) -> Metric:
+    """One metric of the answer task (answers.METRICS: each side holds its mean and per-example values)."""
+    return Metric(name, name, _answer_metric(name), lower_is_better=lower_is_better)
+
+
 def _count(key: str) -> Callable[[dict[str, Any]], int]:
     return lambda result: len(result.get(key, []))
 
@@ -75,9 +85,12 @@ TASKS: dict[str, Task] = {t.name: t for t in (
                  sweep_columns=("heldout_loss", "heldout_loss_base", "heldout_examples")),
           Metric("perplexity", "perplexity", _nll_per_token, lower_is_better=True, transform=math.exp)),
          examples=lambda result: result.get("tuned", {}).get("examples")),
-    Task("rouge", "ROUGE-L", "word overlap of greedy answers with the held-out references",
-         ("rouge_samples", "answer_tokens", "batch_size"), (), "evaluate_rouge",
-         (Metric("ROUGE-L F1", "rougeL_f1", _values),), examples=_count("references")),
+    Task("answers", "Answers", "greedy answers to held-out instructions: clean stops, repetition, length "
+         "against the reference, ROUGE-L, exact match (built-in data)",
+         ("answer_samples", "answer_tokens", "answer_batch_size"), (), "evaluate_answers",
+         (_answer("clean stop"), _answer("repetition", lower_is_better=True),
+          _answer("length gap", lower_is_better=True), _answer("ROUGE-L F1"), _answer("exact match")),
+         examples=_count("references")),
     Task("gsm8k", "GSM8K", "the final number of the answer (after ####, else the last) against the reference",
          ("gsm8k_path", "gsm8k_samples", "gsm8k_shots", "gsm8k_tokens", "batch_size"), ("gsm8k_path",),
          "evaluate_gsm8k", (Metric("GSM8K exact match", "exact_match", _values),), examples=_count("answers")),

@@ -135,6 +135,6 @@ def test_describe_config_explains_every_key():
     rows = describe_config(load_config("default"))
     # recorded key counts per section: a key added or removed must be added here on purpose
     assert Counter(row["key"].split(".")[0] for row in rows) == {
-        "model": 6, "quant": 5, "lora": 7, "data": 10, "train": 26, "eval": 19, "serve": 19,
+        "model": 6, "quant": 5, "lora": 7, "data": 10, "train": 26, "eval": 20, "serve": 19,
         "preference": 16}
     assert all(row["help"] for row in rows)

@@ -128,7 +128,8 @@ def test_paired_bootstrap_on_known_inputs():
     # the same shift on every example: every resample sees exactly that shift
     r = paired_bootstrap([0.1, 0.5, 0.9, 0.3], [1.1, 1.5, 1.9, 1.3])
     assert r["difference"] == pytest.approx(1.0) and r["low"] == pytest.approx(1.0) and r["distinguishable"]
-    assert paired_bootstrap([0, 1, 0, 1, 1], [1, 1, 0, 0, 1], seed=3) == paired_bootstrap([0, 1, 0, 1, 1], [1, 1, 0, 0, 1], seed=3)
+    base, tuned = [0, 1, 0, 1, 1], [1, 1, 0, 0, 1]
+    assert paired_bootstrap(base, tuned, seed=3) == paired_bootstrap(base, tuned, seed=3)
 
 
 def test_paired_bootstrap_pairs_examples():
@@ -164,7 +165,8 @@ def test_compare_paired_says_in_words_whether_it_is_real():
 
     results = {
         "loss": {"base": {"per_example": [[20.0, 10]] * 30}, "tuned": {"per_example": [[15.0, 10]] * 30}},
-        "rouge": {"base": {"per_example": [0.2, 0.3, 0.1, 0.4]}, "tuned": {"per_example": [0.3, 0.2, 0.1, 0.4]}},
+        "answers": {"base": {"per_example": {"ROUGE-L F1": [0.2, 0.3, 0.1, 0.4]}},
+                    "tuned": {"per_example": {"ROUGE-L F1": [0.3, 0.2, 0.1, 0.4]}}},  # the other answer metrics absent
         "gsm8k": {"base": {"per_example": [False] * 4}, "tuned": {"per_example": [False] * 4}},
         "ifeval": {"base": {"per_prompt": [[1, 2, 2], [0, 0, 1]]}, "tuned": {"per_prompt": [[1, 2, 2], [1, 1, 1]]}},
     }
@@ -188,9 +190,9 @@ def test_multiple_choice_picks_the_choice_the_model_finds_likeliest(tmp_path, ti
 
     from qlora_helpers.evaluate import compare_paired, evaluate_choice, summarize
     from qlora_helpers.models import load_tokenizer
+    from qlora_helpers.opening import setup_run
     from qlora_helpers.paths import PROJECT_ROOT
     from qlora_helpers.prompts import encode_pairs, render_instruction
-    from qlora_helpers.opening import setup_run
     from qlora_helpers.tasks import TASKS
 
     qa = PROJECT_ROOT / "tests" / "assets" / "lm_eval" / "qa.jsonl"

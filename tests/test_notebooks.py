@@ -49,15 +49,18 @@ def test_stages_01_to_06_write_their_reports(smoke_run):
     assert (smoke_run / "adapter" / "adapter_model.safetensors").is_file()
     assert (smoke_run / "training_curves.png").is_file()
     evaluation = json.loads((smoke_run / "eval.json").read_text())
-    assert set(evaluation["summary"]) == {"held-out loss", "perplexity", "ROUGE-L F1", "GSM8K exact match",
-                                          "IFEval prompt-level", "IFEval instruction-level"}
-    assert evaluation["samples"] == {"loss": 16, "rouge": 4, "gsm8k": 4, "ifeval": 8}
+    assert set(evaluation["summary"]) == {"held-out loss", "perplexity", "clean stop", "repetition", "length gap",
+                                          "ROUGE-L F1", "GSM8K exact match", "IFEval prompt-level",
+                                          "IFEval instruction-level"}  # no exact match: not the built-in data
+    assert evaluation["samples"] == {"loss": 16, "answers": 4, "gsm8k": 4, "ifeval": 8}
     summary = evaluation["summary"]
     assert summary["held-out loss"] == pytest.approx({"base": 10.853419, "tuned": 10.851496}, abs=1e-3)
     assert summary["held-out loss"]["tuned"] < summary["held-out loss"]["base"]
     assert summary["ROUGE-L F1"] == summary["GSM8K exact match"] == {"base": 0.0, "tuned": 0.0}
     assert summary["IFEval prompt-level"] == {"base": 0.375, "tuned": 0.25}  # 3 and 2 of 8 prompts
     assert [d["metric"] for d in evaluation["differences"]] == list(summary)  # assembled in evaluate
+    assert all(0 <= summary[m][side] <= 1 for m in ("clean stop", "repetition") for side in ("base", "tuned"))
+    assert (smoke_run / "eval_answers.png").is_file() and "three_way" not in evaluation  # 04b did not run
     assert "<table" in (smoke_run / "generations.html").read_text()
     assert (smoke_run / "generations.md").read_text().startswith("| source | prompt | base | tuned |")
     for name in ("01_setup.ipynb", "02_quantize.ipynb", "03_data_prep.ipynb", "04_train.ipynb",

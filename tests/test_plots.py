@@ -1,5 +1,7 @@
 """Figures whose numbers a reader takes from the picture: the bars must carry the values given."""
 
+import pytest
+
 from qlora_helpers.plots import plot_latency
 
 
@@ -12,3 +14,19 @@ def test_latency_bars_show_each_form_and_batch():
     assert [b.get_height() for b in ttft.patches] == [0.5, 0.2, 0.3]
     assert [b.get_height() for b in speed.patches] == [20.0, 50.0, 150.0]
     assert [t.get_text() for t in ttft.get_xticklabels()] == ["adapter\nbatch 1", "merged\nbatch 1", "merged\nbatch 4"]
+
+
+def test_answer_metric_bars_carry_the_means_and_the_paired_interval_around_the_tuned_bar():
+    from qlora_helpers.answers import compare
+    from qlora_helpers.plots import plot_answer_metrics
+
+    base = {"clean stop": [0.0, 0.0, 1.0, 0.0], "repetition": [0.5, 0.4, 0.0, 0.6]}
+    tuned = {"clean stop": [1.0, 1.0, 1.0, 0.0], "repetition": [0.1, 0.0, 0.0, 0.2]}
+    rows = compare(base, tuned)
+    fig = plot_answer_metrics(rows)
+    assert [ax.get_title() for ax in fig.axes] == ["clean stop\n(higher is better)", "repetition\n(lower is better)"]
+    for ax, row in zip(fig.axes, rows):
+        assert [b.get_height() for b in ax.patches] == [row["base"], row["tuned"]]
+        (segments,) = [c for c in ax.collections if c.get_segments()]
+        (low, high), = [sorted(p[1] for p in s) for s in segments.get_segments()]
+        assert low == pytest.approx(row["base"] + row["low"]) and high == pytest.approx(row["base"] + row["high"])

@@ -253,6 +253,27 @@ def test_three_way_comparison_scores_base_sft_and_dpo_on_the_same_pairs(sft_run,
     assert len(answers) == 2 and set(answers[0]) == {"prompt", "chosen", "base", "sft", "sft+dpo"}
 
 
+def test_05_compares_the_three_on_preference_accuracy_and_the_answer_metrics(sft_run, preferred):
+    from qlora_helpers.answers import run_answers
+    from qlora_helpers.preference import evaluate_three_way, load_three_way_model
+
+    model, tokenizer = load_three_way_model(sft_run)
+    result = evaluate_three_way(sft_run, model, tokenizer)
+    steps = result["preference"]["differences"]
+    assert [r["step"] for r in steps] == ["sft -> sft+dpo", "base -> sft", "base -> sft+dpo"]
+    assert steps[0]["before"] == pytest.approx(preferred["accuracy"]["before"])
+    assert steps[0]["after"] == pytest.approx(preferred["accuracy"]["after"])
+    assert steps[0]["n"] == 8 and steps[0]["low"] <= steps[0]["difference"] <= steps[0]["high"]
+    answers, cfg = result["answers"], sft_run.cfg.eval
+    assert answers["examples"] == cfg.answer_samples and set(answers["means"]) == {"base", "sft", "sft+dpo"}
+    assert [r["metric"] for r in answers["differences"] if r["step"] == "sft -> sft+dpo"] == [
+        "clean stop", "repetition", "length gap", "ROUGE-L F1"]  # not the built-in data: no exact match
+    # the same examples and decoding as 05's answer task: its base and tuned are this base and SFT+DPO
+    single = run_answers(sft_run, model, tokenizer, cfg.answer_samples, cfg.answer_batch_size, cfg.answer_tokens)
+    assert single["base"]["outputs"] == answers["outputs"]["base"]
+    assert single["tuned"]["outputs"] == answers["outputs"]["sft+dpo"]
+
+
 @pytest.mark.integration
 def test_the_notebook_runs_under_papermill_when_the_profile_enables_it(tmp_path, tiny_dir):
     from qlora_helpers.runner import run_pipeline

@@ -133,10 +133,10 @@ def test_later_stages_open_the_run_by_name_and_change_only_their_section(by_name
     run = open_run("byname", by_name)
     assert run.cfg.train.learning_rate == 0.001 and run.stage_overrides == ()
     assert "lr 0.001 for" in describe_run(run) and "byname/config.json" in describe_run(run)
-    evaluated = open_run("byname", by_name, ["eval.rouge_samples=3"], stage="05")
-    assert evaluated.cfg.eval.rouge_samples == 3 and evaluated.stage_overrides == ("eval.rouge_samples=3",)
+    evaluated = open_run("byname", by_name, ["eval.answer_samples=3"], stage="05")
+    assert evaluated.cfg.eval.answer_samples == 3 and evaluated.stage_overrides == ("eval.answer_samples=3",)
     assert evaluated.cfg.train == run.cfg.train
-    assert "for this stage only: eval.rouge_samples=3" in describe_run(evaluated)
+    assert "for this stage only: eval.answer_samples=3" in describe_run(evaluated)
     assert open_run("byname", by_name, ["serve.bench_tokens=3"], stage="06").cfg.serve.bench_tokens == 3
     with pytest.raises(ConfigError, match=r"train.learning_rate: now 0.002, run has 0.001.*Set them in 01_setup"):
         open_run("byname", by_name, ["train.learning_rate=0.002"], stage="04")
@@ -156,7 +156,7 @@ def test_the_runner_passes_each_notebook_the_parameters_its_cell_has(by_name):
     from qlora_helpers.runner import notebook_parameters
 
     everything = {"config": "smoke", "run_name": "r", "overrides": ["x=1"], "outputs_dir": "o",
-                  "eval_overrides": ["eval.rouge_samples=3"], "serve_overrides": []}
+                  "eval_overrides": ["eval.answer_samples=3"], "serve_overrides": []}
     from papermill.inspection import _infer_parameters
     from papermill.iorw import load_notebook_node
 
@@ -175,8 +175,8 @@ def test_the_runner_without_01_passes_only_eval_and_serve_changes(by_name):
 
     folder = RunFolder(Path(by_name) / "byname")
     same = ["train.wandb=disabled", "train.learning_rate=0.001"]
-    asked = load_config("smoke", [*same, "eval.rouge_samples=3", "serve.bench_tokens=4"])
+    asked = load_config("smoke", [*same, "eval.answer_samples=3", "serve.bench_tokens=4"])
     assert stage_overrides(folder, "byname", asked, select_stages("05,06")) == {
-        "eval_overrides": ["eval.rouge_samples=3"], "serve_overrides": ["serve.bench_tokens=4"]}
+        "eval_overrides": ["eval.answer_samples=3"], "serve_overrides": ["serve.bench_tokens=4"]}
     with pytest.raises(ConfigError, match=r"train.learning_rate: now 0.002, run has 0.001.*Include stage 01"):
         stage_overrides(folder, "byname", load_config("smoke", ["train.learning_rate=0.002"]), select_stages("04"))

@@ -21,7 +21,8 @@ def test_each_entry_names_real_settings_and_a_function(task):
 def test_metric_names_are_unique_and_directed():
     names = [m.name for _, m in tasks.metrics()]
     assert len(names) == len(set(names))
-    assert [m.name for _, m in tasks.metrics() if m.lower_is_better] == ["held-out loss", "perplexity"]
+    assert [m.name for _, m in tasks.metrics() if m.lower_is_better] == ["held-out loss", "perplexity",
+                                                                          "repetition", "length gap"]
     with pytest.raises(KeyError, match="known: held-out loss"):
         tasks.metric("BLEU")
 
@@ -30,9 +31,13 @@ RESULTS = {
     "loss": {"base": {"loss": 2.0, "perplexity": 7.39, "examples": 2, "per_example": [[4.0, 2], [2.0, 1]]},
              "tuned": {"loss": 1.5, "perplexity": 4.48, "examples": 2, "per_example": [[3.0, 2], [1.5, 1]]},
              "seconds": {"base": 1.0, "tuned": 1.0}},
-    "rouge": {"base": {"rougeL_f1": 0.1, "per_example": [0.1, 0.1]},
-              "tuned": {"rougeL_f1": 0.2, "per_example": [0.2, 0.2]},
-              "references": ["a", "b"], "seconds": {"base": 1.0, "tuned": 2.0}},
+    "answers": {"base": {"clean stop": 0.0, "repetition": 0.5, "length gap": 1.0, "ROUGE-L F1": 0.1,
+                         "per_example": {"clean stop": [0, 0], "repetition": [0.5, 0.5], "length gap": [1.0, 1.0],
+                                         "ROUGE-L F1": [0.1, 0.1]}},
+                "tuned": {"clean stop": 1.0, "repetition": 0.0, "length gap": 0.5, "ROUGE-L F1": 0.2,
+                          "per_example": {"clean stop": [1, 1], "repetition": [0.0, 0.0], "length gap": [0.5, 0.5],
+                                          "ROUGE-L F1": [0.2, 0.2]}},
+                "references": ["a", "b"], "seconds": {"base": 1.0, "tuned": 2.0}},  # not built-in: no exact match
     "gsm8k": {"skipped": "no data"},
     "ifeval": {"base": {"prompt_level_strict": 0.0, "instruction_level_strict": 0.0, "per_prompt": []},
                "tuned": {"prompt_level_strict": 0.0, "instruction_level_strict": 0.0, "per_prompt": []},
@@ -40,16 +45,40 @@ RESULTS = {
 }
 
 
+ANSWER_METRICS = ["clean stop", "repetition", "length gap", "ROUGE-L F1"]
+
+
 def test_summary_counts_differences_and_table_follow_the_registry():
-    assert evaluate.sample_counts(RESULTS) == {"loss": 2, "rouge": 2, "gsm8k": 0, "ifeval": 0}
+    assert evaluate.sample_counts(RESULTS) == {"loss": 2, "answers": 2, "gsm8k": 0, "ifeval": 0}
     summary = evaluate.summarize(RESULTS)
-    assert list(summary) == ["held-out loss", "perplexity", "ROUGE-L F1"]  # ifeval had 0 examples, gsm8k none
+    assert list(summary) == ["held-out loss", "perplexity", *ANSWER_METRICS]  # ifeval 0 examples, gsm8k none
     assert [d["metric"] for d in evaluate.compare_paired(RESULTS)] == list(summary)
     table = evaluate.task_table(RESULTS)
     assert [(r["task"], r["metric"]) for r in table] == [
-        ("Held-out loss", "held-out loss"), ("Held-out loss", "perplexity"), ("ROUGE-L", "ROUGE-L F1"),
-        ("GSM8K", "skipped: no data"), ("IFEval", "configured away (0 examples)")]
+        ("Held-out loss", "held-out loss"), ("Held-out loss", "perplexity"),
+        *[("Answers", m) for m in ANSWER_METRICS], ("GSM8K", "skipped: no data"),
+        ("IFEval", "configured away (0 examples)")]
     assert table[0]["better"] == "lower" and table[2]["better"] == "higher" and table[2]["seconds"] == 3.0
+    assert [r["better"] for r in table[2:6]] == ["higher", "lower", "lower", "higher"]
+
+
+def test_exact_match_is_reported_only_when_the_answers_hold_it():
+    answers = {side: {**RESULTS["answers"][side], "exact match": value,
+                      "per_example": {**RESULTS["answers"][side]["per_example"], "exact match": [value, value]}}
+               for side, value in (("base", 0.0), ("tuned", 1.0))}
+    results = {"answers": {**RESULTS["answers"], **answers}}
+    assert list(evaluate.summarize(results)) == [*ANSWER_METRICS, "exact match"]
+    differences = {d["metric"]: d for d in evaluate.compare_paired(results)}
+    assert differences["exact match"]["difference"] == 1.0 and differences["clean stop"]["distinguishable"]
+    assert differences["repetition"]["difference"] == -0.5
+
+
+def test_the_answer_task_reads_its_settings():
+    task = tasks.TASKS["answers"]
+    cfg = EvalConfig()
+    assert task.settings == ("answer_samples", "answer_tokens", "answer_batch_size")
+    assert (cfg.answer_samples, cfg.answer_batch_size) == (64, 32) and task.enabled(cfg)
+    assert "rouge" not in tasks.TASKS  # ROUGE-L is measured once, by the answer task
 
 
 def test_plot_and_sweep_read_direction_and_columns_from_the_registry():
@@ -59,9 +88,11 @@ def test_plot_and_sweep_read_direction_and_columns_from_the_registry():
     from qlora_helpers.sweep import _eval_columns
 
     fig = plot_metrics(evaluate.summarize(RESULTS))
-    assert [ax.get_title() for ax in fig.axes] == ["held-out loss\n(lower is better)", "perplexity\n(lower is better)",
-                                                   "ROUGE-L F1\n(higher is better)"]
+    assert [ax.get_title() for ax in fig.axes] == [
+        "held-out loss\n(lower is better)", "perplexity\n(lower is better)", "clean stop\n(higher is better)",
+        "repetition\n(lower is better)", "length gap\n(lower is better)", "ROUGE-L F1\n(higher is better)"]
     plt.close(fig)
     report = {"summary": evaluate.summarize(RESULTS), "samples": evaluate.sample_counts(RESULTS)}
     assert _eval_columns(report) == {"heldout_loss": 1.5, "heldout_loss_base": 2.0, "heldout_examples": 2,
-                                     "perplexity": 4.48, "ROUGE-L F1": 0.2}  # 05's loss replaces 04's columns
+                                     "perplexity": 4.48, "clean stop": 1.0, "repetition": 0.0, "length gap": 0.5,
+                                     "ROUGE-L F1": 0.2}  # 05's loss replaces 04's columns
