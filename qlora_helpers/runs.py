@@ -227,7 +227,7 @@ class _Layout:
     def gguf_dir(self) -> Path:  # the [gguf] extra's exports (serve/gguf.py)
         return self.path / "gguf"
 
-    def gguf_file(self, gguf_type: str) -> Path:  # f16, q8_0, q4_k_m
+    def gguf_file(self, gguf_type: str) -> Path:  # one of config.GGUF_TYPES
         return self.gguf_dir / f"model-{gguf_type}.gguf"
 
     @property
