@@ -29,7 +29,7 @@ CONFIG_DIR = PROJECT_ROOT / "configs"
 
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 # llama.cpp file types 06 can export: the one list of their names (serve/forms.py: how each is checked)
-GGUF_TYPES = ("f16", "q8_0", "q4_k_m")
+GGUF_TYPES = ("f16", "q8_0", "q5_k_m", "q4_k_m")
 
 
 def _f(default: Any, help: str, low: float | None = None, gt: float | None = None, lt: float | None = None,

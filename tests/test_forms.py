@@ -17,8 +17,8 @@ def test_the_registry_covers_every_form_and_gguf_type_once():
     serve_as = typing.get_args(typing.get_type_hints(ServeConfig)["form"])
     assert set(serve_as) == {f.serve_as for f in forms.FORMS.values()} | {"auto"} == set(forms.AUTO_ORDER) | {"auto"}
     assert all(0 < f.kl_bound < 1 for f in forms.FORMS.values())
-    assert [f.name for f in forms.FORMS.values() if f.quantized] == ["gguf-q8_0", "gguf-q4_k_m"]
-    with pytest.raises(QLoraError, match="valid: f16, q8_0, q4_k_m"):
+    assert [f.name for f in forms.FORMS.values() if f.quantized] == ["gguf-q8_0", "gguf-q5_k_m", "gguf-q4_k_m"]
+    with pytest.raises(QLoraError, match="valid: f16, q8_0, q5_k_m, q4_k_m"):
         forms.gguf_form("q2_k")
 
 

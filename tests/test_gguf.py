@@ -26,10 +26,10 @@ def gguf_extra():
 
 @pytest.fixture(scope="module")
 def exported(run, export):
-    """`python -m qlora_helpers export --run <run> --gguf q8_0 --gguf f16 --gguf q4_k_m`: its exit
-    code and output (the export gate runs on every form)."""
+    """`python -m qlora_helpers export --run <run> --gguf q8_0 --gguf f16 --gguf q4_k_m --gguf q5_k_m`: its
+    exit code and output (the export gate runs on every form)."""
     cmd = [sys.executable, "-m", "qlora_helpers", "export", "--run", str(run.path),
-           "--gguf", "q8_0", "--gguf", "f16", "--gguf", "q4_k_m"]
+           "--gguf", "q8_0", "--gguf", "f16", "--gguf", "q4_k_m", "--gguf", "q5_k_m"]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
 
 
@@ -39,10 +39,10 @@ def test_export_writes_the_gguf_files_and_an_ollama_modelfile(run, exported):
 
     assert exported.returncode == 0, exported.stdout + exported.stderr
     folder = run.gguf_dir
-    for t in ("f16", "q8_0", "q4_k_m"):
+    for t in ("f16", "q8_0", "q4_k_m", "q5_k_m"):
         assert (folder / f"model-{t}.gguf").read_bytes()[:4] == b"GGUF"
-    sizes = {t: (folder / f"model-{t}.gguf").stat().st_size for t in ("f16", "q8_0", "q4_k_m")}
-    assert sizes["f16"] > sizes["q8_0"] > sizes["q4_k_m"]
+    sizes = {t: (folder / f"model-{t}.gguf").stat().st_size for t in ("f16", "q8_0", "q4_k_m", "q5_k_m")}
+    assert sizes["f16"] > sizes["q8_0"] > sizes["q4_k_m"] and sizes["f16"] > sizes["q5_k_m"]
     assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no temporary file left
     text = (folder / "Modelfile").read_text()
     assert "FROM ./model-q8_0.gguf\n" in text and 'PARAMETER stop "<|im_end|>"' in text
@@ -95,7 +95,7 @@ def test_llama_cpp_tokenizes_and_generates_like_transformers(run, export, export
 def test_the_export_gate_passes_every_form_and_records_why(run, exported):
     report = json.loads(run.export_report.read_text())
     forms = {f["form"]: f for f in report["forms"]}
-    assert list(forms) == ["adapter", "merged", "gguf-q8_0", "gguf-f16", "gguf-q4_k_m"]
+    assert list(forms) == ["adapter", "merged", "gguf-q8_0", "gguf-f16", "gguf-q4_k_m", "gguf-q5_k_m"]
     assert report["passed"] and report["failed"] == []
     assert "export gate: every form agrees with the adapter model" in exported.stdout
     assert all(t["equal"] for t in report["tokenization"].values())
@@ -171,5 +171,5 @@ def test_a_bad_gguf_type_is_a_clear_error(run):
     from qlora_helpers.errors import QLoraError
     from qlora_helpers.serve.gguf import export_gguf
 
-    with pytest.raises(QLoraError, match="Unknown GGUF type 'q2'; valid: f16, q8_0, q4_k_m"):
+    with pytest.raises(QLoraError, match="Unknown GGUF type 'q2'; valid: f16, q8_0, q5_k_m, q4_k_m"):
         export_gguf(run, ["q2"])

@@ -94,6 +94,7 @@ FORMS: dict[str, Form] = {f.name: f for f in (
          _auto_merged),
     _gguf_form("f16", 1e-2),
     _gguf_form("q8_0", 2e-2),
+    _gguf_form("q5_k_m", 0.1),  # between q8_0 and q4_k_m: ~5.7 bits per weight where rows split into k-blocks
     _gguf_form("q4_k_m", 0.25),
 )}
 AUTO_ORDER = ("gguf", "merged", "adapter")  # serve.form values, tried in this order by serve.form=auto
