@@ -14,7 +14,7 @@ base64 images in every diff), and the text diffs review like code. nbconvert ren
 - text progress bars in streams keep only what the last carriage return left on each line.
 - the project folder of the machine that ran them (`/home/you/qlora-notebooks/`) is cut from paths in
   sources and outputs, leaving `outputs/default/...` as a reader's own clone would print it (and
-  `../shared/data/...` for a folder beside it); other absolute paths (caches under the home folder,
+  `../data/...` for a data folder beside it); other absolute paths (caches under the home folder,
   temporary folders) become `~/...` and `<tmp>/...`.
 - papermill's injected parameters cell is dropped; an offline machine's hub-probe errors
   (`[Errno -2] ...`) read "offline"; long floats in outputs are rounded for people; consecutive
@@ -84,7 +84,7 @@ def make_static(nb: dict, root: Path | None = None) -> dict:
     def relative(text: str) -> str:
         if folder is None:
             return text
-        # inside the project: relative; the project itself: "."; beside it (../shared/data): "../"
+        # inside the project: relative; the project itself: "."; a folder beside it: "../"
         text = re.sub(re.escape(str(folder)) + r"(/|(?![\w.-]))", lambda m: "" if m.group(1) else ".", text)
         return text.replace(f"{folder.parent}/", "../") if folder.parent != folder else text
 

@@ -50,7 +50,7 @@ def test_the_machines_project_folder_is_cut_from_sources_and_outputs(tmp_path):
         {"cell_type": "code", "source": "", "outputs": [
             {"output_type": "stream", "name": "stdout",
              "text": f"qlora_helpers from {root} (not Colab)\n"
-                     f"using the offline copy {tmp_path}/shared/data/a.json\n"}]},
+                     f"using the offline copy {tmp_path}/data/a.json\n"}]},
         {"cell_type": "markdown", "source": f"elsewhere: /opt/{root.name}/x and {root}-other/y"}]}
     cells = make_static(nb, root=root)["cells"]
     assert cells[0]["source"] == "config = 'configs/default.yaml'\nx = 1"
@@ -59,7 +59,7 @@ def test_the_machines_project_folder_is_cut_from_sources_and_outputs(tmp_path):
     assert result["data"] == {"text/plain": "PosixPath('outputs/default/gguf')",
                               "text/html": "<code>outputs/default/eval.json</code>"}
     assert cells[1]["outputs"][0]["text"] == ("qlora_helpers from . (not Colab)\n"
-                                              "using the offline copy ../shared/data/a.json\n")
+                                              "using the offline copy ../data/a.json\n")
     assert cells[2]["source"] == f"elsewhere: /opt/{root.name}/x and ../{root.name}-other/y"
 
 
