@@ -2,8 +2,9 @@
 
 Every end-to-end test runs on the tests' own data (tests/assets/data, the smoke profile's), so a bare
 clone runs them all. The few tests that check the real shared data (marked `realdata`) need the
-data directory (QLORA_DATA_DIR, or the Makefile's default, a shared data folder beside the repo): without it they are deselected
-and the summary says so; with QLORA_REQUIRE_DATA=1 (CI) a missing data directory fails the run.
+data directory (QLORA_DATA_DIR, or the Makefile's default, a shared data folder beside the repo):
+without it they are deselected and the summary says so; with QLORA_REQUIRE_DATA=1 (CI) a missing data
+directory fails the run.
 """
 
 from __future__ import annotations
