@@ -199,6 +199,10 @@ class _Layout:
         return self.path / "eval_metrics.png"
 
     @property
+    def answers_plot(self) -> Path:  # base vs tuned per answer metric, with the paired intervals
+        return self.path / "eval_answers.png"
+
+    @property
     def generations_html(self) -> Path:
         return self.path / "generations.html"
 

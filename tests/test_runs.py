@@ -20,7 +20,8 @@ LAYOUT_FILES = ("config.json", "env.json", "sweep_run.json", "quantization.json"
                 "preference.json", "preference_pairs.json", "preference_margins.png", "stages.json",
                 "train_log.json", "eval.json", "merge.json", "latency.json", "serve_smoke.json",
                 "serve_load.json", "serve_commands.md", "generations.html", "generations.md",
-                "quantization_footprint.png", "training_curves.png", "eval_metrics.png", "latency.png")
+                "quantization_footprint.png", "training_curves.png", "eval_metrics.png", "eval_answers.png",
+                "latency.png")
 LAYOUT_FOLDERS = ("adapter", "merged", "checkpoints", "data", "notebooks", "lm_eval_tasks", "adapter_preference",
                   "checkpoints_preference")
 # Where the same words mean something else: a transformers model folder's config.json (models.py,
