@@ -5,15 +5,20 @@ import pytest
 from qlora_helpers.plots import plot_latency
 
 
-def test_latency_bars_show_each_form_and_batch():
+def test_latency_charts_answer_one_question_each_with_every_form_and_batch():
     forms = [{"form": "adapter", "batch": 1, "ttft_s": 0.5, "tokens_per_s": 20.0},
              {"form": "merged", "batch": 1, "ttft_s": 0.2, "tokens_per_s": 50.0},
              {"form": "merged", "batch": 4, "ttft_s": 0.3, "tokens_per_s": 150.0}]
     fig = plot_latency(forms)
-    ttft, speed = fig.axes
-    assert [b.get_height() for b in ttft.patches] == [0.5, 0.2, 0.3]
-    assert [b.get_height() for b in speed.patches] == [20.0, 50.0, 150.0]
-    assert [t.get_text() for t in ttft.get_xticklabels()] == ["adapter\nbatch 1", "merged\nbatch 1", "merged\nbatch 4"]
+    first, speed = fig.axes
+    assert first.get_title().startswith("Which form answers first?") and "batch 1" in first.get_title()
+    assert speed.get_title().startswith("Which form generates fastest?")
+    assert [b.get_width() for b in first.patches] == [0.5, 0.2]  # one bar per form, at the smallest batch
+    assert [t.get_text() for t in first.get_yticklabels()] == ["adapter", "merged"]
+    widths = [b.get_width() for b in speed.patches]
+    assert widths[:2] == [20.0, 50.0] and widths[3] == 150.0  # batch 1 per form, then batch 4 (adapter: none)
+    assert widths[2] != widths[2]  # NaN: the adapter was not measured at batch 4, and no bar pretends it was
+    assert [t.get_text() for t in speed.get_legend().get_texts()] == ["batch 1", "batch 4"]
 
 
 def test_answer_metric_bars_carry_the_means_and_the_paired_interval_around_the_tuned_bar():
