@@ -1,6 +1,6 @@
 """Rows into batches: whole examples packed into rows of a token budget, packed rows collated with
 their position ids, and how much of a batch is padding. Used by training (04, 04b) and the fast path;
-the padded collator itself is `scoring.collate`. torch is imported inside `collate_packed` (heavy)."""
+the padded collator itself is `scoring.collate`. torch and transformers are imported where they are used (heavy)."""
 
 from __future__ import annotations
 
@@ -81,10 +81,18 @@ def collate_packed(rows: list[dict[str, list[int]]], pad_token_id: int, bool_mas
     return {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "labels": labels}
 
 
-def padding_efficiency(lengths: list[int], batch_size: int, seed: int = 0) -> float:
-    """Real tokens / tokens computed when shuffled examples are padded to the longest in each batch."""
-    order = list(lengths)
-    random.Random(seed).shuffle(order)
+def padding_efficiency(lengths: list[int], batch_size: int, seed: int = 0, by_length: bool = False) -> float:
+    """Real tokens / tokens computed when examples are padded to the longest in each batch: shuffled, or
+    in the order of transformers' `group_by_length` sampler (`train.group_by_length`) when `by_length`."""
+    if by_length:
+        import torch
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        order = [lengths[i] for i in get_length_grouped_indices(
+            lengths, batch_size, generator=torch.Generator().manual_seed(seed))]
+    else:
+        order = list(lengths)
+        random.Random(seed).shuffle(order)
     computed = sum(max(order[i:i + batch_size]) * len(order[i:i + batch_size])
                    for i in range(0, len(order), batch_size))
     return sum(lengths) / computed

@@ -13,10 +13,10 @@ from .tasks import metric
 MiB = 2**20
 
 
-def save(fig, path: Path) -> Path:
+def save(fig, path: Path) -> None:
+    """Write the figure to `path`. Returns nothing, so a notebook cell ending in it shows only the picture."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
-    return path
 
 
 def plot_footprint(footprint: dict[str, Any]):
@@ -121,10 +121,10 @@ def plot_lengths(examples: list[dict[str, Any]], max_length: int):
 
 def plot_padding_efficiency(efficiency: dict[str, Any]):
     """Share of computed tokens that are real tokens: padded micro-batches against packed rows."""
-    labels = [k.replace("_", " ") for k in efficiency]
+    labels = [k.replace("_by_length", "\ngrouped by length").replace("_", " ") for k in efficiency]
     values = [v["efficiency"] for v in efficiency.values()]
-    fig, ax = plt.subplots(figsize=(5.5, 3.2))
-    bars = ax.bar(labels, [100 * v for v in values], color=["#dd8452", "#2a9d55"][:len(values)])
+    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    bars = ax.bar(labels, [100 * v for v in values], color=["#dd8452", "#e0b050", "#2a9d55"][:len(values)])
     ax.bar_label(bars, fmt="%.1f%%")
     ax.set_ylim(0, 110)
     ax.set_ylabel("real tokens / computed tokens (%)")

@@ -205,9 +205,11 @@ def prepare_data(data_cfg: DataConfig, tokenizer, max_length: int, micro_batch_s
                     "response": _length_stats([len(e["input_ids"]) - e["prompt_len"] for e in train]),
                     "total": _length_stats(lengths)},
         "trained_tokens": sum(sum(1 for x in e["labels"] if x != -100) for e in train),
-        "padding_efficiency": {f"batch_{micro_batch_size}":
-                               {"efficiency": padding_efficiency(lengths, micro_batch_size)},
-                               "packed": packed_efficiency(train, max_length)},
+        "padding_efficiency": {
+            f"batch_{micro_batch_size}": {"efficiency": padding_efficiency(lengths, micro_batch_size)},
+            f"batch_{micro_batch_size}_by_length": {
+                "efficiency": padding_efficiency(lengths, micro_batch_size, by_length=True)},
+            "packed": packed_efficiency(train, max_length)},
         "settings": {"template": data_cfg.template, "train_on_prompt": data_cfg.train_on_prompt,
                      "too_long": data_cfg.too_long, "max_length": max_length, "packing": data_cfg.packing},
     }

@@ -424,7 +424,7 @@ def write_comparison(folder: Path) -> dict[str, Path]:
     done = table[table["status"] == "finished"] if "heldout_loss" in table else table.iloc[0:0]
     if len(done):
         fig = plot_heldout_by_key(done.to_dict("records"), state["keys"])
-        written["heldout_plot"] = save(fig, folder / "heldout_loss.png")
+        save(fig, written.setdefault("heldout_plot", folder / "heldout_loss.png"))
         plt.close(fig)
     curves = {}
     for record in state["runs"]:
@@ -436,7 +436,7 @@ def write_comparison(folder: Path) -> dict[str, Path]:
         # the runs trained on the same batches in the same order unless the sweep changes the data or a seed
         same_batches = not any(k.startswith("data.") or k.endswith("seed") for k in state["keys"])
         fig = plot_loss_curves(curves, same_batches=same_batches)
-        written["curves_plot"] = save(fig, folder / "loss_curves.png")
+        save(fig, written.setdefault("curves_plot", folder / "loss_curves.png"))
         plt.close(fig)
     return written
 
