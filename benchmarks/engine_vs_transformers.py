@@ -35,7 +35,7 @@ START = time.perf_counter()
 def prompt_rows(tokenizer, batch: int, length: int) -> list[list[int]]:
     from qlora_helpers.serve import bench_prompts
 
-    rows = [tokenizer(p)["input_ids"] for p in (bench_prompts(tokenizer, "alpaca") * batch)[:batch]]
+    rows = [list(ids) for ids in (bench_prompts(tokenizer, "alpaca") * batch)[:batch]]  # token ids already
     return [(ids * (length // len(ids) + 1))[:length] for ids in rows]
 
 
