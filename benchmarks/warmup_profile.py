@@ -102,3 +102,43 @@ def compile_metrics() -> dict:
 
 def _plain(value):
     return sorted(value) if isinstance(value, set) else value
+
+
+def main() -> None:
+    """A cold or cached warm-up of the static decode step of a narrow LLaMA with `--layers` decoder layers
+    (the 7B's 32 by default: Dynamo traces the same Python per layer whatever the width), on whatever device
+    is there, profiled. Run it twice with a fresh TORCHINDUCTOR_CACHE_DIR each and the same --cache-root:
+    the first compiles and saves the artefacts, the second loads them (as a server restart does)."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's qlora_helpers
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qlora_helpers.serve.static import StaticDecoder
+
+    parser = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--cache-root", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=args.layers, num_attention_heads=4,
+                         num_key_value_heads=4, vocab_size=1024, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(device).eval()
+    decoder = StaticDecoder(model, slots=1, max_len=192, compile=True, buckets=(1,))
+    start = time.perf_counter()
+    with Sampler() as sampler:
+        decoder.warm_up(args.cache_root)
+    result = {"device": device, "torch": torch.__version__, "layers": args.layers,
+              "warm_up_s": round(time.perf_counter() - start, 2), **decoder.describe(),
+              "cache": decoder.compile_cache, "sampler": sampler.report(), **compile_metrics()}
+    args.out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    print(json.dumps({k: result[k] for k in ("warm_up_s", "compile_cache")}), json.dumps(result["sampler"]["phases_s"]))
+
+
+if __name__ == "__main__":
+    main()
