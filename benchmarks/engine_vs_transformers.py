@@ -26,7 +26,8 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from inference_latency import copy_bandwidth, weight_bytes  # noqa: E402 - the script's sibling
+from inference_latency import copy_bandwidth, weight_bytes  # noqa: E402 - the script's siblings
+from warmup_profile import Sampler, compile_metrics  # noqa: E402
 
 START = time.perf_counter()
 
@@ -34,7 +35,7 @@ START = time.perf_counter()
 def prompt_rows(tokenizer, batch: int, length: int) -> list[list[int]]:
     from qlora_helpers.serve import bench_prompts
 
-    rows = [tokenizer(p)["input_ids"] for p in (bench_prompts(tokenizer, "alpaca") * batch)[:batch]]
+    rows = [list(ids) for ids in (bench_prompts(tokenizer, "alpaca") * batch)[:batch]]  # token ids already
     return [(ids * (length // len(ids) + 1))[:length] for ids in rows]
 
 
@@ -244,6 +245,29 @@ def hf_static_once(model, rows, tokens: int) -> None:
                    do_sample=False, cache_implementation="static", pad_token_id=0)
 
 
+def warm_only(report: Report, merged, args, buckets: tuple[int, ...]) -> None:
+    """The restart measurement: warm the decoder up (from the compile cache when --cache-root holds one);
+    with --profile-warmup, where the seconds went (warmup_profile.py), into <out dir>/warmup_profile.json."""
+    from qlora_helpers.serve.static import StaticDecoder
+
+    decoder = StaticDecoder(merged, slots=args.big, max_len=args.prompt_tokens + args.tokens, buckets=buckets)
+    t0 = time.perf_counter()
+    if args.profile_warmup:
+        with Sampler() as sampler:
+            decoder.warm_up(args.cache_root)
+    else:
+        decoder.warm_up(args.cache_root)
+    report.add(warm_up="merged bf16", seconds=round(time.perf_counter() - t0, 1),
+               process_ready_s=round(time.perf_counter() - START, 1), **decoder.describe(),
+               cache=decoder.compile_cache)
+    if args.profile_warmup and args.out_dir is not None:
+        profile = {"compile_cache": decoder.compile_cache["state"], "sampler": sampler.report(),
+                   **compile_metrics()}
+        path = args.out_dir / f"warmup_profile_{decoder.compile_cache['state']}.json"
+        path.write_text(json.dumps(profile, indent=1, default=str) + "\n")
+        report.add(profile=str(path), phases_s=profile["sampler"]["phases_s"])
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="random:llama2-7b")
@@ -257,6 +281,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--cache-root", type=Path, help="the compile cache folder (compile_cache.py)")
     parser.add_argument("--warm-only", action="store_true", help="build the merged form, warm the decoder up "
                         "(buckets 1, batches, big) and report the seconds: the restart measurement")
+    parser.add_argument("--profile-warmup", action="store_true", help="with --warm-only: sample where the "
+                        "warm-up's seconds go and keep torch's compile metrics (warmup_profile.py)")
     parser.add_argument("--deadline", type=float, default=540, help="seconds after which measurements are skipped")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -274,7 +300,6 @@ def main() -> None:
     from qlora_helpers.config import load_config
     from qlora_helpers.models import load_model, load_tokenizer, resolve_model
     from qlora_helpers.serve import machine_name
-    from qlora_helpers.serve.static import StaticDecoder
 
     report = Report(args.out, args.deadline)
     cfg = load_config("default", [f"model.source={args.model}"])
@@ -282,15 +307,12 @@ def main() -> None:
     tokenizer = load_tokenizer(cfg.model, resolved)
     dtype = torch.bfloat16
     buckets = tuple(sorted({1, *args.batches, args.big}))
-    merged = load_model(cfg.model, cfg.quant, dtype, "cuda", quantized=False, resolved=resolved).eval()
-    report.add(loaded="merged bf16", seconds=round(time.perf_counter() - START, 1))
+    merged = None
+    if args.warm_only or "merged" in args.forms:
+        merged = load_model(cfg.model, cfg.quant, dtype, "cuda", quantized=False, resolved=resolved).eval()
+        report.add(loaded="merged bf16", seconds=round(time.perf_counter() - START, 1))
     if args.warm_only:
-        decoder = StaticDecoder(merged, slots=args.big, max_len=args.prompt_tokens + args.tokens, buckets=buckets)
-        t0 = time.perf_counter()
-        decoder.warm_up(args.cache_root)
-        return report.add(warm_up="merged bf16", seconds=round(time.perf_counter() - t0, 1),
-                          process_ready_s=round(time.perf_counter() - START, 1), **decoder.describe(),
-                          cache=decoder.compile_cache)
+        return warm_only(report, merged, args, buckets)
     bandwidth = copy_bandwidth("cuda")
     versions = {n: __import__(n).__version__ for n in ("torch", "transformers", "peft", "triton")}
     report.add(machine=machine_name("cuda"), copy_bandwidth_gb_s=round(bandwidth / 1e9, 1), versions=versions)

@@ -13,8 +13,10 @@ for each setting, trained for two optimizer steps at two sizes, and its peak com
              (90% of 12 GiB) deciding how many layers are recomputed
   fast-16k   llama2-7b-fast: packed rows of 16,384 tokens (then 8,192), varlen attention, Liger, a
              40 GiB budget (some layers recomputed)
-  serve      the 4-bit base + adapter in the static KV cache of 8 slots x 1,024 tokens: a prefill
-             of all 8 slots, then decode steps (eager; the compiled step's graphs are extra)
+  serve-adapter, serve-merged
+             the 4-bit base + adapter, and the merged 16-bit model, in the static KV cache of 8 slots x
+             1,024 tokens: a prefill of all 8 slots, then decode steps (eager; the compiled step's
+             graphs are extra)
 
 Measured: torch.cuda.max_memory_allocated (what the plan predicts) and max_memory_reserved, from the
 memory after loading (weights + adapters) through the steps. Results are written after each setting.
@@ -127,8 +129,10 @@ def measure_training(name: str, folder: Path, steps: int) -> dict:
     return out
 
 
-def measure_serving(folder: Path, slots: int = 8, context: int = 1024, decode_steps: int = 8) -> dict:
-    """The 4-bit base + adapter in the static KV cache: a prefill of every slot, then decode steps."""
+def measure_serving(folder: Path, form: str = "adapter", slots: int = 8, context: int = 1024,
+                    decode_steps: int = 8) -> dict:
+    """One serving form in the static KV cache: a prefill of every slot, then decode steps. `form`:
+    "adapter" (the 4-bit base + LoRA) or "merged" (the 16-bit model)."""
     import torch
 
     from qlora_helpers.config import load_config
@@ -140,8 +144,9 @@ def measure_serving(folder: Path, slots: int = 8, context: int = 1024, decode_st
     cfg = load_config("llama2-7b", [f"model.source={folder}", f"serve.max_concurrent={slots}",
                                     f"serve.context_length={context}"])
     torch.cuda.reset_peak_memory_stats()
-    model = add_lora(load_model(cfg.model, cfg.quant, torch.bfloat16, "cuda", resolved=resolve_model(cfg.model)),
-                     cfg.lora, seed=0).eval()
+    model = load_model(cfg.model, cfg.quant, torch.bfloat16, "cuda", quantized=form == "adapter",
+                       resolved=resolve_model(cfg.model))
+    model = (add_lora(model, cfg.lora, seed=0) if form == "adapter" else model).eval()
     loaded = torch.cuda.memory_allocated()
     decoder = StaticDecoder(model, slots, context, compile=False)
     rng = random.Random(0)
@@ -153,13 +158,13 @@ def measure_serving(folder: Path, slots: int = 8, context: int = 1024, decode_st
     torch.cuda.synchronize()
     peak, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
     plan = serving_plan(cfg, model_shape(str(folder)))
-    predicted = plan["forms"]["adapter"]["peak"]
+    predicted = plan["forms"][form]["peak"]
     del decoder, model
     gc.collect()
     torch.cuda.empty_cache()
-    return {"setting": "serve", "form": "adapter (4-bit base + LoRA)", "slots": slots, "context": context,
+    return {"setting": f"serve-{form}", "form": form, "slots": slots, "context": context,
             "loaded_gib": loaded / GIB, "peak_allocated_gib": peak / GIB, "peak_reserved_gib": reserved / GIB,
-            "predicted_gib": predicted / GIB, "predicted_weights_gib": plan["forms"]["adapter"]["weights"] / GIB,
+            "predicted_gib": predicted / GIB, "predicted_weights_gib": plan["forms"][form]["weights"] / GIB,
             "predicted_kv_gib": plan["kv_cache"] / GIB, "predicted_prefill_gib": plan["prefill"] / GIB,
             "error_percent": 100 * (predicted - peak) / peak}
 
@@ -173,7 +178,7 @@ def table(path: str) -> list[str]:
     lines = ["| setting | tokens | recomputed | predicted GiB | measured max allocated GiB | error | "
              "max reserved GiB |", "|---|---|---|---|---|---|---|"]
     for row in result["settings"]:
-        if row["setting"] == "serve":
+        if row["setting"].startswith("serve"):
             continue
         fast = row["fast_path"] is not None
         for size in row["sizes"]:
@@ -193,7 +198,8 @@ def main() -> None:
     parser.add_argument("--out", help="results file to write (runs the settings on the GPU)")
     parser.add_argument("--table", help="a results file: print it beside the current plan's predictions")
     parser.add_argument("--cache", default=".gpu/cache", help="holds tokenizers/ (the embedded tokenizer)")
-    parser.add_argument("--settings", default="serve,plain-4k,12gb,fast-16k")  # Liger's patches come last
+    # Liger's patches come last
+    parser.add_argument("--settings", default="serve-adapter,serve-merged,plain-4k,12gb,fast-16k")
     parser.add_argument("--steps", type=int, default=2)
     args = parser.parse_args()
     if args.table:
@@ -209,7 +215,8 @@ def main() -> None:
               "build_seconds": round(time.perf_counter() - start, 1), "settings": []}
     for name in args.settings.split(","):
         t0 = time.perf_counter()
-        row = measure_serving(folder) if name == "serve" else measure_training(name, folder, args.steps)
+        row = (measure_serving(folder, name.split("-", 1)[1]) if name.startswith("serve-")
+               else measure_training(name, folder, args.steps))
         row["wall_seconds"] = round(time.perf_counter() - t0, 1)
         result["settings"].append(row)
         Path(args.out).write_text(json.dumps(result, indent=2, default=str))

@@ -25,6 +25,7 @@ import functools
 import importlib.util
 import inspect
 import itertools
+import math
 import types
 from typing import Any
 
@@ -287,6 +288,13 @@ ACT_HIDDEN_FACTOR = 7
 ACT_MLP_FACTOR = 2
 UNFUSED_HIDDEN_FACTOR = 9
 UNFUSED_MLP_FACTOR = 3
+# The loss without fused kernels, bytes per logit alive at its peak: the logits in the compute dtype (2),
+# their float32 copy (`logits.float()` in transformers' loss, 4), log-softmax's float32 output kept for
+# backward (4) and its float32 gradient (4). At 4,096 tokens and a 49,152 vocabulary: 2.6 GiB, which the
+# budget must hold besides the activations (without it the 12 GB-class run on the H200 peaked 0.8 GiB
+# above its 10.8 GiB budget; benchmarks/BENCHMARKS.md, "memory plan").
+LOSS_BYTES_PER_LOGIT = 2 + 4 + 4 + 4
+LOSS_RESERVE = GIB  # the least kept beside the model: optimizer step, workspace, Liger's loss chunks
 
 
 def activation_bytes(model_config, tokens: int, lora_targets: Any = (), fused: bool = True,
@@ -300,14 +308,26 @@ def activation_bytes(model_config, tokens: int, lora_targets: Any = (), fused: b
     return full, tokens * h * hidden_bytes
 
 
+def loss_bytes(model_config, tokens: int, fused: bool) -> int:
+    """The logits and loss at their peak: Liger's chunks (and the input gradient it computes in the
+    forward), or the whole logits with their float32 copy and gradient (LOSS_BYTES_PER_LOGIT)."""
+    vocab, hidden = model_config.vocab_size, model_config.hidden_size
+    if not fused:
+        return tokens * vocab * LOSS_BYTES_PER_LOGIT
+    chunk = 1 << max(0, math.ceil(math.log2(math.ceil(tokens / math.ceil(vocab / hidden)))))
+    return chunk * vocab * 2 + 2 * tokens * hidden * 2
+
+
 def plan_recompute(model_config, tokens: int, budget_bytes: int, in_use_bytes: int,
                    lora_targets: Any = (), fused: bool = True) -> dict[str, Any]:
     """The fewest decoder layers to recompute so that activations fit the budget beside what is
-    already allocated (the model) and one layer's recomputed activations during backward; sized with
-    the factors of the kernels that run (`fused`: Liger's; otherwise eager's, which keep more)."""
+    already allocated (the model), a reserve for the loss (`loss_bytes`; at least LOSS_RESERVE, which
+    also covers the optimizer step and cuBLAS' workspace) and one layer's recomputed activations during
+    backward; sized with the factors of the kernels that run (`fused`: Liger's; otherwise eager's)."""
     layers = model_config.num_hidden_layers
     full, kept = activation_bytes(model_config, tokens, lora_targets, fused)
-    room = budget_bytes - in_use_bytes - full  # one recomputed layer is live during the backward pass
+    reserve = max(LOSS_RESERVE, loss_bytes(model_config, tokens, fused))
+    room = budget_bytes - in_use_bytes - reserve - full  # one recomputed layer is live during backward
     for recompute in range(layers + 1):
         need = (layers - recompute) * full + recompute * kept
         if need <= room:
@@ -356,8 +376,7 @@ def prepare_fast_model(model, train_cfg, device, lora_targets: Any = ()) -> dict
     kernels = apply_fused_kernels(model) if choice["fused"] else []
     print(describe_choice(choice, model.dtype))
     plan = plan_recompute(model.config, train_cfg.packed_tokens, budget_bytes(train_cfg, device),
-                          torch.cuda.memory_allocated(device) + GIB,  # + workspace, optimizer, loss chunks
-                          lora_targets, fused=bool(kernels))
+                          torch.cuda.memory_allocated(device), lora_targets, fused=bool(kernels))
     apply_recompute(model, plan["recompute_layers"])
     if not plan["fits"]:
         print(f"train.packed_tokens={train_cfg.packed_tokens} may not fit the memory budget "

@@ -58,11 +58,8 @@ KNOWN_SHAPES: dict[str, dict[str, Any]] = {
 }
 KNOWN_SHAPES["meta-llama/Llama-2-7b-chat-hf"] = KNOWN_SHAPES["meta-llama/Llama-2-7b-hf"]
 
-# Activations per token and decoder layer: fastpath's factors (fused and unfused), the ones training plans with.
-# The loss without fused kernels, bytes per logit alive at its peak: the logits in the compute dtype
-# (2), their float32 copy (`logits.float()` in transformers' loss, 4), log-softmax's float32 output
-# kept for backward (4) and its float32 gradient (4).
-LOSS_BYTES_PER_LOGIT = 2 + 4 + 4 + 4
+# Activations per token and decoder layer, and the loss's bytes: fastpath's factors (fused and unfused), the
+# ones training plans with.
 
 
 @dataclass(frozen=True)
@@ -200,16 +197,12 @@ def _layer_bytes(shape: Shape, tokens: int, targets: Any, fused: bool, hidden_by
 def _as_config(shape: Shape) -> SimpleNamespace:
     """The attributes of a transformers config that fastpath's planning reads."""
     return SimpleNamespace(hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-                           num_hidden_layers=shape.layers)
+                           num_hidden_layers=shape.layers, vocab_size=shape.vocab)
 
 
 def loss_bytes(shape: Shape, tokens: int, fused: bool) -> int:
-    """The logits and loss at their peak: Liger's chunks (and the input gradient it computes in the
-    forward), or the whole logits with their float32 copy and gradient."""
-    if not fused:
-        return tokens * shape.vocab * LOSS_BYTES_PER_LOGIT
-    chunk = 1 << max(0, math.ceil(math.log2(math.ceil(tokens / math.ceil(shape.vocab / shape.hidden)))))
-    return chunk * shape.vocab * 2 + 2 * tokens * shape.hidden * 2
+    """The logits and loss at their peak (fastpath.loss_bytes: what the fast path reserves for them)."""
+    return fastpath.loss_bytes(_as_config(shape), tokens, fused)
 
 
 def budget_bytes(cfg: Config, gpu_gib: float) -> int:
@@ -227,7 +220,7 @@ def activation_plan(cfg: Config, shape: Shape, weights: int, gpu_gib: float) -> 
         tokens = cfg.train.packed_tokens
         # the same call as training, with the factors of the kernels that run
         recompute = fastpath.plan_recompute(_as_config(shape), tokens, budget_bytes(cfg, gpu_gib),
-                                            weights + GIB, lora_targets(shape, targets), fused)["recompute_layers"]
+                                            weights, lora_targets(shape, targets), fused)["recompute_layers"]
         hidden_bytes = 2
     else:
         tokens = cfg.train.micro_batch_size * cfg.model.max_seq_length  # padded to the longest row

@@ -100,6 +100,24 @@ def test_recompute_plan_follows_the_budget():
     assert kept == 1000 * 2 * 4096 and full > 10 * kept
 
 
+def test_without_fused_kernels_the_plan_reserves_the_whole_logits():
+    """No Liger (a T4): the loss holds tokens x vocab x 14 bytes at its peak, which the budget must hold
+    beside the kept activations (on the H200, reserving only 1 GiB peaked 0.8 GiB above a 10.8 GiB budget)."""
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, vocab_size=49152)
+    gib = fastpath.GIB
+    assert fastpath.loss_bytes(cfg, 4096, fused=False) == 4096 * 49152 * 14
+    assert fastpath.loss_bytes(cfg, 4096, fused=True) < fastpath.LOSS_RESERVE  # Liger's chunks: the 1 GiB covers them
+    plan = fastpath.plan_recompute(cfg, 4096, int(10.8 * gib), int(3.9 * gib), ["q_proj", "v_proj"], fused=False)
+    full, kept = fastpath.activation_bytes(cfg, 4096, ["q_proj", "v_proj"], fused=False)
+    r = plan["recompute_layers"]
+    # the model, the kept activations, the logits and one recomputed layer's activations in backward
+    peak = 3.9 * gib + (32 - r) * full + r * kept + fastpath.loss_bytes(cfg, 4096, fused=False) + full
+    assert plan["fits"] and peak <= 10.8 * gib
+    assert peak + full - kept > 10.8 * gib  # one layer fewer recomputed would not fit
+
+
 def test_fast_path_switch(tiny_dir):
     cfg = load_config("smoke")
     assert fastpath.fast_path_active(cfg.train, "cuda") and not fastpath.fast_path_active(cfg.train, "cpu")

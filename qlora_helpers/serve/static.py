@@ -173,6 +173,7 @@ class StaticDecoder:
         self._step = (torch.compile(self._decode, options=self.options, fullgraph=False, dynamic=None)
                       if self.compiled else self._decode)
         self.warmup_s: dict[int, float] = {}
+        self.warmup_calls_s: dict[int, list[float]] = {}  # per bucket: compile + run, capture, replay
         self.compile_cache: dict = {"state": "off"}
         # each step's argmax comes back through pinned memory, waited for on an event (not the stream):
         # a step launched after it keeps the GPU busy while the host reads and decodes these tokens
@@ -203,6 +204,7 @@ class StaticDecoder:
         return {"decode": "static, compiled" if self.compiled else "static", "batch_buckets": list(self.buckets),
                 "cache_columns": self.max_len, "compile_warmup_s": round(sum(self.warmup_s.values()), 1),
                 "compile_warmup_s_per_bucket": {str(b): s for b, s in self.warmup_s.items()},
+                "compile_warmup_s_per_call": {str(b): s for b, s in self.warmup_calls_s.items()},
                 "compile_cache": self.compile_cache["state"]}
 
     def bucket(self, n: int) -> int:
@@ -287,13 +289,12 @@ class StaticDecoder:
         self.valid.zero_()
         self.valid[:, 0] = True
         for b in self.buckets:
-            t0 = time.perf_counter()
-            for _ in range(3):  # reduce-overhead: a warm-up run, the capture, a replay
+            t0, calls = time.perf_counter(), []
+            for _ in range(3):  # reduce-overhead: a warm-up run (compile), the capture, a replay
                 self.columns.zero_(), self.positions.zero_()
-                self.decode([0] * b)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            self.warmup_s[b] = round(time.perf_counter() - t0, 2)
+                self.decode([0] * b)  # collects the step: waits for the GPU
+                calls.append(round(time.perf_counter() - t0 - sum(calls), 2))
+            self.warmup_s[b], self.warmup_calls_s[b] = round(time.perf_counter() - t0, 2), calls
         self.columns.zero_(), self.positions.zero_(), self.valid.zero_()
         if cache is not None and self.compile_cache["state"] != "hit":
             self.compile_cache.update(cache.save())
