@@ -126,12 +126,18 @@ ALT_TEXT = {
                         "NF4's levels follow the distribution",
     "plot_layer_errors": "Relative weight error of every quantized layer after a 4-bit round trip, NF4 against FP4",
     "plot_lengths": "Histogram of training example lengths in tokens, with the model.max_seq_length limit",
-    "plot_padding_efficiency": "Share of computed tokens that are real tokens: padded micro-batches against packing",
+    "plot_padding_efficiency": "Share of computed tokens that are real tokens: padded micro-batches (shuffled, "
+                               "and grouped by length) against packed rows",
     "plot_lora_shapes": "LoRA's matrices to scale: the frozen weight W beside the trainable B and A, with the "
                         "number of weights in each",
     "plot_training": "Training curves per optimizer step: loss, learning-rate schedule and gradient norm",
+    "plot_answer_metrics": "Answer metrics of base and tuned model on the same held-out instructions, each "
+                           "with the paired 95% interval of the difference",
+    "plot_preference_margins": "DPO per step: the implicit rewards of chosen and rejected answers, their margin, "
+                               "and the loss",
     "plot_metrics": "Base model against tuned model on every evaluation metric",
-    "plot_latency": "Generation speed of each serving form: time to first token and tokens per second",
+    "plot_latency": "Two charts of the serving forms: time to the first token, and tokens per second at each "
+                    "batch size",
 }
 # Figures also written under a fixed name, for the README to show (its picture).
 FEATURED = {"plot_training": "training-curves.png"}
