@@ -313,7 +313,9 @@ def write_eval_report(run, model=None, extra: dict[str, Any] | None = None, **ta
     results = {task: r for task, r in tasks.items() if r}
     cfg = run.cfg
     skipped = {task: r["skipped"] for task, r in results.items() if isinstance(r, dict) and "skipped" in r}
-    report = {"run": run.name, "summary": summarize(results), "config": cfg.to_dict(), "skipped": skipped,
+    report = {"run": run.name, "summary": summarize(results), "config": cfg.to_dict(),
+              "overrides": list(run.stage_overrides),  # this evaluation's own eval.* changes (05's eval_overrides)
+              "skipped": skipped,
               "four_bit_kernel": four_bit_kernel(model) if model is not None else None,
               "seed": cfg.data.seed, "device": run.device, "compute_dtype": run.runtime.compute_dtype,
               "decoding": "greedy", "samples": sample_counts(results),

@@ -114,7 +114,13 @@ def test_a_task_without_data_is_skipped_and_recorded(tmp_path, tiny_dir, monkeyp
     report = write_eval_report(run, ifeval=ifeval, showcase=showcase)
     assert json.loads(run.eval_report.read_text())["skipped"] == report["skipped"]
     assert set(report["skipped"]) == {"ifeval", "showcase"} and report["summary"] == {}
-    assert report["samples"]["ifeval"] == 0
+    assert report["samples"]["ifeval"] == 0 and report["overrides"] == []
+    # 05's own eval.* change (its eval_overrides) is recorded in the report beside the config it made
+    from qlora_helpers.opening import open_run
+
+    evaluated = open_run("no-data", str(tmp_path), ["eval.answer_samples=3"], stage="05")
+    report = write_eval_report(evaluated, ifeval=ifeval)
+    assert report["overrides"] == ["eval.answer_samples=3"] and report["config"]["eval"]["answer_samples"] == 3
 
 
 def test_paired_bootstrap_on_known_inputs():
