@@ -321,8 +321,8 @@ def test_an_interrupted_04b_resumes_from_its_checkpoint_to_the_same_adapter(sft_
         run_preference,
     )
 
-    class CtrlCAfterStep5(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
+    class CtrlCAfterStep5(TrainerCallback):  # once step 5 is logged (a Ctrl-C before that loses its log line)
+        def on_log(self, args, state, control, **kwargs):
             if state.global_step == 5:
                 raise KeyboardInterrupt
 
