@@ -250,6 +250,8 @@ class PreferenceConfig:
     fallback: bool = _f(True, "when every source is unreachable (no hub, no offline copy): build pairs "
                         "from the run's own data instead of failing")
     beta: float = _f(0.1, "DPO's beta: how far the policy may move from the reference (higher: less)", gt=0)
+    sft_weight: float = _f(0.0, "weight of a supervised term (mean NLL of the chosen answers) added to the DPO "
+                           "loss (TRL loss_type [sigmoid, sft], as RPO does); 0: plain DPO", low=0)
     learning_rate: float = _f(5e-5, "peak learning rate of the adapters during preference tuning", gt=0)
     lr_scheduler: Literal["constant", "linear", "cosine"] = _f("constant", "learning-rate schedule")
     max_steps: int = _f(100, "optimizer steps", low=1)
@@ -261,6 +263,9 @@ class PreferenceConfig:
     answer_tokens: int = _f(64, "own-data pairs: greedy answer length of the SFT model (the rejected side); "
                             "only examples whose reference answer fits are used", low=1)
     logging_steps: int = _f(1, "log loss and rewards every N steps", low=1)
+    save_steps: int = _f(50, "checkpoint every N steps (train.save_total_limit of them are kept)", low=1)
+    resume: str = _f("auto", "auto: continue from the newest complete 04b checkpoint written after the SFT "
+                     "adapter; never; or a checkpoint path")
     seed: int = _f(42, "seed of pair sampling, the held-out split and training order")
 
 

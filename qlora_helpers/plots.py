@@ -280,9 +280,10 @@ def plot_answer_metrics(rows: list[dict[str, Any]], labels: tuple[str, str] = ("
     return fig
 
 
-def plot_preference_margins(rows: list[dict[str, Any]]):
+def plot_preference_margins(rows: list[dict[str, Any]], sft_weight: float = 0.0):
     """DPO per logged step: the implicit rewards of chosen and rejected answers (beta x log-ratio to the
-    reference), their margin, and the loss (log 2 at the start, when the policy equals the reference)."""
+    reference), their margin, and the loss (DPO's is log 2 at the start, when the policy equals the
+    reference; `sft_weight` > 0 adds that weight x the chosen answers' NLL: preference.sft_weight)."""
     steps = [r["step"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(12.6, 3.3))
     axes[0].plot(steps, [r["rewards/chosen"] for r in rows], marker=".", color="#55a868", label="chosen")
@@ -295,7 +296,8 @@ def plot_preference_margins(rows: list[dict[str, Any]]):
     axes[1].set_title("reward margin (chosen - rejected)")
     axes[2].plot(steps, [r["loss"] for r in rows], marker=".", color="#4c72b0")
     axes[2].axhline(0.6931, color="#999", lw=0.8, ls="--")
-    axes[2].set_title("DPO loss (dashed: log 2)")
+    axes[2].set_title(f"loss: DPO + {sft_weight:g} x NLL(chosen) (dashed: log 2)" if sft_weight
+                      else "DPO loss (dashed: log 2)")
     for ax in axes:
         ax.set_xlabel("step")
     fig.tight_layout()

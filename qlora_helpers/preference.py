@@ -25,6 +25,11 @@ of a quantized model to bf16 (the QLoRA paper's recommendation); we keep them in
 mixed precision still computes in bf16). And the guards: the first optimizer step must have a
 non-zero gradient (AVX512-BF16 CPUs can lose it in bitsandbytes' CPU kernel: models.py's note).
 
+The supervised term (`preference.sft_weight`, TRL's "sft" loss beside "sigmoid", as RPO (Pang et al.
+2024) adds it): plain DPO lowers the log-probability of both answers and only the rejected one faster.
+On the default profile's own-data pairs that cost the answers their end (clean stops 0.72 -> 0.53 at lr
+2e-4, -> 0.00 at 1e-3); adding the chosen answers' NLL kept them (0.81 at 5e-4): the README has the table.
+
 Preference accuracy (the evaluation): the share of held-out pairs where the model gives the chosen
 answer a higher summed log-probability than the rejected one, for base, SFT and SFT+DPO alike (no
 reference needed), with paired bootstrap intervals for the differences. 05 calls
@@ -40,19 +45,27 @@ import math
 import random
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 from .answers import builtin_source_names, compare, per_example
-from .decoding import generate_answers
+from .decoding import dense_base, generate_answers
 from .errors import QLoraError
-from .generation import generate
 from .models import keep_4bit_on_autograd_path, load_model, load_tokenizer
 from .paths import atomic_dir, read_json, write_json_atomic
 from .preference_data import prepare_pairs
 from .prepared import PreparedData, load_prepared
 from .prompts import encode_pairs, encode_text
 from .scoring import collate, paired_bootstrap
-from .trainer import NOT_LEARNING_CHECKS, NonFiniteLoss, NotLearning, local_device, peak_memory
+from .trainer import (
+    COMPLETE_MARKER,
+    NOT_LEARNING_CHECKS,
+    MarkComplete,
+    NonFiniteLoss,
+    NotLearning,
+    local_device,
+    peak_memory,
+)
 
 SFT, POLICY, REFERENCE = "sft", "default", "ref"  # adapter names: 05's comparison, TRL's policy and reference
 THREE = ("base", "sft", "sft+dpo")
@@ -93,33 +106,48 @@ def keep_adapters_float32(model) -> int:
 
 
 def answer_logps(model, tokenizer, prompts: list[str], answers: list[str], template: str,
-                 batch_size: int) -> list[float]:
-    """Summed log-probability of each answer (+ EOS) after its prompt, tokenized as stage 03 does."""
+                 batch_size: int) -> tuple[list[float], list[int]]:
+    """(summed log-probability, token count) of each answer (+ EOS) after its prompt, tokenized as stage
+    03 does. Rows are batched by length (less padding) and, on a CPU, run on de-quantized weights
+    (decoding.dense_base: the same weights, without de-quantizing at every forward)."""
     import torch
 
     rows = encode_pairs(template, tokenizer, list(zip(prompts, answers)))
+    order = sorted(range(len(rows)), key=lambda i: (len(rows[i]["input_ids"]), i))
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    out: list[float] = []
-    with torch.no_grad():
-        for start in range(0, len(rows), batch_size):
-            padded = collate(rows[start:start + batch_size], tokenizer.pad_token_id)
-            batch = {k: v.to(device) for k, v in padded.items()}
+    sums, counts = [0.0] * len(rows), [0] * len(rows)
+    with torch.no_grad(), dense_base(model):
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            batch = {k: v.to(device) for k, v in collate([rows[i] for i in chunk], tokenizer.pad_token_id).items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
             labels = batch["labels"][:, 1:]
             logp = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-            out += (logp * (labels != -100)).sum(-1).tolist()
+            scored = labels != -100
+            for i, total, n in zip(chunk, (logp * scored).sum(-1).tolist(), scored.sum(-1).tolist()):
+                sums[i], counts[i] = total, n
     model.train(was_training)
-    return out
+    return sums, counts
+
+
+def pair_scores(model, tokenizer, pairs: list[dict[str, Any]], template: str, batch_size: int) -> dict[str, list]:
+    """Per pair, log p(chosen) - log p(rejected) summed over the answer's tokens ('summed': the held-out
+    preference accuracy's margin) and per token ('per_token': mean log-probability of chosen minus that of
+    rejected, blind to length: a summed margin also rewards the shorter answer). > 0: prefers chosen."""
+    prompts = [p["prompt"] for p in pairs]
+    answers = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
+    sums, counts = answer_logps(model, tokenizer, prompts + prompts, answers, template, batch_size)
+    n = len(pairs)
+    return {"summed": [c - r for c, r in zip(sums[:n], sums[n:])],
+            "per_token": [c / max(a, 1) - r / max(b, 1) for c, r, a, b in zip(sums[:n], sums[n:], counts[:n],
+                                                                               counts[n:])]}
 
 
 def pair_margins(model, tokenizer, pairs: list[dict[str, Any]], template: str, batch_size: int) -> list[float]:
-    """log p(chosen) - log p(rejected) per pair: > 0 means the model prefers the chosen answer."""
-    prompts = [p["prompt"] for p in pairs]
-    chosen = answer_logps(model, tokenizer, prompts, [p["chosen"] for p in pairs], template, batch_size)
-    rejected = answer_logps(model, tokenizer, prompts, [p["rejected"] for p in pairs], template, batch_size)
-    return [c - r for c, r in zip(chosen, rejected)]
+    """log p(chosen) - log p(rejected) per pair (summed over tokens): > 0 means the model prefers chosen."""
+    return pair_scores(model, tokenizer, pairs, template, batch_size)["summed"]
 
 
 def preference_accuracy(margins: list[float]) -> float:
@@ -155,15 +183,20 @@ def dpo_settings(run) -> dict[str, Any]:
     p, runtime = run.cfg.preference, run.runtime
     return dict(
         output_dir=str(run.preference_checkpoints_dir),
-        beta=p.beta, loss_type=["sigmoid"], learning_rate=p.learning_rate, lr_scheduler_type=p.lr_scheduler,
+        beta=p.beta, learning_rate=p.learning_rate, lr_scheduler_type=p.lr_scheduler,
         max_steps=p.max_steps, per_device_train_batch_size=p.micro_batch_size,
         gradient_accumulation_steps=p.gradient_accumulation_steps, max_length=p.max_length,
+        # DPO's sigmoid loss, plus with sft_weight > 0 the chosen answers' NLL (RPO): see `preference.sft_weight`
+        loss_type=["sigmoid", "sft"] if p.sft_weight > 0 else ["sigmoid"],
+        loss_weights=[1.0, p.sft_weight] if p.sft_weight > 0 else None,
         precompute_ref_log_probs=False,  # the frozen "ref" adapter instead: see the module doc
         gradient_checkpointing=run.cfg.train.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         optim=runtime.optimizer, bf16=runtime.compute_dtype == "bfloat16", fp16=runtime.compute_dtype == "float16",
         use_cpu=runtime.device == "cpu", max_grad_norm=run.cfg.train.max_grad_norm,
-        logging_steps=p.logging_steps, logging_nan_inf_filter=False, save_strategy="no", report_to=[],
+        logging_steps=p.logging_steps, logging_nan_inf_filter=False, report_to=[],
+        save_strategy="steps", save_steps=p.save_steps, save_total_limit=run.cfg.train.save_total_limit,
+        save_only_model=False,  # optimizer, scheduler and RNG state too: a resumed run continues the same run
         seed=p.seed, data_seed=p.seed, dataloader_num_workers=0, disable_tqdm=False,
     )
 
@@ -176,7 +209,8 @@ def pairs_dataset(pairs: list[dict[str, Any]]):
 
 
 def guard_callbacks() -> list:
-    """Stop at a non-finite loss, or at a zero gradient norm (nothing would learn)."""
+    """Stop at a non-finite loss, or at a zero gradient norm (nothing would learn); mark each checkpoint
+    complete once written (stage 04's marker: only complete checkpoints are resumed from)."""
     from transformers import TrainerCallback
 
     class PreferenceGuard(TrainerCallback):
@@ -189,7 +223,7 @@ def guard_callbacks() -> list:
                 raise NotLearning(f"The adapters got a zero gradient at DPO step {state.global_step}: training "
                                   f"would run but learn nothing. {NOT_LEARNING_CHECKS}")
 
-    return [PreferenceGuard()]
+    return [PreferenceGuard(), MarkComplete()]
 
 
 def build_dpo_trainer(run, model, tokenizer, train_pairs: list[dict[str, Any]]):
@@ -214,18 +248,43 @@ def check_reference(trainer) -> dict[str, Any]:
     return {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad), "recast_to_float32": cast}
 
 
-def train_dpo(trainer) -> dict[str, Any]:
-    """Run the trainer; the log history (loss, rewards/chosen, rejected, margins, accuracies per step)."""
+def resolve_preference_resume(run) -> str | None:
+    """The checkpoint preference.resume names: 'auto' is the newest complete 04b checkpoint written after
+    the SFT adapter (an older one trained another SFT adapter), 'never' none, else a checkpoint folder."""
+    setting = run.cfg.preference.resume
+    if setting == "never":
+        return None
+    if setting != "auto":
+        if not (Path(setting).expanduser() / COMPLETE_MARKER).is_file():
+            raise QLoraError(f"preference.resume={setting!r} is not a complete checkpoint folder (no "
+                             f"{COMPLETE_MARKER}). Use 'auto', 'never' or a checkpoint-N folder of 04b.")
+        return str(Path(setting).expanduser())
+    folder = run.preference_checkpoints_dir
+    done = [p for p in folder.glob("checkpoint-*") if (p / COMPLETE_MARKER).is_file()] if folder.is_dir() else []
+    sft = (run.adapter_dir / "adapter_config.json").stat().st_mtime_ns if run.has_adapter else 0
+    done = [p for p in done if (p / COMPLETE_MARKER).stat().st_mtime_ns >= sft]
+    return str(max(done, key=lambda p: int(p.name.split("-")[1]))) if done else None
+
+
+def train_dpo(trainer, resume: str | None = None) -> dict[str, Any]:
+    """Run the trainer (from checkpoint `resume` if given); the log history (loss, rewards/chosen,
+    rejected, margins, accuracies per step). Ctrl-C saves a complete checkpoint first, as in stage 04."""
     import torch
 
     keep_4bit_on_autograd_path(trainer.model)  # whatever ran before, the 4-bit layers must pass gradients
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    result = trainer.train()
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    except KeyboardInterrupt:
+        trainer._save_checkpoint(trainer.model, trial=None)  # Trainer's own full checkpoint
+        trainer.callback_handler.on_save(trainer.args, trainer.state, trainer.control)  # marks it complete
+        raise QLoraError(f"Preference tuning interrupted at step {trainer.state.global_step}; a checkpoint was "
+                         f"saved. Run 04b again (preference.resume=auto) to continue.") from None
     seconds = time.perf_counter() - start
     return {"steps": trainer.state.global_step, "train_seconds": seconds, "train_loss": result.training_loss,
-            "log_history": list(trainer.state.log_history), **peak_memory()}
+            "resumed_from": resume, "log_history": list(trainer.state.log_history), **peak_memory()}
 
 
 def save_preference_adapter(run, model, tokenizer, summary: dict[str, Any]) -> None:
@@ -236,7 +295,8 @@ def save_preference_adapter(run, model, tokenizer, summary: dict[str, Any]) -> N
         write_json_atomic(tmp / "qlora_config.json", run.cfg.to_dict())
         (tmp / "README.md").write_text(
             f"# Preference-tuned adapter: {run.name}\n\nThe run's SFT adapter after {summary['steps']} DPO steps "
-            f"(beta {run.cfg.preference.beta}, lr {run.cfg.preference.learning_rate}) on "
+            f"(beta {run.cfg.preference.beta}, lr {run.cfg.preference.learning_rate}, sft_weight "
+            f"{run.cfg.preference.sft_weight}) on "
             f"{summary['pairs']['train']} pairs ({summary['pairs']['origin']}). Held-out preference accuracy "
             f"{summary['accuracy']['before']:.3f} -> {summary['accuracy']['after']:.3f}.\n", encoding="utf-8")
 
@@ -252,19 +312,22 @@ def run_preference(run, trainer, tokenizer, pairs: dict[str, Any]) -> dict[str, 
     cfg = run.cfg
     batch = cfg.eval.batch_size
     clock = _Clock()
-    before = pair_margins(trainer.model, tokenizer, pairs["eval"], cfg.data.template, batch)
+    before = pair_scores(trainer.model, tokenizer, pairs["eval"], cfg.data.template, batch)
     clock.lap("score_before")
-    trained = train_dpo(trainer)
+    trained = train_dpo(trainer, resolve_preference_resume(run))
     clock.lap("train")
-    after = pair_margins(trainer.model, tokenizer, pairs["eval"], cfg.data.template, batch)
+    after = pair_scores(trainer.model, tokenizer, pairs["eval"], cfg.data.template, batch)
     clock.lap("score_after")
     rows = training_rows(trained.pop("log_history"))
     summary = {
-        "method": cfg.preference.method, "beta": cfg.preference.beta, "reference": "frozen copy of the SFT adapter "
+        "method": cfg.preference.method, "beta": cfg.preference.beta, "sft_weight": cfg.preference.sft_weight,
+        "reference": "frozen copy of the SFT adapter "
         "(TRL's 'ref' adapter on the same 4-bit base)", "sft_adapter": str(run.adapter_dir), **trained,
         "pairs": {"train": len(pairs["train"]), "eval": len(pairs["eval"]), "origin": pairs["report"]["origin"]},
-        "accuracy": compare_accuracy(before, after, seed=cfg.preference.seed),
-        "margins": {"before": before, "after": after}, "training": rows,
+        "accuracy": compare_accuracy(before["summed"], after["summed"], seed=cfg.preference.seed),
+        "accuracy_per_token": compare_accuracy(before["per_token"], after["per_token"], seed=cfg.preference.seed),
+        "margins": {"before": before["summed"], "after": after["summed"]},
+        "margins_per_token": {"before": before["per_token"], "after": after["per_token"]}, "training": rows,
         "final_logged": rows[-1] if rows else None, "device": run.device, "compute_dtype": run.runtime.compute_dtype,
         "seconds": {**pairs["report"].get("seconds", {}), **clock.seconds},
     }
@@ -274,11 +337,15 @@ def run_preference(run, trainer, tokenizer, pairs: dict[str, Any]) -> dict[str, 
 
 
 def prepare_run_pairs(run, model, tokenizer, prepared: PreparedData | None = None) -> dict[str, Any]:
-    """The run's pairs (hub/offline sources or its own data), written to `preference_pairs.json`."""
+    """The run's pairs (hub/offline sources or its own data), written to `preference_pairs.json`; when
+    training will resume from a checkpoint, the pairs it was trained on (that file) are read back."""
     cfg = run.cfg
+    if resolve_preference_resume(run) and run.preference_pairs.is_file():
+        print(f"Resuming: the pairs of {run.preference_pairs.name}, as the checkpoint was trained on them.")
+        return read_json(run.preference_pairs)
     prepared = prepared or load_prepared(run)
     clock = _Clock()
-    pairs = prepare_pairs(model, tokenizer, cfg.preference, cfg.data, prepared, cfg.eval.batch_size)
+    pairs = prepare_pairs(model, tokenizer, cfg.preference, cfg.data, prepared, cfg.eval.answer_batch_size)
     pairs["report"]["seconds"] = clock.lap("pairs")
     write_json_atomic(run.preference_pairs, pairs)
     return pairs
@@ -294,7 +361,7 @@ def run_stage(run) -> dict[str, Any]:
     trainer = build_dpo_trainer(run, model, tokenizer, pairs["train"])
     check_reference(trainer)
     summary = run_preference(run, trainer, tokenizer, pairs)
-    return {k: v for k, v in summary.items() if k != "margins"}
+    return {k: v for k, v in summary.items() if not k.startswith("margins")}
 
 
 # --- base vs SFT vs SFT+DPO (for stage 05) ----------------------------------------------------------
@@ -334,9 +401,15 @@ def compare_three_way(run, model, tokenizer, pairs: list[dict[str, Any]] | None 
                       known: dict[str, list[float]] | None = None) -> dict[str, Any]:
     """Held-out preference accuracy of base, SFT and SFT+DPO on the same pairs (default: the held-out
     pairs 04b saved), and each step's difference with a paired bootstrap interval. `known` margins
-    ({'sft': ..., 'sft+dpo': ...}: 04b's before and after) are reused, not scored again."""
+    ({'sft': ..., 'sft+dpo': ...}) are reused, not scored again; on 04b's own held-out pairs they default
+    to the before and after margins 04b scored with the same two adapters (preference.json), so only the
+    base is scored here."""
     cfg = run.cfg
-    pairs = pairs if pairs is not None else read_json(run.require("preference_pairs"))["eval"]
+    if pairs is None:
+        pairs = read_json(run.require("preference_pairs"))["eval"]
+        if known is None and run.preference_report.is_file():
+            scored = read_json(run.preference_report)["margins"]
+            known = {"sft": scored["before"], "sft+dpo": scored["after"]}
     known = known or {}
     score = lambda: pair_margins(model, tokenizer, pairs, cfg.data.template, cfg.eval.batch_size)  # noqa: E731
     found = for_three(model, score, tuple(label for label in THREE if label not in known))
@@ -356,9 +429,9 @@ def answers_three_way(run, model, tokenizer, pairs: list[dict[str, Any]], n: int
     prompts = [pairs[i]["prompt"] for i in picked]
     model.eval()
     ids = [encode_text(run, tokenizer, p) for p in prompts]
-    tokens, batch = run.cfg.eval.answer_tokens, run.cfg.eval.batch_size
-    answers = for_three(model, lambda: generate(model, tokenizer, ids, tokens, batch))
-    return [{"prompt": prompts[j], "chosen": pairs[i]["chosen"], **{k: answers[k][j] for k in THREE}}
+    tokens, batch = run.cfg.eval.answer_tokens, run.cfg.eval.answer_batch_size
+    answers = for_three(model, lambda: generate_answers(model, tokenizer, ids, tokens, batch))
+    return [{"prompt": prompts[j], "chosen": pairs[i]["chosen"], **{k: answers[k][j].text for k in THREE}}
             for j, i in enumerate(picked)]
 
 

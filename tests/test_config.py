@@ -128,7 +128,7 @@ def test_describe_config_changed_only_lists_what_the_profile_sets():
     assert by_key["model.source"]["value"] == "random:tiny" and by_key["model.source"]["default"] == "embedded"
     assert by_key["lora.r"]["value"] == 8 and by_key["lora.r"]["default"] == 16
     assert "quant.quant_type" not in by_key and all(r["value"] != r["default"] for r in rows)
-    assert len(rows) == 36  # of 105 keys: recorded; update when the smoke profile or the defaults change
+    assert len(rows) == 37  # of 112 keys: recorded; update when the smoke profile or the defaults change
 
 
 def test_describe_config_explains_every_key():
@@ -136,5 +136,5 @@ def test_describe_config_explains_every_key():
     # recorded key counts per section: a key added or removed must be added here on purpose
     assert Counter(row["key"].split(".")[0] for row in rows) == {
         "model": 6, "quant": 5, "lora": 7, "data": 10, "train": 26, "eval": 20, "serve": 19,
-        "preference": 16}
+        "preference": 19}
     assert all(row["help"] for row in rows)

@@ -95,10 +95,24 @@ def test_the_preference_section_is_off_by_default_and_validated():
     assert cfg.preference.enabled and cfg.preference.method == "dpo" and cfg.preference.sources == []
     with pytest.raises(ConfigError, match=r"'preference\.beta' is 0\.0: it must be > 0"):
         load_config("default", ["preference.beta=0"])
+    with pytest.raises(ConfigError, match=r"'preference\.sft_weight' is -1\.0: it must be >= 0"):
+        load_config("default", ["preference.sft_weight=-1"])
     with pytest.raises(ConfigError, match=r"preference\.method = 'ppo' is invalid: expected one of 'dpo'"):
         load_config("default", ["preference.method=ppo"])
     with pytest.raises(ConfigError, match=r"Unknown key 'preference\.sources\[0\]\.colums'.*Did you mean 'columns'"):
         load_config("default", ["preference.sources=[{path: a.jsonl, colums: {}}]"])
+
+
+def test_sft_weight_adds_trls_sft_loss_to_the_sigmoid_loss(tmp_path):
+    from trl import DPOConfig
+
+    from qlora_helpers.preference import dpo_settings
+
+    plain = setup_run("smoke", "plain", QUIET, str(tmp_path))
+    assert DPOConfig(**dpo_settings(plain)).loss_type == ["sigmoid"]  # smoke: plain DPO, TRL's default
+    mixed = DPOConfig(**dpo_settings(setup_run("smoke", "rpo", [*QUIET, "preference.sft_weight=0.5"], str(tmp_path))))
+    assert mixed.loss_type == ["sigmoid", "sft"] and mixed.loss_weights == [1.0, 0.5]
+    assert load_config("default").preference.sft_weight == 1.0  # what the default profile measured (its comment)
 
 
 def test_stage_04b_runs_between_04_and_05_only_when_enabled():
@@ -197,7 +211,7 @@ def sft_run(tmp_path_factory, tiny_dir):
 
 
 def test_own_data_pairs_are_the_reference_against_the_models_greedy_answer(sft_run):
-    from qlora_helpers.generation import generate
+    from qlora_helpers.decoding import generate_answers
     from qlora_helpers.preference import load_policy_model
     from qlora_helpers.preference_data import _Report, build_own_pairs, own_candidates
     from qlora_helpers.prepared import load_prepared
@@ -208,7 +222,7 @@ def test_own_data_pairs_are_the_reference_against_the_models_greedy_answer(sft_r
     examples = own_candidates(load_prepared(sft_run).train, 4, pref.answer_tokens, seed=0)
     assert len(examples) == 4
     prompt_ids = encode_text("alpaca", tokenizer, examples[0]["prompt"])
-    greedy = generate(model, tokenizer, [prompt_ids], pref.answer_tokens)[0]
+    greedy = generate_answers(model, tokenizer, [prompt_ids], pref.answer_tokens)[0].text
     examples[0] = {**examples[0], "response": greedy}  # an example the model already answers as the reference
     report = _Report()
     pairs = build_own_pairs(model, tokenizer, examples, pref, 4, report, "own", "alpaca")
@@ -230,6 +244,8 @@ def test_dpo_moves_the_preference_and_saves_the_final_adapter(sft_run, preferred
     assert rows[-1]["rewards/margins"] > 0 and rows[-1]["loss"] < rows[0]["loss"]
     acc = preferred["accuracy"]
     assert acc["after"] > acc["before"] and acc["difference"]["n"] == 8
+    per_token = preferred["accuracy_per_token"]  # the length-blind margin, reported beside the summed one
+    assert per_token["difference"]["n"] == 8 and 0 <= per_token["before"] <= 1 and 0 <= per_token["after"] <= 1
     assert preferred["pairs"] == {"train": 16, "eval": 8, "origin": "preference.sources"}
     saved = sorted(p.name for p in sft_run.preference_adapter_dir.iterdir())
     assert "adapter_model.safetensors" in saved and "ref" not in saved  # the policy alone, not the reference
@@ -242,13 +258,15 @@ def test_three_way_comparison_scores_base_sft_and_dpo_on_the_same_pairs(sft_run,
     from qlora_helpers.preference import answers_three_way, compare_three_way, load_three_way_model
 
     model, tokenizer = load_three_way_model(sft_run)
-    result = compare_three_way(sft_run, model, tokenizer)
+    pairs = json.loads(sft_run.preference_pairs.read_text())["eval"]
+    result = compare_three_way(sft_run, model, tokenizer, pairs)  # given pairs: all three scored here
     assert result["pairs"] == 8 and set(result["accuracy"]) == {"base", "sft", "sft+dpo"}
     assert result["accuracy"]["sft"] == pytest.approx(preferred["accuracy"]["before"])
     assert result["accuracy"]["sft+dpo"] == pytest.approx(preferred["accuracy"]["after"])
     assert result["differences"]["sft -> sft+dpo"]["difference"] == pytest.approx(
         preferred["accuracy"]["difference"]["difference"])
-    pairs = json.loads(sft_run.preference_pairs.read_text())["eval"]
+    reused = compare_three_way(sft_run, model, tokenizer)  # 04b's pairs: its SFT and SFT+DPO margins are reused
+    assert reused["accuracy"] == pytest.approx(result["accuracy"]) and reused["pairs"] == 8
     answers = answers_three_way(sft_run, model, tokenizer, pairs, n=2, seed=0)
     assert len(answers) == 2 and set(answers[0]) == {"prompt", "chosen", "base", "sft", "sft+dpo"}
 
@@ -272,6 +290,70 @@ def test_05_compares_the_three_on_preference_accuracy_and_the_answer_metrics(sft
     single = run_answers(sft_run, model, tokenizer, cfg.answer_samples, cfg.answer_batch_size, cfg.answer_tokens)
     assert single["base"]["outputs"] == answers["outputs"]["base"]
     assert single["tuned"]["outputs"] == answers["outputs"]["sft+dpo"]
+
+
+def _copy_sft_run(run, dest: Path, **preference) -> Path:
+    """A copy of `run` up to its SFT adapter (settings, data, adapter), with preference.* changed."""
+    import shutil
+
+    dest.mkdir(parents=True)
+    for part in ("env.json", "data", "adapter"):
+        (shutil.copytree if (run.path / part).is_dir() else shutil.copy2)(run.path / part, dest / part)
+    config = json.loads(run.config_file.read_text())
+    config["preference"].update(preference)
+    (dest / "config.json").write_text(json.dumps(config))
+    return dest
+
+
+def test_an_interrupted_04b_resumes_from_its_checkpoint_to_the_same_adapter(sft_run, tmp_path):
+    from safetensors.torch import load_file
+    from torch.testing import assert_close
+    from transformers import TrainerCallback
+
+    from qlora_helpers.errors import QLoraError
+    from qlora_helpers.opening import open_run
+    from qlora_helpers.preference import (
+        build_dpo_trainer,
+        check_reference,
+        load_policy_model,
+        prepare_run_pairs,
+        resolve_preference_resume,
+        run_preference,
+    )
+
+    class CtrlCAfterStep5(TrainerCallback):  # once step 5 is logged (a Ctrl-C before that loses its log line)
+        def on_log(self, args, state, control, **kwargs):
+            if state.global_step == 5:
+                raise KeyboardInterrupt
+
+    for name in ("straight", "cut"):
+        _copy_sft_run(sft_run, tmp_path / name, save_steps=4, sft_weight=1.0)  # the default profile's loss
+    straight = stage("04b").run(open_run("straight", str(tmp_path)))
+    assert straight["resumed_from"] is None and straight["steps"] == 8
+    assert straight["training"][0]["loss"] > math.log(2) + 0.1  # DPO's log 2 plus the chosen answers' NLL
+
+    run = open_run("cut", str(tmp_path))
+    model, tokenizer = load_policy_model(run)
+    pairs = prepare_run_pairs(run, model, tokenizer)
+    trainer = build_dpo_trainer(run, model, tokenizer, pairs["train"])
+    check_reference(trainer)
+    trainer.add_callback(CtrlCAfterStep5())
+    with pytest.raises(QLoraError, match=r"^Preference tuning interrupted at step 5; a checkpoint was saved\."):
+        run_preference(run, trainer, tokenizer, pairs)
+    assert not run.has_preference_adapter and resolve_preference_resume(run).endswith("checkpoint-5")
+    del trainer, model
+
+    resumed = stage("04b").run(run)
+    assert resumed["resumed_from"].endswith("checkpoint-5") and resumed["steps"] == 8
+    assert [r["step"] for r in resumed["training"]] == list(range(1, 9))  # the log of steps 1-5 came back too
+    a = load_file(tmp_path / "straight" / "adapter_preference" / "adapter_model.safetensors")
+    b = load_file(run.preference_adapter_dir / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
+    # a checkpoint older than the SFT adapter belongs to another SFT adapter: never resumed from
+    os.utime(run.adapter_dir / "adapter_config.json", ns=(time.time_ns() + 10**9,) * 2)
+    assert resolve_preference_resume(run) is None
 
 
 @pytest.mark.integration
