@@ -45,7 +45,6 @@ import math
 import random
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 from .answers import builtin_source_names, compare, per_example
@@ -58,13 +57,14 @@ from .prepared import PreparedData, load_prepared
 from .prompts import encode_pairs, encode_text
 from .scoring import collate, paired_bootstrap
 from .trainer import (
-    COMPLETE_MARKER,
     NOT_LEARNING_CHECKS,
     MarkComplete,
     NonFiniteLoss,
     NotLearning,
     local_device,
     peak_memory,
+    resolve_checkpoint,
+    train_or_checkpoint,
 )
 
 SFT, POLICY, REFERENCE = "sft", "default", "ref"  # adapter names: 05's comparison, TRL's policy and reference
@@ -249,21 +249,10 @@ def check_reference(trainer) -> dict[str, Any]:
 
 
 def resolve_preference_resume(run) -> str | None:
-    """The checkpoint preference.resume names: 'auto' is the newest complete 04b checkpoint written after
-    the SFT adapter (an older one trained another SFT adapter), 'never' none, else a checkpoint folder."""
-    setting = run.cfg.preference.resume
-    if setting == "never":
-        return None
-    if setting != "auto":
-        if not (Path(setting).expanduser() / COMPLETE_MARKER).is_file():
-            raise QLoraError(f"preference.resume={setting!r} is not a complete checkpoint folder (no "
-                             f"{COMPLETE_MARKER}). Use 'auto', 'never' or a checkpoint-N folder of 04b.")
-        return str(Path(setting).expanduser())
-    folder = run.preference_checkpoints_dir
-    done = [p for p in folder.glob("checkpoint-*") if (p / COMPLETE_MARKER).is_file()] if folder.is_dir() else []
+    """The checkpoint preference.resume names; with 'auto' only one completed after the SFT adapter was
+    saved (an older one tuned another SFT adapter)."""
     sft = (run.adapter_dir / "adapter_config.json").stat().st_mtime_ns if run.has_adapter else 0
-    done = [p for p in done if (p / COMPLETE_MARKER).stat().st_mtime_ns >= sft]
-    return str(max(done, key=lambda p: int(p.name.split("-")[1]))) if done else None
+    return resolve_checkpoint(run.cfg.preference.resume, run.preference_checkpoints_dir, "preference.resume", sft)
 
 
 def train_dpo(trainer, resume: str | None = None) -> dict[str, Any]:
@@ -275,13 +264,8 @@ def train_dpo(trainer, resume: str | None = None) -> dict[str, Any]:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    try:
-        result = trainer.train(resume_from_checkpoint=resume)
-    except KeyboardInterrupt:
-        trainer._save_checkpoint(trainer.model, trial=None)  # Trainer's own full checkpoint
-        trainer.callback_handler.on_save(trainer.args, trainer.state, trainer.control)  # marks it complete
-        raise QLoraError(f"Preference tuning interrupted at step {trainer.state.global_step}; a checkpoint was "
-                         f"saved. Run 04b again (preference.resume=auto) to continue.") from None
+    result = train_or_checkpoint(trainer, resume, "Preference tuning",
+                                 "Run 04b again (preference.resume=auto) to continue.")
     seconds = time.perf_counter() - start
     return {"steps": trainer.state.global_step, "train_seconds": seconds, "train_loss": result.training_loss,
             "resumed_from": resume, "log_history": list(trainer.state.log_history), **peak_memory()}

@@ -23,7 +23,6 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,8 +46,11 @@ from .trainer import (  # noqa: F401
     GuardedTrainer,
     NonFiniteLoss,
     NotLearning,
+    last_complete_checkpoint,
     local_device,
     peak_memory,
+    resolve_checkpoint,
+    train_or_checkpoint,
     training_callbacks,
 )
 
@@ -264,26 +266,8 @@ def training_arguments(cfg: Config, folder: RunFolder, runtime: Runtime, report_
     )
 
 
-def last_complete_checkpoint(checkpoint_dir: Path) -> Path | None:
-    """The newest checkpoint whose save finished; half-written ones (a crash mid-save) are skipped."""
-    if not checkpoint_dir.is_dir():
-        return None
-    done = [p for p in checkpoint_dir.glob("checkpoint-*") if (p / COMPLETE_MARKER).is_file()]
-    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
-
-
 def resolve_resume(cfg: Config, folder: RunFolder) -> str | None:
-    setting = cfg.train.resume
-    if setting == "never":
-        return None
-    if setting == "auto":
-        found = last_complete_checkpoint(folder.checkpoints_dir)
-        return str(found) if found else None
-    path = Path(setting).expanduser()
-    if not (path / COMPLETE_MARKER).is_file():
-        raise QLoraError(f"train.resume={setting!r} is not a complete checkpoint folder "
-                         f"(no {COMPLETE_MARKER}). Use 'auto', 'never' or a checkpoint-N folder.")
-    return str(path)
+    return resolve_checkpoint(cfg.train.resume, folder.checkpoints_dir, "train.resume")
 
 
 def configure_wandb(cfg: Config, folder: RunFolder) -> list[str]:
@@ -327,12 +311,7 @@ def heldout_eval_loss(run, model, tokenizer, data: PreparedData) -> float:
 def _fit(trainer, resume: str | None):
     """trainer.train, with an interrupt saved as a complete checkpoint and OOM explained."""
     try:
-        return trainer.train(resume_from_checkpoint=resume)
-    except KeyboardInterrupt:
-        trainer._save_checkpoint(trainer.model, trial=None)  # Trainer's own full checkpoint
-        trainer.callback_handler.on_save(trainer.args, trainer.state, trainer.control)  # marks it complete
-        raise QLoraError(f"Training interrupted at step {trainer.state.global_step}; a checkpoint was "
-                         f"saved. Run again with train.resume=auto to continue.") from None
+        return train_or_checkpoint(trainer, resume, "Training", "Run again with train.resume=auto to continue.")
     except torch.cuda.OutOfMemoryError:
         raise QLoraError(OOM_ADVICE) from None
 

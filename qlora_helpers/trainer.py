@@ -158,6 +158,43 @@ class MarkComplete(TrainerCallback):
         write_json_atomic(folder / COMPLETE_MARKER, {"step": state.global_step, "time": time.time()})
 
 
+def last_complete_checkpoint(checkpoint_dir: Path, newer_than_ns: int = 0) -> Path | None:
+    """The newest checkpoint whose save finished (half-written ones, a crash mid-save, are skipped) among
+    those completed at or after `newer_than_ns` (a file time: 04b's must follow the SFT adapter they tuned)."""
+    if not checkpoint_dir.is_dir():
+        return None
+    done = [p for p in checkpoint_dir.glob("checkpoint-*")
+            if (p / COMPLETE_MARKER).is_file() and (p / COMPLETE_MARKER).stat().st_mtime_ns >= newer_than_ns]
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def resolve_checkpoint(setting: str, checkpoint_dir: Path, key: str, newer_than_ns: int = 0) -> str | None:
+    """What a resume setting (`key`: train.resume, preference.resume) names: 'auto' the newest complete
+    checkpoint in `checkpoint_dir` (`last_complete_checkpoint`), 'never' none, else that checkpoint folder."""
+    if setting == "never":
+        return None
+    if setting == "auto":
+        found = last_complete_checkpoint(checkpoint_dir, newer_than_ns)
+        return str(found) if found else None
+    path = Path(setting).expanduser()
+    if not (path / COMPLETE_MARKER).is_file():
+        raise QLoraError(f"{key}={setting!r} is not a complete checkpoint folder "
+                         f"(no {COMPLETE_MARKER}). Use 'auto', 'never' or a checkpoint-N folder.")
+    return str(path)
+
+
+def train_or_checkpoint(trainer, resume: str | None, what: str, again: str):
+    """trainer.train from checkpoint `resume`; Ctrl-C saves the Trainer's own full checkpoint, marks it
+    complete (MarkComplete) and stops with an error: `what` interrupted at step N, then `again`."""
+    try:
+        return trainer.train(resume_from_checkpoint=resume)
+    except KeyboardInterrupt:
+        trainer._save_checkpoint(trainer.model, trial=None)  # Trainer's own full checkpoint
+        trainer.callback_handler.on_save(trainer.args, trainer.state, trainer.control)  # marks it complete
+        raise QLoraError(f"{what} interrupted at step {trainer.state.global_step}; a checkpoint was "
+                         f"saved. {again}") from None
+
+
 class LogRunConfig(TrainerCallback):
     """Logs the resolved config and the environment report into the W&B run Trainer started."""
 
