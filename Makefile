@@ -81,11 +81,12 @@ $(GGUF_STAMP): $(STAMP) requirements-gguf.txt
 lab: $(LAB_STAMP)
 	$(VENV)/bin/jupyter lab --ServerApp.root_dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root) $(ARGS)
 
-# The readable tutorial: run 01-06 on the default profile, then render the executed copies
-# (outputs/default/notebooks/) with nbconvert into docs/site/ (qlora_helpers/docs.py).
+# The readable tutorial: run 01-06 on the default profile with the optional stage 04b on (DPO after SFT,
+# so the pages show all seven notebooks), then render the executed copies (outputs/default/notebooks/)
+# with nbconvert into docs/site/ and docs/tutorial/ (qlora_helpers/docs.py).
 # `make docs-site` renders an existing run again without running it.
 docs: $(LAB_STAMP)
-	$(PY) -m qlora_helpers run --config default $(ARGS)
+	$(PY) -m qlora_helpers run --config default --set preference.enabled=true $(ARGS)
 	$(PY) -m qlora_helpers.docs outputs/default/notebooks docs/site
 
 docs-site: $(LAB_STAMP)

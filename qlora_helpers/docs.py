@@ -1,10 +1,11 @@
 """The tutorial as pages: the executed notebooks of a run as Markdown + PNG pages GitHub shows
 (`docs/tutorial/`), as an HTML site (`docs/site/`), and the README's quoted results from that run.
 
-`make docs` runs 01-06 on the default profile, then `python -m qlora_helpers.docs` renders
-`outputs/default/notebooks/`. Markdown + PNG rather than executed .ipynb files under docs/: GitHub
-renders Markdown with relative images and links everywhere (prev/next, alt text, no 1-MB JSON with
-base64 images in every diff), and the text diffs review like code. nbconvert renders the HTML site
+`make docs` runs 01-06 on the default profile with the optional stage 04b on, then
+`python -m qlora_helpers.docs` renders `outputs/default/notebooks/`. Markdown + PNG rather than
+executed .ipynb files under docs/: GitHub renders Markdown with relative images and links everywhere
+(prev/next, alt text, no 1-MB JSON with base64 images in every diff), and the text diffs review like
+code. nbconvert renders the HTML site
 (what JupyterLab's own "Export as HTML" uses). This module makes the executed copies readable:
 
 - tqdm's notebook bars are ipywidgets, saved as a reference to widget state that a static page
@@ -261,15 +262,15 @@ def markdown_page(nb: dict, stem: str, pages_dir: Path, nav: str) -> str:
 
 
 INDEX = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>QLoRA in six notebooks</title>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:52rem;margin:2rem auto;padding:0 1rem;
 line-height:1.5;color:#222}}
 li{{margin-bottom:1rem}} a{{font-weight:600}} .meta{{color:#666;font-size:.9rem}}</style></head><body>
-<h1>QLoRA in six notebooks</h1>
+<h1>{title}</h1>
 <p>{intro}</p>
-<ol>
+<ul>
 {items}
-</ol>
+</ul>
 <p class="meta">Built by <code>make docs</code> with nbconvert from <code>{source}</code>.</p>
 </body></html>
 """
@@ -277,6 +278,9 @@ INTRO = ("Fine-tuning a causal language model with QLoRA (4-bit NF4 base weights
          "per step, shown with the outputs of one real run on the `{config}` profile (SmolLM2-135M-Instruct on an "
          "Alpaca sample, on a CPU). Read them in order; each step reads what the earlier ones wrote to the run "
          "folder. To run them yourself, see the project's README.")
+INTRO_PREFERENCE = (" This run also switched on the optional stage 04b (`--set preference.enabled=true`: DPO on "
+                    "preference pairs after 04's supervised fine-tuning), so 05 compares the base, SFT and SFT+DPO "
+                    "models and 06 serves the DPO adapter; `make run` leaves 04b off.")
 
 
 def _executed(notebooks_dir: Path) -> list[tuple[Path, dict]]:
@@ -343,15 +347,17 @@ def build_site(notebooks_dir: Path, site_dir: Path, pages_dir: Path | None = Non
         written += [page, md]
         title, paragraph = _summary(nb)
         items.append(f'<li><a href="{page.name}">{html.escape(title)}</a>{markdown2html(paragraph)}</li>')
-        md_items.append(f"{i + 1}. [{title}]({md.name}): {' '.join(paragraph.split())}")
+        md_items.append(f"- [{title}]({md.name}): {' '.join(paragraph.split())}")  # titles carry the numbers
     config = Path(str(executed[0][1].get("metadata", {}).get("papermill", {}).get("parameters", {})
                       .get("config", "default"))).stem
     source = Path(notebooks_dir).resolve()
     source = source.relative_to(Path.cwd()) if source.is_relative_to(Path.cwd()) else source
-    intro = INTRO.format(config=config)
-    (site_dir / "index.html").write_text(INDEX.format(intro=html.escape(intro).replace("`", ""),
+    preference = any(path.stem.startswith("04b") for path, _ in executed)
+    intro = INTRO.format(config=config) + (INTRO_PREFERENCE if preference else "")
+    title = "QLoRA in six notebooks" + (" and an optional seventh" if preference else "")
+    (site_dir / "index.html").write_text(INDEX.format(intro=html.escape(intro).replace("`", ""), title=title,
                                                       items="\n".join(items), source=html.escape(str(source))))
-    (pages_dir / "README.md").write_text(f"# QLoRA in six notebooks\n\n{intro}\n\n" + "\n".join(md_items) + "\n")
+    (pages_dir / "README.md").write_text(f"# {title}\n\n{intro}\n\n" + "\n".join(md_items) + "\n")
     written += [site_dir / "index.html", pages_dir / "README.md"]
     run_folder = RunFolder(Path(notebooks_dir).resolve().parent)
     if run_folder.train_log.is_file():
@@ -361,7 +367,9 @@ def build_site(notebooks_dir: Path, site_dir: Path, pages_dir: Path | None = Non
 
 # --- the README's numbers and links ------------------------------------------------------------------
 
-# key: (report, path inside it, format). The README quotes these between <!-- r:key --> markers.
+# key: (report, path inside it, format). The README quotes these between <!-- r:key --> markers. A path may
+# be a tuple of alternatives, the first the report has wins: `rouge_tuned` is the SFT adapter's ROUGE-L,
+# from 05's three-way table when 04b ran (05's "tuned" is then SFT+DPO), from its summary when not.
 RESULTS = {
     "perplexity_ratio": ("quantization_report", "perplexity_ratio_4bit_vs_full", "x{:.2f}"),
     "train_minutes": ("train_log", "summary.train_seconds", "minutes"),
@@ -370,8 +378,12 @@ RESULTS = {
     "heldout_loss_base": ("train_log", "summary.heldout_loss_base", "{:.3f}"),
     "heldout_loss_tuned": ("train_log", "summary.heldout_loss_tuned", "{:.3f}"),
     "rouge_base": ("eval_report", "summary.ROUGE-L F1.base", "{:.3f}"),
-    "rouge_tuned": ("eval_report", "summary.ROUGE-L F1.tuned", "{:.3f}"),
+    "rouge_tuned": ("eval_report", ("three_way.answers.means.sft.ROUGE-L F1", "summary.ROUGE-L F1.tuned"), "{:.3f}"),
+    "dpo_pairs": ("preference_report", "accuracy.difference.n", "{:,}"),
+    "dpo_accuracy_sft": ("preference_report", "accuracy.before", "{:.3f}"),
+    "dpo_accuracy_dpo": ("preference_report", "accuracy.after", "{:.3f}"),
 }
+NOTEBOOKS = "0[1-6]*_*.ipynb"  # the stage notebooks, 04b_preference included
 _MARKER = re.compile(r"<!-- r:([\w-]+) -->(.*?)<!-- /r -->", re.S)
 _COLAB = re.compile(r"<!-- colab -->.*?<!-- /colab -->", re.S)
 
@@ -384,19 +396,30 @@ def results_digest(folder: RunFolder) -> dict[str, dict[str, Any]]:
     """The numbers the README quotes, each with the report file and key it comes from. Reports a run
     has not written are left out; a report without the key is an error naming both."""
     out = {}
-    for key, (report, dotted, fmt) in RESULTS.items():
+    for key, (report, paths, fmt) in RESULTS.items():
         path = getattr(folder, report)
         if not path.is_file():
             continue
-        value: Any = read_json(path)
-        for part in dotted.split("."):
-            if not isinstance(value, dict) or part not in value:
-                raise QLoraError(f"{path.name} has no {dotted!r} (wanted for the README's {key!r}): update "
-                                 f"docs.RESULTS to the report's layout.")
-            value = value[part]
+        data, paths = read_json(path), (paths,) if isinstance(paths, str) else paths
+        found = next(((dotted, value) for dotted in paths if (value := _lookup(data, dotted)) is not _MISSING), None)
+        if found is None:
+            raise QLoraError(f"{path.name} has no {' or '.join(map(repr, paths))} (wanted for the README's {key!r}): "
+                             f"update docs.RESULTS to the report's layout.")
+        dotted, value = found
         out[key] = {"value": value, "text": _format(value, fmt) if value is not None else "n/a",
                     "file": path.name, "key": dotted}
     return out
+
+
+_MISSING = object()
+
+
+def _lookup(data: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return _MISSING
+        data = data[part]
+    return data
 
 
 def fill_readme(text: str, results: dict[str, dict[str, Any]]) -> str:
@@ -418,8 +441,8 @@ def readme_disagreements(text: str, results: dict[str, dict[str, Any]]) -> list[
 def colab_links(url: str) -> str:
     """The README's line of "Open in Colab" links, one per notebook, from the repository URL."""
     slug = url.rstrip("/").removesuffix(".git").split("github.com/", 1)[-1]
-    links = [f"[{nb.name[:2]}](https://colab.research.google.com/github/{slug}/blob/main/notebooks/{nb.name})"
-             for nb in sorted(NOTEBOOK_DIR.glob("0[1-6]_*.ipynb"))]
+    links = [f"[{nb.name.split('_')[0]}](https://colab.research.google.com/github/{slug}/blob/main/notebooks/{nb.name})"
+             for nb in sorted(NOTEBOOK_DIR.glob(NOTEBOOKS))]
     return f"<!-- colab -->Open in Colab: {' · '.join(links)}<!-- /colab -->"
 
 
@@ -432,7 +455,7 @@ def sync_links(root: Path = PROJECT_ROOT) -> list[Path]:
     new = _COLAB.sub(colab_links(url), text)
     if new != text:
         changed.append(write_text_atomic(readme, new))
-    for path in sorted((root / NOTEBOOK_DIR.relative_to(PROJECT_ROOT)).glob("0[1-6]_*.ipynb")):
+    for path in sorted((root / NOTEBOOK_DIR.relative_to(PROJECT_ROOT)).glob(NOTEBOOKS)):
         nb = json.loads(path.read_text(encoding="utf-8"))
         first = next(c for c in nb["cells"] if c["cell_type"] == "code")
         lines = setup_cell(url).splitlines(keepends=True)

@@ -48,7 +48,7 @@ import time
 from typing import Any
 
 from .answers import builtin_source_names, compare, per_example
-from .decoding import dense_base, generate_answers
+from .decoding import Answer, dense_base, generate_answers
 from .errors import QLoraError
 from .models import keep_4bit_on_autograd_path, load_model, load_tokenizer
 from .paths import atomic_dir, read_json, write_json_atomic
@@ -190,8 +190,9 @@ def dpo_settings(run) -> dict[str, Any]:
         loss_type=["sigmoid", "sft"] if p.sft_weight > 0 else ["sigmoid"],
         loss_weights=[1.0, p.sft_weight] if p.sft_weight > 0 else None,
         precompute_ref_log_probs=False,  # the frozen "ref" adapter instead: see the module doc
-        gradient_checkpointing=run.cfg.train.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        # transformers 5's names (gradient_checkpointing* are deprecated aliases; TRL reads them, mirrored)
+        activation_checkpointing=run.cfg.train.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
         optim=runtime.optimizer, bf16=runtime.compute_dtype == "bfloat16", fp16=runtime.compute_dtype == "float16",
         use_cpu=runtime.device == "cpu", max_grad_norm=run.cfg.train.max_grad_norm,
         logging_steps=p.logging_steps, logging_nan_inf_filter=False, report_to=[],
@@ -422,11 +423,28 @@ def answers_three_way(run, model, tokenizer, pairs: list[dict[str, Any]], n: int
 STEPS = (("sft", "sft+dpo"), ("base", "sft"), ("base", "sft+dpo"))  # the paired comparisons of 05's three-way table
 
 
-def answer_metrics_three_way(run, model, tokenizer, data: PreparedData | None = None) -> dict[str, Any]:
+def reusable_answers(known: dict[str, Any] | None, prompts: list[str], max_new_tokens: int,
+                     batch_size: int) -> dict[str, list[Answer]]:
+    """From a `answers.run_answers` result on this three-way model (05's answer task: the adapters off,
+    then the active SFT+DPO adapter), the base and SFT+DPO answers as `Answer`s, when it answered the same
+    prompts with the same budget and batch size (greedy: the same answers again); {} otherwise."""
+    settings = (known or {}).get("settings", {})
+    if (not known or known.get("prompts") != prompts or settings.get("max_new_tokens") != max_new_tokens
+            or settings.get("batch_size") != batch_size):
+        return {}
+    return {label: [Answer(text, tokens, stopped) for text, tokens, stopped in
+                    zip(known[side]["outputs"], known[side]["tokens"], known[side]["stopped"])]
+            for label, side in (("base", "base"), ("sft+dpo", "tuned"))}
+
+
+def answer_metrics_three_way(run, model, tokenizer, data: PreparedData | None = None,
+                             known: dict[str, Any] | None = None) -> dict[str, Any]:
     """The answer metrics of answers.py (clean stops, repetition, length, ROUGE-L, exact match on the
     built-in data) for base, SFT and SFT+DPO on the same eval.answer_samples held-out examples (03's
     eval split), generated once per model as 05's answer task does; each step of STEPS with its
-    paired bootstrap interval (`answers.compare`: its 'base' is the step's first, 'tuned' its second)."""
+    paired bootstrap interval (`answers.compare`: its 'base' is the step's first, 'tuned' its second).
+    `known`: 05's answer task result on this model; its base and SFT+DPO answers are reused when they
+    answered the same examples the same way (`reusable_answers`), so only the SFT answers are generated."""
     cfg = run.cfg.eval
     data = data if data is not None else load_prepared(run)
     examples = data.eval[:cfg.answer_samples]
@@ -436,8 +454,10 @@ def answer_metrics_three_way(run, model, tokenizer, data: PreparedData | None = 
     refs, checked = [e["response"] for e in examples], [e["source"] in builtin for e in examples]
     ids = [encode_text(run, tokenizer, e["prompt"]) for e in examples]
     model.eval()
-    answers = for_three(model, lambda: generate_answers(model, tokenizer, ids, cfg.answer_tokens,
-                                                        cfg.answer_batch_size))
+    answers = reusable_answers(known, [e["prompt"] for e in examples], cfg.answer_tokens, cfg.answer_batch_size)
+    answers.update(for_three(model, lambda: generate_answers(model, tokenizer, ids, cfg.answer_tokens,
+                                                             cfg.answer_batch_size),
+                             tuple(label for label in THREE if label not in answers)))
     values = {label: per_example(answers[label], refs, checked) for label in THREE}
     return {"examples": len(examples), "prompts": [e["prompt"] for e in examples], "references": refs,
             "means": {label: {m: statistics.fmean(v) for m, v in values[label].items()} for label in THREE},
@@ -446,10 +466,12 @@ def answer_metrics_three_way(run, model, tokenizer, data: PreparedData | None = 
                             for row in compare(values[a], values[b], seed=run.cfg.data.seed)]}
 
 
-def evaluate_three_way(run, model, tokenizer, data: PreparedData | None = None) -> dict[str, Any]:
+def evaluate_three_way(run, model, tokenizer, data: PreparedData | None = None,
+                       answers: dict[str, Any] | None = None) -> dict[str, Any]:
     """05's comparison of base, SFT and SFT+DPO (a model from `load_three_way_model`): held-out
     preference accuracy on the pairs 04b held out, and the answer metrics, each step of STEPS with its
-    paired bootstrap interval."""
+    paired bootstrap interval. `answers`: 05's answer task result on this model, reused where it can be
+    (`answer_metrics_three_way`)."""
     accuracy = compare_three_way(run, model, tokenizer)
     margins = accuracy["margins"]
     compared = {(a, b): compare_accuracy(margins[a], margins[b], run.cfg.preference.seed) for a, b in STEPS}
@@ -457,4 +479,4 @@ def evaluate_three_way(run, model, tokenizer, data: PreparedData | None = None) 
              for (a, b), r in compared.items()]
     return {"preference": {"pairs": accuracy["pairs"], "accuracy": accuracy["accuracy"], "differences": steps,
                            "margins": margins},
-            "answers": answer_metrics_three_way(run, model, tokenizer, data)}
+            "answers": answer_metrics_three_way(run, model, tokenizer, data, answers)}

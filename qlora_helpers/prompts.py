@@ -76,6 +76,15 @@ def adds_special_tokens(run_or_template: Any) -> bool:
 # --- rendering -----------------------------------------------------------------------------------
 
 
+def shown_prompt(prompt: str) -> str:
+    """A rendered prompt as a table shows it to a reader: an Alpaca prompt from its instruction on,
+    without the fixed preamble before it and the response marker after it; other text unchanged."""
+    start = prompt.find(ALPACA_SECTIONS[0])
+    if start < 0:
+        return prompt
+    return prompt[start:].removesuffix("\n").removesuffix(ALPACA_SECTIONS[-1]).strip()
+
+
 def format_alpaca(record: dict[str, Any]) -> tuple[str, str]:
     """(prompt, response) in the Stanford Alpaca template, with or without the input section."""
     fill = {"instruction": record["instruction"], "input": record.get("input") or ""}

@@ -136,7 +136,7 @@ def test_pages_github_renders_are_clean_titled_linked_and_illustrated(executed, 
     assert featured.read_bytes() == (tmp_path / "tutorial" / "img" / "02_second-2.png").read_bytes()
     assert (tmp_path / "tutorial" / "img" / "01_first-1.png").read_bytes()[:4] == b"\x89PNG"
     index = (tmp_path / "tutorial" / "README.md").read_text()
-    assert "1. [01 · First page](01_first.md): What the first page is about." in index
+    assert "- [01 · First page](01_first.md): What the first page is about." in index
     page = (tmp_path / "site" / "01_first.html").read_text()
     assert "<title>01 · First page</title>" in page and "No description has been provided" not in page
     assert 'href="02_second.html"' in page and "Errno" not in page and "/root/" not in page
@@ -166,6 +166,17 @@ def test_readme_results_come_from_the_reports_and_disagreements_are_found(tmp_pa
         "heldout_loss_tuned: README says '1.400', train_log.json says '1.500'"]
     with pytest.raises(QLoraError, match="quotes rouge_tuned"):
         fill_readme("<!-- r:rouge_tuned -->0<!-- /r -->", results)
+    # after 04b, 05's "tuned" is SFT+DPO: the README's SFT ROUGE-L comes from its three-way table
+    summary = {"summary": {"ROUGE-L F1": {"base": 0.2, "tuned": 0.25}}}
+    folder.eval_report.write_text(json.dumps(summary))
+    assert results_digest(folder)["rouge_tuned"]["text"] == "0.250"
+    folder.eval_report.write_text(json.dumps({**summary, "three_way": {"answers": {"means": {
+        "sft": {"ROUGE-L F1": 0.274}, "sft+dpo": {"ROUGE-L F1": 0.25}}}}}))
+    tuned = results_digest(folder)["rouge_tuned"]
+    assert tuned["text"] == "0.274" and tuned["key"] == "three_way.answers.means.sft.ROUGE-L F1"
+    folder.eval_report.write_text(json.dumps({"summary": {}}))
+    with pytest.raises(QLoraError, match="eval.json has no 'summary.ROUGE-L F1.base'"):
+        results_digest(folder)
 
 
 def test_the_committed_readme_agrees_with_the_committed_results():
@@ -187,4 +198,5 @@ def test_colab_links_are_generated_from_the_one_repository_url():
 
     links = colab_links(repository_url(PROJECT_ROOT))
     assert links in (PROJECT_ROOT / "README.md").read_text(), "run python -m qlora_helpers.docs --sync-links"
-    assert links.count("colab.research.google.com/github/qlora-notebooks/qlora-notebooks/blob/main/notebooks/") == 6
+    notebooks = "colab.research.google.com/github/qlora-notebooks/qlora-notebooks/blob/main/notebooks/"
+    assert links.count(notebooks) == 7 and f"[04b](https://{notebooks}04b_preference.ipynb)" in links

@@ -273,7 +273,12 @@ def test_three_way_comparison_scores_base_sft_and_dpo_on_the_same_pairs(sft_run,
 
 def test_05_compares_the_three_on_preference_accuracy_and_the_answer_metrics(sft_run, preferred):
     from qlora_helpers.answers import run_answers
-    from qlora_helpers.preference import evaluate_three_way, load_three_way_model
+    from qlora_helpers.preference import (
+        answer_metrics_three_way,
+        evaluate_three_way,
+        load_three_way_model,
+        reusable_answers,
+    )
 
     model, tokenizer = load_three_way_model(sft_run)
     result = evaluate_three_way(sft_run, model, tokenizer)
@@ -290,6 +295,15 @@ def test_05_compares_the_three_on_preference_accuracy_and_the_answer_metrics(sft
     single = run_answers(sft_run, model, tokenizer, cfg.answer_samples, cfg.answer_batch_size, cfg.answer_tokens)
     assert single["base"]["outputs"] == answers["outputs"]["base"]
     assert single["tuned"]["outputs"] == answers["outputs"]["sft+dpo"]
+    # so 05 passes that result in and only the SFT adapter answers again: the same metrics, less time
+    again = answer_metrics_three_way(sft_run, model, tokenizer, known=single)
+    assert again["outputs"] == answers["outputs"] and again["means"] == answers["means"]
+    marked = {**single, "base": {**single["base"], "outputs": ["reused"] + single["base"]["outputs"][1:]}}
+    assert answer_metrics_three_way(sft_run, model, tokenizer, known=marked)["outputs"]["base"][0] == "reused"
+    prompts = single["prompts"]  # answered otherwise: generated again, never mixed in
+    assert reusable_answers(single, prompts, cfg.answer_tokens + 1, cfg.answer_batch_size) == {}
+    assert reusable_answers(single, prompts[1:], cfg.answer_tokens, cfg.answer_batch_size) == {}
+    assert reusable_answers(None, prompts, cfg.answer_tokens, cfg.answer_batch_size) == {}
 
 
 def _copy_sft_run(run, dest: Path, **preference) -> Path:
