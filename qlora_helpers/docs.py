@@ -134,6 +134,8 @@ ALT_TEXT = {
     "plot_training": "Training curves per optimizer step: loss, learning-rate schedule and gradient norm",
     "plot_answer_metrics": "Answer metrics of base and tuned model on the same held-out instructions, each "
                            "with the paired 95% interval of the difference",
+    "plot_answer_steps": "Answer metrics of the base, SFT and SFT+DPO models on the same held-out instructions, "
+                         "each step with the paired 95% interval of its difference",
     "plot_preference_margins": "DPO per step: the implicit rewards of chosen and rejected answers, their margin, "
                                "and the loss",
     "plot_metrics": "Base model against tuned model on every evaluation metric",

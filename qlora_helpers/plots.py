@@ -266,16 +266,40 @@ def plot_answer_metrics(rows: list[dict[str, Any]], labels: tuple[str, str] = ("
     base): the two means as bars, and on the second bar the paired 95% interval of the difference
     placed around it (base + low to base + high): when it reaches the first bar's height, the
     difference cannot be told from zero."""
-    fig, axes = plt.subplots(1, len(rows), figsize=(2.4 * len(rows), 3.2), squeeze=False)
-    for ax, row in zip(axes[0], rows):
-        values = [row["base"], row["tuned"]]
-        interval = [[row["tuned"] - (row["base"] + row["low"])], [row["base"] + row["high"] - row["tuned"]]]
-        bars = ax.bar(list(labels), values, color=["#999999", "#2a9d55"])
-        ax.errorbar([1], [row["tuned"]], yerr=interval, fmt="none", ecolor="black", capsize=5)
-        ax.bar_label(bars, fmt="%.3g", label_type="center")
-        better = "lower" if row["lower_is_better"] else "higher"
-        ax.set_title(f"{row['metric']}\n({better} is better)", fontsize=9)
-        ax.set_ylim(0, max(values + [row["base"] + row["high"]]) * 1.2 or 1)
+    means = {labels[0]: {r["metric"]: r["base"] for r in rows}, labels[1]: {r["metric"]: r["tuned"] for r in rows}}
+    steps = [{**r, "step": f"{labels[0]} -> {labels[1]}"} for r in rows]
+    return plot_answer_steps(means, steps, labels)
+
+
+STEP_COLOURS = ("#999999", "#2a9d55", "#3b6fb6")
+
+
+def plot_answer_steps(means: dict[str, dict[str, float]], steps: list[dict[str, Any]], labels: tuple[str, ...]):
+    """One panel per answer metric, one bar per model in `labels` order (`means[label][metric]`), each
+    bar after the first with the paired 95% interval of its step from the bar before it (the row of
+    `steps` whose 'step' is "previous -> label": answers.compare's keys, base = the step's first model)
+    placed around it: when the interval reaches the previous bar's height, that step cannot be told
+    from zero. The means are printed under the bars, clear of the intervals."""
+    metrics = [r["metric"] for r in steps if r["step"] == f"{labels[0]} -> {labels[1]}"]
+    by_step = {(r["step"], r["metric"]): r for r in steps}
+    fig, axes = plt.subplots(1, len(metrics), figsize=(2.4 * len(metrics) * max(1.0, len(labels) / 2.5), 3.3),
+                             squeeze=False)
+    for ax, name in zip(axes[0], metrics):
+        values = [means[label][name] for label in labels]
+        ax.bar(range(len(labels)), values, color=STEP_COLOURS[:len(labels)])
+        tops = list(values)
+        for i in range(1, len(labels)):
+            row = by_step.get((f"{labels[i - 1]} -> {labels[i]}", name))
+            if row is None:
+                continue
+            low, high = values[i - 1] + row["low"], values[i - 1] + row["high"]
+            ax.errorbar([i], [values[i]], yerr=[[values[i] - low], [high - values[i]]], fmt="none",
+                        ecolor="black", capsize=5)
+            tops.append(high)
+        ax.set_xticks(range(len(labels)), [f"{label}\n{v:.3f}" for label, v in zip(labels, values)], fontsize=8.5)
+        better = "lower" if by_step[(f"{labels[0]} -> {labels[1]}", name)]["lower_is_better"] else "higher"
+        ax.set_title(f"{name}\n({better} is better)", fontsize=9)
+        ax.set_ylim(0, max(tops) * 1.15 or 1)
     fig.tight_layout()
     return fig
 

@@ -203,6 +203,10 @@ class _Layout:
         return self.path / "eval_answers.png"
 
     @property
+    def three_way_plot(self) -> Path:  # after 04b: base, SFT and SFT+DPO per answer metric, each step's interval
+        return self.path / "eval_answers_three_way.png"
+
+    @property
     def generations_html(self) -> Path:
         return self.path / "generations.html"
 

@@ -35,3 +35,24 @@ def test_answer_metric_bars_carry_the_means_and_the_paired_interval_around_the_t
         (segments,) = [c for c in ax.collections if c.get_segments()]
         (low, high), = [sorted(p[1] for p in s) for s in segments.get_segments()]
         assert low == pytest.approx(row["base"] + row["low"]) and high == pytest.approx(row["base"] + row["high"])
+        # the means under the bars, where no interval crosses them
+        ticks = [t.get_text() for t in ax.get_xticklabels()]
+        assert ticks == [f"base\n{row['base']:.3f}", f"tuned\n{row['tuned']:.3f}"]
+
+
+def test_three_way_bars_carry_each_steps_interval_from_the_bar_before():
+    from qlora_helpers.answers import compare
+    from qlora_helpers.plots import plot_answer_steps
+
+    values = {"base": {"clean stop": [0.0, 0.0, 1.0, 0.0]}, "sft": {"clean stop": [1.0, 0.0, 1.0, 0.0]},
+              "sft+dpo": {"clean stop": [1.0, 1.0, 1.0, 1.0]}}
+    steps = [{"step": f"{a} -> {b}", **row} for a, b in (("sft", "sft+dpo"), ("base", "sft"), ("base", "sft+dpo"))
+             for row in compare(values[a], values[b])]
+    means = {label: {"clean stop": sum(v["clean stop"]) / 4} for label, v in values.items()}
+    (ax,) = plot_answer_steps(means, steps, ("base", "sft", "sft+dpo")).axes
+    assert [b.get_height() for b in ax.patches] == [0.25, 0.5, 1.0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["base\n0.250", "sft\n0.500", "sft+dpo\n1.000"]
+    segments = [sorted(p[1] for p in s) for c in ax.collections for s in c.get_segments()]
+    first, second = ({r["step"]: r for r in steps}[k] for k in ("base -> sft", "sft -> sft+dpo"))
+    assert segments == [pytest.approx([0.25 + first["low"], 0.25 + first["high"]]),
+                        pytest.approx([0.5 + second["low"], 0.5 + second["high"]])]
