@@ -151,7 +151,10 @@ _TMP = re.compile(r"(?<![\w.])/(?:tmp|work|var/folders)/[^\s'\"<>)]*?([^/\s'\"<>
 
 
 def human_number(value: float) -> str:
-    """A float as a person reads it: four significant digits, thousands separated."""
+    """A float as a person reads it: four significant digits, thousands separated; zero as 0 (pandas and
+    Styler print it as 0.000000, which is no small number to write in powers of ten)."""
+    if value == 0:
+        return "0"
     if abs(value) >= 1000:
         return f"{value:,.0f}"
     return f"{value:.4g}" if abs(value) >= 1e-3 else f"{value:.2e}"

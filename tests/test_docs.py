@@ -39,6 +39,13 @@ def test_widget_bars_become_their_final_text_and_state_is_dropped():
     assert len(outputs) == 4  # the hidden bar (leave=False) and the widget with no saved state are gone
 
 
+def test_long_floats_are_rounded_for_people():
+    from qlora_helpers.docs import scrub
+
+    assert scrub("loss 2.30987654, lr 0.000500, weight decay 0.000000, steps 1234.500000") == (
+        "loss 2.31, lr 5.00e-04, weight decay 0, steps 1,234")  # 4 digits; small in powers of ten; 0 as 0
+
+
 def test_the_machines_project_folder_is_cut_from_sources_and_outputs(tmp_path):
     root = tmp_path / "qlora-notebooks"
     nb = {"metadata": {}, "cells": [
