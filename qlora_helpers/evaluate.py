@@ -320,7 +320,7 @@ def write_eval_report(run, model=None, extra: dict[str, Any] | None = None, **ta
               "seed": cfg.data.seed, "device": run.device, "compute_dtype": run.runtime.compute_dtype,
               "decoding": "greedy", "samples": sample_counts(results),
               "seconds": {task: r.get("seconds") for task, r in results.items()},
-              "differences": compare_paired(results), "results": results, **(extra or {})}
+              "differences": compare_paired(results, cfg.data.seed), "results": results, **(extra or {})}
     write_json_atomic(run.eval_report, report)
     return report
 

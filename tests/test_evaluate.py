@@ -121,6 +121,22 @@ def test_a_task_without_data_is_skipped_and_recorded(tmp_path, tiny_dir, monkeyp
     evaluated = open_run("no-data", str(tmp_path), ["eval.answer_samples=3"], stage="05")
     report = write_eval_report(evaluated, ifeval=ifeval)
     assert report["overrides"] == ["eval.answer_samples=3"] and report["config"]["eval"]["answer_samples"] == 3
+    # the summary's intervals are the answer task's own: one bootstrap seed (data.seed, recorded as "seed")
+    from qlora_helpers.answers import score_answers
+    from qlora_helpers.decoding import Answer
+
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "the", "dog", "ran", "far", "away", "from", "it"]
+    texts = ([" ".join(words[i % 7:i % 7 + 2 + i % 5] * (1 + i % 3)) for i in range(40)],
+             [" ".join(words[i % 5:i % 5 + 3 + i % 4]) for i in range(40)])
+    base, tuned = ([Answer(t, len(t.split()), (i * k) % 3 == 0) for i, t in enumerate(side)]
+                   for k, side in enumerate(texts, start=1))
+    refs, seed = [" ".join(words[i % 6:i % 6 + 4]) for i in range(40)], evaluated.cfg.data.seed
+    answers = score_answers(base, tuned, refs, seed=seed)
+    report = write_eval_report(evaluated, answers=answers)
+    summary = {r["metric"]: r for r in report["differences"]}
+    assert seed != 0 and report["seed"] == seed
+    for row in answers["differences"]:
+        assert (summary[row["metric"]]["low"], summary[row["metric"]]["high"]) == (row["low"], row["high"])
 
 
 def test_paired_bootstrap_on_known_inputs():
