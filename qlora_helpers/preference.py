@@ -266,7 +266,7 @@ def train_dpo(trainer, resume: str | None = None) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     result = train_or_checkpoint(trainer, resume, "Preference tuning",
-                                 "Run 04b again (preference.resume=auto) to continue.")
+                                 "Run 04b again (preference.resume=auto) to continue.", "preference.resume")
     seconds = time.perf_counter() - start
     return {"steps": trainer.state.global_step, "train_seconds": seconds, "train_loss": result.training_loss,
             "resumed_from": resume, "log_history": list(trainer.state.log_history), **peak_memory()}

@@ -311,7 +311,8 @@ def heldout_eval_loss(run, model, tokenizer, data: PreparedData) -> float:
 def _fit(trainer, resume: str | None):
     """trainer.train, with an interrupt saved as a complete checkpoint and OOM explained."""
     try:
-        return train_or_checkpoint(trainer, resume, "Training", "Run again with train.resume=auto to continue.")
+        return train_or_checkpoint(trainer, resume, "Training", "Run again with train.resume=auto to continue.",
+                                   "train.resume")
     except torch.cuda.OutOfMemoryError:
         raise QLoraError(OOM_ADVICE) from None
 

@@ -183,9 +183,23 @@ def resolve_checkpoint(setting: str, checkpoint_dir: Path, key: str, newer_than_
     return str(path)
 
 
-def train_or_checkpoint(trainer, resume: str | None, what: str, again: str):
-    """trainer.train from checkpoint `resume`; Ctrl-C saves the Trainer's own full checkpoint, marks it
-    complete (MarkComplete) and stops with an error: `what` interrupted at step N, then `again`."""
+def resume_notice(resume: str, max_steps: int, what: str, setting: str) -> str:
+    """The line a resumed run prints: from which checkpoint and step; when that checkpoint already reached
+    `max_steps`, that nothing is left to train (its adapter is the result) and how to train again."""
+    step = json.loads((Path(resume) / "trainer_state.json").read_text()).get("global_step", 0)
+    if step < max_steps:
+        return f"{what} resumes from {resume} at step {step} of {max_steps} ({setting}=auto)."
+    return (f"{what} resumes from {resume}, which already reached step {step} of {max_steps}: nothing is left "
+            f"to train, and the adapter saved is that checkpoint's. To train again from the start, set "
+            f"{setting}=never or delete {Path(resume).parent}.")
+
+
+def train_or_checkpoint(trainer, resume: str | None, what: str, again: str, setting: str):
+    """trainer.train from checkpoint `resume` (saying so: `resume_notice`, `setting` the resume key); Ctrl-C
+    saves the Trainer's own full checkpoint, marks it complete (MarkComplete) and stops with an error:
+    `what` interrupted at step N, then `again`."""
+    if resume:
+        print(resume_notice(resume, trainer.args.max_steps, what, setting), flush=True)
     try:
         return trainer.train(resume_from_checkpoint=resume)
     except KeyboardInterrupt:

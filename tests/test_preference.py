@@ -319,7 +319,7 @@ def _copy_sft_run(run, dest: Path, **preference) -> Path:
     return dest
 
 
-def test_an_interrupted_04b_resumes_from_its_checkpoint_to_the_same_adapter(sft_run, tmp_path):
+def test_an_interrupted_04b_resumes_from_its_checkpoint_to_the_same_adapter(sft_run, tmp_path, capsys):
     from safetensors.torch import load_file
     from torch.testing import assert_close
     from transformers import TrainerCallback
@@ -365,6 +365,13 @@ def test_an_interrupted_04b_resumes_from_its_checkpoint_to_the_same_adapter(sft_
     assert a.keys() == b.keys()
     for key in a:
         assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
+    out = capsys.readouterr().out
+    assert f"Preference tuning resumes from {resumed['resumed_from']} at step 5 of 8" in out
+    # run again on the finished run: it resumes from checkpoint-8, and says that nothing was trained
+    again = stage("04b").run(run)
+    assert again["resumed_from"].endswith("checkpoint-8") and again["training"] == resumed["training"]
+    assert ("which already reached step 8 of 8: nothing is left to train, and the adapter saved is that "
+            "checkpoint's. To train again from the start, set preference.resume=never") in capsys.readouterr().out
     # a checkpoint older than the SFT adapter belongs to another SFT adapter: never resumed from
     os.utime(run.adapter_dir / "adapter_config.json", ns=(time.time_ns() + 10**9,) * 2)
     assert resolve_preference_resume(run) is None

@@ -213,6 +213,7 @@ def test_resume_after_sigkill_gives_the_same_adapter(tmp_path, tiny_dir):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     summary = json.loads(folder.train_log.read_text())["summary"]
     assert summary["resumed_from"].endswith("checkpoint-15") and summary["steps"] == 60
+    assert f"Training resumes from {summary['resumed_from']} at step 15 of 60 (train.resume=auto)." in resumed.stdout
     a = load_file(tmp_path / "a" / "run" / "adapter" / "adapter_model.safetensors")
     b = load_file(folder.adapter_dir / "adapter_model.safetensors")
     assert a.keys() == b.keys()
