@@ -3,6 +3,8 @@ rows of different prompt lengths join and leave mid-generation, in fixed slots w
 columns, eager on the CPU (tiny random LLaMA); on CUDA (marked gpu) the compiled step against the
 dynamic path, and the server compiling every bucket at start."""
 
+import os
+
 import pytest
 import torch
 
@@ -242,7 +244,8 @@ def test_the_merge_check_passes_in_16_bit_compute_on_cuda(run):
     assert gap["same_argmax"] > 0.9 and run.has_merged
 
 
-def test_the_compile_cache_file_is_keyed_by_what_changes_the_compiled_step(model_and_tokenizer, tmp_path):
+def test_the_compile_cache_file_is_keyed_by_what_changes_the_compiled_step(model_and_tokenizer, tmp_path,
+                                                                          monkeypatch):
     from qlora_helpers.serve.compile_cache import CompileCache, cache_key
 
     model, _ = model_and_tokenizer
@@ -254,7 +257,12 @@ def test_the_compile_cache_file_is_keyed_by_what_changes_the_compiled_step(model
                    dict(options={"triton.cudagraphs": True, "coordinate_descent_tuning": True})):
         assert CompileCache(tmp_path, cache_key(**{**base, **change})).digest != digest, change
     cache = CompileCache(tmp_path, cache_key(**base))
-    assert cache.load()["state"] == "miss"
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # load() sets it for this process
+    state = cache.load()  # Inductor's own folder (the tuned configs) beside the file, keyed the same
+    assert state["state"] == "miss" and state["inductor_dir"] == str(tmp_path / f"inductor-{digest}")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == state["inductor_dir"] and cache.inductor_dir.is_dir()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "yours"))  # a folder the user chose stays
+    assert cache.load()["inductor_dir"] == str(tmp_path / "yours")
     cache.file.write_bytes(b"not torch's artefacts")
     state = cache.load()
     assert state["state"] == "unreadable" and state["error"]  # a broken file costs a cold compile, not the server
@@ -262,9 +270,10 @@ def test_the_compile_cache_file_is_keyed_by_what_changes_the_compiled_step(model
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_a_second_decoder_loads_the_compile_cache_the_first_saved(tiny_dir, tmp_path):
+def test_a_second_decoder_loads_the_compile_cache_the_first_saved(tiny_dir, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # warm_up points it beside the file
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).cuda().eval()
     first = StaticDecoder(model, slots=2, max_len=32)
     first.warm_up(tmp_path)

@@ -319,7 +319,8 @@ def start_decoder(model, compile_setting: bool, slots: int, max_len: int,
     used = {"hit": "used", "miss": "none yet, saved now"}.get(decoder.compile_cache["state"],
                                                               decoder.compile_cache["state"])
     print(f"compiled the static decode step for batch buckets {list(decoder.buckets)} in {seconds:.1f} s "
-          f"(per bucket: {decoder.warmup_s}; compile cache: {used}, {decoder.compile_cache.get('file')})",
+          f"(per bucket: {decoder.warmup_s}; compile cache: {used}, {decoder.compile_cache.get('file')}; "
+          f"Inductor's tuned kernels: {decoder.compile_cache.get('inductor_dir')})",
           flush=True)
     return decoder
 
