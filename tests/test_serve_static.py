@@ -261,6 +261,11 @@ def test_the_compile_cache_file_is_keyed_by_what_changes_the_compiled_step(model
     state = cache.load()  # Inductor's own folder (the tuned configs) beside the file, keyed the same
     assert state["state"] == "miss" and state["inductor_dir"] == str(tmp_path / f"inductor-{digest}")
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == state["inductor_dir"] and cache.inductor_dir.is_dir()
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    cache_dir()  # torch sets the variable to its default the first time it looks: still ours
+    assert cache.load()["inductor_dir"] == str(tmp_path / f"inductor-{digest}")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "yours"))  # a folder the user chose stays
     assert cache.load()["inductor_dir"] == str(tmp_path / "yours")
     cache.file.write_bytes(b"not torch's artefacts")

@@ -67,7 +67,10 @@ class CompileCache:
         the file does not carry the coordinate-descent tuning results, and re-tuning was 30.3 of a cached
         start's 38.2 s on the H200 (BENCHMARKS.md); in this folder the tuned configs and compiled kernels
         survive a restart with the model cache. Returns the folder in use."""
-        if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        # torch writes its default into the variable the first time it looks: that is not a user's choice
+        if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, "", os.path.abspath(default_cache_dir())):
             self.inductor_dir.mkdir(parents=True, exist_ok=True)
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.inductor_dir)
         return os.environ["TORCHINDUCTOR_CACHE_DIR"]
