@@ -15,31 +15,30 @@ code. nbconvert renders the HTML site
 - text progress bars in streams keep only what the last carriage return left on each line.
 - the project folder of the machine that ran them (`/home/you/qlora-notebooks/`) is cut from paths in
   sources and outputs, leaving `outputs/default/...` as a reader's own clone would print it (and
-  `../data/...` for a data folder beside it); other absolute paths (caches under the home folder,
+  `../data/...` for a data folder beside it; the offline data folder of `QLORA_DATA_DIR`, wherever it is,
+  as `$QLORA_DATA_DIR/...`); other absolute paths (caches under the home folder,
   temporary folders) become `~/...` and `<tmp>/...`.
 - papermill's injected parameters cell is dropped; an offline machine's hub-probe errors
   (`[Errno -2] ...`) read "offline"; long floats in outputs are rounded for people; consecutive
   stream outputs (06's streamed tokens) become one block; every image gets alt text saying what the
   plot shows, and every page a real title and prev/next links.
-- the README's results (between `<!-- r:KEY -->` markers) are filled from the run's report files,
-  through `docs/results.json` (committed with the pages; tests/test_docs.py checks the README agrees);
-  its Colab links (between `<!-- colab -->` markers) are generated from pyproject's repository URL.
+- beside the pages it writes `docs/results.json`, the run's numbers that the README quotes, and fills
+  the README from it (`readme.py`, which also generates the README's Colab links).
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import json
+import os
 import re
 import sys
 from pathlib import Path
-from typing import Any
 
-from .bootstrap import repository_url, setup_cell
 from .errors import QLoraError
 from .paths import PROJECT_ROOT, read_json, write_json_atomic, write_text_atomic
-from .runs import NOTEBOOK_DIR, RunFolder
+from .readme import fill_readme, results_digest, sync_links
+from .runs import RunFolder
 
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
@@ -76,13 +75,19 @@ def _joined(value) -> str:
     return "".join(value) if isinstance(value, list) else value
 
 
-def make_static(nb: dict, root: Path | None = None) -> dict:
+def make_static(nb: dict, root: Path | None = None, data_dir: str | None = None) -> dict:
     """The notebook with its widget outputs turned into text and its widget state removed; with
-    `root`, that folder's absolute path is cut from sources and text outputs (paths become relative)."""
+    `root`, that folder's absolute path is cut from sources and text outputs (paths become relative);
+    with `data_dir` (the offline data folder the run read), its path reads `$QLORA_DATA_DIR`, the
+    setting a reader gives their own copy (the machine's folder means nothing in their clone)."""
     state = nb.get("metadata", {}).pop("widgets", {}).get(WIDGET_STATE, {}).get("state", {})
     folder = Path(root).resolve() if root else None
+    data = sorted({str(Path(data_dir)), str(Path(data_dir).resolve())}, key=len, reverse=True) \
+        if data_dir and Path(data_dir).is_absolute() else []
 
     def relative(text: str) -> str:
+        for path in data:
+            text = re.sub(re.escape(path) + r"(?=/|(?![\w.-]))", "$QLORA_DATA_DIR", text)
         if folder is None:
             return text
         # inside the project: relative; the project itself: "."; a folder beside it: "../"
@@ -145,6 +150,7 @@ ALT_TEXT = {
 # Figures also written under a fixed name, for the README to show (its picture).
 FEATURED = {"plot_training": "training-curves.png"}
 _ERRNO = re.compile(r"\[Errno -?\d+\][^\n<)\]'\"]*")
+_STYLER = re.compile(r"(?<![\w-])T_([0-9a-f]{5})(?=[_\"\s{,]|$)")  # Styler's id: T_ + 5 hex digits of a uuid4
 _FLOAT = re.compile(r"(?<![\w.])(-?\d+\.\d{5,})(?![\w.])")
 _HOME = re.compile(r"(?<![\w.~])/(?:root|home/[^/\s'\"<]+)(?=/)")
 _TMP = re.compile(r"(?<![\w.])/(?:tmp|work|var/folders)/[^\s'\"<>)]*?([^/\s'\"<>)]+)(?=[\s'\"<>)]|$)")
@@ -176,9 +182,11 @@ def _alt(source: str, heading: str) -> str:
 
 def tidy(nb: dict) -> dict:
     """After `make_static`: no injected parameters cell, one block per run of stream output, scrubbed
-    text, alt text on every image, the page title in the metadata (nbconvert's <title>)."""
+    text, pandas Styler's random table ids numbered in page order (the same table, the same page text:
+    a rebuilt page diffs only where its numbers changed), alt text on every image, the page title in
+    the metadata (nbconvert's <title>)."""
     nb["cells"] = [c for c in nb["cells"] if "injected-parameters" not in c.get("metadata", {}).get("tags", [])]
-    heading = ""
+    heading, tables = "", {}
     for cell in nb["cells"]:
         if cell["cell_type"] == "markdown":
             found = re.findall(r"^#+\s+(.+)$", _joined(cell["source"]), flags=re.M)
@@ -194,6 +202,9 @@ def tidy(nb: dict) -> dict:
             for kind in ("text/plain", "text/html", "text/markdown"):
                 if kind in out.get("data", {}):
                     out["data"][kind] = scrub(_joined(out["data"][kind]))
+            if "text/html" in out.get("data", {}):
+                out["data"]["text/html"] = _STYLER.sub(lambda m: f"T_{tables.setdefault(m.group(1), len(tables) + 1)}",
+                                                       out["data"]["text/html"])
             if "image/png" in out.get("data", {}):
                 alt = _alt(_joined(cell["source"]), heading)
                 out.setdefault("metadata", {}).setdefault("image/png", {})["alt"] = alt
@@ -295,7 +306,7 @@ def _executed(notebooks_dir: Path) -> list[tuple[Path, dict]]:
     found = []
     root = Path(notebooks_dir).resolve().parents[2]  # <project>/outputs/<run>/notebooks/
     for path in sorted(Path(notebooks_dir).glob("[0-9][0-9]*_*.ipynb")):
-        nb = make_static(nbformat.read(path, as_version=4), root=root)
+        nb = make_static(nbformat.read(path, as_version=4), root=root, data_dir=os.environ.get("QLORA_DATA_DIR"))
         papermill = nb.get("metadata", {}).get("papermill", {})
         if papermill and (not papermill.get("end_time") or papermill.get("exception")):
             print(f"skipped {path}: its execution did not finish (still running, or failed)", file=sys.stderr)
@@ -368,106 +379,6 @@ def build_site(notebooks_dir: Path, site_dir: Path, pages_dir: Path | None = Non
     if run_folder.train_log.is_file():
         written.append(write_json_atomic(pages_dir.parent / "results.json", results_digest(run_folder)))
     return written
-
-
-# --- the README's numbers and links ------------------------------------------------------------------
-
-# key: (report, path inside it, format). The README quotes these between <!-- r:key --> markers. A path may
-# be a tuple of alternatives, the first the report has wins: `rouge_tuned` is the SFT adapter's ROUGE-L,
-# from 05's three-way table when 04b ran (05's "tuned" is then SFT+DPO), from its summary when not.
-RESULTS = {
-    "perplexity_ratio": ("quantization_report", "perplexity_ratio_4bit_vs_full", "x{:.2f}"),
-    "train_minutes": ("train_log", "summary.train_seconds", "minutes"),
-    "train_steps": ("train_log", "summary.steps", "{:,}"),
-    "trainable_percent": ("train_log", "summary.parameters.trainable_percent", "{:.2f}%"),
-    "heldout_loss_base": ("train_log", "summary.heldout_loss_base", "{:.3f}"),
-    "heldout_loss_tuned": ("train_log", "summary.heldout_loss_tuned", "{:.3f}"),
-    "rouge_base": ("eval_report", "summary.ROUGE-L F1.base", "{:.3f}"),
-    "rouge_tuned": ("eval_report", ("three_way.answers.means.sft.ROUGE-L F1", "summary.ROUGE-L F1.tuned"), "{:.3f}"),
-    "dpo_pairs": ("preference_report", "accuracy.difference.n", "{:,}"),
-    "dpo_accuracy_sft": ("preference_report", "accuracy.before", "{:.3f}"),
-    "dpo_accuracy_dpo": ("preference_report", "accuracy.after", "{:.3f}"),
-}
-NOTEBOOKS = "0[1-6]*_*.ipynb"  # the stage notebooks, 04b_preference included
-_MARKER = re.compile(r"<!-- r:([\w-]+) -->(.*?)<!-- /r -->", re.S)
-_COLAB = re.compile(r"<!-- colab -->.*?<!-- /colab -->", re.S)
-
-
-def _format(value: Any, fmt: str) -> str:
-    return f"{value / 60:.0f} min" if fmt == "minutes" else fmt.format(value)
-
-
-def results_digest(folder: RunFolder) -> dict[str, dict[str, Any]]:
-    """The numbers the README quotes, each with the report file and key it comes from. Reports a run
-    has not written are left out; a report without the key is an error naming both."""
-    out = {}
-    for key, (report, paths, fmt) in RESULTS.items():
-        path = getattr(folder, report)
-        if not path.is_file():
-            continue
-        data, paths = read_json(path), (paths,) if isinstance(paths, str) else paths
-        found = next(((dotted, value) for dotted in paths if (value := _lookup(data, dotted)) is not _MISSING), None)
-        if found is None:
-            raise QLoraError(f"{path.name} has no {' or '.join(map(repr, paths))} (wanted for the README's {key!r}): "
-                             f"update docs.RESULTS to the report's layout.")
-        dotted, value = found
-        out[key] = {"value": value, "text": _format(value, fmt) if value is not None else "n/a",
-                    "file": path.name, "key": dotted}
-    return out
-
-
-_MISSING = object()
-
-
-def _lookup(data: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        if not isinstance(data, dict) or part not in data:
-            return _MISSING
-        data = data[part]
-    return data
-
-
-def fill_readme(text: str, results: dict[str, dict[str, Any]]) -> str:
-    """The README with every <!-- r:key --> marker holding the run's value."""
-    unknown = [m.group(1) for m in _MARKER.finditer(text) if m.group(1) not in results]
-    if unknown:
-        raise QLoraError(f"README.md quotes {', '.join(unknown)}, which docs/results.json does not have "
-                         f"(known: {', '.join(results)}). Fix the marker or docs.RESULTS.")
-    return _MARKER.sub(lambda m: f"<!-- r:{m.group(1)} -->{results[m.group(1)]['text']}<!-- /r -->", text)
-
-
-def readme_disagreements(text: str, results: dict[str, dict[str, Any]]) -> list[str]:
-    """'key: README says X, the run's report says Y' for every quoted number that differs."""
-    return [f"{m.group(1)}: README says {m.group(2)!r}, {results.get(m.group(1), {}).get('file')} says "
-            f"{results.get(m.group(1), {}).get('text')!r}"
-            for m in _MARKER.finditer(text) if results.get(m.group(1), {}).get("text") != m.group(2)]
-
-
-def colab_links(url: str) -> str:
-    """The README's line of "Open in Colab" links, one per notebook, from the repository URL."""
-    slug = url.rstrip("/").removesuffix(".git").split("github.com/", 1)[-1]
-    links = [f"[{nb.name.split('_')[0]}](https://colab.research.google.com/github/{slug}/blob/main/notebooks/{nb.name})"
-             for nb in sorted(NOTEBOOK_DIR.glob(NOTEBOOKS))]
-    return f"<!-- colab -->Open in Colab: {' · '.join(links)}<!-- /colab -->"
-
-
-def sync_links(root: Path = PROJECT_ROOT) -> list[Path]:
-    """After the repository URL in pyproject.toml changes (a fork): rewrite the README's Colab links
-    and every notebook's setup cell from it. Returns the files changed."""
-    url, changed = repository_url(root), []
-    readme = root / "README.md"
-    text = readme.read_text(encoding="utf-8")
-    new = _COLAB.sub(colab_links(url), text)
-    if new != text:
-        changed.append(write_text_atomic(readme, new))
-    for path in sorted((root / NOTEBOOK_DIR.relative_to(PROJECT_ROOT)).glob(NOTEBOOKS)):
-        nb = json.loads(path.read_text(encoding="utf-8"))
-        first = next(c for c in nb["cells"] if c["cell_type"] == "code")
-        lines = setup_cell(url).splitlines(keepends=True)
-        if first["source"] != lines:
-            first["source"] = lines
-            changed.append(write_text_atomic(path, json.dumps(nb, indent=1, ensure_ascii=False) + "\n"))
-    return changed
 
 
 def main(argv: list[str]) -> None:

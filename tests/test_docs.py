@@ -70,6 +70,25 @@ def test_the_machines_project_folder_is_cut_from_sources_and_outputs(tmp_path):
     assert cells[2]["source"] == f"elsewhere: /opt/{root.name}/x and ../{root.name}-other/y"
 
 
+def test_the_offline_data_folder_reads_as_its_setting_and_styler_ids_as_page_order(tmp_path):
+    from qlora_helpers.docs import tidy
+
+    root, data = tmp_path / "qlora-notebooks", tmp_path / "shared" / "data"
+    table = '<style>#T_81dfa_row0_col0 {color: red}</style><table id="T_81dfa"><td id="T_81dfa_row0_col0">'
+    nb = {"metadata": {}, "cells": [{"cell_type": "code", "source": "", "outputs": [
+        {"output_type": "stream", "name": "stdout",
+         "text": f"using the offline copy {data}/alpaca/a.json (data folder {data}); not {data}-old/b\n"},
+        {"output_type": "display_data", "metadata": {}, "data": {"text/html": table.replace("81dfa", "0c9e2")}},
+        {"output_type": "display_data", "metadata": {}, "data": {"text/html": table + " T_81dfa"}}]}]}
+    stream, first, second = tidy(make_static(nb, root=root, data_dir=str(data)))["cells"][0]["outputs"]
+    assert stream["text"] == ("using the offline copy $QLORA_DATA_DIR/alpaca/a.json (data folder $QLORA_DATA_DIR); "
+                              "not ../shared/data-old/b\n")
+    assert first["data"]["text/html"] == table.replace("81dfa", "1")  # the first table of the page: T_1
+    assert second["data"]["text/html"] == table.replace("81dfa", "2") + " T_2"
+    unset = make_static({"metadata": {}, "cells": [{"cell_type": "markdown", "source": f"{data}/x"}]}, root=root)
+    assert unset["cells"][0]["source"] == "../shared/data/x"  # no data_dir given: a folder beside the project
+
+
 # --- pages from a small executed notebook ---------------------------------------------------------
 
 _CELLS = [
@@ -153,7 +172,7 @@ def test_pages_github_renders_are_clean_titled_linked_and_illustrated(executed, 
 def test_readme_results_come_from_the_reports_and_disagreements_are_found(tmp_path):
     import json
 
-    from qlora_helpers.docs import fill_readme, readme_disagreements, results_digest
+    from qlora_helpers.readme import fill_readme, readme_disagreements, results_digest
     from qlora_helpers.runs import RunFolder
 
     folder = RunFolder(tmp_path)
@@ -174,13 +193,35 @@ def test_readme_results_come_from_the_reports_and_disagreements_are_found(tmp_pa
     with pytest.raises(QLoraError, match="quotes rouge_tuned"):
         fill_readme("<!-- r:rouge_tuned -->0<!-- /r -->", results)
     # after 04b, 05's "tuned" is SFT+DPO: the README's SFT ROUGE-L comes from its three-way table
-    summary = {"summary": {"ROUGE-L F1": {"base": 0.2, "tuned": 0.25}}}
+    metrics = ("ROUGE-L F1", "clean stop", "repetition", "length gap")
+    summary = {"summary": {m: {"base": 0.2, "tuned": 0.25} for m in metrics},
+               "differences": [{"metric": m, "low": -0.2, "high": -0.1} for m in metrics]}
     folder.eval_report.write_text(json.dumps(summary))
     assert results_digest(folder)["rouge_tuned"]["text"] == "0.250"
     folder.eval_report.write_text(json.dumps({**summary, "three_way": {"answers": {"means": {
         "sft": {"ROUGE-L F1": 0.274}, "sft+dpo": {"ROUGE-L F1": 0.25}}}}}))
     tuned = results_digest(folder)["rouge_tuned"]
     assert tuned["text"] == "0.274" and tuned["key"] == "three_way.answers.means.sft.ROUGE-L F1"
+    # the answer metrics' intervals: a row of a list, picked by its fields; base -> SFT before base -> tuned
+    row = {"metric": "clean stop", "low": 0.15625, "high": 0.3516}
+    plain = {"summary": {m: {"base": 0.5, "tuned": 0.8} for m in metrics},
+             "differences": summary["differences"][:1] + [{**row, "low": 0.01}] + summary["differences"][2:]}
+    folder.eval_report.write_text(json.dumps(plain))
+    digest = results_digest(folder)
+    assert digest["clean_stop_interval"]["text"] == "[+0.010, +0.352]"
+    assert digest["clean_stop_interval"]["key"] == "differences[metric=clean stop]"
+    assert digest["repetition_tuned"]["text"] == "0.800" and digest["rouge_interval"]["text"] == "[-0.200, -0.100]"
+    three = {"answers": {"means": {"sft": {"clean stop": 0.82}}, "differences": [
+        {**row, "step": "sft -> sft+dpo", "low": -0.5}, {**row, "step": "base -> sft"}]}}
+    folder.eval_report.write_text(json.dumps({**plain, "three_way": three}))
+    digest = results_digest(folder)
+    assert digest["clean_stop_interval"]["text"] == "[+0.156, +0.352]"
+    assert digest["clean_stop_tuned"]["text"] == "0.820" and digest["repetition_tuned"]["text"] == "0.800"
+    plain["differences"] = [r for r in plain["differences"] if r["metric"] != "ROUGE-L F1"]
+    folder.eval_report.write_text(json.dumps({**plain, "three_way": three}))
+    with pytest.raises(QLoraError, match=r"eval.json has no 'three_way.answers.differences\[step=base -> sft\]"
+                                         r"\[metric=ROUGE-L F1\]' or 'differences\[metric=ROUGE-L F1\]'"):
+        results_digest(folder)  # no ROUGE-L row in either list
     folder.eval_report.write_text(json.dumps({"summary": {}}))
     with pytest.raises(QLoraError, match="eval.json has no 'summary.ROUGE-L F1.base'"):
         results_digest(folder)
@@ -190,8 +231,8 @@ def test_the_committed_readme_agrees_with_the_committed_results():
     """README.md's quoted numbers are the docs build's (docs/results.json, from the run's reports)."""
     import json
 
-    from qlora_helpers.docs import readme_disagreements
     from qlora_helpers.paths import PROJECT_ROOT
+    from qlora_helpers.readme import readme_disagreements
 
     results = json.loads((PROJECT_ROOT / "docs" / "results.json").read_text())
     readme = (PROJECT_ROOT / "README.md").read_text()
@@ -200,8 +241,8 @@ def test_the_committed_readme_agrees_with_the_committed_results():
 
 def test_colab_links_are_generated_from_the_one_repository_url():
     from qlora_helpers.bootstrap import repository_url
-    from qlora_helpers.docs import colab_links
     from qlora_helpers.paths import PROJECT_ROOT
+    from qlora_helpers.readme import colab_links
 
     links = colab_links(repository_url(PROJECT_ROOT))
     assert links in (PROJECT_ROOT / "README.md").read_text(), "run python -m qlora_helpers.docs --sync-links"
