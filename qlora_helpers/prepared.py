@@ -183,10 +183,13 @@ def prepare_data(data_cfg: DataConfig, tokenizer, max_length: int, micro_batch_s
                  folder: RunFolder | None = None) -> PreparedData:
     """The stage: examples, split, report; saved in the run folder and reused when unchanged."""
     data_cfg, fallback = training_sources(data_cfg)
+    fingerprint = data_fingerprint(data_cfg, tokenizer, max_length)
+    reuse = folder is not None and prepared_fingerprint(folder) == fingerprint
+    if folder is not None and not reuse:
+        keep_trained_data(folder, fallback)
     if fallback:
         print(builtin_notice(fallback))
-    fingerprint = data_fingerprint(data_cfg, tokenizer, max_length)
-    if folder is not None and prepared_fingerprint(folder) == fingerprint:
+    if reuse:
         cached = load_prepared(folder)
         cached.reused = True
         return cached
@@ -217,6 +220,24 @@ def prepare_data(data_cfg: DataConfig, tokenizer, max_length: int, micro_batch_s
     if folder is not None:
         save_prepared(prepared, folder)
     return prepared
+
+
+def keep_trained_data(folder: RunFolder, fallback: str | None) -> None:
+    """Once 04 has trained on a run's saved sets (a checkpoint or the adapter exists), other data never
+    replaces them: 05 would score the adapter on examples it was not trained for, and a resumed run
+    would train on a mix. Rerunning 02 or 03 where the sources resolve differently (no data folder
+    set, so the built-in data stands in; another data folder; edited files) is an error that says so."""
+    if prepared_fingerprint(folder) is None or not (folder.checkpoints_dir.is_dir() or folder.has_adapter):
+        return
+    saved = read_json(folder.data_report)
+    was = "; ".join(f"{name} from {part.get('origin')}" for name, part in saved.get("sources", {}).items())
+    now = (f"the built-in data, because {fallback}" if fallback else
+           "the configured sources as they resolve now (another data folder, or files that changed since)")
+    raise DataError(f"{folder.data_dir} holds the sets this run's adapter was trained on ({was}), but the run's "
+                    f"settings now give other data: {now}. Replacing them would leave 05 scoring the adapter on "
+                    f"examples it was not trained for. Give the run the data it had (the same QLORA_DATA_DIR or "
+                    f"data.data_dir, the same files), or start a new run (a new run name in 01, or --run-name; or "
+                    f"delete {folder.path} to start this one over).")
 
 
 def prepared_fingerprint(folder: RunFolder) -> str | None:
@@ -254,7 +275,8 @@ def heldout_pairs(run, n: int, tokenizer=None) -> list[tuple[str, str]]:
 
     Stage 02 runs before 03 in the pipeline: when the saved sets are missing or stale (another
     fingerprint) this prepares them with 03's own function, once, so 02 and 03 score the same
-    examples and 03 then reuses them instead of tokenizing again."""
+    examples and 03 then reuses them instead of tokenizing again (stale sets that 04 trained on are an
+    error instead: `keep_trained_data`)."""
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(run.cfg.model)
     cfg = run.cfg
     if prepared_fingerprint(run) != data_fingerprint(cfg.data, tokenizer, cfg.model.max_seq_length):

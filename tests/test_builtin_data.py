@@ -166,3 +166,43 @@ def test_prepare_data_records_the_fallback(offline, tmp_path, embedded_dir, caps
     assert report["eval"] == 40 and report["train"] == builtin_data.RECORDS - 40
     assert capsys.readouterr().out.count("Training on the project's built-in data instead") == 1
     assert all(e["response"] for e in prepared.eval)
+
+
+def test_the_sets_an_adapter_was_trained_on_are_never_replaced_by_other_data(offline, tmp_path, embedded_dir):
+    # rerunning 02 or 03 in a shell without QLORA_DATA_DIR once resolved the hub source to the built-in data
+    # and replaced the run's saved sets, so 05 then scored an Alpaca-trained adapter on other examples
+    from qlora_helpers.errors import DataError
+    from qlora_helpers.models import load_tokenizer
+    from qlora_helpers.runs import RunFolder
+
+    tok = load_tokenizer(load_config("default").model)
+    rows = json.loads((ASSETS / "instructions.json").read_text())
+    data = tmp_path / "data"
+    (data / "alpaca").mkdir(parents=True)
+    (data / "alpaca" / "alpaca_5000.json").write_text(json.dumps(rows))
+    (data / "mine.json").write_text(json.dumps(rows))
+    hub = load_config("default", [f"data.data_dir={data}", "data.eval_size=8"]).data
+    folder = RunFolder(tmp_path / "run")
+    assert prepare_data(hub, tok, 256, 4, folder=folder).report["builtin_fallback"] is None
+    folder.checkpoints_dir.mkdir(parents=True)  # 04 has started on these sets
+    assert prepare_data(hub, tok, 256, 4, folder=folder).reused  # the same data: reused, as always
+    unset = load_config("default", ["data.eval_size=8"]).data  # a shell without QLORA_DATA_DIR
+    with pytest.raises(DataError, match=rf"(?s){folder.data_dir} holds the sets this run's adapter was trained on "
+                                        rf"\(tatsu-lab/alpaca from {data}/alpaca/alpaca_5000.json\).*the built-in "
+                                        r"data, because hub dataset 'tatsu-lab/alpaca' is unreachable.*QLORA_DATA_DIR"
+                                        r".*start a new run"):
+        prepare_data(unset, tok, 256, 4, folder=folder)
+    assert json.loads(folder.data_report.read_text())["builtin_fallback"] is None  # still the trained-on sets
+    # a data file edited: before training the sets follow it; after, the same refusal
+    mine = load_config("default", [f"data.data_dir={data}", "data.eval_size=8",
+                                   "data.sources=[{path: mine.json}]"]).data
+    other = RunFolder(tmp_path / "other")
+    prepare_data(mine, tok, 256, 4, folder=other)
+    (data / "mine.json").write_text(json.dumps(rows[:60]))
+    assert prepare_data(mine, tok, 256, 4, folder=other).report["kept"] == 60
+    (other.adapter_dir / "adapter_config.json").parent.mkdir()
+    (other.adapter_dir / "adapter_config.json").write_text("{}")  # 04 has finished
+    (data / "mine.json").write_text(json.dumps(rows[:50]))
+    with pytest.raises(DataError, match="files that changed since"):
+        prepare_data(mine, tok, 256, 4, folder=other)
+    assert json.loads(other.data_report.read_text())["kept"] == 60
