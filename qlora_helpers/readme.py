@@ -20,6 +20,8 @@ from .runs import NOTEBOOK_DIR, RunFolder
 # key: (report, path inside it, format). The README quotes these between <!-- r:key --> markers. A path may
 # be a tuple of alternatives, the first the report has wins: `rouge_tuned` is the SFT adapter's ROUGE-L,
 # from 05's three-way table when 04b ran (05's "tuned" is then SFT+DPO), from its summary when not.
+ANSWER_METRICS = (("clean_stop", "clean stop"), ("repetition", "repetition"), ("length_gap", "length gap"),
+                  ("rouge", "ROUGE-L F1"))  # (README key, 05's metric name)
 RESULTS = {
     "perplexity_ratio": ("quantization_report", "perplexity_ratio_4bit_vs_full", "x{:.2f}"),
     "train_minutes": ("train_log", "summary.train_seconds", "minutes"),
@@ -30,15 +32,13 @@ RESULTS = {
     "rouge_base": ("eval_report", "summary.ROUGE-L F1.base", "{:.3f}"),
     "rouge_tuned": ("eval_report", ("three_way.answers.means.sft.ROUGE-L F1", "summary.ROUGE-L F1.tuned"), "{:.3f}"),
     # 05's answer metrics, base -> SFT (after 04b, 05's "tuned" is SFT+DPO: SFT is in its three-way table),
-    # each mean and its paired 95% interval (a row of a list, picked by [field=value])
+    # each mean (ROUGE-L's above) and its paired 95% interval (a row of a list, picked by [field=value])
     **{f"{slug}_{side}": ("eval_report", ((f"three_way.answers.means.sft.{metric}",) if side == "tuned" else ())
                           + (f"summary.{metric}.{side}",), "{:.3f}")
-       for slug, metric in (("clean_stop", "clean stop"), ("repetition", "repetition"), ("length_gap", "length gap"))
-       for side in ("base", "tuned")},
+       for slug, metric in ANSWER_METRICS if slug != "rouge" for side in ("base", "tuned")},
     **{f"{slug}_interval": ("eval_report", (f"three_way.answers.differences[step=base -> sft][metric={metric}]",
                                             f"differences[metric={metric}]"), "interval")
-       for slug, metric in (("clean_stop", "clean stop"), ("repetition", "repetition"), ("length_gap", "length gap"),
-                            ("rouge", "ROUGE-L F1"))},
+       for slug, metric in ANSWER_METRICS},
     "dpo_pairs": ("preference_report", "accuracy.difference.n", "{:,}"),
     "dpo_accuracy_sft": ("preference_report", "accuracy.before", "{:.3f}"),
     "dpo_accuracy_dpo": ("preference_report", "accuracy.after", "{:.3f}"),
@@ -57,12 +57,14 @@ def _format(value: Any, fmt: str) -> str:
 def results_digest(folder: RunFolder) -> dict[str, dict[str, Any]]:
     """The numbers the README quotes, each with the report file and key it comes from. Reports a run
     has not written are left out; a report without the key is an error naming both."""
-    out = {}
+    out, reports = {}, {}
     for key, (report, paths, fmt) in RESULTS.items():
         path = getattr(folder, report)
         if not path.is_file():
             continue
-        data, paths = read_json(path), (paths,) if isinstance(paths, str) else paths
+        if report not in reports:  # each report read once (eval.json holds every answer: hundreds of KB)
+            reports[report] = read_json(path)
+        data, paths = reports[report], (paths,) if isinstance(paths, str) else paths
         found = next(((dotted, value) for dotted in paths if (value := _lookup(data, dotted)) is not _MISSING), None)
         if found is None:
             raise QLoraError(f"{path.name} has no {' or '.join(map(repr, paths))} (wanted for the README's {key!r}): "
@@ -74,8 +76,6 @@ def results_digest(folder: RunFolder) -> dict[str, dict[str, Any]]:
 
 
 _MISSING = object()
-
-
 _SELECTOR = re.compile(r"\[([^=\]]+)=([^\]]*)\]")
 
 

@@ -73,7 +73,7 @@ def test_the_machines_project_folder_is_cut_from_sources_and_outputs(tmp_path):
 def test_the_offline_data_folder_reads_as_its_setting_and_styler_ids_as_page_order(tmp_path):
     from qlora_helpers.docs import tidy
 
-    root, data = tmp_path / "qlora-notebooks", tmp_path / "shared" / "data"
+    root, data = tmp_path / "qlora-notebooks", tmp_path / "datasets" / "offline"
     table = '<style>#T_81dfa_row0_col0 {color: red}</style><table id="T_81dfa"><td id="T_81dfa_row0_col0">'
     nb = {"metadata": {}, "cells": [{"cell_type": "code", "source": "", "outputs": [
         {"output_type": "stream", "name": "stdout",
@@ -82,11 +82,11 @@ def test_the_offline_data_folder_reads_as_its_setting_and_styler_ids_as_page_ord
         {"output_type": "display_data", "metadata": {}, "data": {"text/html": table + " T_81dfa"}}]}]}
     stream, first, second = tidy(make_static(nb, root=root, data_dir=str(data)))["cells"][0]["outputs"]
     assert stream["text"] == ("using the offline copy $QLORA_DATA_DIR/alpaca/a.json (data folder $QLORA_DATA_DIR); "
-                              "not ../shared/data-old/b\n")
+                              "not ../datasets/offline-old/b\n")
     assert first["data"]["text/html"] == table.replace("81dfa", "1")  # the first table of the page: T_1
     assert second["data"]["text/html"] == table.replace("81dfa", "2") + " T_2"
     unset = make_static({"metadata": {}, "cells": [{"cell_type": "markdown", "source": f"{data}/x"}]}, root=root)
-    assert unset["cells"][0]["source"] == "../shared/data/x"  # no data_dir given: a folder beside the project
+    assert unset["cells"][0]["source"] == "../datasets/offline/x"  # no data_dir given: a folder beside the project
 
 
 # --- pages from a small executed notebook ---------------------------------------------------------
