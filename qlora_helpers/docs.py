@@ -293,7 +293,9 @@ li{{margin-bottom:1rem}} a{{font-weight:600}} .meta{{color:#666;font-size:.9rem}
 INTRO = ("Fine-tuning a causal language model with QLoRA (4-bit NF4 base weights + LoRA adapters), one notebook "
          "per step, shown with the outputs of one real run on the `{config}` profile (SmolLM2-135M-Instruct on an "
          "Alpaca sample, on a CPU). Read them in order; each step reads what the earlier ones wrote to the run "
-         "folder. To run them yourself, see the project's README.")
+         "folder. A hub dataset the machine could not reach was read from its offline copy in the data folder that "
+         "`QLORA_DATA_DIR` names, printed here as `$QLORA_DATA_DIR`. To run them yourself, see the project's "
+         "README.")
 INTRO_PREFERENCE = (" This run also switched on the optional stage 04b (`--set preference.enabled=true`: DPO on "
                     "preference pairs after 04's supervised fine-tuning), so 05 compares the base, SFT and SFT+DPO "
                     "models and 06 serves the DPO adapter; `make run` leaves 04b off.")
