@@ -204,6 +204,15 @@ REFUSED = [
     ("/completions", {"prompt": "\ud800"}, "prompt"),
     ("/chat/completions", {"messages": [{"role": "user", "content": "a\udfff"}]}, "messages[0].content"),
     ("/completions", {"frobnicate": 1}, "frobnicate"),
+    # digits to str.isdigit() but not to int(): a 500 once
+    ("/completions", {"logit_bias": {"\u00b2": 5}}, "logit_bias"),
+    ("/completions", {"logit_bias": {"--5": 5}}, "logit_bias"),
+    ("/completions", {"logit_bias": {"\u0663": 5}}, "logit_bias"),  # Arabic-Indic 3: was read as token 3
+    # OpenAI's types are strict: a string, a float or a boolean is not an integer
+    ("/completions", {"max_tokens": "5"}, "max_tokens"),
+    ("/completions", {"max_tokens": 5.0}, "max_tokens"),
+    ("/chat/completions", {"max_tokens": True}, "max_tokens"),
+    ("/chat/completions", {"messages": [{"role": "user", "content": []}]}, "messages[0].content"),
 ]
 
 
@@ -237,6 +246,13 @@ def test_framework_errors_chunked_bodies_cors_and_the_request_log(server):
     assert "access-control-allow-origin" not in other.headers
     unauthorised = httpx.get(f"{server.base_url}/models", headers={"Authorization": "Bearer wrong"})
     assert unauthorised.status_code == 401
+    # without the key, the key is what it hears about first, whatever the body (as OpenAI answers)
+    keyless = httpx.post(f"{server.base_url}/completions", content=b"{nope", timeout=60,
+                         headers={"Content-Type": "application/json"})
+    assert keyless.status_code == 401 and keyless.json()["error"]["code"] == "invalid_api_key"
+    as_text = post(server, "/completions", content=json.dumps({"model": "serve", "prompt": "Hi"}).encode(),
+                   headers={"Content-Type": "text/plain"})
+    assert as_text.status_code == 400 and "application/json" in as_text.json()["error"]["message"], as_text.text
     for _ in range(100):  # the server writes its request log line after the response went out
         log = server.log_tail(400)
         if " GET /v1/models 401 " in log:
@@ -295,6 +311,42 @@ def test_an_answer_cut_by_max_tokens_never_ends_in_half_a_character(client, chat
         for max_tokens in (1, 3):
             text, finish = _answer(client, chat, stream, max_tokens=max_tokens, **forced)
             assert "\ufffd" not in text and finish == "length", (stream, max_tokens, text)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_an_answer_that_ends_on_the_end_token_counts_it_as_its_logprobs_do(server, client, run, stream):
+    from qlora_helpers.models import load_tokenizer
+
+    eos = load_tokenizer(run.cfg.model).eos_token_id
+    ask = dict(model="serve", messages=[{"role": "user", "content": "Hi"}], max_tokens=5, temperature=0,
+               logprobs=True, top_logprobs=1, logit_bias={str(eos): 100})
+    if not stream:
+        r = client.chat.completions.create(**ask)
+        assert r.choices[0].message.content == "" and r.choices[0].finish_reason == "stop"
+        assert r.usage.completion_tokens == len(r.choices[0].logprobs.content) == 1
+        return
+    chunks = [c for c in client.chat.completions.create(**ask, stream=True, stream_options={"include_usage": True})]
+    with_logprobs = [c.choices[0] for c in chunks if c.choices and c.choices[0].logprobs]
+    # the end token's logprob comes with the finish, not in a chunk of its own with an empty delta
+    assert len(with_logprobs) == 1 and with_logprobs[0].finish_reason == "stop"
+    assert chunks[-1].usage.completion_tokens == len(with_logprobs[0].logprobs.content) == 1
+
+
+def test_logprob_bytes_join_into_the_text_and_offsets_index_it(run):
+    from qlora_helpers.models import load_tokenizer
+    from qlora_helpers.serve.responses import chat_logprobs, completion_logprobs
+
+    tokenizer = load_tokenizer(run.cfg.model)
+    ids = tokenizer("Emoji: \U0001f984 \u00e9t\u00e9", add_special_tokens=False)["input_ids"]
+    assert any("\ufffd" in tokenizer.decode([t]) for t in ids)  # the unicorn is split over tokens
+    entries = [{"token": t, "logprob": -1.0, "top": [(t, -1.0)]} for t in ids]
+    content = chat_logprobs(tokenizer, entries)["content"]
+    assert b"".join(bytes(e["bytes"]) for e in content).decode("utf-8") == "Emoji: \U0001f984 \u00e9t\u00e9"
+    text = "Emoji: \U0001f984 \u00e9t\u00e9"
+    offsets = completion_logprobs(tokenizer, [None] + entries[1:], ids, 0)["text_offset"]
+    assert offsets == sorted(offsets) and offsets[-1] < len(text)
+    starts = [len(tokenizer.decode(ids[:i])) for i in range(len(ids)) if "\ufffd" not in tokenizer.decode(ids[:i])]
+    assert set(starts) <= set(offsets)  # every token that starts on a character starts at that character
 
 
 def test_a_character_split_over_two_tokens_is_held_back_then_sent_whole(run):
@@ -373,7 +425,7 @@ VALUES = [None, True, False, -1, 0, 1, 2, 3, 2**70, -2**70, 0.5, -3.7, 1e308, fl
           [-3], ["a", "b"], ["a", 1], [{"role": "user", "content": "hi"}], [{"role": "system", "content": "s"}],
           [{"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "image_url"}]}],
           [{"role": "tool", "content": "x"}], [{"role": "user"}], {}, {"type": "text"}, {"type": "json_object"},
-          {"include_usage": True}, {"1": 5}, {"x": [1]}]
+          {"include_usage": True}, {"1": 5}, {"x": [1]}, {"\u00b2": 1}, {"-0": 1}, "5", 5.0]
 
 
 def fuzz_request(rng):

@@ -173,3 +173,37 @@ def test_a_job_whose_prefill_fails_ends_alone_with_an_error(model_and_tokenizer)
         engine.stop()
     assert ended["bad"][0] == "error" and "generation failed" in ended["bad"][1]
     assert ended["good"] == ("done", "length") and good.tokens == alone(model, tokenizer, PROMPTS[0], 6)
+
+
+def sentencepiece_tokenizer():
+    """A LLaMA-2-style fast tokenizer (SentencePiece BPE with byte fallback; its decoder drops the space
+    that starts a text), with a few words: enough to decode what the engine generates."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for word in ("\u2581The", "\u2581capital", "\u2581is", "\u2581Paris", "."):
+        vocab[word] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_a_sentencepiece_answer_keeps_its_first_space_and_its_tokens_bytes():
+    from qlora_helpers.serve.batch import advance
+    from qlora_helpers.serve.responses import token_bytes
+
+    tokenizer = sentencepiece_tokenizer()
+    word = tokenizer.convert_tokens_to_ids
+    prompt = [1, word("\u2581The"), word("\u2581capital"), word("\u2581is")]
+    assert tokenizer.decode([word("\u2581Paris")]) == "Paris"  # alone, the decoder drops the space
+    sent = []
+    row = Job(prompt, 8, lambda kind, payload: sent.append((kind, payload)))
+    unicorn = [word(f"<0x{b:02X}>") for b in "\U0001f984".encode()]
+    for token in [word("\u2581Paris"), word("."), *unicorn, tokenizer.eos_token_id]:
+        advance(row, token, tokenizer, None)
+    assert row.text == " Paris.\U0001f984" and row.finish_reason == "stop" and row.generated == 7
+    assert "".join(p[0] for k, p in sent if k == "text") == " Paris.\U0001f984"
+    assert token_bytes(tokenizer, word("\u2581Paris")) == b" Paris" and token_bytes(tokenizer, unicorn[0]) == b"\xf0"
+    assert b"".join(token_bytes(tokenizer, t) for t in unicorn).decode() == "\U0001f984"

@@ -16,6 +16,7 @@ import dataclasses
 import hmac
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
 from typing import Any, Literal, Optional, Union
@@ -47,7 +48,8 @@ MAX_STOPS = 16  # OpenAI allows 4; lm-eval sends its task's stops plus EOS, vLLM
 
 
 class Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # strict, as OpenAI's API is: "5", 5.0 or true for max_tokens is a 400, not 5 or 1 token (an int is a float)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 class StreamOptions(Body):
@@ -168,7 +170,8 @@ def sampling_params(state: Serving, req: Sampling, copy: int, logprobs: int | No
                     prompt_logprobs: bool = False) -> SamplingParams:
     bias = []
     for key, value in (req.logit_bias or {}).items():
-        if not key.lstrip("-").isdigit() or not 0 <= int(key) < state.vocab or not -100 <= value <= 100:
+        # ASCII digits only: str.isdigit() also passes '²' and '٣', which int() refuses or misreads
+        if not re.fullmatch(r"-?[0-9]+", key) or not 0 <= int(key) < state.vocab or not -100 <= value <= 100:
             raise APIError(400, f"logit_bias takes token ids (0-{state.vocab - 1}) to values in [-100, 100]; "
                            f"got {key[:20]!r}: {value}.", param="logit_bias")
         bias.append((int(key), value))
@@ -211,6 +214,19 @@ def check_key(request: Request) -> None:
     if not hmac.compare_digest(token.encode("utf-8", "replace"), key.encode()):
         raise APIError(401, "Missing or wrong API key: send the header 'Authorization: Bearer <key>'.",
                        code="invalid_api_key")
+
+
+def keyed(handler):
+    """`handler` for a body the route could not read, after the key check: a client without the key learns
+    it needs one (401), as OpenAI answers, whatever its body (FastAPI reads the body before dependencies)."""
+    async def checked(request: Request, exc: Exception):
+        try:
+            check_key(request)
+        except APIError as refused:
+            return refused.response()
+        return await handler(request, exc)
+
+    return checked
 
 
 def check_model(state: Serving, requested: str) -> None:
@@ -389,6 +405,9 @@ def chat_messages(req: ChatRequest) -> list[dict[str, str]]:
                            param=where, code="unsupported_parameter")
         if m.content is None and m.role != "assistant":
             raise APIError(400, f"'{where}.content' is required for role '{m.role}'.", param=f"{where}.content")
+        if isinstance(m.content, list) and not m.content:
+            raise APIError(400, f"'{where}.content' is an empty list of parts; send text or at least one text part.",
+                           param=f"{where}.content")
         parts = [{"type": "text", "text": m.content or ""}] if not isinstance(m.content, list) else m.content
         for j, part in enumerate(parts):
             if part.get("type") != "text" or not isinstance(part.get("text"), str):
@@ -434,7 +453,7 @@ def create_app(engine: BatchEngine, tokenizer, run: Run, api_key: str | None, fo
     app.state.serving = Serving(engine, tokenizer, cfg, model_name(run), context_length(run, engine.model),
                                 run.cfg.data.template, api_key, form, vocab)
     app.add_exception_handler(APIError, lambda request, exc: exc.response())
-    app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(RequestValidationError, keyed(invalid_request))
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, unexpected_error)
     app.include_router(router)

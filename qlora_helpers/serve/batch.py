@@ -17,7 +17,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import re
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -42,11 +44,49 @@ class Job:
     logprobs_sent: int = 0
     prompt_logprobs: list[dict | None] = dataclasses.field(default_factory=list)  # when sampling.prompt_logprobs
     finish_reason: str | None = None
+    ended_on_eos: bool = False  # the end token was generated (it counts in usage, as vLLM counts it)
+    context_text: str | None = None  # the prompt's last tokens decoded, for tokenizers that strip (`decode_new`)
     cancelled: bool = False
     submitted: float = dataclasses.field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     done_at: float | None = None
     generator: torch.Generator | None = None
+
+    @property
+    def generated(self) -> int:
+        """Tokens the model generated for this row: the text's, and the end token if it ended on one
+        (the logprobs have an entry for each, so usage and logprobs agree)."""
+        return len(self.tokens) + self.ended_on_eos
+
+
+_DECODERS: weakref.WeakKeyDictionary[Any, frozenset[str]] = weakref.WeakKeyDictionary()
+
+
+def decoder_types(tokenizer) -> frozenset[str]:
+    """The `type`s in a fast tokenizer's decoder, a Sequence's parts included (empty for others)."""
+    if tokenizer not in _DECODERS:
+        decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+        spec = decoder.__getstate__().decode("utf-8", "replace") if decoder is not None else ""
+        _DECODERS[tokenizer] = frozenset(re.findall(r'"type"\s*:\s*"(\w+)"', spec))
+    return _DECODERS[tokenizer]
+
+
+CONTEXT_TOKENS = 4  # prompt tokens decoded before a row's own (vLLM's incremental detokenizer keeps 5)
+
+
+def decode_new(job: Job, tokenizer) -> str:
+    """The row's text so far. SentencePiece decoders (LLaMA 2, Mistral: a `Strip` or `Metaspace` step)
+    drop the space that starts a text, so " Paris" after "The capital of France is" would read "Paris":
+    the tokens are decoded after the prompt's last few and that context is cut off again."""
+    if not decoder_types(tokenizer) & {"Strip", "Metaspace"}:
+        return tokenizer.decode(job.tokens, skip_special_tokens=True)
+    context = job.prompt_ids[-CONTEXT_TOKENS:]
+    if job.context_text is None:
+        job.context_text = tokenizer.decode(context, skip_special_tokens=True)
+    whole = tokenizer.decode(context + job.tokens, skip_special_tokens=True)
+    if whole.startswith(job.context_text):
+        return whole[len(job.context_text):]
+    return tokenizer.decode(job.tokens, skip_special_tokens=True)
 
 
 def _stop_holdback(text: str, stops: tuple[str, ...]) -> int:
@@ -82,11 +122,14 @@ def advance(job: Job, token: int, tokenizer, entry: dict | None) -> None:
     if job.first_token_at is None:
         job.first_token_at = time.perf_counter()
     if entry is not None:
-        job.logprobs.append(entry)  # the EOS that ends a row too (its logprob matters; vLLM reports it)
+        # the EOS that ends a row too: lm-eval's loglikelihood reads the generated token's entry whatever it
+        # is, and vLLM reports it (and counts it in usage: Job.generated)
+        job.logprobs.append(entry)
     if token == tokenizer.eos_token_id and not job.ignore_eos:
+        job.ended_on_eos = True
         return finish(job, "stop")
     job.tokens.append(token)
-    text = tokenizer.decode(job.tokens, skip_special_tokens=True)
+    text = decode_new(job, tokenizer)
     if text.endswith("\ufffd") and len(job.tokens) < job.max_tokens:
         return  # half of a multi-byte character: wait for the rest
     job.text = text

@@ -151,7 +151,8 @@ class QueueFull(QLoraError):
     """Too many requests are waiting; the client should retry after `retry_after` seconds."""
 
     def __init__(self, waiting: int, retry_after: int):
-        super().__init__(f"The server is busy ({waiting} requests waiting); retry in {retry_after} s.")
+        super().__init__(f"The server is busy ({waiting} generations queued, n per prompt); "
+                         f"retry in {retry_after} s.")
         self.retry_after = retry_after
 
 

@@ -114,7 +114,7 @@ class RequestLog:
             left = state.get("outcome") == "disconnected"
             log.info("request %s %s %s %d prompt_tokens=%d completion_tokens=%d %.3fs%s", state["request_id"],
                      scope["method"], scope["path"], 499 if left else status[0] or 500,
-                     sum(len(j.prompt_ids) for j in prompts), sum(len(j.tokens) for j in jobs),
+                     sum(len(j.prompt_ids) for j in prompts), sum(j.generated for j in jobs),
                      time.perf_counter() - start, " (client disconnected)" if left else "")
 
 
@@ -124,5 +124,9 @@ async def invalid_request(request: Request, exc: RequestValidationError):
         return error_response(400, f"The request body is not valid JSON: {first.get('msg')} "
                               f"(at character {first.get('loc', ['', '?'])[-1]}).", code="invalid_json")
     where = ".".join(str(x) for x in first.get("loc", ())[1:]) or "body"
+    kind = request.headers.get("content-type", "")
+    if where == "body" and not kind.lower().startswith("application/json"):
+        return error_response(400, f"The request body must be JSON sent with 'Content-Type: application/json' "
+                              f"(got {kind[:60]!r}).", code="invalid_content_type")
     extra = " (not an OpenAI field this server knows)" if first.get("type") == "extra_forbidden" else ""
     return error_response(400, f"Invalid field '{where}': {first.get('msg')}{extra}.", param=where)

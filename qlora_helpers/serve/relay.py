@@ -31,7 +31,6 @@ class Events:
 def submit(engine, request: Request, jobs: list[Job], copies: int = 1) -> None:
     """Queue every job of the request (`copies` per prompt: n), or none (503 + Retry-After when the
     queue is full)."""
-    request.state.jobs, request.state.copies = jobs, copies
     if len(jobs) > engine.max_queue:
         raise APIError(400, f"At most {engine.max_queue} prompts x n per request.", param="prompt")
     try:
@@ -42,6 +41,7 @@ def submit(engine, request: Request, jobs: list[Job], copies: int = 1) -> None:
             job.cancelled = True
         raise APIError(503, str(exc), kind="server_error", code="server_busy",
                        headers={"Retry-After": str(exc.retry_after)}) from None
+    request.state.jobs, request.state.copies = jobs, copies  # the log line counts them: only jobs that ran
 
 
 async def collect(request: Request, jobs: list[Job]) -> bool:
@@ -79,11 +79,15 @@ def streamed(request: Request, jobs: list[Job], head, piece, tail: dict | None, 
                 first = head(index, job)
                 if first:
                     yield out.sse(first)
+                held: list[dict] = []  # entries that came without text (the end token's): sent with what follows
                 while True:
-                    if kind == "text":
-                        yield out.sse(piece(index, job, payload[0], payload[1], None))
+                    if kind == "text" and not payload[0]:
+                        held += payload[1]
+                    elif kind == "text":
+                        yield out.sse(piece(index, job, payload[0], held + payload[1], None))
+                        held = []
                     elif kind == "done":
-                        yield out.sse(piece(index, job, "", [], payload))
+                        yield out.sse(piece(index, job, "", held, payload))
                         break
                     else:
                         yield out.sse({"error": {"message": payload, "type": "server_error",
