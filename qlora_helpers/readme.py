@@ -27,6 +27,8 @@ RESULTS = {
     "train_minutes": ("train_log", "summary.train_seconds", "minutes"),
     "train_steps": ("train_log", "summary.steps", "{:,}"),
     "trainable_percent": ("train_log", "summary.parameters.trainable_percent", "{:.2f}%"),
+    "heldout_examples": ("train_log", "summary.eval_examples", "{:,}"),
+    "grad_norms": ("train_log", "log_history[].grad_norm", "range"),
     "heldout_loss_base": ("train_log", "summary.heldout_loss_base", "{:.3f}"),
     "heldout_loss_tuned": ("train_log", "summary.heldout_loss_tuned", "{:.3f}"),
     "rouge_base": ("eval_report", "summary.ROUGE-L F1.base", "{:.3f}"),
@@ -51,6 +53,8 @@ _COLAB = re.compile(r"<!-- colab -->.*?<!-- /colab -->", re.S)
 def _format(value: Any, fmt: str) -> str:
     if fmt == "interval":  # a compare row: its paired 95% interval
         return f"[{value['low']:+.3f}, {value['high']:+.3f}]"
+    if fmt == "range":  # the values of a list's rows
+        return f"between {min(value):.2f} and {max(value):.2f} at all {len(value)}"
     return f"{value / 60:.0f} min" if fmt == "minutes" else fmt.format(value)
 
 
@@ -80,7 +84,13 @@ _SELECTOR = re.compile(r"\[([^=\]]+)=([^\]]*)\]")
 
 
 def _lookup(data: Any, dotted: str) -> Any:
-    """`a.b[field=value][other=value].c`: keys, and in a list the first row whose fields hold those values."""
+    """`a.b[field=value][other=value].c`: keys, and in a list the first row whose fields hold those values;
+    `a[].c`: the `c` of every row of list `a` that has one (missing if none has)."""
+    if "[]." in dotted:
+        head, rest = dotted.split("[].", 1)
+        rows = _lookup(data, head)
+        values = [v for row in rows if (v := _lookup(row, rest)) is not _MISSING] if isinstance(rows, list) else []
+        return values or _MISSING
     for part in dotted.split("."):
         name, selectors = part.split("[", 1)[0], _SELECTOR.findall(part)
         if not isinstance(data, dict) or name not in data:

@@ -178,9 +178,12 @@ def test_readme_results_come_from_the_reports_and_disagreements_are_found(tmp_pa
     folder = RunFolder(tmp_path)
     folder.train_log.write_text(json.dumps({"summary": {
         "train_seconds": 402.5, "steps": 120, "parameters": {"trainable_percent": 0.34567},
-        "heldout_loss_base": 1.98765, "heldout_loss_tuned": 1.5}}))
+        "heldout_loss_base": 1.98765, "heldout_loss_tuned": 1.5, "eval_examples": 32},
+        "log_history": [{"loss": 2.0, "grad_norm": 0.4}, {"eval_loss": 1.9}, {"loss": 1.8, "grad_norm": 1.756}]}))
     results = results_digest(folder)
     assert results["train_minutes"]["text"] == "7 min" and results["heldout_loss_base"]["text"] == "1.988"
+    # every logged step's grad_norm (the eval rows have none)
+    assert results["grad_norms"]["text"] == "between 0.40 and 1.76 at all 2"
     assert "rouge_tuned" not in results  # no eval.json in this run
     readme = "Trained <!-- r:train_steps -->?<!-- /r --> steps, loss <!-- r:heldout_loss_tuned -->x<!-- /r -->."
     filled = fill_readme(readme, results)
