@@ -145,7 +145,7 @@ class TrainConfig:
     packed_tokens: int = _f(16384, "fast path: tokens per micro-batch (whole examples packed into one row); "
                             "micro_batch_size is then 1 such row", low=1)
     memory_budget_gib: float = _f(0.0, "fast path: GPU memory training may use; layers are recomputed only as "
-                                  "far as needed to fit (0 = 90% of what the card has free)", low=0)
+                                  "far as needed to fit (0 = the free memory / 1.15, the allocator's reserve)", low=0)
     fused_kernels: bool = _f(True, "fast path: Liger's fused RMSNorm, RoPE, SwiGLU and linear + cross-entropy "
                              "(when liger-kernel is installed: requirements-gpu.txt, and Triton supports the card)")
     fast_attention: Literal["auto", "varlen", "masked"] = _f(

@@ -295,6 +295,10 @@ UNFUSED_MLP_FACTOR = 3
 # above its 10.8 GiB budget; benchmarks/BENCHMARKS.md, "memory plan").
 LOSS_BYTES_PER_LOGIT = 2 + 4 + 4 + 4
 LOSS_RESERVE = GIB  # the least kept beside the model: optimizer step, workspace, Liger's loss chunks
+# The caching allocator reserves more than it hands out (fragmentation): on the H200 the reserved peak was
+# 8-18% above the allocated one in every setting measured (BENCHMARKS.md), so the tensors may use the
+# card's memory divided by this (plan.py's verdict divides the same way).
+RESERVED_FACTOR = 1.15
 
 
 def activation_bytes(model_config, tokens: int, lora_targets: Any = (), fused: bool = True,
@@ -355,18 +359,20 @@ def decoder_layers(model):
 
 
 def budget_bytes(train_cfg, device) -> int:
-    """train.memory_budget_gib, or 90% of what the card has free plus what this process holds."""
+    """train.memory_budget_gib, or what the card has free plus what this process holds, over the
+    allocator's reserve (RESERVED_FACTOR): the tensors' peak that the card can hold."""
     import torch
 
     if train_cfg.memory_budget_gib > 0:
         return int(train_cfg.memory_budget_gib * GIB)
     free, _ = torch.cuda.mem_get_info(device)
-    return int(0.9 * (free + torch.cuda.memory_allocated(device)))
+    return int((free + torch.cuda.memory_allocated(device)) / RESERVED_FACTOR)
 
 
-def prepare_fast_model(model, train_cfg, device, lora_targets: Any = ()) -> dict[str, Any]:
+def prepare_fast_model(model, train_cfg, device, lora_targets: Any = (), adapter_bytes: int = 0) -> dict[str, Any]:
     """Everything the fast path does to a loaded base before LoRA goes on: varlen attention, fused
-    kernels, frozen base weights kept in their dtype, recomputation planned from the budget."""
+    kernels, frozen base weights kept in their dtype, recomputation planned from the budget beside the
+    base and `adapter_bytes` (the LoRA weights, gradients and optimizer states still to come)."""
     import torch
 
     choice = choose_fast_path(train_cfg, device)
@@ -376,7 +382,7 @@ def prepare_fast_model(model, train_cfg, device, lora_targets: Any = ()) -> dict
     kernels = apply_fused_kernels(model) if choice["fused"] else []
     print(describe_choice(choice, model.dtype))
     plan = plan_recompute(model.config, train_cfg.packed_tokens, budget_bytes(train_cfg, device),
-                          torch.cuda.memory_allocated(device), lora_targets, fused=bool(kernels))
+                          torch.cuda.memory_allocated(device) + adapter_bytes, lora_targets, fused=bool(kernels))
     apply_recompute(model, plan["recompute_layers"])
     if not plan["fits"]:
         print(f"train.packed_tokens={train_cfg.packed_tokens} may not fit the memory budget "

@@ -41,9 +41,7 @@ NESTED_BLOCK = 256  # double quantization: one fp32 absmax per 256 8-bit absmax 
 # What a CUDA process holds outside PyTorch's allocator (context, kernels, cuBLAS workspace): counted
 # when deciding whether the plan fits a card, not in the peaks (which match max_memory_allocated).
 CUDA_CONTEXT_GIB = 0.6
-# The caching allocator reserves more than it hands out (fragmentation): on the H200 the reserved peak
-# was 8-18% above the allocated one in every setting measured, so a card needs the peak x this.
-RESERVED_FACTOR = 1.15
+RESERVED_FACTOR = fastpath.RESERVED_FACTOR  # a card needs the peak x this (the allocator's reserve)
 EMBEDDED_VOCAB = 49152  # the SmolLM2 tokenizer that the embedded and the random:<shape> models use
 
 # Shapes of models a profile names, for users who have not downloaded them yet (config.json values).
@@ -206,21 +204,25 @@ def loss_bytes(shape: Shape, tokens: int, fused: bool) -> int:
 
 
 def budget_bytes(cfg: Config, gpu_gib: float) -> int:
-    """train.memory_budget_gib, or what fastpath.budget_bytes gives on an empty card of `gpu_gib`."""
+    """train.memory_budget_gib, or what fastpath.budget_bytes gives on an empty card of `gpu_gib`: a
+    plan within it is one `fits` accepts."""
     if cfg.train.memory_budget_gib > 0:
         return int(cfg.train.memory_budget_gib * GIB)
-    return int(0.9 * (gpu_gib - CUDA_CONTEXT_GIB) * GIB)
+    return int((gpu_gib - CUDA_CONTEXT_GIB) * GIB / RESERVED_FACTOR)
 
 
-def activation_plan(cfg: Config, shape: Shape, weights: int, gpu_gib: float) -> dict[str, Any]:
-    """Tokens per micro-batch, the layers recomputed, the bytes kept and the transient peak on top."""
+def activation_plan(cfg: Config, shape: Shape, weights: int, gpu_gib: float,
+                    recompute: int | None = None) -> dict[str, Any]:
+    """Tokens per micro-batch, the layers recomputed (the fast path's own choice, unless `recompute`
+    gives it: a measured run's), the bytes kept and the transient peak on top."""
     targets, fast = cfg.lora.target_modules, fast_path_runs(cfg)
     fused = fast and cfg.train.fused_kernels
     if fast:
         tokens = cfg.train.packed_tokens
         # the same call as training, with the factors of the kernels that run
-        recompute = fastpath.plan_recompute(_as_config(shape), tokens, budget_bytes(cfg, gpu_gib),
-                                            weights, lora_targets(shape, targets), fused)["recompute_layers"]
+        if recompute is None:
+            recompute = fastpath.plan_recompute(_as_config(shape), tokens, budget_bytes(cfg, gpu_gib),
+                                                weights, lora_targets(shape, targets), fused)["recompute_layers"]
         hidden_bytes = 2
     else:
         tokens = cfg.train.micro_batch_size * cfg.model.max_seq_length  # padded to the longest row
@@ -234,14 +236,14 @@ def activation_plan(cfg: Config, shape: Shape, weights: int, gpu_gib: float) -> 
             "layers": shape.layers, "stored": stored, "transient": transient}
 
 
-def training_plan(cfg: Config, shape: Shape, gpu_gib: float) -> dict[str, Any]:
-    """Peak GPU memory of one training process, by part, in bytes."""
+def training_plan(cfg: Config, shape: Shape, gpu_gib: float, recompute: int | None = None) -> dict[str, Any]:
+    """Peak GPU memory of one training process, by part, in bytes (`recompute`: see activation_plan)."""
     fast = fast_path_runs(cfg)
     upcast = cfg.quant.load_in_4bit and not fast  # peft's prepare_model_for_kbit_training
     float_bytes = 4 if upcast else dtype_bytes(compute_dtype(cfg))
     parts = {**weight_bytes(cfg, shape, float_bytes), **adapter_bytes(cfg, shape)}
-    weights = sum(v for k, v in parts.items() if not k.startswith(("LoRA", "optimizer")))
-    acts = activation_plan(cfg, shape, weights, gpu_gib)
+    # what is allocated beside the activations: the base and the adapters' weights, gradients and states
+    acts = activation_plan(cfg, shape, sum(parts.values()), gpu_gib, recompute)
     parts[f"activations ({acts['recompute_layers']} of {acts['layers']} layers recomputed)"] = acts["stored"]
     parts["logits / loss or a recomputed layer (transient)"] = acts["transient"]
     return {"parts": parts, "peak": sum(parts.values()), "activations": acts}

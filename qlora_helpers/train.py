@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from transformers import TrainingArguments
 
-from . import fastpath
+from . import fastpath, plan
 from .adapter import gather_fsdp_adapter, save_adapter
 from .batching import collate_packed, pack_examples
 from .config import Config
@@ -88,6 +88,16 @@ def kbit_preparation(cfg: Config, device: str) -> bool:
     return cfg.quant.load_in_4bit and not fsdp_active(cfg) and not fastpath.fast_path_active(cfg.train, device)
 
 
+def adapter_state_bytes(cfg: Config, model) -> int:
+    """The LoRA weights, gradients and optimizer states still to come (plan.adapter_bytes), which the fast
+    path's recomputation plan counts beside the base; 0 for a config without the LLaMA family's sizes."""
+    try:
+        shape = plan.shape_from_config(model.config.to_dict())
+    except KeyError:
+        return 0
+    return sum(plan.adapter_bytes(cfg, shape).values())
+
+
 def prepare_base(cfg: Config, model, device: str):
     """(model, fast_path): the loaded base made ready for adapters. A 4-bit base on the plain path gets
     `prepare_model_for_kbit_training` exactly as notebook 04 calls it; FSDP keeps one dtype and no
@@ -102,7 +112,8 @@ def prepare_base(cfg: Config, model, device: str):
         return prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing,
                                                gradient_checkpointing_kwargs=GC_KWARGS), None
     if fastpath.fast_path_active(cfg.train, device) and not fsdp_active(cfg):
-        return model, fastpath.prepare_fast_model(model, cfg.train, device, cfg.lora.target_modules)
+        return model, fastpath.prepare_fast_model(model, cfg.train, device, cfg.lora.target_modules,
+                                                  adapter_state_bytes(cfg, model))
     for p in model.parameters():
         p.requires_grad_(False)
     if cfg.train.gradient_checkpointing:
