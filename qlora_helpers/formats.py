@@ -71,6 +71,8 @@ def _text_field(row: dict[str, Any], name: str, required: bool = True) -> str:
 
 def normalize_row(row: Any, fmt: str) -> dict[str, Any]:
     """One row as {'kind': 'alpaca'|'raw'|'chat', ...}, or RowProblem."""
+    if isinstance(row, RowProblem):  # found while reading the file (`sources.read_records`)
+        raise row
     if not isinstance(row, dict):
         raise RowProblem("not_a_record", f"row is {type(row).__name__}, not an object")
     if fmt == "alpaca":

@@ -1,0 +1,94 @@
+"""Stage 03's reading of data files and its errors: what a file holds reaches training unchanged, and a
+file or setting that cannot work says what is wrong and what to do (tests/test_data.py has the rest)."""
+
+import csv
+import json
+
+import pytest
+
+from qlora_helpers.config import DataConfig, SourceConfig, load_config
+from qlora_helpers.errors import DataError
+from qlora_helpers.prepared import prepare_data
+from qlora_helpers.sources import load_table, read_records
+
+
+@pytest.fixture(scope="module")
+def tok(embedded_dir):
+    from qlora_helpers.models import load_tokenizer
+
+    return load_tokenizer(load_config("default").model)
+
+
+def _cfg(tmp_path, *sources, **kw):
+    return DataConfig(data_dir=str(tmp_path), sources=list(sources), **kw)
+
+
+def _write_json(path, rows):
+    path.write_text(json.dumps(rows))
+    return path
+
+
+ROWS = [{"instruction": f"Say the number {i}.", "input": "", "output": f"{i}"} for i in range(40)]
+
+
+# --- CSV -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("line_end", ["\n", "\r\n"])
+def test_csv_quoted_fields_keep_their_line_breaks_and_line_numbers_stay_right(tmp_path, line_end):
+    path = tmp_path / "multi.csv"
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh, lineterminator=line_end)
+        writer.writerow(["instruction", "output"])
+        writer.writerow(["first line\nsecond line", "one\n\nthree"])
+        writer.writerow(["plain", "row"])
+        writer.writerow(["a", "b", "extra"])
+    rows = read_records(path)
+    assert rows[0] == {"instruction": "first line\nsecond line", "output": "one\n\nthree"}
+    assert rows[1] == {"instruction": "plain", "output": "row"}
+    # the header is line 1, the first row lines 2-5, the second line 6: the bad row is row 3 on line 7
+    assert str(rows[2]) == "row 3 (line 7) has 3 field(s), the header has 2"
+
+
+def test_csv_unreadable_row_names_the_line_it_starts_on(tmp_path):
+    path = tmp_path / "unclosed.csv"
+    path.write_text('instruction,output\n"two\nlines",ok\nfine,row\n"never closed,' + "x" * 200_000 + "\n")
+    with pytest.raises(DataError, match=r"unclosed.csv, the row starting at line 5: not readable as CSV.*"
+                                        r"unclosed quote"):
+        read_records(path)
+
+
+def test_csv_rows_with_more_or_fewer_fields_than_the_header_are_dropped_and_counted(tmp_path, tok):
+    lines = ["instruction,output"] + [f"Say {i}.,{i}" for i in range(10)] + ["Say 10.,10,lost", "Say 11."]
+    (tmp_path / "ragged.csv").write_text("\n".join(lines) + "\n")
+    prepared = prepare_data(_cfg(tmp_path, SourceConfig(path="ragged.csv"), eval_size=2), tok, 256, 4)
+    report = prepared.report
+    assert report["dropped"] == {"wrong_field_count": 2} and report["kept"] == 10
+    details = [e["detail"] for e in report["dropped_examples"]["wrong_field_count"]]
+    assert details == ["row 11 (line 12) has 3 field(s), the header has 2",
+                       "row 12 (line 13) has 1 field(s), the header has 2"]
+    assert not any("lost" in e["response"] or e["response"] is None for e in prepared.train + prepared.eval)
+    # a reader that cannot drop rows (stage 05's tasks) is told which row instead of getting it cut
+    with pytest.raises(DataError, match=r"ragged.csv: row 11 \(line 12\) has 3 field\(s\), the header has 2"):
+        load_table("ragged.csv", _cfg(tmp_path))
+
+
+def test_csv_header_naming_a_column_twice_is_an_error(tmp_path):
+    path = tmp_path / "twice.csv"
+    path.write_text("instruction,output,output\nq,a,b\n")
+    with pytest.raises(DataError, match=r"twice.csv, line 1: the header names the column\(s\) \['output'\] more"):
+        read_records(path)
+
+
+# --- JSONL -----------------------------------------------------------------------------------------
+
+
+def test_jsonl_records_holding_line_separator_characters_load(tmp_path):
+    rows = [{"instruction": "para\u2028graph\u2029end", "output": "next\x85line"},
+            {"instruction": "plain", "output": "row"}]
+    path = tmp_path / "seps.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    assert read_records(path) == rows
+    path.write_text(path.read_text(encoding="utf-8") + '{"bad": \n', encoding="utf-8")
+    with pytest.raises(DataError, match="seps.jsonl, line 3: not valid JSON"):
+        read_records(path)
