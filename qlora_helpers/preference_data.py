@@ -33,7 +33,7 @@ from typing import Any
 from .config import DataConfig, PreferenceConfig, PreferenceSourceConfig
 from .decoding import generate_answers
 from .errors import DataError
-from .formats import EXAMPLES_PER_REASON, RowProblem, map_columns
+from .formats import EXAMPLES_PER_REASON, RowProblem, check_mapped_columns, map_columns, require_rows
 from .prompts import BadConversation, encode_text, render_conversation
 from .sources import DataUnavailable, load_table, looks_like_file
 
@@ -195,6 +195,8 @@ def read_source(src: PreferenceSourceConfig, pref: PreferenceConfig, data_cfg: D
     """The valid pairs of one source, rendered with data.template; the rest counted in `report`."""
     name = source_name(src)
     rows, origin = load_table(src.path, data_cfg, src.split, keep_bad_rows=True)
+    require_rows(rows, origin, "preference.sources")
+    check_mapped_columns(rows, src.columns, origin, "preference.sources[].columns")
     if src.sample is not None:
         rows = [rows[i] for i in sorted(random.Random(pref.seed).sample(range(len(rows)), min(src.sample, len(rows))))]
     rows = [map_columns(r, src.columns) if isinstance(r, dict) else r for r in rows]

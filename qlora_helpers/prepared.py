@@ -21,7 +21,15 @@ from typing import Any
 from .batching import packed_efficiency, padding_efficiency
 from .config import DataConfig, SourceConfig
 from .errors import DataError
-from .formats import EXAMPLES_PER_REASON, RowProblem, detect_format, map_columns, normalize_row
+from .formats import (
+    EXAMPLES_PER_REASON,
+    RowProblem,
+    check_mapped_columns,
+    detect_format,
+    map_columns,
+    normalize_row,
+    require_rows,
+)
 from .models import load_tokenizer
 from .paths import atomic_dir, read_json, write_json_atomic
 from .prompts import BadConversation, encode_pairs, render
@@ -84,10 +92,9 @@ def build_examples(data_cfg: DataConfig, tokenizer, max_length: int) -> tuple[li
         name = _source_name(src)
         if name in tallies:
             raise DataError(f"Two data sources are both called {name!r}; give one a data.sources[].name.")
-        rows, origins[name], drawn[name] = load_source(src, data_cfg)
-        tallies[name] = tally = _Tally(rows=len(rows))
-        rows = [map_columns(r, src.columns) if isinstance(r, dict) else r for r in rows]
-        fmt = formats[name] = detect_format(rows, src, origins[name])
+        rows, origins[name], drawn[name], fmt = _read_source(src, data_cfg)
+        formats[name], tallies[name] = fmt, _Tally(rows=len(rows))
+        tally = tallies[name]
         rendered: list[tuple[int, str, str]] = []
         for row_no, row in enumerate(rows, 1):
             try:
@@ -125,6 +132,16 @@ def build_examples(data_cfg: DataConfig, tokenizer, max_length: int) -> tuple[li
                          for n, t in tallies.items()},
              "dropped_examples": dict(samples)}
     return examples, parts
+
+
+def _read_source(src: SourceConfig, data_cfg: DataConfig) -> tuple[list[Any], str, dict | None, str]:
+    """(rows with the columns mapped, origin, sample record, format) of one source; a source with no
+    rows, or a mapping naming a column it lacks, is an error."""
+    rows, origin, drawn = load_source(src, data_cfg)
+    require_rows(rows, origin)
+    check_mapped_columns(rows, src.columns, origin)
+    rows = [map_columns(r, src.columns) if isinstance(r, dict) else r for r in rows]
+    return rows, origin, drawn, detect_format(rows, src, origin)
 
 
 def mix_and_split(examples: list[dict[str, Any]], data_cfg: DataConfig) -> tuple[list, list, dict[str, Any]]:

@@ -265,6 +265,14 @@ def data_file(ref: str, data_cfg: DataConfig) -> Path:
     path = Path(ref).expanduser()
     if not path.is_absolute():
         path = resolve_data_dir(data_cfg) / path
+    if path.is_dir():
+        found = sorted(str(p.relative_to(path)) for p in (*path.glob("*"), *path.glob("*/*"))
+                       if p.is_file() and looks_like_file(p.name) and not p.name.startswith("."))
+        listing = (f" It holds {len(found)} data file(s) within two levels, e.g. {', '.join(found[:5])}: name "
+                   f"one of them, e.g. {str(Path(ref) / found[0])!r}." if found else
+                   " It holds no .json, .jsonl, .csv or .parquet file within two levels.")
+        raise DataError(f"Data path {path} is a folder (from {ref!r}); a data source is one file (.json, .jsonl, "
+                        f".csv or .parquet), so name the file itself.{listing}")
     if not path.is_file():
         raise DataUnavailable(f"Data file {path} does not exist (from {ref!r}). Check the path and the "
                               f"data directory (QLORA_DATA_DIR or data.data_dir).")

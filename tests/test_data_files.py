@@ -92,3 +92,60 @@ def test_jsonl_records_holding_line_separator_characters_load(tmp_path):
     path.write_text(path.read_text(encoding="utf-8") + '{"bad": \n', encoding="utf-8")
     with pytest.raises(DataError, match="seps.jsonl, line 3: not valid JSON"):
         read_records(path)
+
+
+# --- empty sources, folders, mappings --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "text", "fmt"), [
+    ("empty.jsonl", "", "auto"), ("blank.jsonl", "\n\n", "auto"), ("empty.csv", "", "auto"),
+    ("header.csv", "instruction,output\n", "auto"), ("array.json", "[]", "auto"), ("zero.json", "", "auto"),
+    ("forced.jsonl", "", "alpaca")])
+def test_a_file_without_rows_says_so(tmp_path, tok, name, text, fmt):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(DataError, match=rf"{name} has no rows: the file is empty.*remove it from data.sources"):
+        prepare_data(_cfg(tmp_path, SourceConfig(path=name, format=fmt)), tok, 256, 4)
+
+
+def test_a_folder_as_data_path_says_it_is_a_folder_and_lists_its_files(tmp_path, tok):
+    (tmp_path / "mine" / "sub").mkdir(parents=True)
+    _write_json(tmp_path / "mine" / "sub" / "rows.json", ROWS)
+    (tmp_path / "mine" / "notes.txt").write_text("not data")
+    with pytest.raises(DataError, match=r"mine is a folder .*name the file itself. It holds 1 data file\(s\) "
+                                        r"within two levels, e.g. sub/rows.json"):
+        prepare_data(_cfg(tmp_path, SourceConfig(path=str(tmp_path / "mine"))), tok, 256, 4)
+    (tmp_path / "bare").mkdir()
+    with pytest.raises(DataError, match="bare is a folder .*It holds no .json, .jsonl, .csv or .parquet file"):
+        prepare_data(_cfg(tmp_path, SourceConfig(path="./bare")), tok, 256, 4)
+
+
+def test_a_column_mapping_naming_a_column_the_file_lacks_is_an_error(tmp_path, tok):
+    _write_json(tmp_path / "plain.json", ROWS)
+    src = SourceConfig(path="plain.json", columns={"instruction": "question", "output": "answer"})
+    with pytest.raises(DataError, match=r"plain.json: data.sources\[\].columns maps 'instruction' to the column "
+                                        r"'question', which no row has; its columns are \['input', 'instruction', "
+                                        r"'output'\]"):
+        prepare_data(_cfg(tmp_path, src, eval_size=2), tok, 256, 4)
+
+
+# --- the same rules for 04b's preference pairs -----------------------------------------------------
+
+
+def test_preference_files_follow_the_same_rules(tmp_path, tok):
+    from qlora_helpers.config import PreferenceConfig, PreferenceSourceConfig
+    from qlora_helpers.preference_data import load_preference_sources
+
+    def load(**src):
+        return load_preference_sources(PreferenceConfig(sources=[PreferenceSourceConfig(**src)]), _cfg(tmp_path), tok)
+
+    lines = ["prompt,chosen,rejected", "Say hi.,Hi.,Go away.", 'Say bye.,"Bye,\nfriend.",No.', "Say no.,No.,Yes.,lost"]
+    (tmp_path / "pairs.csv").write_text("\n".join(lines) + "\n")
+    pairs, report = load(path="pairs.csv")
+    assert [p["chosen"] for p in pairs] == ["Hi.", "Bye,\nfriend."]
+    assert report["dropped"] == {"wrong_field_count": 1}
+    with pytest.raises(DataError, match=r"pairs.csv: preference.sources\[\].columns maps 'chosen' to the column "
+                                        r"'preferred', which no row has"):
+        load(path="pairs.csv", columns={"chosen": "preferred"})
+    (tmp_path / "none.jsonl").write_text("")
+    with pytest.raises(DataError, match="none.jsonl has no rows.*remove it from preference.sources"):
+        load(path="none.jsonl")
