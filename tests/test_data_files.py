@@ -128,6 +128,43 @@ def test_a_column_mapping_naming_a_column_the_file_lacks_is_an_error(tmp_path, t
         prepare_data(_cfg(tmp_path, src, eval_size=2), tok, 256, 4)
 
 
+# --- nothing left to train on ----------------------------------------------------------------------
+
+
+def test_no_usable_examples_names_each_files_reasons_with_a_row(tmp_path, tok):
+    _write_json(tmp_path / "blank.json", [{"instruction": f"q{i}", "output": ""} for i in range(40)])
+    _write_json(tmp_path / "odd.json", [{"instruction": "q", "output": 5}] * 3 + [{"output": "x"}])
+    sources = [SourceConfig(path="blank.json"), SourceConfig(path="odd.json")]
+    with pytest.raises(DataError) as err:
+        prepare_data(_cfg(tmp_path, *sources), tok, 256, 4)
+    msg = str(err.value)
+    assert "every row was dropped" in msg
+    assert "blank.json: 40 rows read, 0 kept; dropped: 40 empty_field (row 1: 'output' is empty)" in msg
+    assert ("odd.json: 4 rows read, 0 kept; dropped: 3 not_a_string (row 1: 'output' is int, not text), "
+            "1 missing_field (row 4: no 'instruction')") in msg
+
+
+def test_a_weight_that_rounds_a_source_to_no_rows_says_so(tmp_path, tok):
+    _write_json(tmp_path / "few.json", ROWS)
+    with pytest.raises(DataError, match=r"few.json: weight 0.01 of its 40 usable rows rounds to 0 rows.*weight "
+                                        r"to at least 0.025"):
+        prepare_data(_cfg(tmp_path, SourceConfig(path="few.json", weight=0.01), eval_size=2), tok, 256, 4)
+
+
+def test_eval_size_errors_say_how_many_examples_are_usable_and_what_to_set(tmp_path, tok):
+    _write_json(tmp_path / "same.json", [ROWS[0]] * 40)
+    with pytest.raises(DataError) as err:
+        prepare_data(_cfg(tmp_path, SourceConfig(path="same.json")), tok, 256, 4)
+    msg = str(err.value)
+    assert "Only 1 usable example(s) (40 rows read, 39 dropped: 39 duplicate)" in msg
+    assert "at least 2, one to train on and one to evaluate" in msg and "data.dedupe=false" in msg
+    _write_json(tmp_path / "ten.json", ROWS[:10])
+    with pytest.raises(DataError, match=r"data.eval_size=200 leaves nothing to train on: there are 10 usable "
+                                        r"example\(s\) \(10 rows read, 0 dropped\).*--set data.eval_size=K with K "
+                                        r"from 1 to 9"):
+        prepare_data(_cfg(tmp_path, SourceConfig(path="ten.json")), tok, 256, 4)
+
+
 # --- the same rules for 04b's preference pairs -----------------------------------------------------
 
 
