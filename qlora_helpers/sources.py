@@ -8,6 +8,7 @@ most callers (validation, the unit tests) need neither.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import functools
 import io
@@ -115,8 +116,9 @@ def read_records(path: Path) -> list[Any]:
     try:
         text = raw.decode("utf-8-sig")  # -sig: a leading byte-order mark is not data
     except UnicodeDecodeError as exc:
-        line = raw[:exc.start].count(b"\n") + 1
-        raise DataError(f"{path} is not UTF-8 text (line {line}, byte {exc.start}: {exc.reason}). "
+        at = exc.start + (3 if raw.startswith(codecs.BOM_UTF8) else 0)  # utf-8-sig counts after the mark
+        line = raw[:at].count(b"\n") + 1
+        raise DataError(f"{path} is not UTF-8 text (line {line}, byte {at}: {exc.reason}). "
                         f"Re-save it as UTF-8.") from None
     if suffix == ".csv":
         return _csv_records(path, text)  # untranslated: csv reads line ends itself (quoted ones are data)

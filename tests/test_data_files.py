@@ -94,6 +94,13 @@ def test_jsonl_records_holding_line_separator_characters_load(tmp_path):
         read_records(path)
 
 
+def test_a_non_utf8_byte_after_a_byte_order_mark_names_its_line(tmp_path):
+    path = tmp_path / "marked.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"a": "b"}\n\xe9"}\n')  # the bad byte opens line 2, at byte 14
+    with pytest.raises(DataError, match=r"marked.jsonl is not UTF-8 text \(line 2, byte 14:"):
+        read_records(path)
+
+
 # --- empty sources, folders, mappings --------------------------------------------------------------
 
 
