@@ -41,6 +41,27 @@ def map_columns(row: dict[str, Any], columns: dict[str, str]) -> dict[str, Any]:
     return mapped
 
 
+def require_rows(rows: list[Any], where: str, setting: str = "data.sources") -> None:
+    """A source with no rows at all is an error that says so (not a format that cannot be told)."""
+    if not rows:
+        raise DataError(f"{where} has no rows: the file is empty (or holds only `[]`, or a CSV header line "
+                        f"without rows). Add rows to it, or remove it from {setting}.")
+
+
+def check_mapped_columns(rows: list[Any], columns: dict[str, str], where: str,
+                         setting: str = "data.sources[].columns") -> None:
+    """Every column a `columns:` mapping names must be in the source: a misspelt one is an error, never a
+    mapping silently ignored (which would drop every row as missing a field, or train on the wrong one)."""
+    if not columns:
+        return
+    seen = set().union(*(r.keys() for r in rows if isinstance(r, dict)))
+    for ours, theirs in columns.items():
+        if theirs not in seen:
+            raise DataError(f"{where}: {setting} maps {ours!r} to the column {theirs!r}, which no row has; its "
+                            f"columns are {sorted(map(str, seen)) or '(none)'}. Map {ours!r} to one of those "
+                            f"({{our field: your column}}), or remove that entry.")
+
+
 def detect_format(rows: list[dict[str, Any]], src: SourceConfig, where: str) -> str:
     """The source's format: as configured, or the first whose columns the rows have."""
     if src.format != "auto":
@@ -71,6 +92,8 @@ def _text_field(row: dict[str, Any], name: str, required: bool = True) -> str:
 
 def normalize_row(row: Any, fmt: str) -> dict[str, Any]:
     """One row as {'kind': 'alpaca'|'raw'|'chat', ...}, or RowProblem."""
+    if isinstance(row, RowProblem):  # found while reading the file (`sources.read_records`)
+        raise row
     if not isinstance(row, dict):
         raise RowProblem("not_a_record", f"row is {type(row).__name__}, not an object")
     if fmt == "alpaca":

@@ -33,7 +33,7 @@ from typing import Any
 from .config import DataConfig, PreferenceConfig, PreferenceSourceConfig
 from .decoding import generate_answers
 from .errors import DataError
-from .formats import EXAMPLES_PER_REASON, RowProblem, map_columns
+from .formats import EXAMPLES_PER_REASON, RowProblem, check_mapped_columns, map_columns, require_rows
 from .prompts import BadConversation, encode_text, render_conversation
 from .sources import DataUnavailable, load_table, looks_like_file
 
@@ -121,6 +121,8 @@ def parse_transcript(text: str) -> list[dict[str, str]]:
 
 def normalize_pair(row: Any, layout: str) -> dict[str, Any]:
     """One row as {'messages': the prompt's turns, 'chosen': str, 'rejected': str}, or RowProblem."""
+    if isinstance(row, RowProblem):  # found while reading the file (`sources.read_records`)
+        raise row
     if not isinstance(row, dict):
         raise RowProblem("not_a_record", f"row is {type(row).__name__}, not an object")
     if layout == "prompt_chosen_rejected":
@@ -192,7 +194,9 @@ def read_source(src: PreferenceSourceConfig, pref: PreferenceConfig, data_cfg: D
                 report: _Report) -> list[dict[str, Any]]:
     """The valid pairs of one source, rendered with data.template; the rest counted in `report`."""
     name = source_name(src)
-    rows, origin = load_table(src.path, data_cfg, src.split)
+    rows, origin = load_table(src.path, data_cfg, src.split, keep_bad_rows=True)
+    require_rows(rows, origin, "preference.sources")
+    check_mapped_columns(rows, src.columns, origin, "preference.sources[].columns")
     if src.sample is not None:
         rows = [rows[i] for i in sorted(random.Random(pref.seed).sample(range(len(rows)), min(src.sample, len(rows))))]
     rows = [map_columns(r, src.columns) if isinstance(r, dict) else r for r in rows]

@@ -21,7 +21,15 @@ from typing import Any
 from .batching import packed_efficiency, padding_efficiency
 from .config import DataConfig, SourceConfig
 from .errors import DataError
-from .formats import EXAMPLES_PER_REASON, RowProblem, detect_format, map_columns, normalize_row
+from .formats import (
+    EXAMPLES_PER_REASON,
+    RowProblem,
+    check_mapped_columns,
+    detect_format,
+    map_columns,
+    normalize_row,
+    require_rows,
+)
 from .models import load_tokenizer
 from .paths import atomic_dir, read_json, write_json_atomic
 from .prompts import BadConversation, encode_pairs, render
@@ -49,6 +57,7 @@ class _Tally:
     kept: int = 0
     dropped: Counter = field(default_factory=Counter)
     truncated: int = 0
+    first: dict[str, str] = field(default_factory=dict)  # reason -> its first row, for the no-rows error
 
 
 def _length_stats(values: list[int]) -> dict[str, float]:
@@ -77,6 +86,7 @@ def build_examples(data_cfg: DataConfig, tokenizer, max_length: int) -> tuple[li
 
     def drop(name: str, reason: str, row_no: int, detail: str) -> None:
         tallies[name].dropped[reason] += 1
+        tallies[name].first.setdefault(reason, f"row {row_no}: {detail[:120]}")
         if len(samples[reason]) < EXAMPLES_PER_REASON:
             samples[reason].append({"source": name, "row": row_no, "detail": detail[:300]})
 
@@ -84,10 +94,9 @@ def build_examples(data_cfg: DataConfig, tokenizer, max_length: int) -> tuple[li
         name = _source_name(src)
         if name in tallies:
             raise DataError(f"Two data sources are both called {name!r}; give one a data.sources[].name.")
-        rows, origins[name], drawn[name] = load_source(src, data_cfg)
-        tallies[name] = tally = _Tally(rows=len(rows))
-        rows = [map_columns(r, src.columns) if isinstance(r, dict) else r for r in rows]
-        fmt = formats[name] = detect_format(rows, src, origins[name])
+        rows, origins[name], drawn[name], fmt = _read_source(src, data_cfg)
+        formats[name], tallies[name] = fmt, _Tally(rows=len(rows))
+        tally = tallies[name]
         rendered: list[tuple[int, str, str]] = []
         for row_no, row in enumerate(rows, 1):
             try:
@@ -123,12 +132,24 @@ def build_examples(data_cfg: DataConfig, tokenizer, max_length: int) -> tuple[li
                              "truncated": t.truncated, "dropped": dict(t.dropped),
                              **({"sample": drawn[n]} if drawn[n] else {})}
                          for n, t in tallies.items()},
-             "dropped_examples": dict(samples)}
+             "dropped_examples": dict(samples), "first_dropped": {n: t.first for n, t in tallies.items()}}
     return examples, parts
 
 
-def mix_and_split(examples: list[dict[str, Any]], data_cfg: DataConfig) -> tuple[list, list, dict[str, Any]]:
-    """Subsample sources (weight < 1, max_rows), split off eval by seed, repeat weight > 1 in train."""
+def _read_source(src: SourceConfig, data_cfg: DataConfig) -> tuple[list[Any], str, dict | None, str]:
+    """(rows with the columns mapped, origin, sample record, format) of one source; a source with no
+    rows, or a mapping naming a column it lacks, is an error."""
+    rows, origin, drawn = load_source(src, data_cfg)
+    require_rows(rows, origin)
+    check_mapped_columns(rows, src.columns, origin)
+    rows = [map_columns(r, src.columns) if isinstance(r, dict) else r for r in rows]
+    return rows, origin, drawn, detect_format(rows, src, origin)
+
+
+def mix_and_split(examples: list[dict[str, Any]], data_cfg: DataConfig,
+                  parts: dict[str, Any]) -> tuple[list, list, dict[str, Any]]:
+    """Subsample sources (weight < 1, max_rows), split off eval by seed, repeat weight > 1 in train.
+    `parts`: build_examples' report parts, which the errors quote (rows read, dropped by reason)."""
     rng = random.Random(data_cfg.seed)
     by_source: dict[str, list] = defaultdict(list)
     for e in examples:
@@ -137,16 +158,19 @@ def mix_and_split(examples: list[dict[str, Any]], data_cfg: DataConfig) -> tuple
     for src in data_cfg.sources:
         rows = by_source.get(_source_name(src), [])
         take = round(min(src.weight, 1.0) * len(rows))
+        if rows and take == 0:
+            raise DataError(f"{parts['sources'][_source_name(src)]['origin']}: weight {src.weight} of its "
+                            f"{len(rows)} usable rows rounds to 0 rows, so the source would add nothing. Set its "
+                            f"data.sources[].weight to at least {1 / len(rows):.3g} (1 row), or remove the source.")
         if src.max_rows is not None:
             take = min(take, src.max_rows)
         pool += rows if take >= len(rows) else rng.sample(rows, take)
         repeat[_source_name(src)] = max(src.weight, 1.0)
     if not pool:
-        raise DataError("No usable training examples: every row was dropped (see the reasons above "
-                        "in the data report) or the sources are empty. Fix the data or the column mapping.")
+        raise DataError(f"No usable training examples: every row was dropped. {_drops_by_source(parts)}. Fix "
+                        f"those rows, or map the file's columns with data.sources[].columns.")
     if not 0 < data_cfg.eval_size < len(pool):
-        raise DataError(f"data.eval_size={data_cfg.eval_size} must be between 1 and {len(pool) - 1} "
-                        f"for the {len(pool)} usable examples.")
+        raise DataError(_eval_size_problem(data_cfg.eval_size, len(pool), len(examples), parts))
     order = list(range(len(pool)))
     random.Random(data_cfg.seed).shuffle(order)
     eval_set = [pool[i] for i in sorted(order[:data_cfg.eval_size])]
@@ -159,6 +183,34 @@ def mix_and_split(examples: list[dict[str, Any]], data_cfg: DataConfig) -> tuple
     counts = {"train": dict(Counter(e["source"] for e in boosted)),
               "eval": dict(Counter(e["source"] for e in eval_set))}
     return boosted, eval_set, counts
+
+
+def _drops_by_source(parts: dict[str, Any]) -> str:
+    """Per source: rows read and dropped by reason, each reason with its first row."""
+    said = []
+    for name, s in parts["sources"].items():
+        first = parts["first_dropped"][name]
+        reasons = ", ".join(f"{n} {r} ({first[r]})" for r, n in Counter(s["dropped"]).most_common())
+        said.append(f"{s['origin']}: {s['rows']} rows read, {s['kept']} kept; dropped: {reasons or 'none'}")
+    return "; ".join(said)
+
+
+def _eval_size_problem(eval_size: int, usable: int, kept: int, parts: dict[str, Any]) -> str:
+    """Why data.eval_size cannot be split off the usable examples, and what to set."""
+    read = sum(s["rows"] for s in parts["sources"].values())
+    dropped = Counter()
+    for s in parts["sources"].values():
+        dropped.update(s["dropped"])
+    why = ", ".join(f"{n} {r}" for r, n in dropped.most_common())
+    have = (f"{usable} usable example(s) ({read} rows read, {read - kept} dropped{': ' + why if why else ''}"
+            f"{f'; weights and max_rows keep {usable} of the {kept} kept' if usable < kept else ''})")
+    if usable < 2:
+        fix = f" ({_drops_by_source(parts)})" if dropped else ""
+        return (f"Only {have}: a run needs at least 2, one to train on and one to evaluate. Add rows, or fix "
+                f"the dropped ones{fix}{'; data.dedupe=false keeps duplicates' if dropped['duplicate'] else ''}.")
+    return (f"data.eval_size={eval_size} leaves nothing to train on: there are {have}. Hold out fewer: "
+            f"--set data.eval_size=K with K from 1 to {usable - 1} (e.g. {max(1, usable // 5)}; in a notebook, "
+            f"the same key in the overrides), or add rows.")
 
 
 def data_fingerprint(data_cfg: DataConfig, tokenizer, max_length: int) -> str:
@@ -194,7 +246,7 @@ def prepare_data(data_cfg: DataConfig, tokenizer, max_length: int, micro_batch_s
         cached.reused = True
         return cached
     examples, parts = build_examples(data_cfg, tokenizer, max_length)
-    train, eval_set, counts = mix_and_split(examples, data_cfg)
+    train, eval_set, counts = mix_and_split(examples, data_cfg, parts)
     lengths = [len(e["input_ids"]) for e in train]
     report = {
         "fingerprint": fingerprint,

@@ -8,8 +8,10 @@ most callers (validation, the unit tests) need neither.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import functools
+import io
 import json
 import os
 import random
@@ -23,6 +25,7 @@ from typing import Any
 from . import builtin_data
 from .config import DataConfig, SourceConfig
 from .errors import DataError
+from .formats import RowProblem
 from .paths import PROJECT_ROOT
 
 
@@ -93,8 +96,12 @@ def hub_unreachable() -> str | None:
     return _endpoint_unreachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
 
 
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """Rows of a JSON array, JSONL, CSV or Parquet file; parse errors name the file and position."""
+def read_records(path: Path) -> list[Any]:
+    """Rows of a JSON array, JSONL, CSV or Parquet file; parse errors name the file and position.
+
+    A CSV row whose field count differs from the header's comes back as a `RowProblem` in its place:
+    stages 03 and 04b drop and count it like any other unusable row (`load_table` refuses it for the
+    callers that cannot drop rows)."""
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -103,30 +110,23 @@ def read_records(path: Path) -> list[dict[str, Any]]:
             return pq.read_table(path).to_pylist()
         except Exception as exc:  # pyarrow raises several types for a bad file
             raise DataError(f"{path}: not a readable Parquet file ({exc}).") from None
+    if suffix not in (".json", ".jsonl", ".csv"):
+        raise DataError(f"{path}: unsupported file type {suffix!r}; use .json, .jsonl, .csv or .parquet.")
+    raw = path.read_bytes()
     try:
-        text = path.read_text(encoding="utf-8-sig")  # -sig: a leading byte-order mark is not data
+        text = raw.decode("utf-8-sig")  # -sig: a leading byte-order mark is not data
     except UnicodeDecodeError as exc:
-        line = path.read_bytes()[:exc.start].count(b"\n") + 1
-        raise DataError(f"{path} is not UTF-8 text (line {line}, byte {exc.start}: {exc.reason}). "
+        at = exc.start + (3 if raw.startswith(codecs.BOM_UTF8) else 0)  # utf-8-sig counts after the mark
+        line = raw[:at].count(b"\n") + 1
+        raise DataError(f"{path} is not UTF-8 text (line {line}, byte {at}: {exc.reason}). "
                         f"Re-save it as UTF-8.") from None
     if suffix == ".csv":
-        return [dict(row) for row in csv.DictReader(text.splitlines())]
+        return _csv_records(path, text)  # untranslated: csv reads line ends itself (quoted ones are data)
+    text = text.replace("\r\n", "\n").replace("\r", "\n")  # CRLF and CR line ends, as open() reads them
     if suffix == ".jsonl":
-        rows = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}, line {lineno}: not valid JSON ({exc.msg}, column "
-                                f"{exc.colno}). Fix or delete that line.") from None
-            except RecursionError:
-                raise DataError(f"{path}, line {lineno}: JSON nested too deeply to read (thousands of levels); "
-                                "a record is a flat object of text fields. Fix or delete that line.") from None
-        return rows
-    if suffix != ".json":
-        raise DataError(f"{path}: unsupported file type {suffix!r}; use .json, .jsonl, .csv or .parquet.")
+        return _jsonl_records(path, text)
+    if not text.strip():
+        return []  # no rows: said as such by the caller (`formats.require_rows`), not as a JSON error
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -140,20 +140,77 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _jsonl_records(path: Path, text: str) -> list[Any]:
+    """One JSON value per line. Lines end at \\n only: str.splitlines() would also split at characters
+    JSON strings may hold raw (U+2028, U+2029, \\x85, ...), cutting a valid record in two."""
+    rows = []
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}, line {lineno}: not valid JSON ({exc.msg}, column "
+                            f"{exc.colno}). Fix or delete that line.") from None
+        except RecursionError:
+            raise DataError(f"{path}, line {lineno}: JSON nested too deeply to read (thousands of levels); "
+                            "a record is a flat object of text fields. Fix or delete that line.") from None
+    return rows
+
+
+def _csv_records(path: Path, text: str) -> list[Any]:
+    """Rows of a CSV file as {header column: field}. Read as a stream with newline='' (what the csv
+    module requires), so a quoted field keeps its line breaks; blank lines are skipped. A row with
+    more or fewer fields than the header is a RowProblem in its place, never cut or padded."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    rows: list[Any] = []
+    start = 1
+    try:
+        header = next(reader, None)
+        if header is None:
+            return []
+        if repeated := sorted({c for c in header if header.count(c) > 1}):
+            raise DataError(f"{path}, line 1: the header names the column(s) {repeated} more than once, so "
+                            f"one of each would be lost. Give every column its own name.")
+        start = reader.line_num + 1
+        for fields in reader:
+            if fields and len(fields) != len(header):
+                lines, hint = f"line {start}", ""
+                if reader.line_num > start:
+                    lines = f"lines {start}-{reader.line_num}"
+                    hint = "; a quoted field runs over several lines: is a quote unclosed?"
+                rows.append(RowProblem("wrong_field_count", f"row {len(rows) + 1} ({lines}) has {len(fields)} "
+                                       f"field(s), the header has {len(header)}{hint}"))
+            elif fields:
+                rows.append(dict(zip(header, fields)))
+            start = reader.line_num + 1
+    except csv.Error as exc:
+        raise DataError(f"{path}, the row starting at line {start}: not readable as CSV ({exc}). An unclosed "
+                        f"quote makes the rest of the file one field: check the quotes from that line on.") from None
+    return rows
+
+
 def looks_like_file(text: str) -> bool:
     return text.lower().endswith((".json", ".jsonl", ".csv", ".parquet")) or text.startswith(("/", ".", "~"))
 
 
-def load_table(ref: str, data_cfg: DataConfig, split: str = "train") -> tuple[list[dict[str, Any]], str]:
+def load_table(ref: str, data_cfg: DataConfig, split: str = "train",
+               keep_bad_rows: bool = False) -> tuple[list[Any], str]:
     """(rows, where they came from) for a file (relative: in the data directory), a hub dataset id
-    (from the hub, else its offline copy) or `builtin` (generated). DataUnavailable when not there."""
+    (from the hub, else its offline copy) or `builtin` (generated). DataUnavailable when not there.
+    A row that could not be read (`read_records`) is a RowProblem in the rows with keep_bad_rows (the
+    caller drops and counts it), else an error naming it."""
     if ref == builtin_data.SOURCE:
         return (builtin_data.generate_records(data_cfg.seed),
                 f"built-in: generated by qlora_helpers/builtin_data.py from data.seed={data_cfg.seed}")
     if not looks_like_file(ref):
         return _load_hub(ref, split, data_cfg)
     path = data_file(ref, data_cfg)
-    return read_records(path), str(path)
+    rows = read_records(path)
+    bad = next((r for r in rows if isinstance(r, RowProblem)), None)
+    if bad is not None and not keep_bad_rows:
+        raise DataError(f"{path}: {bad.detail}. Give every row one field per header column.")
+    return rows, str(path)
 
 
 def check_sources(data_cfg: DataConfig) -> str | None:
@@ -210,6 +267,14 @@ def data_file(ref: str, data_cfg: DataConfig) -> Path:
     path = Path(ref).expanduser()
     if not path.is_absolute():
         path = resolve_data_dir(data_cfg) / path
+    if path.is_dir():
+        found = sorted(str(p.relative_to(path)) for p in (*path.glob("*"), *path.glob("*/*"))
+                       if p.is_file() and looks_like_file(p.name) and not p.name.startswith("."))
+        listing = (f" It holds {len(found)} data file(s) within two levels, e.g. {', '.join(found[:5])}: name "
+                   f"one of them, e.g. {str(Path(ref) / found[0])!r}." if found else
+                   " It holds no .json, .jsonl, .csv or .parquet file within two levels.")
+        raise DataError(f"Data path {path} is a folder (from {ref!r}); a data source is one file (.json, .jsonl, "
+                        f".csv or .parquet), so name the file itself.{listing}")
     if not path.is_file():
         raise DataUnavailable(f"Data file {path} does not exist (from {ref!r}). Check the path and the "
                               f"data directory (QLORA_DATA_DIR or data.data_dir).")
@@ -218,7 +283,7 @@ def data_file(ref: str, data_cfg: DataConfig) -> Path:
 
 def load_source(src: SourceConfig, data_cfg: DataConfig) -> tuple[list[dict[str, Any]], str, dict[str, Any] | None]:
     """(rows, origin, sample record) for one training source; `sample: N` draws N rows by data.seed."""
-    rows, origin = load_table(src.path, data_cfg, src.split)
+    rows, origin = load_table(src.path, data_cfg, src.split, keep_bad_rows=True)
     if src.sample is None:
         return rows, origin, None
     chosen = sorted(random.Random(data_cfg.seed).sample(range(len(rows)), min(src.sample, len(rows))))
