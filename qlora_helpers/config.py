@@ -4,7 +4,8 @@
     cfg.train.learning_rate  # 0.0001
 
 Each stage gets its own section (`cfg.model`, `cfg.quant`, ...). Unknown keys, wrong types and
-values outside a field's choices raise `ConfigError` naming the key, the value and what is valid.
+values outside a field's choices raise `ConfigError` naming the key, the value and what is valid
+(`config_checks.py` holds the checks).
 A profile may start with `extends: <profile>` to inherit another profile and change a few keys.
 """
 
@@ -12,9 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import json
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from .config_checks import build_dataclass
 from .errors import ConfigError
 from .paths import PROJECT_ROOT
 
@@ -377,103 +377,6 @@ def load_config(config: str | Path = "default", overrides: typing.Iterable[str] 
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Rebuild (and re-validate) a Config from `Config.to_dict()` output, e.g. a run's config.json."""
     return build_dataclass(Config, data, prefix="")
-
-
-def build_dataclass(cls: type, data: Any, prefix: str) -> Any:
-    where = prefix.rstrip(".") or "the top level"
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where} must be a mapping, got {data!r}.")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    names = list(fields)
-    for key in data:
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"Unknown key '{prefix}{key}' in {where}.{hint} "
-                              f"Valid keys: {', '.join(names)}.")
-    values = {}
-    for name in names:
-        if name not in data:
-            continue
-        key = f"{prefix}{name}"
-        if dataclasses.is_dataclass(hints[name]):
-            values[name] = build_dataclass(hints[name], data[name], prefix=f"{key}.")
-        else:
-            values[name] = _check_value(key, hints[name], data[name])
-            _check_range(key, values[name], fields[name].metadata)
-    return cls(**values)
-
-
-def _check_range(key: str, value: Any, meta: Any) -> None:
-    rng = meta.get("range", {})
-    if not rng or not isinstance(value, (int, float)) or isinstance(value, bool):
-        return
-    wrong = (("low" in rng and value < rng["low"]) or ("gt" in rng and value <= rng["gt"])
-             or ("lt" in rng and value >= rng["lt"]) or (rng.get("nonzero") and value == 0))
-    if wrong:
-        limits = [f">= {rng['low']}" if "low" in rng else None, f"> {rng['gt']}" if "gt" in rng else None,
-                  f"< {rng['lt']}" if "lt" in rng else None, "not 0" if rng.get("nonzero") else None]
-        raise ConfigError(f"'{key}' is {value!r}: it must be {' and '.join(x for x in limits if x)} "
-                          f"({meta['help']}).")
-
-
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return "null"
-    if typing.get_origin(tp) in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if typing.get_origin(tp) is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    if typing.get_origin(tp) is dict:
-        return "a mapping of " + " to ".join(_type_name(a) for a in typing.get_args(tp))
-    return getattr(tp, "__name__", str(tp))
-
-
-def _check_value(key: str, tp: Any, value: Any) -> Any:
-    """Return `value` converted to `tp`, or raise ConfigError naming key, value and what is valid."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        for option in typing.get_args(tp):
-            try:
-                return _check_value(key, option, value)
-            except ConfigError:
-                continue
-    elif origin is Literal:
-        if value in typing.get_args(tp):
-            return value
-    elif origin is list:
-        if isinstance(value, list):
-            item = typing.get_args(tp)[0]
-            if dataclasses.is_dataclass(item):
-                return [build_dataclass(item, v, prefix=f"{key}[{i}].") for i, v in enumerate(value)]
-            return [_check_value(f"{key}[{i}]", item, v) for i, v in enumerate(value)]
-    elif origin is dict:
-        if isinstance(value, dict):
-            k_tp, v_tp = typing.get_args(tp)
-            return {_check_value(key, k_tp, k): _check_value(f"{key}.{k}", v_tp, v) for k, v in value.items()}
-    elif tp is type(None):
-        if value is None:
-            return None
-    elif tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads "1e-4" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif tp is str and isinstance(value, str):
-        return value
-    raise ConfigError(f"{key} = {value!r} is invalid: expected {_type_name(tp)}.")
 
 
 def describe_config(cfg: Config, changed_only: bool = False) -> list[dict[str, Any]]:
