@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from typing import Any, Literal, Union
@@ -44,12 +45,14 @@ def _check_range(key: str, value: Any, meta: Any) -> None:
     rng = meta.get("range", {})
     if not rng or not isinstance(value, (int, float)) or isinstance(value, bool):
         return
-    wrong = (("low" in rng and value < rng["low"]) or ("gt" in rng and value <= rng["gt"])
+    finite = math.isfinite(value)  # NaN compares False with every bound: refused here, not passed
+    wrong = (not finite or ("low" in rng and value < rng["low"]) or ("gt" in rng and value <= rng["gt"])
              or ("lt" in rng and value >= rng["lt"]) or (rng.get("nonzero") and value == 0))
     if wrong:
         limits = [f">= {rng['low']}" if "low" in rng else None, f"> {rng['gt']}" if "gt" in rng else None,
                   f"< {rng['lt']}" if "lt" in rng else None, "not 0" if rng.get("nonzero") else None]
-        raise ConfigError(f"'{key}' is {value!r}: it must be {' and '.join(x for x in limits if x)} "
+        kind = "" if finite else "a finite number "
+        raise ConfigError(f"'{key}' is {value!r}: it must be {kind}{' and '.join(x for x in limits if x)} "
                           f"({meta['help']}).")
 
 

@@ -80,6 +80,21 @@ def test_out_of_range_numbers_name_the_key_and_the_range(override, expected):
     assert expected in str(err.value)
 
 
+@pytest.mark.parametrize("override, expected", [
+    ("train.learning_rate=nan", "'train.learning_rate' is nan: it must be a finite number > 0 (peak learning rate"),
+    ("train.learning_rate=.inf", "'train.learning_rate' is inf: it must be a finite number > 0"),
+    ("lora.dropout=.nan", "'lora.dropout' is nan: it must be a finite number >= 0 and < 1"),
+    ("train.max_grad_norm=inf", "'train.max_grad_norm' is inf: it must be a finite number >= 0"),
+    ("preference.beta=-.inf", "'preference.beta' is -inf: it must be a finite number > 0"),
+    ("data.sources=[{path: a.json, weight: .nan}]", "'data.sources[0].weight' is nan: it must be a finite number"),
+])
+def test_nan_and_infinity_are_refused_where_a_number_has_a_range(override, expected):
+    # NaN compares False with every bound, so a range check alone let it through
+    with pytest.raises(ConfigError) as err:
+        load_config("default", [override])
+    assert expected in str(err.value)
+
+
 def test_range_edges_and_null_are_accepted():
     cfg = load_config("default", ["train.max_steps=-1", "train.eval_samples=0", "lora.dropout=0",
                                   "serve.context_length=null", "eval.gsm8k_samples=0", "serve.port=65535"])
