@@ -407,12 +407,35 @@ def apply_overrides(data: dict[str, Any], overrides: typing.Iterable[str]) -> di
 
 def load_config(config: str | Path = "default", overrides: typing.Iterable[str] = ()) -> Config:
     """Load a profile (name or YAML path), apply dotted overrides, validate, return a frozen Config."""
-    path = resolve_config_path(config)
-    data = apply_overrides(_load_profile(path), list(overrides))
+    path, overrides = resolve_config_path(config), list(overrides)
+    data = apply_overrides(_load_profile(path), overrides)
     try:
         return build_dataclass(Config, data, prefix="")
     except ConfigError as exc:
-        raise ConfigError(f"{path.name}: {exc}") from None
+        raise ConfigError(f"{_origin(exc.key, path, overrides)}: {exc}", key=exc.key) from None
+
+
+def _origin(key: str | None, path: Path, overrides: list[str]) -> str:
+    """Where the value of `key` came from: the last override that sets it (`--set lora.r=0`), else
+    the profile file in the `extends` chain that sets it, else `path`'s name."""
+    keys = key.split("[")[0].split(".") if key else []  # data.sources[0].weight: the list is set whole
+    for text in reversed(overrides if keys else []):
+        set_keys = parse_override(text)[0]
+        if set_keys[:len(keys)] == keys or keys[:len(set_keys)] == set_keys:
+            return f"--set {text}"
+    node: Path | None = path
+    while keys and node is not None:  # _load_profile has read this chain already: it ends
+        data = _read_yaml(node)
+        section: Any = data
+        for part in keys:
+            section = section.get(part, _UNSET) if isinstance(section, dict) else _UNSET
+        if section is not _UNSET:
+            return node.name
+        node = resolve_config_path(data["extends"]) if data.get("extends") is not None else None
+    return path.name
+
+
+_UNSET = object()
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:

@@ -18,7 +18,7 @@ from .errors import ConfigError
 def build_dataclass(cls: type, data: Any, prefix: str) -> Any:
     where = prefix.rstrip(".") or "the top level"
     if not isinstance(data, dict):
-        raise ConfigError(f"{where} must be a mapping, got {data!r}.")
+        raise ConfigError(f"{where} must be a mapping, got {data!r}.", key=prefix.rstrip(".") or None)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     names = list(fields)
@@ -27,7 +27,7 @@ def build_dataclass(cls: type, data: Any, prefix: str) -> Any:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"Unknown key '{prefix}{key}' in {where}.{hint} "
-                              f"Valid keys: {', '.join(names)}.")
+                              f"Valid keys: {', '.join(names)}.", key=f"{prefix}{key}")
     values = {}
     for name in names:
         if name not in data:
@@ -40,7 +40,7 @@ def build_dataclass(cls: type, data: Any, prefix: str) -> Any:
             _check_range(key, values[name], fields[name].metadata)
             problem = fields[name].metadata.get("check", lambda _: None)(values[name])
             if problem:
-                raise ConfigError(f"'{key}' is {data[name]!r}: {problem}.")
+                raise ConfigError(f"'{key}' is {data[name]!r}: {problem}.", key=key)
     return cls(**values)
 
 
@@ -56,7 +56,7 @@ def _check_range(key: str, value: Any, meta: Any) -> None:
                   f"< {rng['lt']}" if "lt" in rng else None, "not 0" if rng.get("nonzero") else None]
         kind = "" if finite else "a finite number "
         raise ConfigError(f"'{key}' is {value!r}: it must be {kind}{' and '.join(x for x in limits if x)} "
-                          f"({meta['help']}).")
+                          f"({meta['help']}).", key=key)
 
 
 def _type_name(tp: Any) -> str:
@@ -114,5 +114,5 @@ def _check_value(key: str, tp: Any, value: Any) -> Any:
                 pass
     elif tp is str and isinstance(value, str):
         return value
-    raise ConfigError(f"{key} = {value!r} is invalid: expected {_type_name(tp)}.")
+    raise ConfigError(f"{key} = {value!r} is invalid: expected {_type_name(tp)}.", key=key)
 

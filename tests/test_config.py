@@ -170,3 +170,22 @@ def test_describe_config_explains_every_key():
         "model": 6, "quant": 5, "lora": 7, "data": 10, "train": 26, "eval": 20, "serve": 19,
         "preference": 19}
     assert all(row["help"] for row in rows)
+
+
+def test_a_bad_value_is_reported_where_it_came_from_the_override_or_the_file(tmp_path: Path, capsys):
+    assert main(["config", "--set", "lora.r=0"]) == 1
+    assert capsys.readouterr().err.startswith("error: --set lora.r=0: 'lora.r' is 0: it must be >= 1")
+    weights = "data.sources=[{path: a.json, weight: 0}]"
+    assert main(["config", "--set", weights]) == 1
+    assert f"error: --set {weights}: 'data.sources[0].weight' is 0.0" in capsys.readouterr().err
+    assert main(["config", "--set", "trainer.x=1"]) == 1
+    assert "error: --set trainer.x=1: Unknown key 'trainer'" in capsys.readouterr().err
+    parent, child = tmp_path / "parent.yaml", tmp_path / "child.yaml"
+    parent.write_text("extends: default\nlora:\n  r: 0\n")
+    child.write_text(f"extends: {parent}\ntrain:\n  max_steps: 3\n")
+    with pytest.raises(ConfigError, match=r"^parent\.yaml: 'lora\.r' is 0"):  # the file that sets it
+        load_config(child, ["train.max_steps=4"])
+    child.write_text(f"extends: {parent}\nlora:\n  r: -2\n")
+    with pytest.raises(ConfigError, match=r"^child\.yaml: 'lora\.r' is -2"):
+        load_config(child)
+    assert load_config(child, ["lora.r=8"]).lora.r == 8  # an override that fixes the file's value
