@@ -24,7 +24,7 @@ import yaml
 
 from .config_checks import build_dataclass
 from .errors import ConfigError
-from .paths import PROJECT_ROOT
+from .paths import PROJECT_ROOT, read_utf8
 
 CONFIG_DIR = PROJECT_ROOT / "configs"
 
@@ -349,7 +349,7 @@ def resolve_config_path(config: str | Path) -> Path:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(read_utf8(path, ConfigError)) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):

@@ -99,6 +99,17 @@ def _replace_dir(tmp_dir: Path, final_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def read_utf8(path: Path, error: type[QLoraError] = QLoraError) -> str:
+    """A text file a user wrote (a config, a data file); one that is not UTF-8 raises `error` naming
+    the line and byte. A leading byte-order mark (some Windows editors write one) is not content."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[:exc.start].count(b"\n") + 1
+        raise error(f"{path} is not UTF-8 text (line {line}, byte {exc.start}: {exc.reason}). "
+                    f"Re-save it as UTF-8.") from None
+
+
 def read_json(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():

@@ -23,7 +23,7 @@ from typing import Any
 from . import builtin_data
 from .config import DataConfig, SourceConfig
 from .errors import DataError
-from .paths import PROJECT_ROOT
+from .paths import PROJECT_ROOT, read_utf8
 
 
 @dataclass(frozen=True)
@@ -103,12 +103,7 @@ def read_records(path: Path) -> list[dict[str, Any]]:
             return pq.read_table(path).to_pylist()
         except Exception as exc:  # pyarrow raises several types for a bad file
             raise DataError(f"{path}: not a readable Parquet file ({exc}).") from None
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # -sig: a leading byte-order mark is not data
-    except UnicodeDecodeError as exc:
-        line = path.read_bytes()[:exc.start].count(b"\n") + 1
-        raise DataError(f"{path} is not UTF-8 text (line {line}, byte {exc.start}: {exc.reason}). "
-                        f"Re-save it as UTF-8.") from None
+    text = read_utf8(path, DataError)
     if suffix == ".csv":
         return [dict(row) for row in csv.DictReader(text.splitlines())]
     if suffix == ".jsonl":

@@ -39,7 +39,7 @@ import yaml
 from .config import CONFIG_DIR, load_config, resolve_config_path
 from .errors import ConfigError
 from .opening import config_differences, saved_config
-from .paths import OUTPUTS_DIR, PROJECT_ROOT, read_json, run_dir, write_json_atomic, write_text_atomic
+from .paths import OUTPUTS_DIR, PROJECT_ROOT, read_json, read_utf8, run_dir, write_json_atomic, write_text_atomic
 from .runner import run_pipeline, select_stages
 from .runs import RunFolder, stage
 from .tasks import metrics
@@ -164,7 +164,7 @@ def resolve_sweep_source(config: str) -> tuple[Path, dict[str, Any] | None]:
             raise ConfigError(f"No profile or sweep file {config!r}. Profiles: {', '.join(profiles)}; "
                               f"sweep files (configs/sweeps/): {', '.join(sweeps) or 'none'}.") from None
         path = candidate.resolve()
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    data = yaml.safe_load(read_utf8(path, ConfigError)) or {}
     if isinstance(data, dict) and ("grid" in data or "runs" in data):
         return path, data
     return path, None

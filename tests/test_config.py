@@ -189,3 +189,12 @@ def test_a_bad_value_is_reported_where_it_came_from_the_override_or_the_file(tmp
     with pytest.raises(ConfigError, match=r"^child\.yaml: 'lora\.r' is -2"):
         load_config(child)
     assert load_config(child, ["lora.r=8"]).lora.r == 8  # an override that fixes the file's value
+
+
+def test_a_config_file_that_is_not_utf8_says_so_with_the_position(tmp_path: Path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(b"extends: default\n# caf\xe9\n")  # Latin-1, as an old editor saves it
+    assert main(["config", "--config", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert f"{path} is not UTF-8 text (line 2, byte 22: invalid continuation byte). Re-save it as UTF-8." in err
+    assert "Traceback" not in err

@@ -85,6 +85,13 @@ def test_a_bad_key_or_value_fails_before_any_run_starts(tmp_path):
     assert not (tmp_path / "sweeps").exists()
 
 
+def test_a_profile_that_is_not_utf8_is_named_before_the_sweep_reads_it(tmp_path):
+    profile = tmp_path / "latin.yaml"
+    profile.write_bytes(b"extends: smoke\n# caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"latin.yaml is not UTF-8 text \(line 2, byte 20"):
+        plan_sweep(str(profile), ["lora.r=4,8"], outputs_dir=str(tmp_path))
+
+
 def test_a_sweep_file_may_list_its_runs(tmp_path):
     spec = tmp_path / "pairs.yaml"
     spec.write_text("config: smoke\nstages: 01\nruns:\n  - {lora.r: 4, lora.alpha: 8}\n  - lora: {r: 8, alpha: 16}\n")
