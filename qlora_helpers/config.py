@@ -349,9 +349,12 @@ def resolve_config_path(config: str | Path) -> Path:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(read_utf8(path, ConfigError)) or {}
+        data = yaml.safe_load(read_utf8(path, ConfigError))
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if data is None:  # it used to become the built-in defaults, silently
+        raise ConfigError(f"{path} holds no settings (it is empty or only comments). Start it with "
+                          f"'extends: default' (or another profile) and set the keys you change below it.")
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of sections (model:, train:, ...), "
                           f"not a {type(data).__name__}.")

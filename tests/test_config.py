@@ -198,3 +198,11 @@ def test_a_config_file_that_is_not_utf8_says_so_with_the_position(tmp_path: Path
     err = capsys.readouterr().err
     assert f"{path} is not UTF-8 text (line 2, byte 22: invalid continuation byte). Re-save it as UTF-8." in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("text", ["", "\n# only a comment\n"])
+def test_an_empty_config_file_is_an_error_not_the_defaults(tmp_path: Path, text):
+    path = tmp_path / "empty.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"empty.yaml holds no settings.*extends: default"):
+        load_config(path)
