@@ -15,10 +15,19 @@ from .config import CONFIG_DIR, GGUF_TYPES, describe_config, load_config, resolv
 from .errors import QLoraError
 from .opening import open_run, open_run_folder, setup_run
 from .plan import describe_plan, fits, memory_plan
-from .runner import run_pipeline
+from .runner import run_pipeline, select_stages
 from .runs import stage
 from .sweep import add_arguments as add_sweep_arguments
 from .sweep import sweep_command
+
+
+def stages_argument(text: str) -> str:
+    """--stages: stage numbers the runner knows (checked before anything runs)."""
+    try:
+        select_stages(text)
+    except QLoraError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override one setting, e.g. --set train.learning_rate=1e-4 (repeatable)")
     run.add_argument("--run-name", help="run folder name under outputs/ (default: the profile name)")
-    run.add_argument("--stages", help="comma-separated stage numbers, e.g. 01,02 (default: all)")
+    run.add_argument("--stages", type=stages_argument, help="comma-separated stage numbers, e.g. 01,02 (default: all)")
     run.add_argument("--outputs-dir", help="where run folders go (default: outputs/)")
     train = sub.add_parser("train", help="set up the run, prepare the data and train (no notebooks)")
     train.add_argument("--config", default="default")
