@@ -14,6 +14,7 @@ import sys
 from .config import CONFIG_DIR, GGUF_TYPES, describe_config, load_config, resolve_config_path
 from .errors import QLoraError
 from .opening import open_run, open_run_folder, setup_run
+from .paths import run_dir
 from .plan import describe_plan, fits, memory_plan
 from .runner import run_pipeline, select_stages
 from .runs import stage
@@ -30,6 +31,18 @@ def stages_argument(text: str) -> str:
     return text
 
 
+def run_name_argument(text: str) -> str:
+    """--run-name: a usable folder name; empty is refused (it used to become the profile's name)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the run name is empty: give one (letters, digits, '.', '_', '-'), "
+                                         "or leave --run-name out to use the profile's name")
+    try:
+        run_dir(text, create=False)  # the naming rules of a run folder; nothing is created
+    except QLoraError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m qlora_helpers",
                                      description="QLoRA fine-tuning, one stage notebook at a time.")
@@ -38,13 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", default="default", help="profile name or YAML path (default: default)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override one setting, e.g. --set train.learning_rate=1e-4 (repeatable)")
-    run.add_argument("--run-name", help="run folder name under outputs/ (default: the profile name)")
+    run.add_argument("--run-name", type=run_name_argument,
+                     help="run folder name under outputs/ (default: the profile name)")
     run.add_argument("--stages", type=stages_argument, help="comma-separated stage numbers, e.g. 01,02 (default: all)")
     run.add_argument("--outputs-dir", help="where run folders go (default: outputs/)")
     train = sub.add_parser("train", help="set up the run, prepare the data and train (no notebooks)")
     train.add_argument("--config", default="default")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    train.add_argument("--run-name", help="run folder name under outputs/ (default: the profile name)")
+    train.add_argument("--run-name", type=run_name_argument,
+                       help="run folder name under outputs/ (default: the profile name)")
     train.add_argument("--outputs-dir", help="where run folders go (default: outputs/)")
     train.add_argument("--num-processes", type=int, default=1,
                        help="processes on this machine, one per GPU, launched with accelerate (DDP, or FSDP when "
@@ -137,7 +152,7 @@ def train_command(args) -> int:
     """Stages 01, 03 and 04 through their entry points (`runs.STAGES`); with --num-processes N (and
     --num-machines M) machine 0's parent sets up and prepares, then every machine launches its N
     accelerate workers, which only open the run and train."""
-    run_name = args.run_name or resolve_config_path(args.config).stem
+    run_name = resolve_config_path(args.config).stem if args.run_name is None else args.run_name
     check_layout(args)
     if "LOCAL_RANK" in os.environ:  # a worker of a multi-process run: machine 0's parent prepared everything
         run = (open_run_in_worker(args, run_name) if int(os.environ.get("WORLD_SIZE", "1")) > 1

@@ -50,7 +50,7 @@ def run_pipeline(config: str, run_name: str | None = None, overrides: Iterable[s
     overrides = list(overrides)
     config_path = resolve_config_path(config)
     cfg = load_config(config_path, overrides)  # fail on a bad key before any notebook starts
-    run_name = run_name or config_path.stem
+    run_name = config_path.stem if run_name is None else run_name  # "" is refused by run_dir
     chosen = select_stages(stages)
     selected = [s for s in chosen if s.applies(cfg)]  # 04b only when the profile enables it
     if not selected:

@@ -201,3 +201,14 @@ def test_run_with_only_a_stage_the_config_switches_off_says_which_key(tmp_path):
     with pytest.raises(QLoraError, match=r"Nothing to run: stage 04b runs only when preference.enabled is true"):
         run_pipeline("smoke", "p", stages="04b", outputs_dir=str(tmp_path))
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["run", "train"])
+def test_an_empty_run_name_is_a_usage_error_not_the_profile_name(command, tmp_path, capsys):
+    from qlora_helpers.cli import main
+
+    with pytest.raises(SystemExit) as exited:  # it became the profile's name, silently
+        main([command, "--config", "smoke", "--run-name", "", "--outputs-dir", str(tmp_path)])
+    assert exited.value.code == 2
+    assert "argument --run-name: the run name is empty" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
