@@ -7,6 +7,7 @@ Imports: everything at the top but `serve` (FastAPI, uvicorn and torch: seconds)
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import subprocess
 import sys
@@ -41,6 +42,18 @@ def run_name_argument(text: str) -> str:
     except QLoraError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
+
+
+def gib_argument(text: str) -> float:
+    """--gpu-gib: a card's memory, a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a card size: give the card's memory in GiB, a "
+                                         f"positive number, e.g. --gpu-gib 24")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="predict the peak GPU memory of training and serving a profile, from the "
                           "model's shape (no download, no GPU); exits 1 when training does not fit the card")
     plan.add_argument("--config", default="default")
-    plan.add_argument("--gpu-gib", type=float, default=12.0, help="the card's memory in GiB (default: 12)")
+    plan.add_argument("--gpu-gib", type=gib_argument, default=12.0, help="the card's memory in GiB (default: 12)")
     plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     show = sub.add_parser("config", help="validate a config and print it with every key explained")
     show.add_argument("--config", default="default")

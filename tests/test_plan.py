@@ -126,3 +126,13 @@ def test_plan_command_prints_the_parts_and_exits_1_when_training_does_not_fit(ca
     assert "plain path" in out and "4-bit base + adapter weights" in out and "KV cache" in out
     assert main(["plan", "--config", "llama2-7b", "--set", "train.fast_path=never", "--gpu-gib", "6"]) == 1
     assert "does NOT fit" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("gib", ["nan", "inf", "-inf", "0", "-1", "twelve"])
+def test_a_card_size_that_is_not_a_positive_number_is_a_usage_error(gib, capsys):
+    # nan and inf crashed converting the budget to bytes; 0 and -1 printed a plan "on a -1 GiB card"
+    with pytest.raises(SystemExit) as exited:
+        main(["plan", f"--gpu-gib={gib}"])  # "=": argparse reads a lone -inf as an option
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --gpu-gib: {gib!r} is not" in err and "e.g. --gpu-gib 24" in err and "Traceback" not in err
