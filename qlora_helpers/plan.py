@@ -125,7 +125,10 @@ def _cached_config(repo_id: str) -> Path | None:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
         return None
-    found = try_to_load_from_cache(repo_id, "config.json")
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except ValueError:  # HFValidationError: not a hub id at all (a path to a missing folder, say)
+        return None
     return Path(found) if isinstance(found, str) else None
 
 

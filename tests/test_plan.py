@@ -136,3 +136,12 @@ def test_a_card_size_that_is_not_a_positive_number_is_a_usage_error(gib, capsys)
     assert exited.value.code == 2
     err = capsys.readouterr().err
     assert f"argument --gpu-gib: {gib!r} is not" in err and "e.g. --gpu-gib 24" in err and "Traceback" not in err
+
+
+def test_a_local_model_folder_that_does_not_exist_gets_the_missing_source_message(tmp_path, capsys):
+    # an absolute path is no hub id: huggingface_hub's cache lookup raised HFValidationError
+    profile = tmp_path / "mine.yaml"
+    profile.write_text("extends: default\nmodel:\n  source: /nonexistent/model\n")
+    assert main(["plan", "--config", str(profile)]) == 1
+    err = capsys.readouterr().err
+    assert "error: No config.json for model.source='/nonexistent/model'" in err and "Traceback" not in err
