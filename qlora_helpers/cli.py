@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 from .config import CONFIG_DIR, GGUF_TYPES, describe_config, load_config, resolve_config_path
-from .errors import QLoraError
+from .errors import QLoraError, UsageError
 from .opening import open_run, open_run_folder, setup_run
 from .paths import run_dir
 from .plan import describe_plan, fits, memory_plan
@@ -133,15 +133,19 @@ def accelerate_command(args, run_name: str, distributed: str) -> list[str]:
 
 
 def check_layout(args) -> None:
+    """The machine layout of `train`, checked before anything is set up (UsageError: exit 2)."""
     if args.num_processes < 1 or args.num_machines < 1:
-        raise QLoraError(f"--num-processes {args.num_processes} and --num-machines {args.num_machines} must be "
+        raise UsageError(f"--num-processes {args.num_processes} and --num-machines {args.num_machines} must be "
                          f"at least 1.")
     if args.num_machines > 1 and not args.main_address:
-        raise QLoraError(f"--num-machines {args.num_machines} needs --main-address: the address of machine 0 "
+        raise UsageError(f"--num-machines {args.num_machines} needs --main-address: the address of machine 0 "
                          f"that every machine can reach (docs/multi-node.md).")
     if not 0 <= args.machine_rank < args.num_machines:
-        raise QLoraError(f"--machine-rank {args.machine_rank} is outside 0 .. {args.num_machines - 1} "
+        raise UsageError(f"--machine-rank {args.machine_rank} is outside 0 .. {args.num_machines - 1} "
                          f"(--num-machines {args.num_machines}).")
+    if args.main_port is not None and not 1 <= args.main_port <= 65535:
+        raise UsageError(f"--main-port {args.main_port} is not a TCP port: use 1 .. 65535, a free port on "
+                         f"machine 0 (default 29500).")
 
 
 def open_run_in_worker(args, run_name: str):
@@ -235,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "config":
             for row in describe_config(load_config(args.config, args.overrides)):
                 print(f"{row['key']:<36} {row['value']!r:<28} {row['help']}")
+    except UsageError as exc:  # as argparse reports a wrong option
+        print(f"python -m qlora_helpers {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     except QLoraError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -21,6 +21,10 @@ class ConfigError(QLoraError, ValueError):
         self.key = key
 
 
+class UsageError(QLoraError):
+    """A command-line option is wrong, found after argparse: the CLI exits with 2, as argparse does."""
+
+
 class ModelSourceError(QLoraError):
     """A model source cannot be resolved or loaded."""
 
