@@ -46,6 +46,10 @@ def run_dir(run_name: str, outputs_dir: str | Path | None = None, create: bool =
     if not base.is_absolute():
         base = PROJECT_ROOT / base
     path = base / run_name
+    blocked = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocked is not None:  # mkdir would fail with NotADirectoryError (or FileExistsError)
+        raise QLoraError(f"{blocked} is a file, not a folder: run folders go inside a folder. Give "
+                         f"--outputs-dir (a notebook's outputs_dir) a folder, or move the file away.")
     if create:
         path.mkdir(parents=True, exist_ok=True)
     return path

@@ -193,9 +193,9 @@ def plan_sweep(config: str, grid: list[str] = (), overrides: list[str] = (), sta
         raise ConfigError(f"{', '.join(both)} is both fixed (set / --set) and swept (grid); keep one.")
     grid_name = f"{path.stem}-{'-'.join(k.split('.')[-1] for k in swept)}"
     name = name or spec.get("name") or (path.stem if spec else grid_name)
-    run_dir(name, create=False)  # the same naming rules as a run folder
     base_dir = Path(outputs_dir) if outputs_dir else OUTPUTS_DIR
-    folder = (base_dir if base_dir.is_absolute() else PROJECT_ROOT / base_dir) / "sweeps" / name
+    # run_dir: the naming rules of a run folder, and no file where a folder must go
+    folder = run_dir(name, (base_dir if base_dir.is_absolute() else PROJECT_ROOT / base_dir) / "sweeps", False)
     settings = ([override_text(k, v) for k, v in fixed.items()] + list(overrides)
                 + [override_text("train.wandb_group", name)] * ("train.wandb_group" not in fixed_keys))
     stage_list = [s.number for s in select_stages(stages or _stages_text(spec.get("stages")))]

@@ -212,3 +212,16 @@ def test_an_empty_run_name_is_a_usage_error_not_the_profile_name(command, tmp_pa
     assert exited.value.code == 2
     assert "argument --run-name: the run name is empty" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["run", "train"])
+def test_outputs_dir_that_is_a_file_is_named(command, tmp_path, capsys):
+    from qlora_helpers.cli import main
+
+    afile = tmp_path / "outputs"
+    afile.write_text("not a folder\n")
+    argv = [command, "--config", "smoke", "--run-name", "p", "--outputs-dir", str(afile)]
+    assert main(argv + (["--stages", "01"] if command == "run" else [])) == 1  # was NotADirectoryError
+    err = capsys.readouterr().err
+    assert f"error: {afile} is a file, not a folder" in err and "--outputs-dir" in err
+    assert afile.read_text() == "not a folder\n"
