@@ -7,10 +7,13 @@ Imports: everything at the top but `serve` (FastAPI, uvicorn and torch: seconds)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import subprocess
 import sys
+
+import yaml
 
 from .config import CONFIG_DIR, GGUF_TYPES, describe_config, load_config, resolve_config_path
 from .errors import QLoraError, UsageError
@@ -56,12 +59,41 @@ def gib_argument(text: str) -> float:
     return value
 
 
+CONFIG_HELP = "a profile name in configs/ (default, llama2-7b, ...) or a YAML file (default: default)"
+VALUE_WIDTH = 28  # the value column of `config`; a longer value puts its help on the next line
+
+
+def yaml_text(value) -> str:
+    """A setting's value as a profile or --set writes it: YAML flow style, a list of sources as the
+    mappings a user writes (their keys that differ from the defaults, the first one always)."""
+    if isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+        first = dataclasses.fields(value[0])[0].name
+        value = [{k: v for k, v in dataclasses.asdict(item).items()
+                  if k == first or v != getattr(type(item)(), k)} for item in value]
+    text = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=math.inf).strip()
+    return text.removesuffix("...").strip()  # a plain scalar ends with YAML's document-end marker
+
+
+def config_lines(cfg) -> list[str]:
+    """`config`'s table: each key, its value as YAML and what it does, the help in one column."""
+    rows = describe_config(cfg)
+    width = max(len(row["key"]) for row in rows)
+    lines = []
+    for row in rows:
+        value = yaml_text(row["value"])
+        if len(value) <= VALUE_WIDTH:
+            lines.append(f"{row['key']:<{width}}  {value:<{VALUE_WIDTH}}  {row['help']}")
+        else:
+            lines += [f"{row['key']:<{width}}  {value}", " " * (width + VALUE_WIDTH + 4) + row["help"]]
+    return lines
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m qlora_helpers",
                                      description="QLoRA fine-tuning, one stage notebook at a time.")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="execute the stage notebooks with papermill into outputs/<run>/")
-    run.add_argument("--config", default="default", help="profile name or YAML path (default: default)")
+    run.add_argument("--config", default="default", help=CONFIG_HELP)
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override one setting, e.g. --set train.learning_rate=1e-4 (repeatable)")
     run.add_argument("--run-name", type=run_name_argument,
@@ -69,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stages", type=stages_argument, help="comma-separated stage numbers, e.g. 01,02 (default: all)")
     run.add_argument("--outputs-dir", help="where run folders go (default: outputs/)")
     train = sub.add_parser("train", help="set up the run, prepare the data and train (no notebooks)")
-    train.add_argument("--config", default="default")
+    train.add_argument("--config", default="default", help=CONFIG_HELP)
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     train.add_argument("--run-name", type=run_name_argument,
                        help="run folder name under outputs/ (default: the profile name)")
@@ -102,11 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
                                        "into outputs/sweeps/<name>/ and compare the runs"))
     plan = sub.add_parser("plan", help="predict the peak GPU memory of training and serving a profile, from the "
                           "model's shape (no download, no GPU); exits 1 when training does not fit the card")
-    plan.add_argument("--config", default="default")
+    plan.add_argument("--config", default="default", help=CONFIG_HELP)
     plan.add_argument("--gpu-gib", type=gib_argument, default=12.0, help="the card's memory in GiB (default: 12)")
     plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     show = sub.add_parser("config", help="validate a config and print it with every key explained")
-    show.add_argument("--config", default="default")
+    show.add_argument("--config", default="default", help=CONFIG_HELP)
     show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     return parser
 
@@ -237,8 +269,7 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(describe_plan(plan)))
             return 0 if fits(plan["training"]["peak"], args.gpu_gib) else 1
         elif args.command == "config":
-            for row in describe_config(load_config(args.config, args.overrides)):
-                print(f"{row['key']:<36} {row['value']!r:<28} {row['help']}")
+            print("\n".join(config_lines(load_config(args.config, args.overrides))))
     except UsageError as exc:  # as argparse reports a wrong option
         print(f"python -m qlora_helpers {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -206,3 +206,24 @@ def test_an_empty_config_file_is_an_error_not_the_defaults(tmp_path: Path, text)
     path.write_text(text)
     with pytest.raises(ConfigError, match=r"empty.yaml holds no settings.*extends: default"):
         load_config(path)
+
+
+def test_config_prints_values_as_yaml_in_aligned_columns(capsys):
+    assert main(["config", "--config", "smoke", "--set", "data.sources=[{path: a.json, weight: 2}]"]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines() if not line.startswith(" ")}
+    assert "SourceConfig" not in out  # a Python repr, which no profile or --set takes
+    assert lines["data.sources"].endswith("  [{path: a.json, weight: 2.0}]")  # its help on the next line
+    assert "  [q_proj, v_proj]  " in lines["lora.target_modules"] and "  null  " in lines["model.revision"]
+    # every help text starts in one column, also after preference.gradient_accumulation_steps (38 characters)
+    starts = {line.index(row["help"]) for row in describe_config(load_config("smoke")) for line in out.splitlines()
+              if line.endswith(row["help"]) and (line.startswith(row["key"] + " ") or line.startswith(" "))}
+    assert len(starts) == 1
+
+
+@pytest.mark.parametrize("command", ["config", "plan", "train", "run"])
+def test_config_option_is_explained_in_each_commands_help(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    assert "a profile name in configs/ (default, llama2-7b, ...) or a YAML file" in " ".join(
+        capsys.readouterr().out.split())
