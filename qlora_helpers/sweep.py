@@ -39,7 +39,7 @@ import yaml
 from .config import CONFIG_DIR, load_config, resolve_config_path
 from .errors import ConfigError
 from .opening import config_differences, saved_config
-from .paths import OUTPUTS_DIR, PROJECT_ROOT, read_json, run_dir, write_json_atomic, write_text_atomic
+from .paths import OUTPUTS_DIR, PROJECT_ROOT, read_json, read_utf8, run_dir, write_json_atomic, write_text_atomic
 from .runner import run_pipeline, select_stages
 from .runs import RunFolder, stage
 from .tasks import metrics
@@ -164,7 +164,7 @@ def resolve_sweep_source(config: str) -> tuple[Path, dict[str, Any] | None]:
             raise ConfigError(f"No profile or sweep file {config!r}. Profiles: {', '.join(profiles)}; "
                               f"sweep files (configs/sweeps/): {', '.join(sweeps) or 'none'}.") from None
         path = candidate.resolve()
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    data = yaml.safe_load(read_utf8(path, ConfigError)) or {}
     if isinstance(data, dict) and ("grid" in data or "runs" in data):
         return path, data
     return path, None
@@ -193,9 +193,9 @@ def plan_sweep(config: str, grid: list[str] = (), overrides: list[str] = (), sta
         raise ConfigError(f"{', '.join(both)} is both fixed (set / --set) and swept (grid); keep one.")
     grid_name = f"{path.stem}-{'-'.join(k.split('.')[-1] for k in swept)}"
     name = name or spec.get("name") or (path.stem if spec else grid_name)
-    run_dir(name, create=False)  # the same naming rules as a run folder
     base_dir = Path(outputs_dir) if outputs_dir else OUTPUTS_DIR
-    folder = (base_dir if base_dir.is_absolute() else PROJECT_ROOT / base_dir) / "sweeps" / name
+    # run_dir: the naming rules of a run folder, and no file where a folder must go
+    folder = run_dir(name, (base_dir if base_dir.is_absolute() else PROJECT_ROOT / base_dir) / "sweeps", False)
     settings = ([override_text(k, v) for k, v in fixed.items()] + list(overrides)
                 + [override_text("train.wandb_group", name)] * ("train.wandb_group" not in fixed_keys))
     stage_list = [s.number for s in select_stages(stages or _stages_text(spec.get("stages")))]

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from qlora_helpers.cli import main
 from qlora_helpers.config import CONFIG_DIR, Config, config_from_dict, describe_config, load_config
 from qlora_helpers.errors import ConfigError
 
@@ -80,6 +81,37 @@ def test_out_of_range_numbers_name_the_key_and_the_range(override, expected):
     assert expected in str(err.value)
 
 
+@pytest.mark.parametrize("override, expected", [
+    ("train.learning_rate=nan", "'train.learning_rate' is nan: it must be a finite number > 0 (peak learning rate"),
+    ("train.learning_rate=.inf", "'train.learning_rate' is inf: it must be a finite number > 0"),
+    ("lora.dropout=.nan", "'lora.dropout' is nan: it must be a finite number >= 0 and < 1"),
+    ("train.max_grad_norm=inf", "'train.max_grad_norm' is inf: it must be a finite number >= 0"),
+    ("preference.beta=-.inf", "'preference.beta' is -inf: it must be a finite number > 0"),
+    ("data.sources=[{path: a.json, weight: .nan}]", "'data.sources[0].weight' is nan: it must be a finite number"),
+])
+def test_nan_and_infinity_are_refused_where_a_number_has_a_range(override, expected):
+    # NaN compares False with every bound, so a range check alone let it through
+    with pytest.raises(ConfigError) as err:
+        load_config("default", [override])
+    assert expected in str(err.value)
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("lora.target_modules=[]", "'lora.target_modules' is []: name the layers that get adapters, e.g. [q_proj, v_proj]"),
+    ("lora.target_modules=", "'lora.target_modules' is '': name the layers"),
+    ("lora.target_modules=[q_proj, '']", "'lora.target_modules' is ['q_proj', '']: name the layers"),
+    ("data.sources=[]", "'data.sources' is []: list at least one source, e.g. [{path: tatsu-lab/alpaca}]"),
+    ("model.source=random:huge", "'model.source' is 'random:huge': no such random shape; known: random:tiny, "
+                                 "random:smollm2-135m, random:llama2-7b"),
+    ("model.source=", "'model.source' is '': name a model"),
+])
+def test_empty_or_unknown_values_fail_the_config_check_not_a_later_stage(override, expected, capsys):
+    # these passed `config` and failed in 03, in plan, or trained adapters on no layer at all
+    assert main(["config", "--set", override]) == 1
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+
+
 def test_range_edges_and_null_are_accepted():
     cfg = load_config("default", ["train.max_steps=-1", "train.eval_samples=0", "lora.dropout=0",
                                   "serve.context_length=null", "eval.gsm8k_samples=0", "serve.port=65535"])
@@ -138,3 +170,60 @@ def test_describe_config_explains_every_key():
         "model": 6, "quant": 5, "lora": 7, "data": 10, "train": 26, "eval": 20, "serve": 19,
         "preference": 19}
     assert all(row["help"] for row in rows)
+
+
+def test_a_bad_value_is_reported_where_it_came_from_the_override_or_the_file(tmp_path: Path, capsys):
+    assert main(["config", "--set", "lora.r=0"]) == 1
+    assert capsys.readouterr().err.startswith("error: --set lora.r=0: 'lora.r' is 0: it must be >= 1")
+    weights = "data.sources=[{path: a.json, weight: 0}]"
+    assert main(["config", "--set", weights]) == 1
+    assert f"error: --set {weights}: 'data.sources[0].weight' is 0.0" in capsys.readouterr().err
+    assert main(["config", "--set", "trainer.x=1"]) == 1
+    assert "error: --set trainer.x=1: Unknown key 'trainer'" in capsys.readouterr().err
+    parent, child = tmp_path / "parent.yaml", tmp_path / "child.yaml"
+    parent.write_text("extends: default\nlora:\n  r: 0\n")
+    child.write_text(f"extends: {parent}\ntrain:\n  max_steps: 3\n")
+    with pytest.raises(ConfigError, match=r"^parent\.yaml: 'lora\.r' is 0"):  # the file that sets it
+        load_config(child, ["train.max_steps=4"])
+    child.write_text(f"extends: {parent}\nlora:\n  r: -2\n")
+    with pytest.raises(ConfigError, match=r"^child\.yaml: 'lora\.r' is -2"):
+        load_config(child)
+    assert load_config(child, ["lora.r=8"]).lora.r == 8  # an override that fixes the file's value
+
+
+def test_a_config_file_that_is_not_utf8_says_so_with_the_position(tmp_path: Path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(b"extends: default\n# caf\xe9\n")  # Latin-1, as an old editor saves it
+    assert main(["config", "--config", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert f"{path} is not UTF-8 text (line 2, byte 22: invalid continuation byte). Re-save it as UTF-8." in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("text", ["", "\n# only a comment\n"])
+def test_an_empty_config_file_is_an_error_not_the_defaults(tmp_path: Path, text):
+    path = tmp_path / "empty.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"empty.yaml holds no settings.*extends: default"):
+        load_config(path)
+
+
+def test_config_prints_values_as_yaml_in_aligned_columns(capsys):
+    assert main(["config", "--config", "smoke", "--set", "data.sources=[{path: a.json, weight: 2}]"]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines() if not line.startswith(" ")}
+    assert "SourceConfig" not in out  # a Python repr, which no profile or --set takes
+    assert lines["data.sources"].endswith("  [{path: a.json, weight: 2.0}]")  # its help on the next line
+    assert "  [q_proj, v_proj]  " in lines["lora.target_modules"] and "  null  " in lines["model.revision"]
+    # every help text starts in one column, also after preference.gradient_accumulation_steps (38 characters)
+    starts = {line.index(row["help"]) for row in describe_config(load_config("smoke")) for line in out.splitlines()
+              if line.endswith(row["help"]) and (line.startswith(row["key"] + " ") or line.startswith(" "))}
+    assert len(starts) == 1
+
+
+@pytest.mark.parametrize("command", ["config", "plan", "train", "run"])
+def test_config_option_is_explained_in_each_commands_help(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    assert "a profile name in configs/ (default, llama2-7b, ...) or a YAML file" in " ".join(
+        capsys.readouterr().out.split())

@@ -94,6 +94,8 @@ def test_the_launch_names_the_machine_layout_and_the_accelerate_config():
     (["--num-machines", "2"], "--main-address"),
     (["--num-machines", "2", "--machine-rank", "2", "--main-address", "h"], "outside 0 .. 1"),
     (["--num-processes", "0"], "at least 1"),
+    (["--num-machines", "2", "--main-address", "h", "--main-port", "70000"], r"--main-port 70000 is not a TCP port"),
+    (["--main-port", "0"], r"--main-port 0 is not a TCP port: use 1 .. 65535"),
 ])
 def test_a_wrong_machine_layout_is_refused_before_anything_runs(argv, words):
     with pytest.raises(QLoraError, match=words):
@@ -110,3 +112,15 @@ def test_the_accelerate_configs_parse_as_accelerate_reads_them():
     assert fsdp.fsdp_config["fsdp_cpu_ram_efficient_loading"] is True
     ddp = load_config_from_file(str(ACCELERATE_CONFIGS / "ddp.yaml"))
     assert ddp.distributed_type == "MULTI_GPU" and ddp.mixed_precision == "no"
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_a_port_out_of_range_is_a_usage_error_before_the_run_is_set_up(rank, tmp_path, capsys):
+    from qlora_helpers.cli import main
+
+    # machine 0 set the run up and prepared the data, then accelerate died with an OverflowError
+    code = main(["train", "--config", "smoke", "--run-name", "port", "--outputs-dir", str(tmp_path),
+                 "--num-machines", "2", "--machine-rank", rank, "--main-address", "127.0.0.1", "--main-port", "70000"])
+    assert code == 2 and list(tmp_path.iterdir()) == []
+    err = capsys.readouterr().err
+    assert "train: error: --main-port 70000 is not a TCP port: use 1 .. 65535" in err and "Traceback" not in err

@@ -164,3 +164,22 @@ def test_the_adapter_bytes_the_fast_path_plans_with_are_peft_s_own_count(tiny_di
         params = sum(p.numel() for p in get_peft_model(model, lora_config(cfg.lora)).parameters() if p.requires_grad)
         state = 2 if cfg.train.optimizer == "paged_adamw_8bit" else 8
         assert params > 0 and expected == (4 + 4 + state) * params, overrides
+
+
+@pytest.mark.parametrize("gib", ["nan", "inf", "-inf", "0", "-1", "twelve"])
+def test_a_card_size_that_is_not_a_positive_number_is_a_usage_error(gib, capsys):
+    # nan and inf crashed converting the budget to bytes; 0 and -1 printed a plan "on a -1 GiB card"
+    with pytest.raises(SystemExit) as exited:
+        main(["plan", f"--gpu-gib={gib}"])  # "=": argparse reads a lone -inf as an option
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --gpu-gib: {gib!r} is not" in err and "e.g. --gpu-gib 24" in err and "Traceback" not in err
+
+
+def test_a_local_model_folder_that_does_not_exist_gets_the_missing_source_message(tmp_path, capsys):
+    # an absolute path is no hub id: huggingface_hub's cache lookup raised HFValidationError
+    profile = tmp_path / "mine.yaml"
+    profile.write_text("extends: default\nmodel:\n  source: /nonexistent/model\n")
+    assert main(["plan", "--config", str(profile)]) == 1
+    err = capsys.readouterr().err
+    assert "error: No config.json for model.source='/nonexistent/model'" in err and "Traceback" not in err

@@ -181,3 +181,47 @@ def test_the_runner_without_01_passes_only_eval_and_serve_changes(by_name):
         "eval_overrides": ["eval.answer_samples=3"], "serve_overrides": ["serve.bench_tokens=4"]}
     with pytest.raises(ConfigError, match=r"train.learning_rate: now 0.002, run has 0.001.*Include stage 01"):
         stage_overrides(folder, "byname", load_config("smoke", ["train.learning_rate=0.002"]), select_stages("04"))
+
+
+@pytest.mark.parametrize("stages", [",", "", " , "])
+def test_run_with_no_stage_named_is_a_usage_error_that_lists_the_stages(stages, tmp_path, capsys):
+    from qlora_helpers.cli import main
+
+    with pytest.raises(SystemExit) as exited:  # it crashed with an IndexError after creating the run folder
+        main(["run", "--config", "smoke", "--run-name", "p", "--stages", stages, "--outputs-dir", str(tmp_path)])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --stages: No stage named" in err and "01, 02, 03, 04, 04b, 05, 06" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_run_with_only_a_stage_the_config_switches_off_says_which_key(tmp_path):
+    from qlora_helpers.runner import run_pipeline
+
+    with pytest.raises(QLoraError, match=r"Nothing to run: stage 04b runs only when preference.enabled is true"):
+        run_pipeline("smoke", "p", stages="04b", outputs_dir=str(tmp_path))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["run", "train"])
+def test_an_empty_run_name_is_a_usage_error_not_the_profile_name(command, tmp_path, capsys):
+    from qlora_helpers.cli import main
+
+    with pytest.raises(SystemExit) as exited:  # it became the profile's name, silently
+        main([command, "--config", "smoke", "--run-name", "", "--outputs-dir", str(tmp_path)])
+    assert exited.value.code == 2
+    assert "argument --run-name: the run name is empty" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["run", "train"])
+def test_outputs_dir_that_is_a_file_is_named(command, tmp_path, capsys):
+    from qlora_helpers.cli import main
+
+    afile = tmp_path / "outputs"
+    afile.write_text("not a folder\n")
+    argv = [command, "--config", "smoke", "--run-name", "p", "--outputs-dir", str(afile)]
+    assert main(argv + (["--stages", "01"] if command == "run" else [])) == 1  # was NotADirectoryError
+    err = capsys.readouterr().err
+    assert f"error: {afile} is a file, not a folder" in err and "--outputs-dir" in err
+    assert afile.read_text() == "not a folder\n"

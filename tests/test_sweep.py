@@ -15,7 +15,7 @@ import pytest
 
 from qlora_helpers.cli import main
 from qlora_helpers.config import load_config
-from qlora_helpers.errors import ConfigError
+from qlora_helpers.errors import ConfigError, QLoraError
 from qlora_helpers.paths import write_json_atomic
 from qlora_helpers.sweep import (
     expand_grid,
@@ -83,6 +83,20 @@ def test_a_bad_key_or_value_fails_before_any_run_starts(tmp_path):
         plan_sweep("smoke", outputs_dir=str(tmp_path))
     assert main(["sweep", "--config", "smoke", "--grid", "lora.nope=1", "--outputs-dir", str(tmp_path)]) == 1
     assert not (tmp_path / "sweeps").exists()
+
+
+def test_a_profile_that_is_not_utf8_is_named_before_the_sweep_reads_it(tmp_path):
+    profile = tmp_path / "latin.yaml"
+    profile.write_bytes(b"extends: smoke\n# caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"latin.yaml is not UTF-8 text \(line 2, byte 20"):
+        plan_sweep(str(profile), ["lora.r=4,8"], outputs_dir=str(tmp_path))
+
+
+def test_an_outputs_dir_that_is_a_file_is_named_before_the_sweep_starts(tmp_path):
+    afile = tmp_path / "outputs"
+    afile.write_text("")
+    with pytest.raises(QLoraError, match=f"{afile} is a file, not a folder"):  # was NotADirectoryError
+        plan_sweep("smoke", ["lora.r=4,8"], outputs_dir=str(afile))
 
 
 def test_a_sweep_file_may_list_its_runs(tmp_path):
