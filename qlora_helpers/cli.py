@@ -19,7 +19,7 @@ from .config import CONFIG_DIR, GGUF_TYPES, describe_config, load_config, resolv
 from .errors import QLoraError, UsageError
 from .opening import open_run, open_run_folder, setup_run
 from .paths import run_dir
-from .plan import describe_plan, fits, memory_plan
+from .plan import describe_fix, describe_plan, fits, memory_plan
 from .runner import run_pipeline, select_stages
 from .runs import stage
 from .sweep import add_arguments as add_sweep_arguments
@@ -267,7 +267,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "plan":
             plan = memory_plan(load_config(args.config, args.overrides), args.gpu_gib)
             print("\n".join(describe_plan(plan)))
-            return 0 if fits(plan["training"]["peak"], args.gpu_gib) else 1
+            if fits(plan["training"]["peak"], args.gpu_gib):
+                return 0
+            print("\n".join(describe_fix(args.config, args.overrides, args.gpu_gib)))
+            return 1
         elif args.command == "config":
             print("\n".join(config_lines(load_config(args.config, args.overrides))))
     except UsageError as exc:  # as argparse reports a wrong option

@@ -152,6 +152,12 @@ class LoraConfig:
     use_dora: bool = _f(False, "weight-decomposed LoRA (DoRA)")
     use_rslora: bool = _f(False, "rank-stabilised scaling alpha / sqrt(r)")
 
+    def __post_init__(self):
+        # one layer name as a list: peft reads a lone string as a regex over whole module names, where
+        # "q_proj" matches nothing ("model.layers.0.self_attn.q_proj") and training stops at get_peft_model
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            object.__setattr__(self, "target_modules", [self.target_modules])
+
 
 @dataclass(frozen=True)
 class TrainConfig:

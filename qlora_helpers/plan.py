@@ -317,3 +317,64 @@ def describe_plan(plan: dict[str, Any]) -> list[str]:
         lines.append(f"  {label:<52}{gib(form['weights'])}  peak {form['peak'] / GIB:.2f} GiB, "
                      f"{verdict(form['peak'])}")
     return lines
+
+
+# --- when it does not fit: what would ------------------------------------------------------------------
+
+
+def _halved(key: str, value: int, least: int, keep: tuple[str, int] | None = None) -> list[list[str]]:
+    """`key` halved step by step down to `least` (with `keep`: that key doubled alongside, so the batch
+    per optimizer step stays the same)."""
+    out = []
+    while value // 2 >= least:
+        value //= 2
+        keep = (keep[0], keep[1] * 2) if keep else None
+        out.append([f"{key}={value}"] + ([f"{keep[0]}={keep[1]}"] if keep else []))
+    return out
+
+
+def fitting_changes(profile: str, overrides: list[str], gpu_gib: float) -> tuple[list[str], dict] | None:
+    """The fewest settings (tried cheapest first, each kept once taken) under which training fits the card,
+    and the plan then; None when none of them is enough. Fast path: smaller packed micro-batches, then
+    8-bit optimizer states. Plain path: gradient checkpointing, smaller micro-batches (more accumulation
+    steps: the same batch per step), then 8-bit optimizer states."""
+    from .config import load_config
+
+    cfg = load_config(profile, overrides)
+    t = cfg.train
+    if fast_path_runs(cfg):
+        steps = _halved("train.packed_tokens", t.packed_tokens, 1024)
+    else:
+        steps = ([] if t.gradient_checkpointing else [["train.gradient_checkpointing=true"]]) + _halved(
+            "train.micro_batch_size", t.micro_batch_size, 1, ("train.gradient_accumulation_steps",
+                                                               t.gradient_accumulation_steps))
+    if t.optimizer != "paged_adamw_8bit":
+        steps.append(["train.optimizer=paged_adamw_8bit"])
+    taken: dict[str, str] = {}
+    for step in steps:
+        trial = {**taken, **dict(s.split("=", 1) for s in step)}
+        plan = training_plan(load_config(profile, overrides + [f"{k}={v}" for k, v in trial.items()]),
+                             model_shape(cfg.model.source), gpu_gib)
+        taken = trial  # a later step keeps it (a key halved again replaces its value)
+        if fits(plan["peak"], gpu_gib):
+            return [f"{k}={v}" for k, v in taken.items()], plan
+    return None
+
+
+def describe_fix(profile: str, overrides: list[str], gpu_gib: float) -> list[str]:
+    """What to change when training does not fit `gpu_gib`, as lines for the terminal."""
+    from .config import load_config
+
+    if load_config(profile, overrides).train.distributed == "fsdp":
+        return ["With train.distributed=fsdp each of --num-processes N processes holds about 1/N of the weights "
+                "and optimizer states; the figures above are one process holding them all (an upper bound)."]
+    found = fitting_changes(profile, overrides, gpu_gib)
+    if found is None:
+        return [f"No setting tried here fits training on {gpu_gib:g} GiB (smaller micro-batches, recomputation, "
+                f"8-bit optimizer states): use a larger card, shard the model over several "
+                f"(train.distributed=fsdp with --num-processes N), or a smaller model."]
+    changes, plan = found
+    sets = " ".join(f"--set {c}" for c in changes)
+    return [f"To fit training on {gpu_gib:g} GiB: {sets} (peak {plan['peak'] / GIB:.2f} GiB, needs a "
+            f"{card_gib(plan['peak']):.1f} GiB card; {plan['activations']['recompute_layers']} of "
+            f"{plan['activations']['layers']} layers recomputed)."]

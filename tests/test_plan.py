@@ -147,7 +147,20 @@ def test_plan_command_prints_the_parts_and_exits_1_when_training_does_not_fit(ca
     out = capsys.readouterr().out
     assert "plain path" in out and "4-bit base + adapter weights" in out and "KV cache" in out
     assert main(["plan", "--config", "llama2-7b", "--set", "train.fast_path=never", "--gpu-gib", "6"]) == 1
-    assert "does NOT fit" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "does NOT fit" in out
+    # ... and what would: settings that the plan then says fit (the batch per optimizer step kept)
+    for profile, card in (("llama2-7b", 8), ("llama2-7b-fast", 6)):
+        overrides = ["--set", "train.fast_path=never"] if profile == "llama2-7b" else []
+        assert main(["plan", "--config", profile, *overrides, "--gpu-gib", str(card)]) == 1
+        advice = capsys.readouterr().out.splitlines()[-1]
+        assert advice.startswith(f"To fit training on {card} GiB: --set "), advice
+        changes = advice.split(": ", 1)[1].split(" (peak")[0].split()
+        assert main(["plan", "--config", profile, *overrides, *changes, "--gpu-gib", str(card)]) == 0, changes
+        capsys.readouterr()
+    # no setting tried is enough: say what is left
+    assert main(["plan", "--config", "llama2-7b", "--set", "train.fast_path=never", "--gpu-gib", "2"]) == 1
+    assert "use a larger card" in capsys.readouterr().out
 
 
 def test_the_adapter_bytes_the_fast_path_plans_with_are_peft_s_own_count(tiny_dir):
@@ -157,7 +170,9 @@ def test_the_adapter_bytes_the_fast_path_plans_with_are_peft_s_own_count(tiny_di
 
     from qlora_helpers.train import adapter_state_bytes, lora_config
 
-    for overrides in ([], ["lora.target_modules=all-linear", "lora.r=4"], ["train.optimizer=paged_adamw_8bit"]):
+    # one layer named alone (peft would read a lone string as a regex over whole module names: nothing)
+    for overrides in ([], ["lora.target_modules=all-linear", "lora.r=4"], ["train.optimizer=paged_adamw_8bit"],
+                      ["lora.target_modules=q_proj"]):
         cfg = load_config("smoke", [f"model.source={tiny_dir}", *overrides])
         model = AutoModelForCausalLM.from_pretrained(tiny_dir)
         expected = adapter_state_bytes(cfg, model)
