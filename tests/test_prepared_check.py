@@ -66,3 +66,26 @@ def test_the_check_gives_the_answer_03_gave_where_the_hub_is_out_of_reach(tmp_pa
     with pytest.raises(DataError, match=r"(?s)prepared for other data settings.*data.sources: now .*tatsu-lab/alpaca"
                                         r".*the sets have .*builtin"):
         load_prepared(run)
+
+
+def test_a_stage_that_fails_is_recorded_as_failed_not_as_its_earlier_success(tmp_path, tiny_dir):
+    from qlora_helpers.runner import StageFailed, run_pipeline
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "empty.json").write_text(json.dumps([{"instruction": "", "output": ""}] * 4))
+    out = str(tmp_path / "out")
+    path = run_pipeline("smoke", "f", QUIET, stages="01,03", outputs_dir=out, progress=False)
+    bad = [*QUIET, f"data.data_dir={data}", "data.sources=[{path: empty.json}]"]
+    with pytest.raises(StageFailed, match="No usable training examples"):
+        run_pipeline("smoke", "f", bad, stages="01,03", outputs_dir=out, progress=False)
+    recorded = json.loads((path / "stages.json").read_text())["stages"]
+    assert "finished" in recorded["01"] and "finished" not in recorded["03"]
+    assert recorded["03"]["error"].startswith("DataError: No usable training examples")
+    run = setup_run("smoke", "f", QUIET, out)
+    stage("03").run(run)  # without notebooks (the train command) the same
+    assert "finished" in json.loads(run.stages_file.read_text())["stages"]["03"]
+    run = setup_run("smoke", "f", bad, out)
+    with pytest.raises(DataError):
+        stage("03").run(run)
+    assert json.loads(run.stages_file.read_text())["stages"]["03"]["error"].startswith("DataError: No usable")
