@@ -197,13 +197,16 @@ def read_source(src: PreferenceSourceConfig, pref: PreferenceConfig, data_cfg: D
     rows, origin = load_table(src.path, data_cfg, src.split, keep_bad_rows=True)
     require_rows(rows, origin, "preference.sources")
     check_mapped_columns(rows, src.columns, origin, "preference.sources[].columns")
+    numbers, drawn = range(1, len(rows) + 1), {}  # row numbers are the file's (1-based), sampled or not
     if src.sample is not None:
-        rows = [rows[i] for i in sorted(random.Random(pref.seed).sample(range(len(rows)), min(src.sample, len(rows))))]
+        chosen = sorted(random.Random(pref.seed).sample(range(len(rows)), min(src.sample, len(rows))))
+        drawn = {"sample": {"rows": len(chosen), "of": len(rows), "seed": pref.seed, "indices": chosen}}
+        rows, numbers = [rows[i] for i in chosen], [i + 1 for i in chosen]
     rows = [map_columns(r, src.columns) if isinstance(r, dict) else r for r in rows]
     layout = detect_layout(rows, src, origin)
-    report.open(name, origin, layout, len(rows))
+    report.open(name, origin, layout, len(rows), **drawn)
     pairs, seen = [], set()
-    for row_no, row in enumerate(rows, 1):
+    for row_no, row in zip(numbers, rows):
         try:
             pair = normalize_pair(row, layout)
             prompt = render_conversation(pair["messages"], data_cfg.template, tokenizer)

@@ -99,7 +99,9 @@ def build_examples(data_cfg: DataConfig, tokenizer, max_length: int) -> tuple[li
         formats[name], tallies[name] = fmt, _Tally(rows=len(rows))
         tally = tallies[name]
         rendered: list[tuple[int, str, str]] = []
-        for row_no, row in enumerate(rows, 1):
+        # row numbers are the file's (1-based), also when `sample: N` drew the rows: a user finds them there
+        numbers = [i + 1 for i in drawn[name]["indices"]] if drawn[name] else range(1, len(rows) + 1)
+        for row_no, row in zip(numbers, rows):
             try:
                 prompt, response = render(normalize_row(row, fmt), data_cfg.template, tokenizer)
             except RowProblem as problem:
