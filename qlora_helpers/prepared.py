@@ -27,6 +27,7 @@ from .formats import (
     RowProblem,
     check_mapped_columns,
     detect_format,
+    drops_by_source,
     map_columns,
     normalize_row,
     require_rows,
@@ -190,12 +191,7 @@ def mix_and_split(examples: list[dict[str, Any]], data_cfg: DataConfig,
 
 def _drops_by_source(parts: dict[str, Any]) -> str:
     """Per source: rows read and dropped by reason, each reason with its first row."""
-    said = []
-    for name, s in parts["sources"].items():
-        first = parts["first_dropped"][name]
-        reasons = ", ".join(f"{n} {r} ({first[r]})" for r, n in Counter(s["dropped"]).most_common())
-        said.append(f"{s['origin']}: {s['rows']} rows read, {s['kept']} kept; dropped: {reasons or 'none'}")
-    return "; ".join(said)
+    return drops_by_source(parts["sources"], parts["first_dropped"])
 
 
 def _eval_size_problem(eval_size: int, usable: int, kept: int, parts: dict[str, Any]) -> str:

@@ -222,3 +222,22 @@ def test_row_numbers_are_the_files_also_when_sample_draws_the_rows(tmp_path, tok
     assert all(p["prompt"].endswith(f"Say {p['row'] - 1}.\n\n### Response:\n") for p in kept)
     drawn = [i + 1 for i in pair_report["sources"]["pairs"]["sample"]["indices"]]
     assert all(e["row"] in drawn and e["row"] > 30 for e in pair_report["dropped_examples"]["empty_rejected"])
+
+
+def test_no_usable_preference_pairs_names_each_files_reasons_with_a_row(tmp_path, tok):
+    # it printed only a dict of reason counts, with no file and no row to look at
+    from qlora_helpers.config import PreferenceConfig, PreferenceSourceConfig
+    from qlora_helpers.preference_data import load_preference_sources
+
+    empty_chosen = [json.dumps({"prompt": f"q{i}", "chosen": "", "rejected": "r"}) for i in range(3)]
+    (tmp_path / "a.jsonl").write_text("\n".join(empty_chosen) + "\n")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"prompt": "q", "chosen": "x", "rejected": "x"}) + "\n")
+    pref = PreferenceConfig(sources=[PreferenceSourceConfig(path="a.jsonl"), PreferenceSourceConfig(path="b.jsonl")])
+    with pytest.raises(DataError) as err:
+        load_preference_sources(pref, _cfg(tmp_path), tok)
+    msg = str(err.value)
+    assert msg.startswith("No usable preference pairs: every row was dropped.")
+    assert f"{tmp_path / 'a.jsonl'}: 3 rows read, 0 kept; dropped: 3 empty_chosen (row 1: 'chosen' is empty)" in msg
+    assert (f"{tmp_path / 'b.jsonl'}: 1 rows read, 0 kept; dropped: 1 identical (row 1: chosen and rejected are "
+            f"the same text)") in msg
+    assert "preference.sources[].columns" in msg
