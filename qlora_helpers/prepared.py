@@ -232,7 +232,7 @@ def _fingerprint_inputs(data_cfg: DataConfig, tokenizer, max_length: int) -> tup
             files.append([str(path), stat.st_size if stat else None, stat.st_mtime_ns if stat else None])
     tok = [tokenizer.name_or_path, len(tokenizer), tokenizer.eos_token_id, tokenizer.chat_template or ""]
     payload = json.dumps([DATA_FORMAT_VERSION, repr(data_cfg), max_length, tok, files], sort_keys=True)
-    inputs = {"data": dataclasses.asdict(data_cfg), "max_seq_length": max_length, "tokenizer": tok[:3],
+    inputs = {"settings": dataclasses.asdict(data_cfg), "max_seq_length": max_length, "tokenizer": tok[:3],
               "files": files}
     return hashlib.sha256(payload.encode()).hexdigest()[:16], inputs
 
@@ -241,8 +241,9 @@ def _what_changed(saved: dict[str, Any] | None, now: dict[str, Any]) -> str:
     """What differs between the inputs the saved sets were prepared from and the run's now."""
     if not saved:  # sets saved before data_report.json recorded them
         return "the data settings, the tokenizer or the data files"
-    said = [f"data.{key}: now {now['data'][key]!r}, the sets have {saved['data'].get(key)!r}"
-            for key in now["data"] if now["data"][key] != saved["data"].get(key)]
+    was, data_now = saved["settings"], now["settings"]
+    said = [f"data.{key}: now {data_now[key]!r}, the sets have {was.get(key)!r}"
+            for key in data_now if data_now[key] != was.get(key)]
     if now["max_seq_length"] != saved["max_seq_length"]:
         said.append(f"model.max_seq_length: now {now['max_seq_length']}, the sets have {saved['max_seq_length']}")
     if now["tokenizer"] != saved["tokenizer"]:
