@@ -128,7 +128,7 @@ def run_answers(run, model, tokenizer, n: int, batch_size: int = 32, max_new_tok
     by data.seed), answered once by the base (adapter off) and once tuned, every answer metric scored,
     each difference with its interval. `max_new_tokens`: eval.answer_tokens unless given. Batch 32:
     64 examples, both sides, in ~60 CPU seconds on the 2-core CPU (benchmarks/BENCHMARKS.md)."""
-    data = data if data is not None else load_prepared(run)
+    data = data if data is not None else load_prepared(run, tokenizer)
     examples = data.eval[:n]
     if not examples:
         raise ValueError("run_answers: the eval split is empty; raise data.eval_size.")

@@ -3,6 +3,7 @@ mapping, detection and validation of one row. Shared by stage 03 and 04b's prefe
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from .config import SourceConfig
@@ -120,3 +121,13 @@ def normalize_row(row: Any, fmt: str) -> dict[str, Any]:
     return {"kind": "chat", "messages": messages}
 
 
+
+
+def drops_by_source(sources: dict[str, dict[str, Any]], first: dict[str, dict[str, str]]) -> str:
+    """Per source: rows read and dropped by reason, each reason with its first row (`first`: source ->
+    reason -> 'row N: detail'); what the no-usable-rows errors of 03 and 04b say."""
+    said = []
+    for name, s in sources.items():
+        reasons = ", ".join(f"{n} {r} ({first[name][r]})" for r, n in Counter(s["dropped"]).most_common())
+        said.append(f"{s['origin']}: {s['rows']} rows read, {s['kept']} kept; dropped: {reasons or 'none'}")
+    return "; ".join(said)

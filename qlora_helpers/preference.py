@@ -328,7 +328,7 @@ def prepare_run_pairs(run, model, tokenizer, prepared: PreparedData | None = Non
     if resolve_preference_resume(run) and run.preference_pairs.is_file():
         print(f"Resuming: the pairs of {run.preference_pairs.name}, as the checkpoint was trained on them.")
         return read_json(run.preference_pairs)
-    prepared = prepared or load_prepared(run)
+    prepared = prepared or load_prepared(run, tokenizer)
     clock = _Clock()
     pairs = prepare_pairs(model, tokenizer, cfg.preference, cfg.data, prepared, cfg.eval.answer_batch_size)
     pairs["report"]["seconds"] = clock.lap("pairs")
@@ -446,7 +446,7 @@ def answer_metrics_three_way(run, model, tokenizer, data: PreparedData | None = 
     `known`: 05's answer task result on this model; its base and SFT+DPO answers are reused when they
     answered the same examples the same way (`reusable_answers`), so only the SFT answers are generated."""
     cfg = run.cfg.eval
-    data = data if data is not None else load_prepared(run)
+    data = data if data is not None else load_prepared(run, tokenizer)
     examples = data.eval[:cfg.answer_samples]
     if not examples:
         raise QLoraError("No held-out examples for the answer metrics: raise data.eval_size or eval.answer_samples.")

@@ -33,7 +33,14 @@ from typing import Any
 from .config import DataConfig, PreferenceConfig, PreferenceSourceConfig
 from .decoding import generate_answers
 from .errors import DataError
-from .formats import EXAMPLES_PER_REASON, RowProblem, check_mapped_columns, map_columns, require_rows
+from .formats import (
+    EXAMPLES_PER_REASON,
+    RowProblem,
+    check_mapped_columns,
+    drops_by_source,
+    map_columns,
+    require_rows,
+)
 from .prompts import BadConversation, encode_text, render_conversation
 from .sources import DataUnavailable, load_table, looks_like_file
 
@@ -164,6 +171,7 @@ class _Report:
     def __init__(self):
         self.sources: dict[str, dict[str, Any]] = {}
         self.examples: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        self.first: dict[str, dict[str, str]] = defaultdict(dict)  # source -> reason -> its first row, for errors
 
     def open(self, name: str, origin: str, layout: str, rows: int, **extra: Any) -> None:
         if name in self.sources:
@@ -173,6 +181,7 @@ class _Report:
 
     def drop(self, name: str, reason: str, row_no: int, detail: str) -> None:
         self.sources[name]["dropped"][reason] += 1
+        self.first[name].setdefault(reason, f"row {row_no}: {detail[:120]}")
         if len(self.examples[reason]) < EXAMPLES_PER_REASON:
             self.examples[reason].append({"source": name, "row": row_no, "detail": detail[:300]})
 
@@ -197,13 +206,16 @@ def read_source(src: PreferenceSourceConfig, pref: PreferenceConfig, data_cfg: D
     rows, origin = load_table(src.path, data_cfg, src.split, keep_bad_rows=True)
     require_rows(rows, origin, "preference.sources")
     check_mapped_columns(rows, src.columns, origin, "preference.sources[].columns")
+    numbers, drawn = range(1, len(rows) + 1), {}  # row numbers are the file's (1-based), sampled or not
     if src.sample is not None:
-        rows = [rows[i] for i in sorted(random.Random(pref.seed).sample(range(len(rows)), min(src.sample, len(rows))))]
+        chosen = sorted(random.Random(pref.seed).sample(range(len(rows)), min(src.sample, len(rows))))
+        drawn = {"sample": {"rows": len(chosen), "of": len(rows), "seed": pref.seed, "indices": chosen}}
+        rows, numbers = [rows[i] for i in chosen], [i + 1 for i in chosen]
     rows = [map_columns(r, src.columns) if isinstance(r, dict) else r for r in rows]
     layout = detect_layout(rows, src, origin)
-    report.open(name, origin, layout, len(rows))
+    report.open(name, origin, layout, len(rows), **drawn)
     pairs, seen = [], set()
-    for row_no, row in enumerate(rows, 1):
+    for row_no, row in zip(numbers, rows):
         try:
             pair = normalize_pair(row, layout)
             prompt = render_conversation(pair["messages"], data_cfg.template, tokenizer)
@@ -246,8 +258,9 @@ def load_preference_sources(pref: PreferenceConfig, data_cfg: DataConfig, tokeni
         raise DataUnavailable(f"Some preference sources cannot be read ({'; '.join(unreachable)}) while others "
                               f"can; remove them from preference.sources or make them reachable.")
     if not pairs:
-        raise DataError(f"No usable preference pairs: every row was dropped ({report.to_dict()['dropped']}). "
-                        f"See the reasons and examples in the report; fix the data or the column mapping.")
+        raise DataError(f"No usable preference pairs: every row was dropped. "
+                        f"{drops_by_source(report.sources, report.first)}. Fix those rows, or map the file's "
+                        f"columns with preference.sources[].columns.")
     return pairs, report.to_dict()
 
 

@@ -8,6 +8,7 @@ most callers (validation, the unit tests) need neither.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -26,6 +27,7 @@ from .formats import (
     RowProblem,
     check_mapped_columns,
     detect_format,
+    drops_by_source,
     map_columns,
     normalize_row,
     require_rows,
@@ -98,7 +100,9 @@ def build_examples(data_cfg: DataConfig, tokenizer, max_length: int) -> tuple[li
         formats[name], tallies[name] = fmt, _Tally(rows=len(rows))
         tally = tallies[name]
         rendered: list[tuple[int, str, str]] = []
-        for row_no, row in enumerate(rows, 1):
+        # row numbers are the file's (1-based), also when `sample: N` drew the rows: a user finds them there
+        numbers = [i + 1 for i in drawn[name]["indices"]] if drawn[name] else range(1, len(rows) + 1)
+        for row_no, row in zip(numbers, rows):
             try:
                 prompt, response = render(normalize_row(row, fmt), data_cfg.template, tokenizer)
             except RowProblem as problem:
@@ -187,12 +191,7 @@ def mix_and_split(examples: list[dict[str, Any]], data_cfg: DataConfig,
 
 def _drops_by_source(parts: dict[str, Any]) -> str:
     """Per source: rows read and dropped by reason, each reason with its first row."""
-    said = []
-    for name, s in parts["sources"].items():
-        first = parts["first_dropped"][name]
-        reasons = ", ".join(f"{n} {r} ({first[r]})" for r, n in Counter(s["dropped"]).most_common())
-        said.append(f"{s['origin']}: {s['rows']} rows read, {s['kept']} kept; dropped: {reasons or 'none'}")
-    return "; ".join(said)
+    return drops_by_source(parts["sources"], parts["first_dropped"])
 
 
 def _eval_size_problem(eval_size: int, usable: int, kept: int, parts: dict[str, Any]) -> str:
@@ -216,6 +215,11 @@ def _eval_size_problem(eval_size: int, usable: int, kept: int, parts: dict[str, 
 def data_fingerprint(data_cfg: DataConfig, tokenizer, max_length: int) -> str:
     """Changes when anything that shapes the tokenized sets changes: config (the data trained on:
     `training_sources`), tokenizer, input files."""
+    return _fingerprint_inputs(data_cfg, tokenizer, max_length)[0]
+
+
+def _fingerprint_inputs(data_cfg: DataConfig, tokenizer, max_length: int) -> tuple[str, dict[str, Any]]:
+    """(the fingerprint, what it was computed from: the report's `prepared_for`, which says what changed)."""
     data_cfg = training_sources(data_cfg)[0]
     files = []
     for src in data_cfg.sources:
@@ -228,21 +232,43 @@ def data_fingerprint(data_cfg: DataConfig, tokenizer, max_length: int) -> str:
             files.append([str(path), stat.st_size if stat else None, stat.st_mtime_ns if stat else None])
     tok = [tokenizer.name_or_path, len(tokenizer), tokenizer.eos_token_id, tokenizer.chat_template or ""]
     payload = json.dumps([DATA_FORMAT_VERSION, repr(data_cfg), max_length, tok, files], sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    inputs = {"settings": dataclasses.asdict(data_cfg), "max_seq_length": max_length, "tokenizer": tok[:3],
+              "files": files}
+    return hashlib.sha256(payload.encode()).hexdigest()[:16], inputs
+
+
+def _what_changed(saved: dict[str, Any] | None, now: dict[str, Any]) -> str:
+    """What differs between the inputs the saved sets were prepared from and the run's now."""
+    if not saved:  # sets saved before data_report.json recorded them
+        return "the data settings, the tokenizer or the data files"
+    was, data_now = saved["settings"], now["settings"]
+    said = [f"data.{key}: now {data_now[key]!r}, the sets have {was.get(key)!r}"
+            for key in data_now if data_now[key] != was.get(key)]
+    if now["max_seq_length"] != saved["max_seq_length"]:
+        said.append(f"model.max_seq_length: now {now['max_seq_length']}, the sets have {saved['max_seq_length']}")
+    if now["tokenizer"] != saved["tokenizer"]:
+        said.append(f"the tokenizer: now {now['tokenizer'][0]}, the sets have {saved['tokenizer'][0]}")
+    had = {f[0]: f for f in saved["files"]}
+    said += [f"{f[0]} changed since (size or modification time)" for f in now["files"]
+             if f[0] in had and f != had[f[0]]]
+    if not said and {f[0] for f in now["files"]} != set(had):  # the same settings, another data folder
+        said.append(f"the data files: now {', '.join(f[0] for f in now['files'])}, the sets were read from "
+                    f"{', '.join(had)}")
+    return "; ".join(said)[:1500] or "the tokenizer's chat template, or the layout of saved sets changed"
 
 
 def prepare_data(data_cfg: DataConfig, tokenizer, max_length: int, micro_batch_size: int,
                  folder: RunFolder | None = None) -> PreparedData:
     """The stage: examples, split, report; saved in the run folder and reused when unchanged."""
     data_cfg, fallback = training_sources(data_cfg)
-    fingerprint = data_fingerprint(data_cfg, tokenizer, max_length)
+    fingerprint, inputs = _fingerprint_inputs(data_cfg, tokenizer, max_length)
     reuse = folder is not None and prepared_fingerprint(folder) == fingerprint
     if folder is not None and not reuse:
-        keep_trained_data(folder, fallback)
+        keep_trained_data(folder, fallback, inputs)
     if fallback:
         print(builtin_notice(fallback))
     if reuse:
-        cached = load_prepared(folder)
+        cached = _read_prepared(folder)
         cached.reused = True
         return cached
     examples, parts = build_examples(data_cfg, tokenizer, max_length)
@@ -250,6 +276,7 @@ def prepare_data(data_cfg: DataConfig, tokenizer, max_length: int, micro_batch_s
     lengths = [len(e["input_ids"]) for e in train]
     report = {
         "fingerprint": fingerprint,
+        "prepared_for": inputs,  # what the fingerprint was computed from: errors say what changed
         "builtin_fallback": fallback,  # why the built-in data stands in for data.sources (None: it does not)
         "sources": parts["sources"],
         "dropped": dict(sum((Counter(s["dropped"]) for s in parts["sources"].values()), Counter())),
@@ -274,22 +301,23 @@ def prepare_data(data_cfg: DataConfig, tokenizer, max_length: int, micro_batch_s
     return prepared
 
 
-def keep_trained_data(folder: RunFolder, fallback: str | None) -> None:
+def keep_trained_data(folder: RunFolder, fallback: str | None, inputs: dict[str, Any]) -> None:
     """Once 04 has trained on a run's saved sets (a checkpoint or the adapter exists), other data never
     replaces them: 05 would score the adapter on examples it was not trained for, and a resumed run
     would train on a mix. Rerunning 02 or 03 where the sources resolve differently (no data folder
-    set, so the built-in data stands in; another data folder; edited files) is an error that says so."""
+    set, so the built-in data stands in; another data folder; edited files; other data settings) is an
+    error that says so. `inputs`: what the sets would be prepared from now (`_fingerprint_inputs`)."""
     if prepared_fingerprint(folder) is None or not (folder.checkpoints_dir.is_dir() or folder.has_adapter):
         return
     saved = read_json(folder.data_report)
     was = "; ".join(f"{name} from {part.get('origin')}" for name, part in saved.get("sources", {}).items())
     now = (f"the built-in data, because {fallback}" if fallback else
-           "the configured sources as they resolve now (another data folder, or files that changed since)")
+           f"the configured sources as they resolve now ({_what_changed(saved.get('prepared_for'), inputs)})")
     raise DataError(f"{folder.data_dir} holds the sets this run's adapter was trained on ({was}), but the run's "
                     f"settings now give other data: {now}. Replacing them would leave 05 scoring the adapter on "
                     f"examples it was not trained for. Give the run the data it had (the same QLORA_DATA_DIR or "
-                    f"data.data_dir, the same files), or start a new run (a new run name in 01, or --run-name; or "
-                    f"delete {folder.path} to start this one over).")
+                    f"data.data_dir, the same files and data settings), or start a new run (a new run name in "
+                    f"01, or --run-name; or delete {folder.path} to start this one over).")
 
 
 def prepared_fingerprint(folder: RunFolder) -> str | None:
@@ -316,8 +344,39 @@ def load_split(folder: RunFolder, split: str, limit: int | None = None) -> list[
     return (rows.select(range(min(limit, len(rows)))) if limit is not None else rows).to_list()
 
 
-def load_prepared(folder: RunFolder) -> PreparedData:
-    """The sets stage 03 saved in the run folder."""
+def load_prepared(run, tokenizer=None) -> PreparedData:
+    """The sets stage 03 saved in the run folder, for training (04, 04b) and evaluation (05), once
+    `check_prepared` has found them prepared for the run's data settings. `tokenizer`: the run's, when
+    loaded already."""
+    check_prepared(run, tokenizer)
+    return _read_prepared(run)
+
+
+def check_prepared(run, tokenizer=None) -> None:
+    """An error unless the saved sets are the ones 03 would make for the run now: the fingerprint 03
+    compares to reuse them, so the answer is 03's in the same environment (hub reachable or not, the
+    same data folder). Rerunning 01 with other data settings, or a 03 that failed on new data, leaves
+    config.json naming data other than the sets in data/; training on them would be silent. Once 04
+    has trained on the sets, the error is `keep_trained_data`'s, as 03's would be. Costs a tokenizer
+    load (none when given) and a stat of each data file; no data is read."""
+    cfg = run.cfg
+    saved = read_json(run.require("data_report"))
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
+    data_cfg, fallback = training_sources(cfg.data)
+    fingerprint, inputs = _fingerprint_inputs(data_cfg, tokenizer, cfg.model.max_seq_length)
+    if saved.get("fingerprint") == fingerprint:
+        return
+    keep_trained_data(run, fallback, inputs)
+    now = f"the built-in data, because {fallback}" if fallback else _what_changed(saved.get("prepared_for"), inputs)
+    raise DataError(f"The sets in {run.data_dir} were prepared for other data settings than this run's, or the "
+                    f"data files changed since ({now}); training or evaluating on them would use data that "
+                    f"{run.config_file.name} does not name. Rerun stage 03 for this run: notebook 03_data_prep with "
+                    f"run_name={run.name!r}, or python -m qlora_helpers run --stages 03 with the run's --config, "
+                    f"--set and --run-name.")
+
+
+def _read_prepared(folder: RunFolder) -> PreparedData:
+    """The sets saved in the run folder, as they are (`load_prepared` checks them first)."""
     report = read_json(folder.require("data_report"))
     return PreparedData(load_split(folder, "train"), load_split(folder, "eval"), report, path=folder.data_dir)
 

@@ -169,6 +169,7 @@ def _execute(stages: list[Stage], folder: RunFolder, parameters: dict, progress:
                         raise
                     print(f"    the kernel died while starting ({exc}); starting it again", flush=True)
         except PapermillExecutionError as exc:
+            record_stage(folder, stage, time.perf_counter() - start, f"{exc.ename}: {exc.evalue}")
             raise StageFailed(
                 f"{notebook.name} failed in cell {exc.exec_count} ({exc.ename}: {exc.evalue}). "
                 f"The executed copy with all outputs is {out}.") from None

@@ -381,7 +381,11 @@ class Stage:
         module, function = self.entry.split(":")
         fn: Callable[[Run], dict[str, Any]] = getattr(importlib.import_module(module), function)
         start = time.perf_counter()
-        report = fn(run)
+        try:
+            report = fn(run)
+        except Exception as exc:
+            record_stage(run, self, time.perf_counter() - start, f"{type(exc).__name__}: {exc}")
+            raise
         record_stage(run, self, time.perf_counter() - start)
         return report
 
@@ -405,11 +409,14 @@ STAGES: tuple[Stage, ...] = (
 )
 
 
-def record_stage(folder: _Layout, done: Stage, seconds: float) -> None:
-    """Add a finished stage to the run's `stages.json` (latest entry per stage; the table's order)."""
+def record_stage(folder: _Layout, done: Stage, seconds: float, error: str | None = None) -> None:
+    """Add a finished stage to the run's `stages.json` (latest entry per stage; the table's order). A
+    stage that raised (`error`) is recorded as failed, replacing its earlier success: its outputs in
+    the folder may be those of an earlier run of it, for other settings."""
     entries = read_json(folder.stages_file).get("stages", {}) if folder.stages_file.is_file() else {}
+    now = time.strftime("%Y-%m-%dT%H:%M:%S")
     entries[done.number] = {"notebook": done.notebook, "seconds": round(seconds, 1),
-                            "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                            **({"failed": now, "error": error[:500]} if error else {"finished": now})}
     order = [s.number for s in STAGES]
     entries = dict(sorted(entries.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
     write_json_atomic(folder.stages_file, {"stages": entries, "final_adapter": folder.final_adapter_stage})

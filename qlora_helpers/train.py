@@ -393,7 +393,8 @@ def _summary(run, trainer, result, history, resume, times, heldout, eval_rows: i
 def run_stage(run) -> dict[str, Any]:
     """Stage 04's entry point (CLI, accelerate workers): train on the sets 03 saved; the adapter and
     `train_log.json` (written last) are the stage's outputs. Returns the summary."""
-    return train_adapter(run, load_prepared(run))["summary"]
+    tokenizer = load_tokenizer(run.cfg.model)
+    return train_adapter(run, load_prepared(run, tokenizer), tokenizer=tokenizer)["summary"]
 
 
 def _trained_tokens(trainer) -> int:

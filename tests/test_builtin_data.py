@@ -203,6 +203,37 @@ def test_the_sets_an_adapter_was_trained_on_are_never_replaced_by_other_data(off
     (other.adapter_dir / "adapter_config.json").parent.mkdir()
     (other.adapter_dir / "adapter_config.json").write_text("{}")  # 04 has finished
     (data / "mine.json").write_text(json.dumps(rows[:50]))
-    with pytest.raises(DataError, match="files that changed since"):
+    with pytest.raises(DataError, match=r"mine.json changed since \(size or modification time\)"):
         prepare_data(mine, tok, 256, 4, folder=other)
     assert json.loads(other.data_report.read_text())["kept"] == 60
+
+
+def test_a_hub_like_path_naming_a_local_file_or_folder_is_ambiguous(offline, tmp_path, monkeypatch):
+    # `path: mine` for a folder or file in the data directory was taken for a hub id; offline the run then
+    # trained on the built-in data, saying nothing of the file
+    from qlora_helpers.errors import DataError
+
+    data = tmp_path / "data"
+    (data / "mine").mkdir(parents=True)
+    (data / "mine" / "rows.json").write_text((ASSETS / "instructions.json").read_text())
+    (data / "notes").write_text("a file without a suffix")
+    for ref, kind in (("mine", "folder"), ("notes", "file")):
+        cfg = DataConfig(data_dir=str(data), sources=[SourceConfig(path=ref)])
+        with pytest.raises(DataError, match=rf"'{ref}' reads as a hub dataset id .*a {kind} {data / ref} exists in "
+                                            rf"the data directory.*write './{ref}'.*full id, org/name"):
+            check_sources(cfg)
+        with pytest.raises(DataError, match="reads as a hub dataset id"):
+            load_source(cfg.sources[0], cfg)
+    here = tmp_path / "here"
+    (here / "org" / "set").mkdir(parents=True)
+    monkeypatch.chdir(here)
+    with pytest.raises(DataError, match=rf"a folder {here / 'org' / 'set'} exists in the current directory.*full "
+                                        rf"path, '{here / 'org' / 'set'}'.*move or rename the local folder"):
+        check_sources(DataConfig(data_dir=str(data), sources=[SourceConfig(path="org/set")]))
+    # not ambiguous: a known id's own offline-copy folder, and an id nothing local is called
+    (data / "gsm8k").mkdir()
+    (data / "gsm8k" / "train.jsonl").write_text((ASSETS / "gsm8k" / "train.jsonl").read_text())
+    assert check_sources(DataConfig(data_dir=str(data), sources=[SourceConfig(path="gsm8k")])) is None
+    why = check_sources(DataConfig(data_dir=str(data), sources=[SourceConfig(path="other")]))
+    assert "'other' is unreachable" in why and "it has no '/', and hub dataset ids are org/name" in why
+    assert "no '/'" not in check_sources(DataConfig(sources=[SourceConfig(path="org/other")]))

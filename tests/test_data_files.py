@@ -3,6 +3,7 @@ file or setting that cannot work says what is wrong and what to do (tests/test_d
 
 import csv
 import json
+import random
 
 import pytest
 
@@ -193,3 +194,50 @@ def test_preference_files_follow_the_same_rules(tmp_path, tok):
     (tmp_path / "none.jsonl").write_text("")
     with pytest.raises(DataError, match="none.jsonl has no rows.*remove it from preference.sources"):
         load(path="none.jsonl")
+
+
+# --- row numbers -----------------------------------------------------------------------------------
+
+
+def test_row_numbers_are_the_files_also_when_sample_draws_the_rows(tmp_path, tok):
+    # with `sample: N` a dropped row was numbered by its place in the draw (row 3 of 20), not in the file
+    rows = [dict(r, output="" if i >= 30 else r["output"]) for i, r in enumerate(ROWS)]  # file rows 31-40: empty
+    _write_json(tmp_path / "some.json", rows)
+    report = prepare_data(_cfg(tmp_path, SourceConfig(path="some.json", sample=20), eval_size=2), tok, 256, 4).report
+    drawn = [i + 1 for i in report["sources"]["some"]["sample"]["indices"]]
+    dropped = [e["row"] for e in report["dropped_examples"]["empty_field"]]
+    assert dropped and all(r in drawn and r > 30 for r in dropped)
+    _write_json(tmp_path / "blank.json", [dict(r, output="") for r in ROWS])
+    first = min(random.Random(42).sample(range(40), 5)) + 1  # the draw of data.seed 42
+    with pytest.raises(DataError, match=rf"5 rows read, 0 kept; dropped: 5 empty_field \(row {first}: "):
+        prepare_data(_cfg(tmp_path, SourceConfig(path="blank.json", sample=5)), tok, 256, 4)
+
+    from qlora_helpers.config import PreferenceConfig, PreferenceSourceConfig
+    from qlora_helpers.preference_data import load_preference_sources
+
+    pairs = [{"prompt": f"Say {i}.", "chosen": f"{i}", "rejected": "" if i >= 30 else "no"} for i in range(40)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    pref = PreferenceConfig(sources=[PreferenceSourceConfig(path="pairs.jsonl", sample=20)])
+    kept, pair_report = load_preference_sources(pref, _cfg(tmp_path), tok)
+    assert all(p["prompt"].endswith(f"Say {p['row'] - 1}.\n\n### Response:\n") for p in kept)
+    drawn = [i + 1 for i in pair_report["sources"]["pairs"]["sample"]["indices"]]
+    assert all(e["row"] in drawn and e["row"] > 30 for e in pair_report["dropped_examples"]["empty_rejected"])
+
+
+def test_no_usable_preference_pairs_names_each_files_reasons_with_a_row(tmp_path, tok):
+    # it printed only a dict of reason counts, with no file and no row to look at
+    from qlora_helpers.config import PreferenceConfig, PreferenceSourceConfig
+    from qlora_helpers.preference_data import load_preference_sources
+
+    empty_chosen = [json.dumps({"prompt": f"q{i}", "chosen": "", "rejected": "r"}) for i in range(3)]
+    (tmp_path / "a.jsonl").write_text("\n".join(empty_chosen) + "\n")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"prompt": "q", "chosen": "x", "rejected": "x"}) + "\n")
+    pref = PreferenceConfig(sources=[PreferenceSourceConfig(path="a.jsonl"), PreferenceSourceConfig(path="b.jsonl")])
+    with pytest.raises(DataError) as err:
+        load_preference_sources(pref, _cfg(tmp_path), tok)
+    msg = str(err.value)
+    assert msg.startswith("No usable preference pairs: every row was dropped.")
+    assert f"{tmp_path / 'a.jsonl'}: 3 rows read, 0 kept; dropped: 3 empty_chosen (row 1: 'chosen' is empty)" in msg
+    assert (f"{tmp_path / 'b.jsonl'}: 1 rows read, 0 kept; dropped: 1 identical (row 1: chosen and rejected are "
+            f"the same text)") in msg
+    assert "preference.sources[].columns" in msg
