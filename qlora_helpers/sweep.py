@@ -252,9 +252,10 @@ def run_sweep(plan: SweepPlan, progress: bool = True) -> dict[str, Any]:
         start = time.perf_counter()
         try:
             run_pipeline(str(plan.config), run.tag, run.overrides, todo, str(plan.runs_dir), progress)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # Ctrl-C: record it and keep the comparison current, then stop
             record.update(status="interrupted", seconds=time.perf_counter() - start)
             _save_state(plan, state)
+            write_comparison(plan.folder)
             raise
         except Exception as exc:  # noqa: BLE001 -- one broken run must not stop the sweep
             record.update(status="failed", error=f"{type(exc).__name__}: {exc}",

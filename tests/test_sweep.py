@@ -178,6 +178,30 @@ def test_failed_runs_are_recorded_the_sweep_goes_on_and_a_rerun_retries(tmp_path
     assert list(table["status"]) == ["failed", "failed"] and table["note"].str.contains("NotSetUp").all()
 
 
+@pytest.mark.integration  # starts a notebook kernel
+def test_ctrl_c_records_the_run_as_interrupted_and_rewrites_the_comparison(tmp_path):
+    folder = tmp_path / "sweeps" / "smoke-r"
+    folder.mkdir(parents=True)
+    (folder / "comparison.md").write_text("| run | status |\n| old-run | finished |\n")  # an earlier sweep's
+    args = [sys.executable, "-m", "qlora_helpers", "sweep", "--config", "smoke", "--grid", "lora.r=4,8",
+            "--stages", "01", "--outputs-dir", str(tmp_path)]
+    proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    notebook = folder / "runs" / "r-4" / "notebooks" / "01_setup.ipynb"
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline and not notebook.exists():  # 01 has started
+        time.sleep(0.1)
+    assert proc.poll() is None, f"the sweep ended (exit {proc.returncode}) before Ctrl-C"
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert "Sweep smoke-r interrupted; run the same command again" in out
+    state = json.loads((folder / "sweep.json").read_text())
+    assert [r["status"] for r in state["runs"]] == ["interrupted", "pending"]
+    table = (folder / "comparison.md").read_text()
+    assert "old-run" not in table and "interrupted" in table and "pending" in table
+    assert list(pd.read_csv(folder / "comparison.csv")["status"]) == ["interrupted", "pending"]
+
+
 def _wandb_records(path):
     """The records of an offline W&B run file (W&B's leveldb-style log of protobuf records).
 
