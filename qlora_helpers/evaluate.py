@@ -23,14 +23,20 @@ from typing import Any
 import yaml
 
 from . import ifeval
-from .answers import run_answers
+from .answers import paired_detectable, run_answers
 from .errors import DataError
 from .generation import generate
 from .models import four_bit_kernel
 from .paths import write_json_atomic, write_text_atomic
 from .prompts import encode_prompts, render_instruction
 from .runs import RunFolder
-from .scoring import describe_difference, heldout_loss, paired_bootstrap, rouge_l  # noqa: F401 (rouge_l: its old home)
+from .scoring import (  # noqa: F401 (rouge_l: its old home)
+    describe_difference,
+    detectable_from_interval,
+    heldout_loss,
+    paired_bootstrap,
+    rouge_l,
+)
 from .sources import HUB_DATASETS, DataUnavailable, load_table, looks_like_file, resolve_data_dir
 from .tasks import TASKS, metrics
 
@@ -273,8 +279,12 @@ def compare_paired(results: dict[str, Any], seed: int = 0) -> list[dict[str, Any
         if not base:
             continue
         r = paired_bootstrap(base, tuned, weights, metric.transform, seed=seed)
-        verdict = describe_difference(metric.name, r, metric.lower_is_better)
-        rows.append({"metric": metric.name, **r, "verdict": verdict})
+        # the minimum detectable difference (80% power, two-sided 5%): for a plain mean the answer
+        # table's own number; for a weighted or transformed one (loss, perplexity) from the interval
+        plain = weights is None and metric.transform is None
+        detectable = paired_detectable(base, tuned) if plain else detectable_from_interval(r)
+        verdict = describe_difference(metric.name, r, metric.lower_is_better, detectable)
+        rows.append({"metric": metric.name, **r, "detectable": detectable, "verdict": verdict})
     return rows
 
 
