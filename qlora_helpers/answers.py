@@ -69,6 +69,13 @@ def detectable_difference(n: int, sd: float = 1.0, level: float = 0.95, power: f
     return (z.inv_cdf((1 + level) / 2) + z.inv_cdf(power)) * sd / math.sqrt(n)
 
 
+def paired_detectable(base: list[float], tuned: list[float]) -> float | None:
+    """`detectable_difference` for these pairs, with the observed spread of their differences (None
+    when every pair differs alike): the one minimum detectable difference the tables and verdicts give."""
+    spread = statistics.pstdev([y - x for x, y in zip(base, tuned)]) if len(base) > 1 else 0.0
+    return detectable_difference(len(base), spread) if spread else None
+
+
 def per_example(answers: list[Answer], references: list[str], checked: list[bool]) -> dict[str, list[float]]:
     """Each metric's value for each answer; exact match over the examples marked `checked` only."""
     values = {"clean stop": [float(a.stopped) for a in answers],
@@ -90,13 +97,13 @@ def compare(base: dict[str, list[float]], tuned: dict[str, list[float]], seed: i
             continue
         b, t = base[metric], tuned[metric]
         r = paired_bootstrap(b, t, seed=seed)
-        spread = statistics.pstdev([y - x for x, y in zip(b, t)]) if len(b) > 1 else 0.0
+        detectable = paired_detectable(b, t)
         rows.append({"metric": metric, "meaning": meaning, "base": statistics.fmean(b),
                      "tuned": statistics.fmean(t), **r, "lower_is_better": lower_better,
-                     "detectable": detectable_difference(len(b), spread) if spread else None,
+                     "detectable": detectable,
                      "detectable_worst_case": detectable_difference(len(b)) if metric in ("clean stop", "exact match")
                      else None,
-                     "verdict": describe_difference(metric, r, lower_better)})
+                     "verdict": describe_difference(metric, r, lower_better, detectable)})
     return rows
 
 

@@ -402,6 +402,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: typing.Iterable[str]) -> dict[str, Any]:
+    """Each `--set` in turn; a mapping given for a section (`lora={r: 8}`) merges into it key by key,
+    as a profile's section merges into the one it `extends`: the section's other keys stay."""
     data = json.loads(json.dumps(data))  # deep copy of plain data
     for text in overrides:
         keys, value = parse_override(text)
@@ -410,8 +412,22 @@ def apply_overrides(data: dict[str, Any], overrides: typing.Iterable[str]) -> di
             node = node.setdefault(key, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"Override {text!r}: {key!r} is a value, not a section.")
-        node[keys[-1]] = value
+        old = node.get(keys[-1])
+        node[keys[-1]] = _merge(old, value) if isinstance(value, dict) and isinstance(old, dict) else value
     return data
+
+
+def override_keys(text: str) -> list[str]:
+    """The dotted keys one `--set` sets: `lora.r=8` -> ['lora.r']; `lora={r: 8, alpha: 16}` (merged
+    into the section) -> ['lora.r', 'lora.alpha']."""
+    keys, value = parse_override(text)
+    return _leaf_keys(".".join(keys), value)
+
+
+def _leaf_keys(key: str, value: Any) -> list[str]:
+    if isinstance(value, dict) and value:
+        return [k for sub, v in value.items() for k in _leaf_keys(f"{key}.{sub}", v)]
+    return [key]
 
 
 def load_config(config: str | Path = "default", overrides: typing.Iterable[str] = ()) -> Config:
@@ -428,10 +444,10 @@ def _origin(key: str | None, path: Path, overrides: list[str]) -> str:
     """Where the value of `key` came from: the last override that sets it (`--set lora.r=0`), else
     the profile file in the `extends` chain that sets it, else `path`'s name."""
     keys = key.split("[")[0].split(".") if key else []  # data.sources[0].weight: the list is set whole
-    for text in reversed(overrides if keys else []):
-        set_keys = parse_override(text)[0]
-        if set_keys[:len(keys)] == keys or keys[:len(set_keys)] == set_keys:
-            return f"--set {text}"
+    for text in reversed(overrides if keys else []):  # a section's mapping sets only the keys it names
+        for set_keys in (k.split(".") for k in override_keys(text)):
+            if set_keys[:len(keys)] == keys or keys[:len(set_keys)] == set_keys:
+                return f"--set {text}"
     node: Path | None = path
     while keys and node is not None:  # _load_profile has read this chain already: it ends
         data = _read_yaml(node)

@@ -23,14 +23,20 @@ from typing import Any
 import yaml
 
 from . import ifeval
-from .answers import run_answers
+from .answers import paired_detectable, run_answers
 from .errors import DataError
 from .generation import generate
 from .models import four_bit_kernel
 from .paths import write_json_atomic, write_text_atomic
 from .prompts import encode_prompts, render_instruction
 from .runs import RunFolder
-from .scoring import describe_difference, heldout_loss, paired_bootstrap, rouge_l  # noqa: F401 (rouge_l: its old home)
+from .scoring import (  # noqa: F401 (rouge_l: its old home)
+    describe_difference,
+    detectable_from_interval,
+    heldout_loss,
+    paired_bootstrap,
+    rouge_l,
+)
 from .sources import HUB_DATASETS, DataUnavailable, load_table, looks_like_file, resolve_data_dir
 from .tasks import TASKS, metrics
 
@@ -127,6 +133,8 @@ def needs_data(task):
 
 def headline(result: dict[str, Any], key: str) -> dict[str, Any] | str:
     """{'base': x, 'tuned': y} for one metric of a task, or why the task was skipped."""
+    if "off" in result:
+        return f"off: {result['off']}"
     if "skipped" in result:
         return f"skipped: {result['skipped']}"
     return {side: result[side][key] for side in ("base", "tuned")}
@@ -271,15 +279,25 @@ def compare_paired(results: dict[str, Any], seed: int = 0) -> list[dict[str, Any
         if not base:
             continue
         r = paired_bootstrap(base, tuned, weights, metric.transform, seed=seed)
-        verdict = describe_difference(metric.name, r, metric.lower_is_better)
-        rows.append({"metric": metric.name, **r, "verdict": verdict})
+        # the minimum detectable difference (80% power, two-sided 5%): for a plain mean the answer
+        # table's own number; for a weighted or transformed one (loss, perplexity) from the interval
+        plain = weights is None and metric.transform is None
+        detectable = paired_detectable(base, tuned) if plain else detectable_from_interval(r)
+        verdict = describe_difference(metric.name, r, metric.lower_is_better, detectable)
+        rows.append({"metric": metric.name, **r, "detectable": detectable, "verdict": verdict})
     return rows
 
 
 def run_tasks(run, model, tokenizer, data) -> dict[str, Any]:
-    """Every enabled task of `tasks.TASKS`, in its order: {task name: result}."""
-    return {task.name: _RUNNERS[task.name](run, model, tokenizer, data)
-            for task in TASKS.values() if task.enabled(run.cfg.eval)}
+    """Every task of `tasks.TASKS`, in its order: {task name: result, or {'off': why}}."""
+    return {name: run_task(name, run, model, tokenizer, data) for name in TASKS}
+
+
+def run_task(name: str, run, model, tokenizer, data) -> dict[str, Any]:
+    """One task's result; {'off': 'eval.gsm8k_samples is 0'} for a task the configuration turns off,
+    without running it or reading its data."""
+    off = TASKS[name].off(run.cfg.eval)
+    return {"off": off} if off else _RUNNERS[name](run, model, tokenizer, data)
 
 
 def task_table(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -290,13 +308,15 @@ def task_table(results: dict[str, Any]) -> list[dict[str, Any]]:
         task = TASKS[name]
         row = {"task": task.title, "examples": counts.get(name),
                "seconds": round(sum((result.get("seconds") or {}).values()), 1)}
-        if "skipped" in result:
+        if "off" in result:
+            rows.append({**row, "metric": f"off: {result['off']}"})
+        elif "skipped" in result:
             rows.append({**row, "metric": f"skipped: {result['skipped']}"})
         elif counts.get(name) == 0:
             rows.append({**row, "metric": "configured away (0 examples)"})
         elif not task.metrics:
             rows.append({**row, "metric": f"(no score: {task.about})"})
-        for metric in task.metrics if "skipped" not in result and counts.get(name) != 0 else ():
+        for metric in task.metrics if not {"skipped", "off"} & set(result) and counts.get(name) != 0 else ():
             if not _holds(result, metric):
                 continue
             rows.append({**row, "metric": metric.name, "base": result["base"][metric.key], "tuned":
@@ -308,14 +328,16 @@ def write_eval_report(run, model=None, extra: dict[str, Any] | None = None, **ta
     """eval.json, the report stage 05 writes last, assembled from each task's result (`loss=...,
     answers=..., gsm8k=..., ifeval=..., showcase=..., lm_eval=...`; a task left out, None or {} is not
     in it): every number, with the config, seeds, sample counts, timings, the headline summary, the
-    paired bootstrap differences, the 4-bit kernel that ran (`model`) and the tasks skipped for want
-    of data, with the reason. Returns the report."""
+    paired bootstrap differences, the 4-bit kernel that ran (`model`), the tasks skipped for want
+    of data (`skipped`) and those the configuration turned off (`off`), each with the reason.
+    Returns the report."""
     results = {task: r for task, r in tasks.items() if r}
     cfg = run.cfg
     skipped = {task: r["skipped"] for task, r in results.items() if isinstance(r, dict) and "skipped" in r}
+    off = {task: r["off"] for task, r in results.items() if isinstance(r, dict) and "off" in r}
     report = {"run": run.name, "summary": summarize(results), "config": cfg.to_dict(),
               "overrides": list(run.stage_overrides),  # this evaluation's own eval.* changes (05's eval_overrides)
-              "skipped": skipped,
+              "skipped": skipped, "off": off,  # no data found / turned off by the configuration
               "four_bit_kernel": four_bit_kernel(model) if model is not None else None,
               "seed": cfg.data.seed, "device": run.device, "compute_dtype": run.runtime.compute_dtype,
               "decoding": "greedy", "samples": sample_counts(results),

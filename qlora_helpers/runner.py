@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from .config import load_config, resolve_config_path
+from .config import Config, apply_overrides, config_from_dict, load_config, resolve_config_path
 from .errors import ConfigError, DataError, QLoraError
 from .opening import STAGE_SECTIONS, config_differences, saved_config
 from .paths import PROJECT_ROOT, run_dir
@@ -47,11 +47,32 @@ def run_pipeline(config: str, run_name: str | None = None, overrides: Iterable[s
                  stages: str | Iterable[str] | None = None, outputs_dir: str | None = None,
                  progress: bool = True) -> Path:
     """Execute the selected stage notebooks in order; return the run folder."""
+    selected, path, parameters = plan_pipeline(config, run_name, overrides, stages, outputs_dir)
+    previous = os.environ.get("QLORA_HEADLESS")
+    os.environ["QLORA_HEADLESS"] = "1"  # the kernels inherit it: no interactive prompts
+    try:
+        _execute(selected, RunFolder(path), parameters, progress)
+    finally:
+        if previous is None:
+            os.environ.pop("QLORA_HEADLESS", None)
+        else:
+            os.environ["QLORA_HEADLESS"] = previous
+    return path
+
+
+def plan_pipeline(config: str, run_name: str | None = None, overrides: Iterable[str] = (),
+                  stages: str | Iterable[str] | None = None,
+                  outputs_dir: str | None = None) -> tuple[list[Stage], Path, dict]:
+    """Every check run_pipeline makes before a notebook starts: (the stages to run, the run folder,
+    the notebooks' parameters)."""
     overrides = list(overrides)
     config_path = resolve_config_path(config)
-    cfg = load_config(config_path, overrides)  # fail on a bad key before any notebook starts
     run_name = config_path.stem if run_name is None else run_name  # "" is refused by run_dir
     chosen = select_stages(stages)
+    # fail on a bad key before any notebook starts; without 01 the run exists and its own settings
+    # (config.json) are the base, so only the --set keys can differ from them, not the profile's defaults
+    saved = saved_config(RunFolder(run_dir(run_name, outputs_dir, create=False))) if chosen[0].number != "01" else None
+    cfg = load_config(config_path, overrides) if saved is None else _with_overrides(saved, overrides, run_name)
     selected = [s for s in chosen if s.applies(cfg)]  # 04b only when the profile enables it
     if not selected:
         raise QLoraError("Nothing to run: " + "; ".join(f"stage {s.number} runs only when {s.enabled_by} is true"
@@ -69,17 +90,9 @@ def run_pipeline(config: str, run_name: str | None = None, overrides: Iterable[s
     parameters = {"config": str(config_path), "run_name": run_name, "overrides": overrides,
                   "outputs_dir": str(path.parent)}
     if selected[0].number != "01":  # the run exists: its settings were fixed by 01, check before starting
-        parameters.update(stage_overrides(RunFolder(path), run_name, cfg, selected))
-    previous = os.environ.get("QLORA_HEADLESS")
-    os.environ["QLORA_HEADLESS"] = "1"  # the kernels inherit it: no interactive prompts
-    try:
-        _execute(selected, RunFolder(path), parameters, progress)
-    finally:
-        if previous is None:
-            os.environ.pop("QLORA_HEADLESS", None)
-        else:
-            os.environ["QLORA_HEADLESS"] = previous
-    return path
+        parameters.update(stage_overrides(RunFolder(path), run_name, cfg, selected,
+                                          lambda: load_config(config_path)))  # the profile, for an error
+    return selected, path, parameters
 
 
 # The parameters cell of each notebook: 01 chooses the run's settings; 02-06 open the run by name,
@@ -95,7 +108,15 @@ def notebook_parameters(stage: Stage, parameters: dict) -> dict:
     return {k: parameters[k] for k in names if k in parameters}
 
 
-def stage_overrides(folder: RunFolder, run_name: str, asked, stages: list[Stage]) -> dict:
+def _with_overrides(saved: Config, overrides: list[str], run_name: str) -> Config:
+    try:
+        return config_from_dict(apply_overrides(saved.to_dict(), overrides))
+    except ConfigError as exc:
+        raise ConfigError(f"Run {run_name!r}'s settings with {' '.join(f'--set {o}' for o in overrides)}: "
+                          f"{exc}", key=exc.key) from None
+
+
+def stage_overrides(folder: RunFolder, run_name: str, asked, stages: list[Stage], profile=None) -> dict:
     """Without stage 01, the overrides must be the run's own settings, except for the sections of 05
     (eval.*) and 06 (serve.*), which go to those notebooks; anything else is the clear error of
     `opening.open_run`, raised before any notebook starts."""
@@ -106,11 +127,23 @@ def stage_overrides(folder: RunFolder, run_name: str, asked, stages: list[Stage]
     changed = {c.partition(":")[0]: c for c in config_differences(asked, saved)}
     sections = {s.number: STAGE_SECTIONS[s.number] for s in stages if s.number in STAGE_SECTIONS}
     own = {key for key in changed if any(key.startswith(f"{sec}.") for sec in sections.values())}
-    if set(changed) - own:
+    fixed = sorted(set(changed) - own)
+    if fixed:
+        values, last = asked.to_dict(), STAGES.index(stages[-1])
+        through = [s.number for s in STAGES[:last + 1] if s.applies(asked)]  # what that setting shapes, redone
+        # the run's own settings that differ from the profile (`profile`) come along, or 01 would drop them
+        try:
+            base = profile() if profile is not None else None
+        except ConfigError:
+            base = None
+        kept = [c.partition(":")[0] for c in (config_differences(saved, base) if base is not None else [])]
+        keys = [k for k in kept if k not in changed] + fixed
+        sets = " ".join(f"--set '{key}={json.dumps(_value(values, key))}'" for key in keys)
+        allowed = " and ".join(f"{sec}.* (stage {n})" for n, sec in sections.items()) or "no setting"
         raise ConfigError(
-            f"Run {run_name!r} was set up with different settings "
-            f"({'; '.join(changed[k] for k in sorted(set(changed) - own))}). Include stage 01 to set them "
-            f"(--stages 01,...), or pick a new run name.")
+            f"Run {run_name!r} was set up by stage 01 with other settings ({'; '.join(changed[k] for k in fixed)}); "
+            f"without 01, --set may change only {allowed}. To change it, pick a new run name "
+            f"(--run-name NEW {sets}), or redo this run from 01: --stages {','.join(through)} {sets}.")
     values = asked.to_dict()
     texts = [f"{key}={json.dumps(_value(values, key))}" for key in sorted(own)]
     return {f"{sec}_overrides": [t for t in texts if t.startswith(f"{sec}.")] for sec in ("eval", "serve")}

@@ -8,6 +8,7 @@ the rest need neither).
 from __future__ import annotations
 
 import math
+import statistics
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -109,14 +110,27 @@ def paired_bootstrap(base, tuned, weights=None, transform=None, resamples: int =
             "distinguishable": bool(low > 0 or high < 0)}
 
 
-def describe_difference(metric: str, r: dict[str, Any], lower_is_better: bool = False) -> str:
-    """One sentence: the difference, its interval, and whether it is distinguishable from zero."""
+def detectable_from_interval(r: dict[str, Any], power: float = 0.8) -> float:
+    """The minimum detectable difference (two-sided at the interval's level, detected with probability
+    `power`) with the standard error the bootstrap interval shows: se = width / (2 z_(1+level)/2), as
+    `answers.detectable_difference` with the spread of the per-example differences."""
+    z = statistics.NormalDist()
+    z_level = z.inv_cdf((1 + r["level"]) / 2)
+    return (z_level + z.inv_cdf(power)) * (r["high"] - r["low"]) / (2 * z_level)
+
+
+def describe_difference(metric: str, r: dict[str, Any], lower_is_better: bool = False,
+                        detectable: float | None = None) -> str:
+    """One sentence: the difference, its interval, and whether it is distinguishable from zero; if not,
+    the minimum detectable difference (80% power, two-sided 5%): `detectable`, the number the tables
+    show, else estimated from the interval (`detectable_from_interval`)."""
     span = f"{r['difference']:+.4g} (95% interval {r['low']:+.4g} to {r['high']:+.4g}, {r['n']} paired examples)"
     if not r["distinguishable"] and r["low"] == r["high"]:
         return f"{metric}: tuned - base = {span}: no difference; the two models score alike on every example."
     if not r["distinguishable"]:
-        half = (r["high"] - r["low"]) / 2
+        smallest = detectable if detectable is not None else detectable_from_interval(r)
         return (f"{metric}: tuned - base = {span}: not distinguishable from zero; with this many examples "
-                f"only differences beyond about ±{half:.3g} would show.")
+                f"the smallest difference detected 80% of the time (two-sided 5%, the `detectable` column) "
+                f"is about ±{smallest:.3g}.")
     better = (r["difference"] < 0) == lower_is_better
     return f"{metric}: tuned - base = {span}: distinguishable from zero, tuned is {'better' if better else 'worse'}."

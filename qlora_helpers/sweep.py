@@ -25,10 +25,7 @@ Imports: matplotlib, pandas and `plots` are imported where the comparison is wri
 
 from __future__ import annotations
 
-import hashlib
-import itertools
 import json
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +39,17 @@ from .opening import config_differences, saved_config
 from .paths import OUTPUTS_DIR, PROJECT_ROOT, read_json, read_utf8, run_dir, write_json_atomic, write_text_atomic
 from .runner import run_pipeline, select_stages
 from .runs import RunFolder, stage
+from .sweep_grid import (  # noqa: F401 (expand_grid, parse_grid, run_tags: the grid's API, long imported from here)
+    check_keys,
+    combinations,
+    expand_grid,
+    fixed_keys,
+    flatten_settings,
+    override_text,
+    parse_grid,
+    run_tags,
+    value_label,
+)
 from .tasks import metrics
 
 SWEEP_DIR = CONFIG_DIR / "sweeps"
@@ -72,79 +80,6 @@ class SweepPlan:
 
     def run_folder(self, tag: str) -> RunFolder:
         return RunFolder(self.runs_dir / tag)
-
-
-# --- the grid ------------------------------------------------------------------------------------
-
-
-def parse_grid(text: str) -> tuple[str, list[Any]]:
-    """`lora.target_modules=[q_proj,v_proj],all-linear` -> ('lora.target_modules', [[...], 'all-linear']).
-
-    The values are read as one YAML flow sequence, so commas inside brackets or quotes stay inside
-    a value and each value follows the `--set` rules (`8` an int, `[a,b]` a list, `true` a bool)."""
-    key, sep, raw = text.partition("=")
-    key = key.strip()
-    if not sep or not key or not raw.strip():
-        raise ConfigError(f"Grid {text!r} must look like section.key=value1,value2 "
-                          f"(for example lora.r=8,16 or 'lora.target_modules=[q_proj,v_proj],all-linear').")
-    try:
-        values = yaml.safe_load(f"[{raw}]")
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"Grid {text!r}: the values are not valid YAML ({exc.problem}). Separate values "
-                          f"with commas; put a list in brackets and a string with commas in quotes.") from None
-    return key, values
-
-
-def expand_grid(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
-    """Every combination, the first key varying slowest: {a: [1, 2], b: [x, y]} -> a1b1, a1by, a2bx, a2by."""
-    keys = list(grid)
-    return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
-
-
-def override_text(key: str, value: Any) -> str:
-    """A `--set` string that reads back as `value` (JSON is a subset of YAML)."""
-    return f"{key}={json.dumps(value)}"
-
-
-def _flatten(settings: Any, where: str) -> dict[str, Any]:
-    """{train: {max_steps: 16}, 'lora.r': 8} -> {'train.max_steps': 16, 'lora.r': 8}."""
-    if settings is None:
-        return {}
-    if not isinstance(settings, dict):
-        raise ConfigError(f"{where} must be a mapping of sections (train: {{max_steps: 16}}) or dotted keys, "
-                          f"not {settings!r}.")
-    flat = {}
-    for key, value in settings.items():
-        if "." not in str(key) and isinstance(value, dict):
-            flat.update({f"{key}.{sub}": v for sub, v in value.items()})
-        else:
-            flat[str(key)] = value
-    return flat
-
-
-def _value_label(value: Any) -> str:
-    if isinstance(value, list):
-        return ",".join(map(str, value))
-    return str(value)
-
-
-def run_tags(combos: list[dict[str, Any]]) -> list[str]:
-    """Readable, unique folder names: {'lora.r': 8, 'lora.target_modules': [q_proj, v_proj]} ->
-    'r-8__target_modules-q_proj.v_proj'. Keys go by their last part unless two share it."""
-    keys = list(dict.fromkeys(k for c in combos for k in c))
-    last = [k.split(".")[-1] for k in keys]
-    short = {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last)}
-    tags = []
-    for combo in combos:
-        text = "__".join(f"{short[k]}-{_value_label(v)}" for k, v in combo.items()) or "base"
-        tag = re.sub(r"[^A-Za-z0-9._-]+", ".", text).strip(".-_") or "run"
-        digest = hashlib.sha1(json.dumps(combo, sort_keys=True).encode()).hexdigest()[:8]
-        tags.append(tag if len(tag) <= 80 else f"{tag[:60]}-{digest}")
-    for i, tag in enumerate(tags):  # the rare clash ('a b' and 'a.b' both become 'a.b'): add a hash
-        if tags.count(tag) > 1:
-            digest = hashlib.sha1(json.dumps(combos[i], sort_keys=True).encode()).hexdigest()[:8]
-            tags[i] = f"{tag}-{digest}"
-    return tags
 
 
 # --- the plan --------------------------------------------------------------------------------------
@@ -184,20 +119,17 @@ def plan_sweep(config: str, grid: list[str] = (), overrides: list[str] = (), sta
         raise ConfigError(f"{path.name}: unknown sweep key(s) {', '.join(sorted(unknown))}; "
                           f"a sweep file has {', '.join(sorted(SWEEP_KEYS))}.")
     profile = resolve_config_path(spec["config"]) if "config" in spec else path
-    fixed = _flatten(spec.get("set"), f"{path.name}: set")
-    combos = _combinations(path, spec, grid)
-    swept = list(dict.fromkeys(k for c in combos for k in c))
-    fixed_keys = set(fixed) | {o.partition("=")[0].strip() for o in overrides}
-    both = sorted(set(swept) & fixed_keys)
-    if both:
-        raise ConfigError(f"{', '.join(both)} is both fixed (set / --set) and swept (grid); keep one.")
+    fixed = flatten_settings(spec.get("set"), f"{path.name}: set")
+    combos = combinations(path, spec, grid)
+    pinned = fixed_keys(fixed, list(overrides))  # a section's mapping (lora={r: 8}) fixes each key it names
+    swept = check_keys(combos, pinned)
     grid_name = f"{path.stem}-{'-'.join(k.split('.')[-1] for k in swept)}"
     name = name or spec.get("name") or (path.stem if spec else grid_name)
     base_dir = Path(outputs_dir) if outputs_dir else OUTPUTS_DIR
     # run_dir: the naming rules of a run folder, and no file where a folder must go
     folder = run_dir(name, (base_dir if base_dir.is_absolute() else PROJECT_ROOT / base_dir) / "sweeps", False)
     settings = ([override_text(k, v) for k, v in fixed.items()] + list(overrides)
-                + [override_text("train.wandb_group", name)] * ("train.wandb_group" not in fixed_keys))
+                + [override_text("train.wandb_group", name)] * ("train.wandb_group" not in pinned))
     stage_list = [s.number for s in select_stages(stages or _stages_text(spec.get("stages")))]
     total = len(combos)
     limit = max_runs if max_runs is not None else spec.get("max_runs")
@@ -212,30 +144,6 @@ def plan_sweep(config: str, grid: list[str] = (), overrides: list[str] = (), sta
     return plan
 
 
-def _combinations(path: Path, spec: dict[str, Any], grid_args: list[str]) -> list[dict[str, Any]]:
-    if "runs" in spec:
-        if grid_args or "grid" in spec:
-            raise ConfigError(f"{path.name} lists its runs (runs:); it cannot take a grid too. Put the "
-                              f"combinations in runs:, or use grid: alone.")
-        runs = spec["runs"]
-        if not isinstance(runs, list) or not runs:
-            raise ConfigError(f"{path.name}: runs: must be a non-empty list of mappings (- {{lora.r: 8}}).")
-        return [_flatten(r, f"{path.name}: runs[{i}]") for i, r in enumerate(runs)]
-    grid = _flatten(spec.get("grid"), f"{path.name}: grid")
-    for text in grid_args:
-        key, values = parse_grid(text)
-        grid[key] = values
-    if not grid:
-        raise ConfigError("Nothing to sweep: give --grid KEY=V1,V2 (repeatable) or a sweep file with grid:.")
-    for key, values in grid.items():
-        if not isinstance(values, list) or not values:
-            raise ConfigError(f"Grid key {key!r} needs a non-empty list of values, not {values!r}.")
-        dupes = [v for i, v in enumerate(values) if v in values[:i]]
-        if dupes:
-            raise ConfigError(f"Grid key {key!r} lists {dupes[0]!r} twice.")
-    return expand_grid(grid)
-
-
 def _stages_text(value: Any) -> str | None:
     """A sweep file's `stages:` as the runner takes it; YAML reads `stages: 01` as the number 1."""
     if value is None or isinstance(value, str):
@@ -247,13 +155,22 @@ def _stages_text(value: Any) -> str | None:
 
 
 def validate_plan(plan: SweepPlan) -> None:
-    """Every run's config must load, and a run folder left by an earlier sweep must match it."""
+    """Every run's config must load, no two runs may load the same settings (`q_proj` and `[q_proj]`
+    are one value once loaded), and a run folder left by an earlier sweep must match its run."""
+    loaded: dict[str, tuple[int, str]] = {}
     for i, run in enumerate(plan.runs, 1):
-        label = " ".join(f"{k}={_value_label(v)}" for k, v in run.values.items())
+        label = " ".join(f"{k}={value_label(v)}" for k, v in run.values.items())
         try:
             cfg = load_config(plan.config, run.overrides)
         except ConfigError as exc:
             raise ConfigError(f"Sweep {plan.name!r}, run {i} ({label}): {exc}") from None
+        written = ", ".join(override_text(k, v) for k, v in run.values.items())  # as given: "q_proj", ["q_proj"]
+        same = loaded.setdefault(json.dumps(cfg.to_dict(), sort_keys=True), (i, written))
+        if same[0] != i:
+            raise ConfigError(
+                f"Sweep {plan.name!r}: run {same[0]} ({same[1]}) and run {i} ({written}) load the same settings "
+                f"(the config reads both values alike), so they would train the same model twice. Keep one "
+                f"of the two values.")
         folder = plan.run_folder(run.tag)
         old = saved_config(folder)
         if old is not None and old != cfg:
@@ -317,7 +234,7 @@ def run_sweep(plan: SweepPlan, progress: bool = True) -> dict[str, Any]:
     if len(plan.runs) < plan.total:
         print(f"[sweep {plan.name}] --max-runs: {len(plan.runs)} of {plan.total} combinations", flush=True)
     for i, (run, record) in enumerate(zip(plan.runs, state["runs"]), 1):
-        label = " ".join(f"{k}={_value_label(v)}" for k, v in run.values.items())
+        label = " ".join(f"{k}={value_label(v)}" for k, v in run.values.items())
         todo = remaining_stages(plan, run)
         head = f"[sweep {plan.name}] run {i}/{len(plan.runs)} {run.tag} ({label})"
         if not todo:
@@ -335,9 +252,10 @@ def run_sweep(plan: SweepPlan, progress: bool = True) -> dict[str, Any]:
         start = time.perf_counter()
         try:
             run_pipeline(str(plan.config), run.tag, run.overrides, todo, str(plan.runs_dir), progress)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # Ctrl-C: record it and keep the comparison current, then stop
             record.update(status="interrupted", seconds=time.perf_counter() - start)
             _save_state(plan, state)
+            write_comparison(plan.folder)
             raise
         except Exception as exc:  # noqa: BLE001 -- one broken run must not stop the sweep
             record.update(status="failed", error=f"{type(exc).__name__}: {exc}",
@@ -381,7 +299,7 @@ def collect_results(folder: Path) -> list[dict[str, Any]]:
     rows = []
     for record in state["runs"]:
         run_folder = RunFolder(folder / "runs" / record["tag"])
-        row = {"run": record["tag"], **{k: _value_label(v) for k, v in record["values"].items()},
+        row = {"run": record["tag"], **{k: value_label(v) for k, v in record["values"].items()},
                "status": record["status"]}
         log = _read_optional(run_folder.train_log)
         if log:
@@ -430,7 +348,7 @@ def write_comparison(folder: Path) -> dict[str, Path]:
     for record in state["runs"]:
         log = _read_optional(RunFolder(folder / "runs" / record["tag"]).train_log)
         if log:
-            label = ", ".join(f"{k.split('.')[-1]}={_value_label(v)}" for k, v in record["values"].items())
+            label = ", ".join(f"{k.split('.')[-1]}={value_label(v)}" for k, v in record["values"].items())
             curves[label or record["tag"]] = log["log_history"]
     if curves:
         # the runs trained on the same batches in the same order unless the sweep changes the data or a seed

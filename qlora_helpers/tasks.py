@@ -9,11 +9,13 @@ result does not hold (exact match: only on the built-in data) is left out of the
 
 A task's function takes (run, model, tokenizer, data: the eval split 03 saved) and returns
 {'base': ..., 'tuned': ..., 'seconds': ...} (`evaluate.for_both`), or {'skipped': why} when its data
-is nowhere to be found (`evaluate.needs_data`).
+is nowhere to be found (`evaluate.needs_data`). A task the configuration turns off (`Task.switches`:
+eval.gsm8k_samples: 0) is not run at all: {'off': why} (`evaluate.run_task`).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -45,8 +47,20 @@ class Task:
     run: str                  # its function in evaluate.py
     metrics: tuple[Metric, ...] = ()
     examples: Callable[[dict[str, Any]], int | None] | None = None  # examples behind its numbers
-    enabled: Callable[[Any], bool] = lambda eval_cfg: True  # from the eval config: runs at all?
+    switches: tuple[str, ...] = ()  # the eval.* settings that turn it off when 0, null or empty
     section: str = "eval"     # the config section of its settings
+
+    def off(self, eval_cfg: Any) -> str | None:
+        """Why the configuration turns this task off ('eval.gsm8k_samples is 0'), or None when it runs.
+        A task that is off is not run and its data is not read: it is off, not short of data."""
+        for name in self.switches:
+            value = getattr(eval_cfg, name)
+            if not value:
+                return f"{self.section}.{name} is {json.dumps(value)}"
+        return None
+
+    def enabled(self, eval_cfg: Any) -> bool:
+        return self.off(eval_cfg) is None
 
 
 def _nll_per_token(side: dict[str, Any]) -> tuple[list[float], list[float]]:
@@ -93,22 +107,23 @@ TASKS: dict[str, Task] = {t.name: t for t in (
          examples=_count("references")),
     Task("gsm8k", "GSM8K", "the final number of the answer (after ####, else the last) against the reference",
          ("gsm8k_path", "gsm8k_samples", "gsm8k_shots", "gsm8k_tokens", "batch_size"), ("gsm8k_path",),
-         "evaluate_gsm8k", (Metric("GSM8K exact match", "exact_match", _values),), examples=_count("answers")),
+         "evaluate_gsm8k", (Metric("GSM8K exact match", "exact_match", _values),), examples=_count("answers"),
+         switches=("gsm8k_samples",)),
     Task("ifeval", "IFEval", "verifiable instructions followed: every one of a prompt (prompt level), or each",
          ("ifeval_path", "ifeval_samples", "answer_tokens", "batch_size"), ("ifeval_path",), "evaluate_ifeval",
          (Metric("IFEval prompt-level", "prompt_level_strict", _prompt_level),
           Metric("IFEval instruction-level", "instruction_level_strict", _instruction_level)),
-         examples=_count("prompts")),
+         examples=_count("prompts"), switches=("ifeval_samples",)),
     Task("choice", "Multiple choice", "the likeliest of the given answers (log-likelihood) against the gold one",
          ("choice_path", "choice_samples", "batch_size"), ("choice_path",), "evaluate_choice",
          (Metric("multiple-choice accuracy", "accuracy", _values),), examples=_count("questions"),
-         enabled=lambda eval_cfg: eval_cfg.choice_path is not None),
+         switches=("choice_path", "choice_samples")),
     Task("showcase", "Side by side", "base and tuned answers to AlpacaEval and MT-bench prompts, to read",
          ("alpaca_eval_path", "mt_bench_path", "showcase_samples", "answer_tokens"),
-         ("alpaca_eval_path", "mt_bench_path"), "evaluate_showcase"),
+         ("alpaca_eval_path", "mt_bench_path"), "evaluate_showcase", switches=("showcase_samples",)),
     Task("lm_eval", "lm-evaluation-harness", "the tasks of eval.lm_eval_tasks through lm-eval, on the model in memory",
          ("lm_eval_tasks", "lm_eval_limit", "gsm8k_path", "gsm8k_shots", "gsm8k_tokens"), (), "evaluate_lm_eval",
-         enabled=lambda eval_cfg: bool(eval_cfg.lm_eval_tasks)),
+         switches=("lm_eval_tasks",)),
 )}
 
 

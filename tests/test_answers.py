@@ -76,6 +76,27 @@ def test_identical_answers_have_no_difference_and_no_detectable_spread():
     assert "no difference" in rows[0]["verdict"]
 
 
+def test_the_verdict_and_the_tables_give_one_minimum_detectable_difference():
+    """A difference not told from zero: the verdict names the same 80%-power number as the answer
+    table's and eval.json's `detectable` column (it used to give the interval's half width, ~1.4x smaller)."""
+    from qlora_helpers.evaluate import compare_paired
+    from qlora_helpers.scoring import detectable_from_interval, paired_bootstrap
+
+    base = [0.1 * (i % 7) for i in range(64)]
+    tuned = [b + 0.05 * ((i * 5) % 9 - 4) for i, b in enumerate(base)]  # differences: -0.2 ... +0.2, mean ~0
+    rows = {r["metric"]: r for r in compare({"ROUGE-L F1": base}, {"ROUGE-L F1": tuned})}
+    row = rows["ROUGE-L F1"]
+    assert not row["distinguishable"]
+    assert row["verdict"].endswith(f"is about ±{row['detectable']:.3g}.") and "80% of the time" in row["verdict"]
+    assert f"±{(row['high'] - row['low']) / 2:.3g}" not in row["verdict"]
+    side = lambda values: {"per_example": {"ROUGE-L F1": values}}  # noqa: E731
+    (paired,) = compare_paired({"answers": {"base": side(base), "tuned": side(tuned)}})
+    assert paired["detectable"] == row["detectable"] and paired["verdict"] == row["verdict"]  # eval.json's too
+    # for a weighted or transformed metric the same quantity comes from the interval: near the normal formula
+    r = paired_bootstrap(base, tuned, resamples=4000)
+    assert detectable_from_interval(r) == pytest.approx(row["detectable"], rel=0.1)
+
+
 def test_score_answers_needs_one_answer_per_reference():
     with pytest.raises(ValueError, match="2 base and 3 tuned answers for 3 references"):
         score_answers(_answers(["a", "b"], [1, 1]), _answers(["a", "b", "c"], [1, 1, 1]), REFS)

@@ -45,6 +45,20 @@ def test_overrides_are_typed():
     assert cfg.model.revision == "main"
 
 
+
+def test_a_section_mapping_override_merges_into_the_section_key_by_key():
+    profile = load_config("default")
+    cfg = load_config("default", ["lora={r: 8, alpha: 8}"])
+    assert (cfg.lora.r, cfg.lora.alpha) == (8, 8)
+    assert cfg.lora.target_modules == profile.lora.target_modules == "all-linear"  # not the code's default
+    assert cfg.lora.dropout == profile.lora.dropout
+    assert load_config("default", ["lora={r: 8}", "lora={alpha: 4}"]).lora.r == 8  # a later one merges too
+    with pytest.raises(ConfigError, match=r"^--set lora=\{r: 0\}: 'lora\.r' is 0"):
+        load_config("default", ["lora={r: 0}"])
+    with pytest.raises(ConfigError, match=r"^--set lora\.alpha=-1: "):  # not blamed on the later mapping
+        load_config("default", ["lora.alpha=-1", "lora={r: 8}"])
+
+
 def test_unknown_key_names_key_suggestion_and_valid_keys():
     with pytest.raises(ConfigError) as err:
         load_config("default", ["train.learning_rat=1e-4"])

@@ -179,8 +179,29 @@ def test_the_runner_without_01_passes_only_eval_and_serve_changes(by_name):
     asked = load_config("smoke", [*same, "eval.answer_samples=3", "serve.bench_tokens=4"])
     assert stage_overrides(folder, "byname", asked, select_stages("05,06")) == {
         "eval_overrides": ["eval.answer_samples=3"], "serve_overrides": ["serve.bench_tokens=4"]}
-    with pytest.raises(ConfigError, match=r"train.learning_rate: now 0.002, run has 0.001.*Include stage 01"):
+    with pytest.raises(ConfigError, match=r"train.learning_rate: now 0.002, run has 0.001.*redo this run from 01"):
         stage_overrides(folder, "byname", load_config("smoke", ["train.learning_rate=0.002"]), select_stages("04"))
+
+
+def test_a_later_stage_alone_starts_from_the_runs_own_settings_not_the_profiles(by_name):
+    """`run --stages 05 --set eval.answer_samples=3` on a run set up with train.learning_rate=0.001
+    (not the profile's): only the --set keys are compared, so the run's own settings need no restating."""
+    from qlora_helpers.errors import ConfigError
+    from qlora_helpers.runner import plan_pipeline
+
+    selected, path, parameters = plan_pipeline("smoke", "byname", ["eval.answer_samples=3"], "05", by_name)
+    assert [s.number for s in selected] == ["05"] and path == Path(by_name) / "byname"
+    assert parameters["eval_overrides"] == ["eval.answer_samples=3"] and parameters["serve_overrides"] == []
+    # a --set of a setting 01 fixed and 05 does not own is refused, naming it, with the --set that would work
+    with pytest.raises(ConfigError) as refused:
+        plan_pipeline("smoke", "byname", ["lora.r=4", "eval.answer_samples=3"], "05", by_name)
+    message = str(refused.value)
+    assert "(lora.r: now 4, run has 16)" in message and "--set may change only eval.* (stage 05)" in message
+    # the run's own setting comes along in the suggestion, or redoing 01 from the profile would drop it
+    assert ("--stages 01,02,03,04,05 --set 'train.learning_rate=0.001' --set 'train.wandb=\"disabled\"' "
+            "--set 'lora.r=4'") in message
+    with pytest.raises(ConfigError, match=r"Run 'byname''s settings with --set lora.r=0: 'lora.r' is 0"):
+        plan_pipeline("smoke", "byname", ["lora.r=0"], "05", by_name)
 
 
 @pytest.mark.parametrize("stages", [",", "", " , "])

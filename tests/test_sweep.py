@@ -85,6 +85,38 @@ def test_a_bad_key_or_value_fails_before_any_run_starts(tmp_path):
     assert not (tmp_path / "sweeps").exists()
 
 
+
+def test_a_grid_key_given_twice_is_refused_not_overwritten(tmp_path):
+    with pytest.raises(ConfigError, match=r"Grid key 'data.eval_size' is given twice \(--grid\)"):
+        plan_sweep("smoke", ["data.eval_size=20,40", "data.eval_size=20,40,60,80"], outputs_dir=str(tmp_path))
+    spec = tmp_path / "sizes.yaml"
+    spec.write_text("config: smoke\ngrid:\n  data.eval_size: [20, 40]\n")
+    with pytest.raises(ConfigError, match=r"in sizes.yaml's grid: and again with --grid"):
+        plan_sweep(str(spec), ["data.eval_size=60,80"], outputs_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match=r"lora.r is swept twice \(grid lora.r and grid lora\)"):
+        plan_sweep("smoke", ["lora.r=8,16", "lora={r: 4},{r: 2}"], outputs_dir=str(tmp_path))
+
+
+def test_values_that_load_alike_are_one_run_not_two(tmp_path):
+    # a lone layer name becomes a list at load: the two runs would be the same run
+    with pytest.raises(ConfigError, match=r'run 1 \(lora.target_modules="q_proj"\) and run 2 '
+                                          r'\(lora.target_modules=\["q_proj"\]\) load the same settings'):
+        plan_sweep("smoke", ["lora.target_modules=q_proj,[q_proj]"], outputs_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match="load the same settings"):  # YAML reads 1e-4 as a string, then a float
+        plan_sweep("smoke", ["train.learning_rate=1e-4,0.0001"], outputs_dir=str(tmp_path))
+
+
+def test_a_key_fixed_by_a_section_mapping_cannot_be_swept(tmp_path):
+    with pytest.raises(ConfigError, match=r"lora.r is both fixed \(--set lora=\{r: 8\}\) and swept \(grid lora.r\)"):
+        plan_sweep("smoke", ["lora.r=8,16"], ["lora={r: 8}"], outputs_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match=r"lora.r is both fixed \(--set lora.r=8\) and swept \(grid lora\)"):
+        plan_sweep("smoke", ["lora={r: 4},{r: 16}"], ["lora.r=8"], outputs_dir=str(tmp_path))
+    plan = plan_sweep("smoke", ["lora.r=8,16"], ["lora={alpha: 8}"], outputs_dir=str(tmp_path))  # other keys: fine
+    assert [load_config(plan.config, r.overrides).lora.alpha for r in plan.runs] == [8, 8]
+    plan = plan_sweep("smoke", ["lora.r=8,16"], ["train={wandb_group: mine}"], outputs_dir=str(tmp_path))
+    assert load_config(plan.config, plan.runs[0].overrides).train.wandb_group == "mine"  # kept, not the sweep's
+
+
 def test_a_profile_that_is_not_utf8_is_named_before_the_sweep_reads_it(tmp_path):
     profile = tmp_path / "latin.yaml"
     profile.write_bytes(b"extends: smoke\n# caf\xe9\n")
@@ -144,6 +176,30 @@ def test_failed_runs_are_recorded_the_sweep_goes_on_and_a_rerun_retries(tmp_path
     assert [r["attempts"] for r in state["runs"]] == [2, 2]
     table = pd.read_csv(tmp_path / "sweeps" / "smoke-r" / "comparison.csv")
     assert list(table["status"]) == ["failed", "failed"] and table["note"].str.contains("NotSetUp").all()
+
+
+@pytest.mark.integration  # starts a notebook kernel
+def test_ctrl_c_records_the_run_as_interrupted_and_rewrites_the_comparison(tmp_path):
+    folder = tmp_path / "sweeps" / "smoke-r"
+    folder.mkdir(parents=True)
+    (folder / "comparison.md").write_text("| run | status |\n| old-run | finished |\n")  # an earlier sweep's
+    args = [sys.executable, "-m", "qlora_helpers", "sweep", "--config", "smoke", "--grid", "lora.r=4,8",
+            "--stages", "01", "--outputs-dir", str(tmp_path)]
+    proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    notebook = folder / "runs" / "r-4" / "notebooks" / "01_setup.ipynb"
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline and not notebook.exists():  # 01 has started
+        time.sleep(0.1)
+    assert proc.poll() is None, f"the sweep ended (exit {proc.returncode}) before Ctrl-C"
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert "Sweep smoke-r interrupted; run the same command again" in out
+    state = json.loads((folder / "sweep.json").read_text())
+    assert [r["status"] for r in state["runs"]] == ["interrupted", "pending"]
+    table = (folder / "comparison.md").read_text()
+    assert "old-run" not in table and "interrupted" in table and "pending" in table
+    assert list(pd.read_csv(folder / "comparison.csv")["status"]) == ["interrupted", "pending"]
 
 
 def _wandb_records(path):

@@ -5,7 +5,8 @@ import dataclasses
 import pytest
 
 from qlora_helpers import evaluate, tasks
-from qlora_helpers.config import EvalConfig
+from qlora_helpers.config import EvalConfig, load_config
+from qlora_helpers.tasks import TASKS
 
 SETTINGS = {f.name for f in dataclasses.fields(EvalConfig)}
 
@@ -96,3 +97,27 @@ def test_plot_and_sweep_read_direction_and_columns_from_the_registry():
     assert _eval_columns(report) == {"heldout_loss": 1.5, "heldout_loss_base": 2.0, "heldout_examples": 2,
                                      "perplexity": 4.48, "clean stop": 1.0, "repetition": 0.0, "length gap": 0.5,
                                      "ROUGE-L F1": 0.2}  # 05's loss replaces 04's columns
+
+
+def test_a_task_the_configuration_turns_off_is_off_not_short_of_data(tmp_path, monkeypatch, capsys):
+    """gsm8k_samples: 0 and no data directory: GSM8K is off (not 'skipped, no data') and its data is never read."""
+    from qlora_helpers.opening import setup_run
+
+    monkeypatch.delenv("QLORA_DATA_DIR", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    run = setup_run("smoke", "off", ["train.wandb=disabled", "data.data_dir=null", "eval.gsm8k_samples=0",
+                                     "eval.ifeval_samples=0", "eval.showcase_samples=0", "eval.choice_path=qa.jsonl",
+                                     "eval.choice_samples=0", "eval.ifeval_path=no/such-dataset"], str(tmp_path))
+    results = {name: evaluate.run_task(name, run, None, None, None)  # no model: nothing of theirs runs
+               for name in ("gsm8k", "ifeval", "choice", "showcase", "lm_eval")}
+    assert results == {"gsm8k": {"off": "eval.gsm8k_samples is 0"}, "ifeval": {"off": "eval.ifeval_samples is 0"},
+                       "choice": {"off": "eval.choice_samples is 0"}, "showcase": {"off": "eval.showcase_samples is 0"},
+                       "lm_eval": {"off": "eval.lm_eval_tasks is []"}}
+    assert "skipped" not in capsys.readouterr().out
+    assert TASKS["choice"].off(load_config("smoke").eval) == "eval.choice_path is null"
+    assert evaluate.headline(results["gsm8k"], "exact_match") == "off: eval.gsm8k_samples is 0"
+    table = evaluate.task_table(results)
+    assert [(r["task"], r["metric"]) for r in table][:2] == [("GSM8K", "off: eval.gsm8k_samples is 0"),
+                                                             ("IFEval", "off: eval.ifeval_samples is 0")]
+    report = evaluate.write_eval_report(run, **results)
+    assert report["skipped"] == {} and report["off"]["gsm8k"] == "eval.gsm8k_samples is 0" and report["summary"] == {}
