@@ -210,7 +210,7 @@ class EvalConfig:
     loss_samples: int = _f(200, "held-out examples for loss and perplexity, base vs tuned (05)", low=1)
     answer_samples: int = _f(64, "held-out examples answered by base and tuned for the answer metrics (clean "
                              "stops, repetition, length, ROUGE-L, exact match); 64 detect a 0.35 change in "
-                             "a share at worst (answers.detectable_difference)", low=0)
+                             "a share at worst (answers.detectable_difference); 05 always runs them", low=1)
     answer_batch_size: int = _f(32, "answers generated at once for the answer metrics (finished rows leave "
                                 "the batch, so a large batch costs little)", low=1)
     answer_tokens: int = _f(96, "generation length (the token budget) for the answer metrics, IFEval and the "
