@@ -59,6 +59,18 @@ def gib_argument(text: str) -> float:
     return value
 
 
+def port_argument(text: str) -> int:
+    """--port: a TCP port, 1 .. 65535 (0 used to serve on serve.port's 8000 without a word)."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port: give 1 .. 65535, e.g. --port 8001 "
+                                         f"(leave --port out to use serve.port)")
+    return port
+
+
 CONFIG_HELP = "a profile name in configs/ (default, llama2-7b, ...) or a YAML file (default: default)"
 VALUE_WIDTH = 28  # the value column of `config`; a longer value puts its help on the next line
 
@@ -120,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--main-port", type=int, help="a free TCP port on machine 0 (default: 29500)")
     serve = sub.add_parser("serve", help="serve a trained run on the OpenAI API (FastAPI + uvicorn)")
     serve.add_argument("--run", required=True, help="the run folder, e.g. outputs/default")
-    serve.add_argument("--port", type=int, help="TCP port (default: serve.port)")
+    serve.add_argument("--port", type=port_argument, help="TCP port, 1 .. 65535 (default: serve.port, 8000)")
     serve.add_argument("--set", dest="overrides", action="append", default=[], metavar="serve.KEY=VALUE",
                        help="override a serve setting, e.g. --set serve.form=adapter (repeatable)")
     export = sub.add_parser("export", help="merge the adapter, export GGUF files with llama.cpp and run the "
@@ -256,10 +268,11 @@ def main(argv: list[str] | None = None) -> int:
             # Before torch loads OpenMP: idle OpenMP threads that spin take the CPU from the event loop
             # thread; on the 2-core test machine a 5-token request took 0.5 s spinning, 0.04 s passive.
             os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+            port = [f"serve.port={args.port}"] if args.port is not None else []
+            run = open_run_folder(args.run, args.overrides + port)  # a wrong --run is said before the imports
             from .serve import serve_run  # heavy: FastAPI, uvicorn and torch
 
-            port = [f"serve.port={args.port}"] if args.port else []
-            serve_run(open_run_folder(args.run, args.overrides + port))
+            serve_run(run)
         elif args.command == "export":
             return export_command(args)
         elif args.command == "sweep":
