@@ -20,7 +20,8 @@ from ..paths import cache_dir, read_json
 from ..runs import Run
 from .api import create_app
 from .engine import BatchEngine
-from .forms import choose_form, load_serving_model
+from .forms import choose_form, load_serving_model, served_form
+from .gate import gate_warning
 from .run import api_key_from_env, context_length, model_name
 from .static import start_decoder
 
@@ -43,6 +44,9 @@ def serve_run(run: Run) -> None:
     choice = choose_form(run)
     print(f"loading {choice['form']} ({choice['reason']})", flush=True)
     model, tokenizer = load_serving_model(run, choice["form"])
+    warning = gate_warning(run, served_form(run, choice["form"]))  # after loading: it may have exported
+    if warning:
+        print(f"WARNING: {warning}", flush=True)
     serve = run.cfg.serve
     decoder = start_decoder(model, serve.compile, serve.max_concurrent, context_length(run, model),
                             cache_dir(run.cfg.model.cache_dir) / "compile")
