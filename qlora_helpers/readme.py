@@ -46,8 +46,9 @@ RESULTS = {
     "dpo_accuracy_sft": ("preference_report", "accuracy.before", "{:.3f}"),
     "dpo_accuracy_dpo": ("preference_report", "accuracy.after", "{:.3f}"),
     # 06's export gate, quoted by docs/serving.md: probes of 4 each form answers as the adapter model does
-    **{f"gate_{form.replace('gguf-', '')}_equal": ("export_report", f"forms[form={form}].greedy_equal", "{}")
-       for form in ("merged", "gguf-f16", "gguf-q8_0", "gguf-q4_k_m")},
+    "gate_merged_equal": ("export_report", "forms[form=merged].greedy_equal", "{}"),
+    **{f"gate_{gguf_type}_equal": ("export_report", f"forms[form=gguf-{gguf_type}].greedy_equal", "{}")
+       for gguf_type in ("f16", "q8_0", "q4_k_m")},
     "gate_f16_kl": ("export_report", "forms[form=gguf-f16].mean_kl", "{:.2g}"),
     "gate_q4_k_m_kl": ("export_report", "forms[form=gguf-q4_k_m].mean_kl", "{:.2g}"),
     "gate_q4_k_m_bits": ("export_report", "export.gguf.q4_k_m.bits_per_weight", "{:g}"),
