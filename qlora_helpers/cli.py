@@ -59,6 +59,18 @@ def gib_argument(text: str) -> float:
     return value
 
 
+def port_argument(text: str) -> int:
+    """--port: a TCP port, 1 .. 65535 (0 used to serve on serve.port's 8000 without a word)."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port: give 1 .. 65535, e.g. --port 8001 "
+                                         f"(leave --port out to use serve.port)")
+    return port
+
+
 CONFIG_HELP = "a profile name in configs/ (default, llama2-7b, ...) or a YAML file (default: default)"
 VALUE_WIDTH = 28  # the value column of `config`; a longer value puts its help on the next line
 
@@ -118,18 +130,25 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--main-address", help="address of machine 0, which every machine can reach "
                        "(needed with --num-machines > 1)")
     train.add_argument("--main-port", type=int, help="a free TCP port on machine 0 (default: 29500)")
-    serve = sub.add_parser("serve", help="serve a trained run on the OpenAI API (FastAPI + uvicorn)")
+    serve = sub.add_parser("serve", help="serve a trained run on the OpenAI API (FastAPI + uvicorn)",
+                           description="Serve a trained run on the OpenAI API (FastAPI + uvicorn) on 127.0.0.1. "
+                           "merged/ and the GGUF served are made first when missing or older than the adapter.")
     serve.add_argument("--run", required=True, help="the run folder, e.g. outputs/default")
-    serve.add_argument("--port", type=int, help="TCP port (default: serve.port)")
+    serve.add_argument("--port", type=port_argument, help="TCP port, 1 .. 65535 (default: serve.port, 8000)")
     serve.add_argument("--set", dest="overrides", action="append", default=[], metavar="serve.KEY=VALUE",
                        help="override a serve setting, e.g. --set serve.form=adapter (repeatable)")
-    export = sub.add_parser("export", help="merge the adapter, export GGUF files with llama.cpp and run the "
-                            "export gate (export.json); exits 1 when a form disagrees with the adapter model")
+    export_help = ("merge the adapter (again when it changed since merged/ was made), export GGUF files with "
+                   "llama.cpp and run the export gate (export.json, as stage 06 writes it); exits 1 when a form "
+                   "disagrees with the adapter model")
+    export = sub.add_parser("export", help=export_help, description=export_help[0].upper() + export_help[1:] + ".")
     export.add_argument("--run", required=True, help="the run folder, e.g. outputs/default")
     export.add_argument("--gguf", action="append", default=[], choices=GGUF_TYPES,
-                        help="GGUF type to write into <run>/gguf/ (repeatable; needs the [gguf] extra); the "
-                             "first is the one the Ollama Modelfile names")
-    export.add_argument("--set", dest="overrides", action="append", default=[], metavar="serve.KEY=VALUE")
+                        help="GGUF type to write into <run>/gguf/ and check (repeatable; needs the [gguf] extra); "
+                             "the first is the one the Ollama Modelfile names (default: the run's serve.gguf, "
+                             "as stage 06 exports; without the extra those are left out, and export.json says so)")
+    export.add_argument("--set", dest="overrides", action="append", default=[], metavar="serve.KEY=VALUE",
+                        help="override a serve setting for this export, e.g. --set 'serve.gguf=[q8_0,f16]' or "
+                             "--set serve.export_dtype=float16 (repeatable)")
     add_sweep_arguments(sub.add_parser("sweep", help="run the pipeline once per combination of settings "
                                        "into outputs/sweeps/<name>/ and compare the runs"))
     plan = sub.add_parser("plan", help="predict the peak GPU memory of training and serving a profile, from the "
@@ -223,19 +242,21 @@ def train_command(args) -> int:
 
 
 def export_command(args) -> int:
-    """Merge (when merged/ is missing), write the GGUF files and the Modelfile, run the export gate."""
-    from .serve.export import merge_and_export
-    from .serve.gate import gate_summary, gate_table, run_export_gate
-    from .serve.gguf import export_gguf
+    """Merge (when merged/ is missing or older than the adapter served), write the GGUF files (--gguf,
+    default serve.gguf's) and the Modelfile, run the export gate: export.json as stage 06 writes it."""
+    run = open_run_folder(args.run, args.overrides)  # a wrong --run is said before the imports
+    from .serve.export import ensure_merged
+    from .serve.gate import export_and_check, gate_summary, gate_table
 
-    run = open_run_folder(args.run, args.overrides)
-    if not run.has_merged:
-        merge_and_export(run)
-    types = list(dict.fromkeys(args.gguf))
-    if types:
-        for info in export_gguf(run, types)["gguf"].values():
-            print(f"wrote {info['path']} ({info['mib']} MiB, {info['how']}, {info['seconds']} s)")
-    report = run_export_gate(run, types)
+    ensure_merged(run)
+    types = list(dict.fromkeys(args.gguf)) or None  # None: the run's serve.gguf, as 06 exports
+    report = export_and_check(run, types)
+    exported = report["export"] or {"gguf": {}}
+    for info in exported["gguf"].values():
+        print(f"wrote {info['path']} ({info['mib']} MiB, {info['bits_per_weight']} bits per weight, "
+              f"{info['how']}, {info['seconds']} s)")
+    if report["note"]:
+        print(report["note"])
     for row in gate_table(report):
         print(f"{row['form']:<14} greedy equal {row['greedy equal']}, mean KL {row['mean KL']} "
               f"(bound {row['KL bound']}), tokenization {row['tokenization']}: {row['verdict']}")
@@ -256,10 +277,11 @@ def main(argv: list[str] | None = None) -> int:
             # Before torch loads OpenMP: idle OpenMP threads that spin take the CPU from the event loop
             # thread; on the 2-core test machine a 5-token request took 0.5 s spinning, 0.04 s passive.
             os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+            port = [f"serve.port={args.port}"] if args.port is not None else []
+            run = open_run_folder(args.run, args.overrides + port)  # a wrong --run is said before the imports
             from .serve import serve_run  # heavy: FastAPI, uvicorn and torch
 
-            port = [f"serve.port={args.port}"] if args.port else []
-            serve_run(open_run_folder(args.run, args.overrides + port))
+            serve_run(run)
         elif args.command == "export":
             return export_command(args)
         elif args.command == "sweep":

@@ -22,8 +22,8 @@ code. nbconvert renders the HTML site
   (`[Errno -2] ...`) read "offline"; long floats in outputs are rounded for people; consecutive
   stream outputs (06's streamed tokens) become one block; every image gets alt text saying what the
   plot shows, and every page a real title and prev/next links.
-- beside the pages it writes `docs/results.json`, the run's numbers that the README quotes, and fills
-  the README from it (`readme.py`, which also generates the README's Colab links).
+- beside the pages it writes `docs/results.json`, the run's numbers that the README and docs/serving.md
+  quote, and fills them from it (`readme.py`, which also generates the README's Colab links).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from pathlib import Path
 
 from .errors import QLoraError
 from .paths import PROJECT_ROOT, read_json, write_json_atomic, write_text_atomic
-from .readme import fill_readme, results_digest, sync_links
+from .readme import QUOTING, fill_readme, results_digest, sync_links
 from .runs import RunFolder
 
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
@@ -393,10 +393,10 @@ def main(argv: list[str]) -> None:
     for page in build_site(source, target):
         print(f"{page} ({page.stat().st_size // 1024} KiB)")
     results = target.parent / "results.json"
-    readme = PROJECT_ROOT / "README.md"
     if results.is_file() and target.resolve().parent == (PROJECT_ROOT / "docs").resolve():
-        write_text_atomic(readme, fill_readme(readme.read_text(encoding="utf-8"), read_json(results)))
-        print(f"{readme}: results filled from {results}")
+        for page in (PROJECT_ROOT / name for name in QUOTING):  # README.md, docs/serving.md
+            write_text_atomic(page, fill_readme(page.read_text(encoding="utf-8"), read_json(results)))
+            print(f"{page}: results filled from {results}")
 
 
 if __name__ == "__main__":

@@ -61,13 +61,22 @@ def open_run(run_name: str, outputs_dir: str | None = None, overrides: Iterable[
 def open_run_folder(path: str | Path, overrides: Iterable[str] = ()) -> Run:
     """A finished run from its folder alone (`outputs/<run>`), as serving opens it; `overrides` may
     change `serve.*` settings only, since everything else shaped the adapter."""
-    folder = RunFolder(Path(path).expanduser().resolve())
+    given = Path(path).expanduser()
+    folder = RunFolder(given.resolve())
     overrides = list(overrides)
     bad = [o for o in overrides if not o.strip().startswith("serve.")]
     if bad:
-        raise ConfigError(f"Only serve.* settings can change when serving a finished run; got {bad[0]!r}. "
+        raise ConfigError(f"Only serve.* settings can change for a finished run (serve, export); got {bad[0]!r}. "
                           f"Other settings belong to the run (set them in 01 and retrain).")
-    _saved_config(folder, folder.path.name)  # the same error as open_run when 01 never ran
+    if not folder.path.exists():
+        raise NotSetUp(f"Run folder {given} does not exist: give --run the folder of a trained run, "
+                       f"e.g. outputs/default.")
+    if not folder.path.is_dir():
+        raise NotSetUp(f"Run folder {given} is a file, not a folder: give --run the folder of a trained run, "
+                       f"e.g. outputs/default.")
+    if saved_config(folder) is None:  # open_run's advice (`run --run-name`) would set up outputs/<name>, not here
+        raise NotSetUp(f"{given} is not a run folder ({folder.config_file} is missing): give --run the folder "
+                       f"a run was set up and trained in, e.g. outputs/default.")
     cfg = config_from_dict(apply_overrides(read_json(folder.config_file), overrides))
     return Run(folder.path.name, folder.path, cfg, read_json(folder.env_file), tuple(overrides))
 

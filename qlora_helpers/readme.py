@@ -1,6 +1,7 @@
 """What the README quotes from a run, and its Colab links: the numbers between `<!-- r:KEY -->`
-markers come from the run's report files through `docs/results.json` (written with the tutorial's
-pages by `docs.build_site`; tests/test_docs.py checks the committed README agrees), and the line of
+markers (README.md and docs/serving.md: `QUOTING`) come from the run's report files through
+`docs/results.json` (written with the tutorial's pages by `docs.build_site`; tests/test_docs.py checks
+the committed pages agree), and the line of
 "Open in Colab" links between `<!-- colab -->` markers, like every notebook's setup cell, from the
 one repository URL in pyproject.toml (`python -m qlora_helpers.docs --sync-links` after a fork).
 """
@@ -44,7 +45,15 @@ RESULTS = {
     "dpo_pairs": ("preference_report", "accuracy.difference.n", "{:,}"),
     "dpo_accuracy_sft": ("preference_report", "accuracy.before", "{:.3f}"),
     "dpo_accuracy_dpo": ("preference_report", "accuracy.after", "{:.3f}"),
+    # 06's export gate, quoted by docs/serving.md: probes of 4 each form answers as the adapter model does
+    "gate_merged_equal": ("export_report", "forms[form=merged].greedy_equal", "{}"),
+    **{f"gate_{gguf_type}_equal": ("export_report", f"forms[form=gguf-{gguf_type}].greedy_equal", "{}")
+       for gguf_type in ("f16", "q8_0", "q4_k_m")},
+    "gate_f16_kl": ("export_report", "forms[form=gguf-f16].mean_kl", "{:.2g}"),
+    "gate_q4_k_m_kl": ("export_report", "forms[form=gguf-q4_k_m].mean_kl", "{:.2g}"),
+    "gate_q4_k_m_bits": ("export_report", "export.gguf.q4_k_m.bits_per_weight", "{:g}"),
 }
+QUOTING = ("README.md", "docs/serving.md")  # the pages whose <!-- r:key --> markers hold these numbers
 NOTEBOOKS = "0[1-6]*_*.ipynb"  # the stage notebooks, 04b_preference included
 _MARKER = re.compile(r"<!-- r:([\w-]+) -->(.*?)<!-- /r -->", re.S)
 _COLAB = re.compile(r"<!-- colab -->.*?<!-- /colab -->", re.S)

@@ -2,6 +2,7 @@
 the forms a server is tested with (merged, and the GGUF through llama.cpp with the [gguf] extra)."""
 
 import os
+import shutil
 
 import pytest
 
@@ -54,3 +55,23 @@ def export(run):
     from qlora_helpers.serve import merge_and_export
 
     return merge_and_export(run)
+
+
+def write_adapter(run, folder, seed: int) -> None:
+    """A LoRA adapter with random, non-zero B matrices (another training, as far as merging can tell)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from qlora_helpers.models import load_model
+
+    base = load_model(run.cfg.model, run.cfg.quant, run.compute_dtype, run.device)
+    torch.manual_seed(seed)
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(base, lora).save_pretrained(folder)
+
+
+def copy_run(run, tmp_path, overrides=()):
+    from qlora_helpers.serve import open_run_folder
+
+    shutil.copytree(run.path, tmp_path / run.path.name)  # copy2: the files keep their times
+    return open_run_folder(tmp_path / run.path.name, list(overrides))

@@ -230,16 +230,18 @@ def test_readme_results_come_from_the_reports_and_disagreements_are_found(tmp_pa
         results_digest(folder)
 
 
-def test_the_committed_readme_agrees_with_the_committed_results():
-    """README.md's quoted numbers are the docs build's (docs/results.json, from the run's reports)."""
+@pytest.mark.parametrize("page", ["README.md", "docs/serving.md"])
+def test_the_committed_pages_agree_with_the_committed_results(page):
+    """README.md's and docs/serving.md's quoted numbers are the docs build's (docs/results.json, from
+    the run's reports: docs/serving.md's export gate numbers from export.json)."""
     import json
 
     from qlora_helpers.paths import PROJECT_ROOT
-    from qlora_helpers.readme import readme_disagreements
+    from qlora_helpers.readme import QUOTING, readme_disagreements
 
     results = json.loads((PROJECT_ROOT / "docs" / "results.json").read_text())
-    readme = (PROJECT_ROOT / "README.md").read_text()
-    assert "<!-- r:" in readme and not readme_disagreements(readme, results)
+    text = (PROJECT_ROOT / page).read_text()
+    assert page in QUOTING and "<!-- r:" in text and not readme_disagreements(text, results)
 
 
 def test_colab_links_are_generated_from_the_one_repository_url():

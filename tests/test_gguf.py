@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from tests.serve_fixtures import API_KEY, export, run  # noqa: F401 - fixtures
+from tests.serve_fixtures import API_KEY, copy_run, export, run, write_adapter  # noqa: F401 - fixtures
 
 pytestmark = [pytest.mark.gguf, pytest.mark.integration]  # never in the unit tier
 
@@ -108,6 +108,69 @@ def test_the_export_gate_passes_every_form_and_records_why(run, exported):
             assert g["equal"] or g["near_tie"], (f["form"], g)
     # coarser weights move the distributions more
     assert forms["gguf-q4_k_m"]["mean_kl"] > forms["gguf-q8_0"]["mean_kl"]
+    # what was written, as stage 06 records it
+    assert report["export"]["served"] == "q8_0" and report["note"] is None
+    assert list(report["export"]["gguf"]) == ["f16", "q8_0", "q4_k_m", "q5_k_m"]
+    assert report["export"]["gguf"]["q8_0"]["bits_per_weight"] > 8
+
+
+def test_export_without_gguf_writes_serve_gguf_and_the_report_stage_06_writes(run, exported, tmp_path):
+    """`export --run R` without --gguf used to check no GGUF and drop the GGUF results (and the
+    `export` and `note` keys) from export.json while the files stayed, and still pass."""
+    from qlora_helpers.paths import read_json
+    from qlora_helpers.serve.forms import gguf_form
+    from qlora_helpers.serve.gate import gate_warning
+
+    copy = copy_run(run, tmp_path)
+    modelfile = copy.modelfile.read_bytes()
+    cmd = [sys.executable, "-m", "qlora_helpers", "export", "--run", str(copy.path), "--set", "serve.gguf=[q8_0]"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"reusing {copy.merged_dir} (merged from adapter/" in done.stdout
+    assert "writing model-q8_0.gguf: quantizing model-f16.gguf" in done.stdout  # f16 is current: not converted
+    assert "export gate: checking gguf-q8_0" in done.stdout
+    report = read_json(copy.export_report)
+    assert [f["form"] for f in report["forms"]] == ["adapter", "merged", "gguf-q8_0"] and report["note"] is None
+    assert report["export"]["served"] == "q8_0" and list(report["export"]["gguf"]) == ["q8_0"]
+    assert set(report["export"]["gguf"]["q8_0"]) == {"path", "mib", "bits_per_weight", "how", "seconds"}
+    assert copy.modelfile.read_bytes() == modelfile  # FROM the same first type
+    # serving a form this export.json has no result for, or one it flagged, warns at startup
+    assert gate_warning(copy, gguf_form("q8_0")) is None
+    assert gate_warning(copy, gguf_form("q5_k_m")) == (
+        f"the export gate has not checked gguf-q5_k_m (export.json has no result for it): "
+        f"`python -m qlora_helpers export --run {copy.path} --gguf q5_k_m` checks it")
+    flagged = next(f for f in report["forms"] if f["form"] == "gguf-q8_0")
+    flagged.update(passed=False, problems=["probe 2: greedy differs at token 4 (margin 0.7 nats > 0.5)"])
+    copy.export_report.write_text(json.dumps(report))  # as the gate writes a flagged form (q4_k_m on SmolLM2)
+    assert gate_warning(copy, gguf_form("q8_0")) == ("the export gate flagged gguf-q8_0: probe 2: greedy "
+                                                     "differs at token 4 (margin 0.7 nats > 0.5)")
+
+
+def test_serving_after_a_newer_adapter_merges_and_converts_again_and_warns_of_an_unchecked_gguf(
+        run, exported, tmp_path):
+    """04b's adapter after the export, served as q5_k_m whose file is gone: merged/ is made again, f16
+    converted again and q5_k_m quantized from it, each said; the Modelfile is left alone, and the
+    server warns that the gate checked an earlier merge."""
+    from qlora_helpers.serve.process import ServerProcess
+
+    copy = copy_run(run, tmp_path)
+    modelfile = copy.modelfile.read_bytes()
+    copy.gguf_file("q5_k_m").unlink()
+    write_adapter(copy, copy.preference_adapter_dir, seed=4)
+    srv = ServerProcess(copy, overrides=["serve.form=gguf", "serve.gguf=[q5_k_m]"], api_key=API_KEY).start(600)
+    try:
+        log = srv.log_path.read_text()
+        assert "merged/ is stale: merged/ was made from adapter/, but the run serves adapter_preference/" in log
+        assert "exporting model-q5_k_m.gguf for serving (model-q5_k_m.gguf is missing); Modelfile is left" in log
+        assert "writing model-f16.gguf: llama.cpp's converter" in log  # the old f16 was the old merge's
+        assert (f"WARNING: export.json checked an earlier merge than the one served: `python -m qlora_helpers "
+                f"export --run {copy.path} --gguf q5_k_m` checks this one") in log
+        assert log.index("WARNING: export.json") < log.index("serving 'serve' on")
+        assert srv.health()["status"] == "ok"
+    finally:
+        srv.stop()
+    assert copy.modelfile.read_bytes() == modelfile
+    assert copy.gguf_file("q8_0").stat().st_mtime < (copy.merged_dir / "config.json").stat().st_mtime
 
 
 def test_the_gate_flags_a_form_that_answers_differently():

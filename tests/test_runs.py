@@ -115,6 +115,39 @@ def test_a_folder_without_setup_is_named(tmp_path):
         open_run_folder(tmp_path, ["train.learning_rate=1"])
 
 
+@pytest.mark.parametrize("command", ["serve", "export"])
+def test_serve_and_export_name_a_run_folder_that_is_missing_or_a_file(command, tmp_path, capsys):
+    """--run is a path: the error says what is wrong with it, not to set up a run by that name (which
+    would create outputs/<name>, elsewhere)."""
+    from qlora_helpers.cli import main
+
+    missing, a_file = tmp_path / "nope", tmp_path / "notes.txt"
+    a_file.write_text("not a run")
+    assert main([command, "--run", str(missing)]) == 1
+    err = capsys.readouterr().err
+    assert f"Run folder {missing} does not exist: give --run the folder of a trained run" in err
+    assert "--run-name" not in err and "Traceback" not in err
+    assert main([command, "--run", str(a_file)]) == 1
+    assert f"Run folder {a_file} is a file, not a folder" in capsys.readouterr().err
+    assert main([command, "--run", str(tmp_path)]) == 1  # a folder, but no run's
+    err = capsys.readouterr().err
+    assert f"{tmp_path} is not a run folder ({tmp_path / 'config.json'} is missing)" in err and "--run-name" not in err
+    assert main([command, "--run", str(tmp_path), "--set", "train.max_steps=3"]) == 1
+    assert "Only serve.* settings can change for a finished run (serve, export)" in capsys.readouterr().err
+    assert not missing.exists()
+
+
+@pytest.mark.parametrize("port", ["0", "65536", "-1", "http"])
+def test_serve_refuses_a_port_outside_1_to_65535_as_a_usage_error(port, tmp_path, capsys):
+    """--port 0 used to be read as 'not given' and served on serve.port (8000) without a word."""
+    from qlora_helpers.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--run", str(tmp_path), "--port", port])
+    assert exit_.value.code == 2
+    assert f"argument --port: '{port}' is not a TCP port: give 1 .. 65535" in capsys.readouterr().err
+
+
 # --- settings set once (01), later stages open the run by name ----------------------------------
 
 

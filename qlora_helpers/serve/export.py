@@ -8,14 +8,16 @@ checks on a few probe texts (relative to the logits' scale) before and after sav
 from __future__ import annotations
 
 import gc
+import hashlib
 import time
+from pathlib import Path
 from typing import Any
 
 from ..errors import QLoraError
 from ..models import load_model, load_tokenizer, load_tuned_model, resolve_model
-from ..paths import atomic_dir, write_json_atomic, write_text_atomic
+from ..paths import atomic_dir, read_json, write_json_atomic, write_text_atomic
 from ..runs import Run
-from .run import adapter_dir, context_length, model_name
+from .run import adapter_dir, context_length, model_name, say
 
 # The merged model must compute what base + adapter computes, in the run's compute dtype. In fp32 the
 # reordered sums move logits by ~1e-6 of their scale, a wrong merge by ~1e-1: the bound sits between.
@@ -112,6 +114,7 @@ def merge_and_export(run: Run, merged=None) -> dict[str, Any]:
     del reloaded
     files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
     report = {"merged_dir": str(folder), "adapter_dir": str(adapter_dir(run)),
+              "adapter_sha256": adapter_fingerprint(adapter_dir(run)),  # what merged_staleness compares
               "export_dtype": run.cfg.serve.export_dtype, "compute_dtype": str(run.compute_dtype),
               "probe_tokens": int(reference.shape[0]),
               "merged_vs_adapter_logits": in_memory, "exported_vs_adapter_logits": exported,
@@ -120,6 +123,65 @@ def merge_and_export(run: Run, merged=None) -> dict[str, Any]:
               "overrides": list(getattr(run, "stage_overrides", ()))}  # 06's own serve.* changes
     write_json_atomic(run.merge_report, report)
     write_text_atomic(run.serve_commands_file, export_commands(run))
+    return report
+
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")  # peft's
+
+
+def adapter_fingerprint(folder: Path) -> dict[str, str]:
+    """sha256 of each of peft's adapter files in `folder` (a copied run keeps it; mtimes it does not)."""
+    out = {}
+    for name in ADAPTER_FILES:
+        path = folder / name
+        if path.is_file():
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            out[name] = digest.hexdigest()
+    return out
+
+
+def merged_staleness(run: Run) -> str | None:
+    """Why merged/ no longer holds the adapter the run serves (None: it does, or there is no merged/).
+    merge.json names the adapter folder it was made from and, since it records them, its files' sha256;
+    an older merge.json without them is compared by modification time."""
+    if not run.has_merged:
+        return None
+    served = adapter_dir(run)
+    if not run.merge_report.is_file():
+        return f"{run.merge_report.name} is missing, so nothing says which adapter merged/ was made from"
+    report = read_json(run.merge_report)
+    made_from = Path(str(report.get("adapter_dir", ""))).name  # by name: a copied run moves the paths
+    if made_from != served.name:
+        why = " (04b wrote it after the SFT adapter)" if served == run.preference_adapter_dir else ""
+        return f"merged/ was made from {made_from or 'an unnamed adapter'}/, but the run serves {served.name}/{why}"
+    if report.get("export_dtype", run.cfg.serve.export_dtype) != run.cfg.serve.export_dtype:
+        return (f"merged/ was saved in {report['export_dtype']}, and serve.export_dtype is now "
+                f"{run.cfg.serve.export_dtype}")
+    if "adapter_sha256" in report:
+        if report["adapter_sha256"] != adapter_fingerprint(served):
+            return f"{served.name}/ changed since merged/ was made from it (retrained)"
+        return None
+    newest = max((served / n).stat().st_mtime for n in ADAPTER_FILES if (served / n).is_file())
+    if newest > (run.merged_dir / "config.json").stat().st_mtime:
+        return f"{served.name}/ is newer than merged/ (retrained after the merge)"
+    return None
+
+
+def ensure_merged(run: Run) -> dict[str, Any] | None:
+    """merged/ for the adapter the run serves: merged when missing or stale (saying why, as 06 merges
+    anyway), else reused (saying so). Returns merge_and_export's report when it merged."""
+    stale = merged_staleness(run) if run.has_merged else None
+    if run.has_merged and stale is None:
+        say(f"reusing {run.merged_dir} (merged from {adapter_dir(run).name}/, which has not changed since)")
+        return None
+    why = f"merged/ is stale: {stale}" if stale else f"no merged model in {run.merged_dir}"
+    say(f"merging {adapter_dir(run).name}/ into the de-quantized base ({why}); this loads the model twice "
+        f"and checks the merge")
+    report = merge_and_export(run)
+    say(f"merged in {report['seconds']:.0f} s: {run.merged_dir} ({report['merged_mib']:,.0f} MiB)")
     return report
 
 

@@ -18,7 +18,7 @@ from ..config import GGUF_TYPES
 from ..errors import QLoraError
 from ..models import load_tokenizer, load_tuned_model
 from ..runs import Run
-from .export import estimate_merged_bytes, free_memory_bytes, load_merged, merge_and_export
+from .export import ensure_merged, estimate_merged_bytes, free_memory_bytes, load_merged
 from .gguf import gguf_available, gguf_path, llama_cpp_version
 from .llamacpp import LlamaCppModel, load_gguf_serving
 from .run import context_length
@@ -43,16 +43,15 @@ def _load_adapter(run: Run, context: int | None = None, rows: int = 1, serving: 
 
 
 def _load_merged(run: Run, context: int | None = None, rows: int = 1, serving: bool = False):
-    if serving and not run.has_merged:  # the GGUF forms are made from it too
-        merge_and_export(run)
+    if serving:  # merged when missing, or stale for the adapter served (the GGUF forms are made from it too)
+        ensure_merged(run)
     return load_merged(run)
 
 
 def _gguf_loader(gguf_type: str) -> Callable[..., Any]:
     def load(run: Run, context: int | None = None, rows: int = 1, serving: bool = False):
         if serving:
-            if not run.has_merged:
-                merge_and_export(run)
+            ensure_merged(run)
             return load_gguf_serving(run)
         return LlamaCppModel(gguf_path(run, gguf_type), context or context_length(run), rows)
     return load
@@ -142,6 +141,7 @@ def choose_form(run: Run) -> dict[str, Any]:
 
 
 def load_serving_model(run: Run, form: str):
-    """(model, tokenizer) for serving a serve.form value: 'merged' (exported first if missing),
-    'adapter' (4-bit + peft) or 'gguf' (llama.cpp, serve/llamacpp.py; exported first if missing)."""
+    """(model, tokenizer) for serving a serve.form value: 'merged',
+    'adapter' (4-bit + peft) or 'gguf' (llama.cpp, serve/llamacpp.py); merged/ and the GGUF are
+    exported first when missing or older than the adapter served (ensure_merged, load_gguf_serving)."""
     return served_form(run, form).load(run, serving=True), load_tokenizer(run.cfg.model)

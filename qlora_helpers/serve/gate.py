@@ -22,16 +22,18 @@ the run tokenizer's ids; a user of the GGUF in Ollama or llama.cpp gets llama.cp
 from __future__ import annotations
 
 import gc
+import hashlib
 import time
 from typing import Any
 
 from ..models import load_tuned_model
-from ..paths import write_json_atomic
+from ..paths import read_json, write_json_atomic
 from ..prompts import encode_text, render_instruction
 from ..runs import Run
 from .forms import FORMS, Form, checked_forms
 from .gguf import INSTALL_HINT, bits_per_weight, export_gguf, gguf_available, gguf_path, merged_parameters
 from .llamacpp import LlamaCppModel
+from .run import say
 
 PROBE_INSTRUCTIONS = ["Give three tips for staying healthy.", "What is the capital of France?",
                       "Write a haiku about the sea.", "Explain what a binary search does."]
@@ -203,11 +205,13 @@ def run_export_gate(run: Run, gguf_types: list[str] | tuple[str, ...] = (), new_
     forms of `gguf_types`) against the adapter model; write `export.json`. `passed` is False when any
     form disagrees beyond its bound."""
     start = time.perf_counter()
+    say(f"export gate: the reference answers (4-bit base + adapter, greedy, {len(PROBE_INSTRUCTIONS)} probes)")
     reference, tokenizer = load_tuned_model(run)  # the reference, and the adapter form itself
     probes = reference_probes(run, reference, tokenizer, new_tokens)
     context = max(len(p["_ids"]) for p in probes) + 1 + new_tokens
     forms, tokenization = [], {}
     for form in checked_forms(gguf_types):  # registry order: the adapter first, then its memory goes
+        say(f"export gate: checking {form.name}")
         model, reference = ((reference, None) if form.name == "adapter"
                             else (form.load(run, context=context, rows=1), reference))
         try:
@@ -231,23 +235,56 @@ def run_export_gate(run: Run, gguf_types: list[str] | tuple[str, ...] = (), new_
               "passed": all(f["passed"] for f in forms) and tokens_ok,
               "failed": [f["form"] for f in forms if not f["passed"]] + [f"tokenization-{t}" for t, v in
                                                                       tokenization.items() if not v["equal"]],
-              "seconds": round(time.perf_counter() - start, 1), **(extra or {})}
+              "seconds": round(time.perf_counter() - start, 1),
+              "merge_id": merge_id(run), **(extra or {})}  # which merge (and GGUFs made from it) was checked
     write_json_atomic(run.export_report, report)
     return report
 
 
-def export_and_check(run: Run) -> dict[str, Any]:
-    """06's step: write serve.gguf's GGUF files and the Modelfile (with the [gguf] extra), then run
-    the export gate over every form; `note` says what was left out and why."""
-    types = list(run.cfg.serve.gguf)
+def export_and_check(run: Run, types: list[str] | tuple[str, ...] | None = None) -> dict[str, Any]:
+    """06's step and the `export` command's: write the GGUF files of `types` (default: serve.gguf's)
+    and the Modelfile (with the [gguf] extra), then run the export gate over every form; `note` says
+    what was left out and why, `export` what was written. Types asked for by name need the extra;
+    serve.gguf's are left out without it (noted). merged/ must be current (export.ensure_merged)."""
+    asked = types is not None
+    types = list(dict.fromkeys(run.cfg.serve.gguf if types is None else types))
     note = None
-    if types and not gguf_available():
+    if types and not gguf_available() and not asked:
         note = f"GGUF left out: {INSTALL_HINT}."
         types = []
     elif not types:
-        note = "GGUF left out: serve.gguf is empty."
+        note = "GGUF left out: " + ("none asked." if asked else "serve.gguf is empty.")
     exported = export_gguf(run, types) if types else None
     return run_export_gate(run, types, extra={"note": note, "export": exported})
+
+
+def merge_id(run: Run) -> str | None:
+    """Which merge merged/ holds: a hash of its merge.json (written once per merge; a copy keeps it)."""
+    if not run.merge_report.is_file():
+        return None
+    return hashlib.sha256(run.merge_report.read_bytes()).hexdigest()[:16]
+
+
+def gate_warning(run: Run, form: Form) -> str | None:
+    """What serving `form` should warn about from export.json: a form the gate flagged, one it never
+    checked, or a check older than the files served; None when the gate passed it (or for the
+    adapter form, the gate's own reference)."""
+    if form.name == "adapter":
+        return None
+    redo = f"`python -m qlora_helpers export --run {run.path}{f' --gguf {form.gguf_type}' if form.gguf_type else ''}`"
+    unchecked = f"the export gate has not checked {form.name} ({run.export_report.name} "
+    if not run.export_report.is_file():
+        return f"{unchecked}is missing): {redo} checks it"
+    report = read_json(run.export_report)
+    result = next((f for f in report.get("forms", []) if f.get("form") == form.name), None)
+    if result is None:
+        return f"{unchecked}has no result for it): {redo} checks it"
+    if report.get("merge_id") not in (None, merge_id(run)):  # merged/ (and its GGUFs) made again since
+        return f"{run.export_report.name} checked an earlier merge than the one served: {redo} checks this one"
+    if not result.get("passed", False):
+        why = result.get("explanation") or "; ".join(result.get("problems", [])) or "see export.json"
+        return f"the export gate flagged {form.name}: {why}"
+    return None
 
 
 def gate_table(report: dict) -> list[dict[str, Any]]:

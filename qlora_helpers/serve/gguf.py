@@ -40,7 +40,7 @@ from ..models import load_tokenizer
 from ..paths import write_text_atomic
 from ..prompts import render_conversation, template_stops
 from ..runs import Run
-from .run import context_length, model_name
+from .run import context_length, model_name, say
 
 CONVERTER_TYPES = ("f16",)  # written by convert_hf_to_gguf.py itself; the others (GGUF_TYPES) are quantized from f16
 DISTRIBUTION = "llama-cpp-python"
@@ -235,24 +235,37 @@ def bits_per_weight(path: Path, parameters: int) -> float:
 # --- export ------------------------------------------------------------------------------------------------
 
 
-def export_gguf(run: Run, types: list[str] | tuple[str, ...], served: str | None = None) -> dict[str, Any]:
-    """Convert `merged/` to each GGUF type in `gguf/` (each file written beside, then renamed) and
-    write the Ollama Modelfile FROM `served` (default: the first type). The merged model must be
-    exported first (`export.merge_and_export`)."""
+def gguf_staleness(run: Run, gguf_type: str) -> str | None:
+    """Why the GGUF file of `gguf_type` cannot be used as it is (missing, or older than merged/, which a
+    re-merge rewrote), or None."""
+    path = gguf_path(run, gguf_type)
+    if not path.is_file():
+        return f"{path.name} is missing"
+    merged = run.merged_dir / "config.json"
+    if merged.is_file() and path.stat().st_mtime < merged.stat().st_mtime:
+        return f"{path.name} is older than merged/ (made from an earlier merge)"
+    return None
+
+
+def export_gguf(run: Run, types: list[str] | tuple[str, ...], served: str | None = None,
+                modelfile_too: bool = True) -> dict[str, Any]:
+    """Convert `merged/` to each GGUF type in `gguf/` (each file written beside, then renamed) and,
+    with `modelfile_too`, write the Ollama Modelfile FROM `served` (default: the first type). The
+    merged model must be exported first (`export.ensure_merged`)."""
     types = [check_type(t) for t in types]
     if not types:
         raise QLoraError("No GGUF type asked; pick from " + ", ".join(GGUF_TYPES) + ".")
     require_llama_cpp()
     merged = run.merged_dir
     if not run.has_merged:
-        raise QLoraError(f"No merged model in {merged} to convert to GGUF: run merge_and_export (06_serve) "
+        raise QLoraError(f"No merged model in {merged} to convert to GGUF: run ensure_merged (06_serve) "
                          f"or `python -m qlora_helpers export --run {run.path}` first.")
     folder = run.gguf_dir
     folder.mkdir(parents=True, exist_ok=True)
     files: dict[str, Any] = {}
     parameters = merged_parameters(run)
     f16 = gguf_path(run, "f16")
-    fresh = f16.is_file() and f16.stat().st_mtime >= (merged / "config.json").stat().st_mtime
+    fresh = gguf_staleness(run, "f16") is None
     quantized = [t for t in types if t not in CONVERTER_TYPES]
     work = [t for t in types if t in CONVERTER_TYPES]
     if quantized and "f16" not in work and not fresh:
@@ -261,6 +274,8 @@ def export_gguf(run: Run, types: list[str] | tuple[str, ...], served: str | None
         start = time.perf_counter()
         final = gguf_path(run, gguf_type)
         tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+        say(f"writing {final.name}: " + (f"llama.cpp's converter on {merged} (a minute or two)"
+                                          if gguf_type in CONVERTER_TYPES else f"quantizing {f16.name}"))
         try:
             if gguf_type in CONVERTER_TYPES:
                 run_converter(merged, tmp, gguf_type)
@@ -275,9 +290,10 @@ def export_gguf(run: Run, types: list[str] | tuple[str, ...], served: str | None
                             "bits_per_weight": bits_per_weight(final, parameters), "how": how,
                             "seconds": round(time.perf_counter() - start, 1)}
     served = served or types[0]
-    write_text_atomic(run.modelfile, modelfile(run, served))
-    return {"gguf": files, "modelfile": str(run.modelfile), "served": served,
-            "llama_cpp_python": llama_cpp_version()}
+    if modelfile_too:
+        write_text_atomic(run.modelfile, modelfile(run, served))
+    return {"gguf": files, "modelfile": str(run.modelfile) if modelfile_too else None,
+            "served": served if modelfile_too else None, "llama_cpp_python": llama_cpp_version()}
 
 
 def _go_literal(text: str) -> str:

@@ -21,8 +21,8 @@ import torch
 from ..errors import QLoraError
 from ..runs import Run
 from .batch import Job, Rows
-from .gguf import cpu_threads, export_gguf, gguf_path, quiet_logs, require_llama_cpp
-from .run import context_length
+from .gguf import cpu_threads, export_gguf, gguf_path, gguf_staleness, quiet_logs, require_llama_cpp
+from .run import context_length, say
 
 
 class LlamaCppModel:
@@ -177,13 +177,17 @@ class LlamaCppBatch(Rows):
 
 
 def load_gguf_serving(run: Run) -> LlamaCppModel:
-    """The run's served GGUF (serve.gguf's first type; exported first if missing), with a sequence
-    per serve.max_concurrent row of the run's context. The merged model must be there."""
+    """The run's served GGUF (serve.gguf's first type; exported first, saying why, when missing or older
+    than merged/), with a sequence per serve.max_concurrent row of the run's context. The merged model
+    must be there. The Ollama Modelfile is left as the export wrote it: a file written here for serving
+    has not been through the export gate (serve_run warns about that)."""
     if not run.cfg.serve.gguf:
         raise QLoraError("serve.form=gguf but serve.gguf is empty: name the GGUF type to serve, "
                          "e.g. --set 'serve.gguf=[q8_0]'.")
     served = run.cfg.serve.gguf[0]
     path = gguf_path(run, served)
-    if not path.is_file():
-        export_gguf(run, [served])
+    stale = gguf_staleness(run, served)
+    if stale:
+        say(f"exporting {path.name} for serving ({stale}); {run.modelfile.name} is left as it is")
+        export_gguf(run, [served], modelfile_too=False)
     return LlamaCppModel(path, context_length(run), run.cfg.serve.max_concurrent)

@@ -20,7 +20,8 @@ from ..paths import cache_dir, read_json
 from ..runs import Run
 from .api import create_app
 from .engine import BatchEngine
-from .forms import choose_form, load_serving_model
+from .forms import choose_form, load_serving_model, served_form
+from .gate import gate_warning
 from .run import api_key_from_env, context_length, model_name
 from .static import start_decoder
 
@@ -36,16 +37,22 @@ def serve_run(run: Run) -> None:
         log.addHandler(handler)
     log.setLevel(logging.INFO)
     api_key = api_key_from_env(run)
+    host, port = run.cfg.serve.host, run.cfg.serve.port
+    if not port_is_free(host, port):  # before minutes of loading, not after (uvicorn's raw Errno 98)
+        raise PortTaken(f"Port {port} on {host} is taken (address already in use): pick another with "
+                        f"--port N (or --set serve.port=N), or stop what uses it.")
     choice = choose_form(run)
     print(f"loading {choice['form']} ({choice['reason']})", flush=True)
     model, tokenizer = load_serving_model(run, choice["form"])
+    warning = gate_warning(run, served_form(run, choice["form"]))  # after loading: it may have exported
+    if warning:
+        print(f"WARNING: {warning}", flush=True)
     serve = run.cfg.serve
     decoder = start_decoder(model, serve.compile, serve.max_concurrent, context_length(run, model),
                             cache_dir(run.cfg.model.cache_dir) / "compile")
     engine = BatchEngine(model, tokenizer, serve.max_concurrent, serve.max_queue, serve.batch_wait_ms,
                          decoder).start()
     app = create_app(engine, tokenizer, run, api_key, choice["form"])
-    host, port = run.cfg.serve.host, run.cfg.serve.port
     print(f"serving '{model_name(run)}' on http://{host}:{port}/v1 (auth: "
           f"{'Bearer key from $' + run.cfg.serve.api_key_env if api_key else 'none'})", flush=True)
     try:

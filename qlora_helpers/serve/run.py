@@ -28,6 +28,11 @@ def adapter_dir(run: Run) -> Path:
     return run.require_adapter()
 
 
+def say(text: str) -> None:
+    """A progress line of the long steps (merging, converting, the gate): printed at once, so a command
+    that runs for minutes says what it is doing (and notebook 06's cells show it too)."""
+    print(text, flush=True)
+
 
 def api_key_from_env(run: Run) -> str | None:
     """The API key from the environment variable serve.api_key_env names (None when no key is asked)."""
