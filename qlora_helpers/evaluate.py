@@ -247,9 +247,9 @@ def write_side_by_side(folder: RunFolder, items: list[dict[str, Any]]) -> dict[s
 
 
 def sample_counts(results: dict[str, Any]) -> dict[str, int | None]:
-    """Examples behind each task's numbers (0: the task was configured away, e.g. gsm8k_samples: 0)."""
+    """Examples behind each task's numbers; a task the configuration turned off has none to count."""
     return {task.name: task.examples(results[task.name]) for task in TASKS.values()
-            if task.name in results and task.examples is not None}
+            if task.name in results and "off" not in results[task.name] and task.examples is not None}
 
 
 def summarize(results: dict[str, Any]) -> dict[str, dict[str, float]]:

@@ -121,3 +121,4 @@ def test_a_task_the_configuration_turns_off_is_off_not_short_of_data(tmp_path, m
                                                              ("IFEval", "off: eval.ifeval_samples is 0")]
     report = evaluate.write_eval_report(run, **results)
     assert report["skipped"] == {} and report["off"]["gsm8k"] == "eval.gsm8k_samples is 0" and report["summary"] == {}
+    assert report["samples"] == {}  # an off task has no examples to count (it had 0 listed for choice)
