@@ -139,8 +139,9 @@ def _tok(run):
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_good_checkpoints(tmp_path, tiny_dir):
+    # a finite learning rate (the config refuses inf) that overflows the weights at the first step
     run = setup_run("smoke", "nan", [*QUIET, "train.max_steps=30", "train.save_steps=1",
-                                     "train.learning_rate=.inf", "train.max_grad_norm=0"], str(tmp_path))
+                                     "train.learning_rate=1e37", "train.max_grad_norm=0"], str(tmp_path))
     with pytest.raises(NonFiniteLoss, match=r"became (nan|inf|NaN or infinite) at step \d+.*Lower train.learning_rate"):
         train_adapter(run, prepare_run_data(run))
     assert not (run.path / "adapter").exists()
