@@ -287,11 +287,12 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "sweep":
             return sweep_command(args)
         elif args.command == "plan":
-            plan = memory_plan(load_config(args.config, args.overrides), args.gpu_gib)
+            cfg = load_config(args.config, args.overrides)
+            plan = memory_plan(cfg, args.gpu_gib)
             print("\n".join(describe_plan(plan)))
             if fits(plan["training"]["peak"], args.gpu_gib):
                 return 0
-            print("\n".join(describe_fix(args.config, args.overrides, args.gpu_gib)))
+            print("\n".join(describe_fix(cfg, args.config, args.overrides, args.gpu_gib)))
             return 1
         elif args.command == "config":
             print("\n".join(config_lines(load_config(args.config, args.overrides))))

@@ -213,7 +213,7 @@ def budget_bytes(cfg: Config, gpu_gib: float) -> int:
     return int((gpu_gib - CUDA_CONTEXT_GIB) * GIB / RESERVED_FACTOR)
 
 
-def activation_plan(cfg: Config, shape: Shape, weights: int, gpu_gib: float,
+def activation_plan(cfg: Config, shape: Shape, in_use: int, gpu_gib: float,
                     recompute: int | None = None) -> dict[str, Any]:
     """Tokens per micro-batch, the layers recomputed (the fast path's own choice, unless `recompute`
     gives it: a measured run's), the bytes kept and the transient peak on top."""
@@ -224,7 +224,7 @@ def activation_plan(cfg: Config, shape: Shape, weights: int, gpu_gib: float,
         # the same call as training, with the factors of the kernels that run
         if recompute is None:
             recompute = fastpath.plan_recompute(_as_config(shape), tokens, budget_bytes(cfg, gpu_gib),
-                                                weights, lora_targets(shape, targets), fused)["recompute_layers"]
+                                                in_use, lora_targets(shape, targets), fused)["recompute_layers"]
         hidden_bytes = 2
     else:
         tokens = cfg.train.micro_batch_size * cfg.model.max_seq_length  # padded to the longest row
@@ -341,7 +341,7 @@ def fitting_changes(profile: str, overrides: list[str], gpu_gib: float) -> tuple
     from .config import load_config
 
     cfg = load_config(profile, overrides)
-    t = cfg.train
+    shape, t = model_shape(cfg.model.source), cfg.train
     if fast_path_runs(cfg):
         steps = _halved("train.packed_tokens", t.packed_tokens, 1024)
     else:
@@ -353,19 +353,18 @@ def fitting_changes(profile: str, overrides: list[str], gpu_gib: float) -> tuple
     taken: dict[str, str] = {}
     for step in steps:
         trial = {**taken, **dict(s.split("=", 1) for s in step)}
-        plan = training_plan(load_config(profile, overrides + [f"{k}={v}" for k, v in trial.items()]),
-                             model_shape(cfg.model.source), gpu_gib)
+        plan = training_plan(load_config(profile, overrides + [f"{k}={v}" for k, v in trial.items()]), shape,
+                             gpu_gib)
         taken = trial  # a later step keeps it (a key halved again replaces its value)
         if fits(plan["peak"], gpu_gib):
             return [f"{k}={v}" for k, v in taken.items()], plan
     return None
 
 
-def describe_fix(profile: str, overrides: list[str], gpu_gib: float) -> list[str]:
-    """What to change when training does not fit `gpu_gib`, as lines for the terminal."""
-    from .config import load_config
-
-    if load_config(profile, overrides).train.distributed == "fsdp":
+def describe_fix(cfg: Config, profile: str, overrides: list[str], gpu_gib: float) -> list[str]:
+    """What to change when training of `cfg` (`profile` with `overrides`) does not fit `gpu_gib`, as
+    lines for the terminal."""
+    if cfg.train.distributed == "fsdp":
         return ["With train.distributed=fsdp each of --num-processes N processes holds about 1/N of the weights "
                 "and optimizer states; the figures above are one process holding them all (an upper bound)."]
     found = fitting_changes(profile, overrides, gpu_gib)

@@ -42,7 +42,7 @@ from .formats import (
     require_rows,
 )
 from .prompts import BadConversation, encode_text, render_conversation
-from .sources import DataUnavailable, load_table, looks_like_file
+from .sources import DataUnavailable, draw_rows, load_table, looks_like_file
 
 LAYOUTS = {  # columns that identify each layout (after column mapping); the value types decide between them
     "prompt_chosen_rejected": ("prompt", "chosen", "rejected"),
@@ -206,11 +206,10 @@ def read_source(src: PreferenceSourceConfig, pref: PreferenceConfig, data_cfg: D
     rows, origin = load_table(src.path, data_cfg, src.split, keep_bad_rows=True)
     require_rows(rows, origin, "preference.sources")
     check_mapped_columns(rows, src.columns, origin, "preference.sources[].columns")
-    numbers, drawn = range(1, len(rows) + 1), {}  # row numbers are the file's (1-based), sampled or not
-    if src.sample is not None:
-        chosen = sorted(random.Random(pref.seed).sample(range(len(rows)), min(src.sample, len(rows))))
-        drawn = {"sample": {"rows": len(chosen), "of": len(rows), "seed": pref.seed, "indices": chosen}}
-        rows, numbers = [rows[i] for i in chosen], [i + 1 for i in chosen]
+    rows, record = draw_rows(rows, src.sample, pref.seed)
+    drawn = {"sample": record} if record else {}
+    # row numbers are the file's (1-based), sampled or not
+    numbers = [i + 1 for i in record["indices"]] if record else range(1, len(rows) + 1)
     rows = [map_columns(r, src.columns) if isinstance(r, dict) else r for r in rows]
     layout = detect_layout(rows, src, origin)
     report.open(name, origin, layout, len(rows), **drawn)

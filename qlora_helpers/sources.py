@@ -307,11 +307,17 @@ def data_file(ref: str, data_cfg: DataConfig) -> Path:
 def load_source(src: SourceConfig, data_cfg: DataConfig) -> tuple[list[dict[str, Any]], str, dict[str, Any] | None]:
     """(rows, origin, sample record) for one training source; `sample: N` draws N rows by data.seed."""
     rows, origin = load_table(src.path, data_cfg, src.split, keep_bad_rows=True)
-    if src.sample is None:
-        return rows, origin, None
-    chosen = sorted(random.Random(data_cfg.seed).sample(range(len(rows)), min(src.sample, len(rows))))
-    record = {"rows": len(chosen), "of": len(rows), "seed": data_cfg.seed, "indices": chosen}
-    return [rows[i] for i in chosen], origin, record
+    rows, record = draw_rows(rows, src.sample, data_cfg.seed)
+    return rows, origin, record
+
+
+def draw_rows(rows: list[Any], sample: int | None, seed: int) -> tuple[list[Any], dict[str, Any] | None]:
+    """`sample` rows drawn by `seed`, in file order, and the record of the draw (its `indices` are the
+    0-based rows of the file: errors name rows by them); all rows and None when `sample` is None."""
+    if sample is None:
+        return rows, None
+    chosen = sorted(random.Random(seed).sample(range(len(rows)), min(sample, len(rows))))
+    return [rows[i] for i in chosen], {"rows": len(chosen), "of": len(rows), "seed": seed, "indices": chosen}
 
 
 def _load_hub(ref: str, split: str, data_cfg: DataConfig) -> tuple[list[dict[str, Any]], str]:

@@ -17,27 +17,9 @@ from qlora_helpers.prompts import BadConversation, encode_pairs, format_alpaca, 
 from qlora_helpers.runs import RunFolder
 from qlora_helpers.scoring import collate
 from qlora_helpers.sources import DataUnavailable, load_source, read_records
+from tests.data_fixtures import ROWS, _cfg, _write_json, tok  # noqa: F401 - tok: a fixture
 
 ASSETS = PROJECT_ROOT / "tests" / "assets" / "data"
-
-
-@pytest.fixture(scope="module")
-def tok(embedded_dir):
-    from qlora_helpers.models import load_tokenizer
-
-    return load_tokenizer(load_config("default").model)
-
-
-def _cfg(tmp_path, *sources, **kw):
-    return DataConfig(data_dir=str(tmp_path), sources=list(sources), **kw)
-
-
-def _write_json(path, rows):
-    path.write_text(json.dumps(rows))
-    return path
-
-
-ROWS = [{"instruction": f"Say the number {i}.", "input": "", "output": f"{i}"} for i in range(40)]
 
 
 # --- bad input, each named -----------------------------------------------------------------------

@@ -7,30 +7,11 @@ import random
 
 import pytest
 
-from qlora_helpers.config import DataConfig, SourceConfig, load_config
+from qlora_helpers.config import SourceConfig
 from qlora_helpers.errors import DataError
 from qlora_helpers.prepared import prepare_data
 from qlora_helpers.sources import load_table, read_records
-
-
-@pytest.fixture(scope="module")
-def tok(embedded_dir):
-    from qlora_helpers.models import load_tokenizer
-
-    return load_tokenizer(load_config("default").model)
-
-
-def _cfg(tmp_path, *sources, **kw):
-    return DataConfig(data_dir=str(tmp_path), sources=list(sources), **kw)
-
-
-def _write_json(path, rows):
-    path.write_text(json.dumps(rows))
-    return path
-
-
-ROWS = [{"instruction": f"Say the number {i}.", "input": "", "output": f"{i}"} for i in range(40)]
-
+from tests.data_fixtures import ROWS, _cfg, _write_json, tok  # noqa: F401 - tok: a fixture
 
 # --- CSV -------------------------------------------------------------------------------------------
 

@@ -133,13 +133,9 @@ def adapter_fingerprint(folder: Path) -> dict[str, str]:
     """sha256 of each of peft's adapter files in `folder` (a copied run keeps it; mtimes it does not)."""
     out = {}
     for name in ADAPTER_FILES:
-        path = folder / name
-        if path.is_file():
-            digest = hashlib.sha256()
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-            out[name] = digest.hexdigest()
+        if (folder / name).is_file():
+            with open(folder / name, "rb") as f:
+                out[name] = hashlib.file_digest(f, "sha256").hexdigest()
     return out
 
 
@@ -173,7 +169,7 @@ def merged_staleness(run: Run) -> str | None:
 def ensure_merged(run: Run) -> dict[str, Any] | None:
     """merged/ for the adapter the run serves: merged when missing or stale (saying why, as 06 merges
     anyway), else reused (saying so). Returns merge_and_export's report when it merged."""
-    stale = merged_staleness(run) if run.has_merged else None
+    stale = merged_staleness(run)  # None also when there is no merged/
     if run.has_merged and stale is None:
         say(f"reusing {run.merged_dir} (merged from {adapter_dir(run).name}/, which has not changed since)")
         return None
