@@ -13,6 +13,8 @@ for each setting, trained for two optimizer steps at two sizes, and its peak com
              (90% of 12 GiB) deciding how many layers are recomputed
   fast-16k   llama2-7b-fast: packed rows of 16,384 tokens (then 8,192), varlen attention, Liger, a
              40 GiB budget (some layers recomputed)
+  paper-24gb qlora-paper (LoRA r=64 on every linear layer: 2.4 GiB of adapter state) on the fast path,
+             16,384 tokens (then 8,192), the budget the plan gives a 24 GiB card ((24 - 0.6) / 1.15 GiB)
   serve-adapter, serve-merged
              the 4-bit base + adapter, and the merged 16-bit model, in the static KV cache of 8 slots x
              1,024 tokens: a prefill of all 8 slots, then decode steps (eager; the compiled step's
@@ -45,6 +47,8 @@ SETTINGS = {
                                               "train.fused_kernels=false", "train.memory_budget_gib=10.8"],
              [4096, 2048]),
     "fast-16k": (["--config", "llama2-7b-fast"], ["train.memory_budget_gib=40"], [16384, 8192]),
+    # the QLoRA paper's r=64 on every linear layer, on a 24 GiB card's budget: (24 - 0.6) / 1.15 GiB
+    "paper-24gb": (["--config", "qlora-paper"], ["train.memory_budget_gib=20.35"], [16384, 8192]),
 }
 
 
