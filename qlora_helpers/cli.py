@@ -252,7 +252,7 @@ def export_command(args) -> int:
     types = list(dict.fromkeys(args.gguf)) or None  # None: the run's serve.gguf, as 06 exports
     report = export_and_check(run, types)
     exported = report["export"] or {"gguf": {}}
-    for info in exported["gguf"].values():
+    for info in (i for i in exported["gguf"].values() if not i.get("kept")):  # kept: an earlier export's
         print(f"wrote {info['path']} ({info['mib']} MiB, {info['bits_per_weight']} bits per weight, "
               f"{info['how']}, {info['seconds']} s)")
     if report["note"]:

@@ -7,6 +7,7 @@ and say so; `.ci/run` sets QLORA_REQUIRE_GGUF=1, which makes that a failure inst
 """
 
 import json
+import os
 import subprocess
 import sys
 
@@ -130,20 +131,86 @@ def test_export_without_gguf_writes_serve_gguf_and_the_report_stage_06_writes(ru
     assert "writing model-q8_0.gguf: quantizing model-f16.gguf" in done.stdout  # f16 is current: not converted
     assert "export gate: checking gguf-q8_0" in done.stdout
     report = read_json(copy.export_report)
-    assert [f["form"] for f in report["forms"]] == ["adapter", "merged", "gguf-q8_0"] and report["note"] is None
-    assert report["export"]["served"] == "q8_0" and list(report["export"]["gguf"]) == ["q8_0"]
+    # the other types' results stay: their files are the same merge's, unchanged since the gate checked them
+    assert [f["form"] for f in report["forms"]] == ["adapter", "merged", "gguf-q8_0", "gguf-f16", "gguf-q4_k_m",
+                                                    "gguf-q5_k_m"] and report["note"] is None
+    assert report["export"]["served"] == "q8_0" and list(report["export"]["gguf"]) == ["q8_0", "f16", "q4_k_m",
+                                                                                       "q5_k_m"]
     assert set(report["export"]["gguf"]["q8_0"]) == {"path", "mib", "bits_per_weight", "how", "seconds"}
     assert copy.modelfile.read_bytes() == modelfile  # FROM the same first type
     # serving a form this export.json has no result for, or one it flagged, warns at startup
-    assert gate_warning(copy, gguf_form("q8_0")) is None
-    assert gate_warning(copy, gguf_form("q5_k_m")) == (
-        f"the export gate has not checked gguf-q5_k_m (export.json has no result for it): "
-        f"`python -m qlora_helpers export --run {copy.path} --gguf q5_k_m` checks it")
+    assert gate_warning(copy, gguf_form("q8_0")) is None and gate_warning(copy, gguf_form("q5_k_m")) is None
+    report["forms"] = [f for f in report["forms"] if f["form"] != "gguf-q5_k_m"]
     flagged = next(f for f in report["forms"] if f["form"] == "gguf-q8_0")
     flagged.update(passed=False, problems=["probe 2: greedy differs at token 4 (margin 0.7 nats > 0.5)"])
     copy.export_report.write_text(json.dumps(report))  # as the gate writes a flagged form (q4_k_m on SmolLM2)
+    assert gate_warning(copy, gguf_form("q5_k_m")) == (
+        f"the export gate has not checked gguf-q5_k_m (export.json has no result for it): "
+        f"`python -m qlora_helpers export --run {copy.path} --gguf q5_k_m` checks it")
     assert gate_warning(copy, gguf_form("q8_0")) == ("the export gate flagged gguf-q8_0: probe 2: greedy "
                                                      "differs at token 4 (margin 0.7 nats > 0.5)")
+
+
+def test_an_export_of_one_type_keeps_the_earlier_results_that_hold_and_says_why_it_drops_the_others(
+        run, exported, tmp_path):
+    """`export --gguf q8_0` after an export of four types used to rewrite export.json with q8_0's result
+    alone, although the other files were still there and still the merge's. f16's result stays, its
+    file unchanged since and from the same merge; q5_k_m's file is gone and q4_k_m's is older than
+    merged/ (an earlier merge's): those two are dropped, each with a line saying why."""
+    from qlora_helpers.paths import read_json
+    from qlora_helpers.serve.forms import gguf_form
+    from qlora_helpers.serve.gate import gate_warning
+
+    copy = copy_run(run, tmp_path)
+    before = read_json(copy.export_report)
+    copy.gguf_file("q5_k_m").unlink()
+    merged_at = (copy.merged_dir / "config.json").stat().st_mtime
+    os.utime(copy.gguf_file("q4_k_m"), (merged_at - 60, merged_at - 60))
+    cmd = [sys.executable, "-m", "qlora_helpers", "export", "--run", str(copy.path), "--gguf", "q8_0"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert ("export gate: keeping gguf-f16's earlier result (model-f16.gguf is unchanged since export.json "
+            "checked it, from the merge merged/ holds)") in done.stdout
+    assert ("export gate: dropping gguf-q4_k_m's earlier result: model-q4_k_m.gguf is older than merged/ (made "
+            "from an earlier merge)") in done.stdout
+    assert "export gate: dropping gguf-q5_k_m's earlier result: model-q5_k_m.gguf is missing" in done.stdout
+    assert f"wrote {copy.gguf_file('q8_0')}" in done.stdout and f"wrote {copy.gguf_file('f16')}" not in done.stdout
+    report = read_json(copy.export_report)
+    forms = {f["form"]: f for f in report["forms"]}
+    assert list(forms) == ["adapter", "merged", "gguf-q8_0", "gguf-f16"] and report["passed"]
+    assert forms["gguf-f16"] == next(f for f in before["forms"] if f["form"] == "gguf-f16")
+    assert list(report["tokenization"]) == ["q8_0", "f16"]
+    assert report["tokenization"]["f16"] == before["tokenization"]["f16"]
+    assert report["export"]["served"] == "q8_0" and "kept" not in report["export"]["gguf"]["q8_0"]
+    assert report["export"]["gguf"]["f16"] == {**before["export"]["gguf"]["f16"], "kept": True}
+    assert report["merge_id"] == before["merge_id"]
+    assert not [p for p in copy.path.iterdir() if p.name.startswith(".")]  # written beside, then renamed
+    assert gate_warning(copy, gguf_form("f16")) is None
+    assert "export.json has no result for it" in gate_warning(copy, gguf_form("q4_k_m"))
+
+
+def test_an_earlier_result_goes_when_its_file_was_rewritten_or_its_merge_or_reference_is_not_this_gates(
+        run, exported, tmp_path, capsys):
+    """earlier_gguf_results on a copy of the four-type export, as the next gate (`measured`: its merge
+    and reference answers) would call it."""
+    from qlora_helpers.paths import read_json
+    from qlora_helpers.serve.gate import earlier_gguf_results
+
+    copy = copy_run(run, tmp_path)
+    measured = read_json(copy.export_report)  # the same merge and reference answers
+    assert list(earlier_gguf_results(copy, measured, ["q8_0"])) == ["f16", "q4_k_m", "q5_k_m"]
+    capsys.readouterr()
+    assert earlier_gguf_results(copy, {**measured, "merge_id": "0" * 16}, []) == {}
+    assert ("export gate: dropping gguf-q8_0's earlier result: export.json checked it against an earlier merge "
+            "than merged/ holds") in capsys.readouterr().out
+    assert earlier_gguf_results(copy, {**measured, "device": "cuda"}, []) == {}
+    assert ("dropping gguf-f16's earlier result: export.json checked it against other reference answers "
+            "(another device, compute dtype or token budget)") in capsys.readouterr().out
+    later = copy.export_report.stat().st_mtime + 5
+    os.utime(copy.gguf_file("q5_k_m"), (later, later))  # as serve writes a missing GGUF, unchecked
+    assert list(earlier_gguf_results(copy, measured, [])) == ["q8_0", "f16", "q4_k_m"]
+    assert ("dropping gguf-q5_k_m's earlier result: model-q5_k_m.gguf was written after export.json checked "
+            "it") in capsys.readouterr().out
 
 
 def test_serving_after_a_newer_adapter_merges_and_converts_again_and_warns_of_an_unchecked_gguf(

@@ -16,7 +16,10 @@ training) in two ways:
 A form passes when its mean KL is within its bound and every probe's greedy continuation is equal
 or first differs at a near tie. `export.json` records it all, with the tokenization check: the GGUF
 tokenizes each probe prompt into the same ids as the run's tokenizer (the server feeds llama.cpp
-the run tokenizer's ids; a user of the GGUF in Ollama or llama.cpp gets llama.cpp's).
+the run tokenizer's ids; a user of the GGUF in Ollama or llama.cpp gets llama.cpp's). An export of
+some GGUF types keeps the earlier export.json's results for the others while they hold: the file is
+still there, unchanged since, made from the merge merged/ holds, and checked against the same
+reference answers; one that does not is dropped, saying why.
 """
 
 from __future__ import annotations
@@ -31,7 +34,16 @@ from ..paths import read_json, write_json_atomic
 from ..prompts import encode_text, render_instruction
 from ..runs import Run
 from .forms import FORMS, Form, checked_forms
-from .gguf import INSTALL_HINT, bits_per_weight, export_gguf, gguf_available, gguf_path, merged_parameters
+from .gguf import (
+    INSTALL_HINT,
+    bits_per_weight,
+    export_gguf,
+    gguf_available,
+    gguf_path,
+    gguf_staleness,
+    llama_cpp_version,
+    merged_parameters,
+)
 from .llamacpp import LlamaCppModel
 from .run import say
 
@@ -202,8 +214,9 @@ def tokenization_check(model: LlamaCppModel, probes: list[dict]) -> dict[str, An
 def run_export_gate(run: Run, gguf_types: list[str] | tuple[str, ...] = (), new_tokens: int = GATE_TOKENS,
                     extra: dict[str, Any] | None = None) -> dict:
     """Check every form of the registry (serve/forms.py: the adapter as served, merged/, and the GGUF
-    forms of `gguf_types`) against the adapter model; write `export.json`. `passed` is False when any
-    form disagrees beyond its bound."""
+    forms of `gguf_types`) against the adapter model; write `export.json`, keeping the earlier
+    export.json's results for the other GGUF types while they still hold (earlier_gguf_results).
+    `passed` is False when any form there disagrees beyond its bound."""
     start = time.perf_counter()
     say(f"export gate: the reference answers (4-bit base + adapter, greedy, {len(PROBE_INSTRUCTIONS)} probes)")
     reference, tokenizer = load_tuned_model(run)  # the reference, and the adapter form itself
@@ -226,25 +239,96 @@ def run_export_gate(run: Run, gguf_types: list[str] | tuple[str, ...] = (), new_
     for p in probes:
         for key in [k for k in p if k.startswith("_")]:
             del p[key]
+    measured = {"reference": "4-bit base + adapter (transformers generate, greedy)", "device": run.device,
+                "compute_dtype": str(run.compute_dtype), "new_tokens": new_tokens, "tie_margin_nats": TIE_MARGIN,
+                "probes": probes, "merge_id": merge_id(run)}  # which merge (and GGUFs made from it) was checked
+    kept = earlier_gguf_results(run, measured, gguf_types)  # an export of some types keeps the others' results
+    forms += [k["form"] for k in kept.values()]
+    tokenization.update({t: k["tokenization"] for t, k in kept.items()})
     tokens_ok = all(t["equal"] for t in tokenization.values())
-    parameters = merged_parameters(run) if gguf_types else 0
-    explain_quantization(forms, tokens_ok, {t: bits_per_weight(gguf_path(run, t), parameters) for t in gguf_types})
-    report = {"reference": "4-bit base + adapter (transformers generate, greedy)", "device": run.device,
-              "compute_dtype": str(run.compute_dtype), "new_tokens": new_tokens, "tie_margin_nats": TIE_MARGIN,
-              "probes": probes, "forms": forms, "tokenization": tokenization,
+    types = [*gguf_types, *kept]
+    parameters = merged_parameters(run) if types else 0
+    explain_quantization(forms, tokens_ok, {t: bits_per_weight(gguf_path(run, t), parameters) for t in types})
+    report = {**measured, "forms": forms, "tokenization": tokenization,
               "passed": all(f["passed"] for f in forms) and tokens_ok,
               "failed": [f["form"] for f in forms if not f["passed"]] + [f"tokenization-{t}" for t, v in
                                                                       tokenization.items() if not v["equal"]],
-              "seconds": round(time.perf_counter() - start, 1),
-              "merge_id": merge_id(run), **(extra or {})}  # which merge (and GGUFs made from it) was checked
+              "seconds": round(time.perf_counter() - start, 1), **(extra or {})}
+    if "export" in report:
+        report["export"] = with_kept_files(report["export"], kept)
     write_json_atomic(run.export_report, report)
     return report
+
+
+def reference_of(report: dict) -> list:
+    """What a gate's results were measured against: the device, compute dtype, token budget and each
+    probe's prompt and reference answer (a JSON round trip keeps it equal)."""
+    return [report.get("device"), report.get("compute_dtype"), report.get("new_tokens"),
+            [[p.get("prompt"), p.get("reference_tokens")] for p in report.get("probes", [])]]
+
+
+def earlier_staleness(run: Run, earlier: dict, measured: dict, gguf_type: str) -> str | None:
+    """Why the earlier export.json's result for `gguf_type` no longer holds (None: it does): its file
+    is missing, made from an earlier merge or written since that gate checked it, or that gate's
+    reference is not this one's."""
+    report = run.export_report.name
+    stale = gguf_staleness(run, gguf_type)
+    if stale:
+        return stale
+    if earlier.get("merge_id") is None:
+        return f"{report} does not say which merge it checked"
+    if earlier["merge_id"] != measured["merge_id"]:
+        return f"{report} checked it against an earlier merge than merged/ holds"
+    if gguf_path(run, gguf_type).stat().st_mtime > run.export_report.stat().st_mtime:
+        return f"{gguf_path(run, gguf_type).name} was written after {report} checked it"
+    if gguf_type not in earlier.get("tokenization", {}):
+        return f"{report} has no tokenization check for it"
+    if reference_of(earlier) != reference_of(measured):
+        return (f"{report} checked it against other reference answers (another device, compute dtype or "
+                f"token budget)")
+    return None
+
+
+def earlier_gguf_results(run: Run, measured: dict, checked: list[str] | tuple[str, ...]) -> dict[str, dict]:
+    """The results of the earlier export.json for GGUF types this gate did not check (`checked`)
+    that still hold (earlier_staleness), by type: the form's result, its tokenization check and its
+    file's entry in `export` (None without one). Each one kept or dropped is said, with why.
+    `measured`: this gate's report so far (merge_id and what reference_of reads)."""
+    if not run.export_report.is_file():
+        return {}
+    earlier = read_json(run.export_report)
+    files = (earlier.get("export") or {}).get("gguf") or {}
+    kept = {}
+    for result in earlier.get("forms", []):
+        form = FORMS.get(result.get("form"))
+        if form is None or form.gguf_type is None or form.gguf_type in checked:
+            continue
+        why = earlier_staleness(run, earlier, measured, form.gguf_type)
+        if why:
+            say(f"export gate: dropping {form.name}'s earlier result: {why}")
+            continue
+        say(f"export gate: keeping {form.name}'s earlier result ({gguf_path(run, form.gguf_type).name} is "
+            f"unchanged since {run.export_report.name} checked it, from the merge merged/ holds)")
+        kept[form.gguf_type] = {"form": result, "tokenization": earlier["tokenization"][form.gguf_type],
+                                "export": files.get(form.gguf_type)}
+    return kept
+
+
+def with_kept_files(exported: dict | None, kept: dict[str, dict]) -> dict | None:
+    """`export` (what this export wrote, or None) with the entries of the GGUF files kept from an
+    earlier export, each marked `kept`; this export's Modelfile (None: it wrote none)."""
+    files = {t: {**k["export"], "kept": True} for t, k in kept.items() if k["export"]}
+    if not files:
+        return exported
+    base = exported or {"gguf": {}, "modelfile": None, "served": None, "llama_cpp_python": llama_cpp_version()}
+    return {**base, "gguf": {**base["gguf"], **files}}
 
 
 def export_and_check(run: Run, types: list[str] | tuple[str, ...] | None = None) -> dict[str, Any]:
     """06's step and the `export` command's: write the GGUF files of `types` (default: serve.gguf's)
     and the Modelfile (with the [gguf] extra), then run the export gate over every form; `note` says
-    what was left out and why, `export` what was written. Types asked for by name need the extra;
+    what was left out and why, `export` what was written (and, marked `kept`, the files of earlier
+    exports whose results still hold). Types asked for by name need the extra;
     serve.gguf's are left out without it (noted). merged/ must be current (export.ensure_merged)."""
     asked = types is not None
     types = list(dict.fromkeys(run.cfg.serve.gguf if types is None else types))
