@@ -197,7 +197,7 @@ def evaluate_choice(run, model, tokenizer, data=None) -> dict[str, Any]:
     cfg = run.cfg.eval
     rows = _read(run, cfg.choice_path)[:cfg.choice_samples]
     pairs = [(render_instruction(run, tokenizer, r["question"]), c) for r in rows for c in r["choices"]]
-    if not pairs:  # choice_samples: 0
+    if not pairs:  # a file with no questions (choice_samples: 0 turns the task off before it runs)
         empty = {"accuracy": 0.0, "per_example": [], "chosen": []}
         return {"base": empty, "tuned": dict(empty), "seconds": {"base": 0.0, "tuned": 0.0}, "questions": []}
 
@@ -302,18 +302,19 @@ def run_task(name: str, run, model, tokenizer, data) -> dict[str, Any]:
 
 def task_table(results: dict[str, Any]) -> list[dict[str, Any]]:
     """What each task run measured: a row per metric (base, tuned, which way is better), or why it
-    has no numbers; with its examples and seconds (base + tuned)."""
+    has no numbers (off, and what turns it on; skipped for want of data; no examples in its data);
+    with its examples and seconds (base + tuned)."""
     counts, rows = sample_counts(results), []
     for name, result in results.items():
         task = TASKS[name]
         row = {"task": task.title, "examples": counts.get(name),
                "seconds": round(sum((result.get("seconds") or {}).values()), 1)}
         if "off" in result:
-            rows.append({**row, "metric": f"off: {result['off']}"})
+            rows.append({**row, "metric": f"off: {result['off']}; to run it, {task.turn_on(result['off'])}"})
         elif "skipped" in result:
             rows.append({**row, "metric": f"skipped: {result['skipped']}"})
         elif counts.get(name) == 0:
-            rows.append({**row, "metric": "configured away (0 examples)"})
+            rows.append({**row, "metric": task.no_examples()})
         elif not task.metrics:
             rows.append({**row, "metric": f"(no score: {task.about})"})
         for metric in task.metrics if not {"skipped", "off"} & set(result) and counts.get(name) != 0 else ():

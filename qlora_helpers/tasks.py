@@ -10,7 +10,9 @@ result does not hold (exact match: only on the built-in data) is left out of the
 A task's function takes (run, model, tokenizer, data: the eval split 03 saved) and returns
 {'base': ..., 'tuned': ..., 'seconds': ...} (`evaluate.for_both`), or {'skipped': why} when its data
 is nowhere to be found (`evaluate.needs_data`). A task the configuration turns off (`Task.switches`:
-eval.gsm8k_samples: 0) is not run at all: {'off': why} (`evaluate.run_task`).
+eval.gsm8k_samples: 0) is not run at all: {'off': why} (`evaluate.run_task`); the task table says
+what turns it on (`Task.turn_on`). One that ran on data holding no examples (an empty file) has
+numbers from none: the table says so (`Task.no_examples`).
 """
 
 from __future__ import annotations
@@ -61,6 +63,25 @@ class Task:
 
     def enabled(self, eval_cfg: Any) -> bool:
         return self.off(eval_cfg) is None
+
+    def turn_on(self, why: str) -> str:
+        """What runs the task again, for Task.off's reason: 'eval.gsm8k_samples is 0' -> 'set
+        eval.gsm8k_samples above 0'."""
+        setting, _, value = why.partition(" is ")
+        return TURN_ON.get(value, "change {setting}").format(setting=setting)
+
+    def no_examples(self) -> str:
+        """Why a task that ran has no numbers, and what to change: its data held no examples (an empty
+        file). The configuration cannot give a task 0 examples: a 0 in its switch turns it off."""
+        if self.data:
+            settings = " or ".join(f"{self.section}.{name}" for name in self.data)
+            return f"no examples: {settings} held none; point it at data that holds some"
+        return "no examples: the eval split stage 03 made gave none to score"
+
+
+# What runs a task again, by the value of the switch that turned it off (Task.off: 0, null or empty)
+TURN_ON = {"0": "set {setting} above 0", "null": "set {setting} to a file or hub id",
+           "[]": "name one or more in {setting}"}
 
 
 def _nll_per_token(side: dict[str, Any]) -> tuple[list[float], list[float]]:

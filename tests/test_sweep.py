@@ -28,7 +28,7 @@ from qlora_helpers.sweep import (
     sweeps_dir,
 )
 
-# Stage 05 made light: held-out loss and two ROUGE examples; the other tasks configured away.
+# Stage 05 made light: held-out loss and two ROUGE examples; the other tasks turned off.
 LIGHT = ["train.eval_samples=4", "eval.loss_samples=8", "eval.answer_samples=2", "eval.answer_tokens=8",
          "eval.gsm8k_samples=0", "eval.ifeval_samples=0", "eval.showcase_samples=0"]
 

@@ -58,7 +58,7 @@ def test_summary_counts_differences_and_table_follow_the_registry():
     assert [(r["task"], r["metric"]) for r in table] == [
         ("Held-out loss", "held-out loss"), ("Held-out loss", "perplexity"),
         *[("Answers", m) for m in ANSWER_METRICS], ("GSM8K", "skipped: no data"),
-        ("IFEval", "configured away (0 examples)")]
+        ("IFEval", "no examples: eval.ifeval_path held none; point it at data that holds some")]
     assert table[0]["better"] == "lower" and table[2]["better"] == "higher" and table[2]["seconds"] == 3.0
     assert [r["better"] for r in table[2:6]] == ["higher", "lower", "lower", "higher"]
 
@@ -117,8 +117,34 @@ def test_a_task_the_configuration_turns_off_is_off_not_short_of_data(tmp_path, m
     assert TASKS["choice"].off(load_config("smoke").eval) == "eval.choice_path is null"
     assert evaluate.headline(results["gsm8k"], "exact_match") == "off: eval.gsm8k_samples is 0"
     table = evaluate.task_table(results)
-    assert [(r["task"], r["metric"]) for r in table][:2] == [("GSM8K", "off: eval.gsm8k_samples is 0"),
-                                                             ("IFEval", "off: eval.ifeval_samples is 0")]
+    assert [r["metric"] for r in table] == [
+        "off: eval.gsm8k_samples is 0; to run it, set eval.gsm8k_samples above 0",
+        "off: eval.ifeval_samples is 0; to run it, set eval.ifeval_samples above 0",
+        "off: eval.choice_samples is 0; to run it, set eval.choice_samples above 0",
+        "off: eval.showcase_samples is 0; to run it, set eval.showcase_samples above 0",
+        "off: eval.lm_eval_tasks is []; to run it, name one or more in eval.lm_eval_tasks"]
     report = evaluate.write_eval_report(run, **results)
     assert report["skipped"] == {} and report["off"]["gsm8k"] == "eval.gsm8k_samples is 0" and report["summary"] == {}
     assert report["samples"] == {}  # an off task has no examples to count (it had 0 listed for choice)
+
+
+def test_a_task_whose_data_holds_no_examples_says_so_not_configured_away(tmp_path, monkeypatch):
+    """The task table called a task with 0 examples 'configured away', a third word beside `off` and
+    `skipped` for something the configuration cannot do: a setting that gives a task 0 examples turns
+    it off. A task that ran on an empty file says its data held none and what to change; one the
+    configuration turns off (choice_path null, the smoke default) says which setting turns it on."""
+    from qlora_helpers.opening import setup_run
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    empty = tmp_path / "no-questions.jsonl"
+    empty.write_text("")
+    run = setup_run("smoke", "empty", ["train.wandb=disabled", f"eval.choice_path={empty}"], str(tmp_path))
+    result = evaluate.run_task("choice", run, None, None, None)  # no pairs to score: no model is asked
+    assert result["questions"] == [] and evaluate.sample_counts({"choice": result}) == {"choice": 0}
+    off = {"choice": {"off": TASKS["choice"].off(load_config("smoke").eval)}}
+    rows = evaluate.task_table({"choice": result}) + evaluate.task_table(off)
+    assert [r["metric"] for r in rows] == [
+        "no examples: eval.choice_path held none; point it at data that holds some",
+        "off: eval.choice_path is null; to run it, set eval.choice_path to a file or hub id"]
+    report = evaluate.write_eval_report(run, choice=result)
+    assert report["samples"] == {"choice": 0} and report["off"] == report["skipped"] == {}
