@@ -229,7 +229,7 @@ def train_command(args) -> int:
         distributed = load_config(args.config, args.overrides).train.distributed
         return subprocess.call(accelerate_command(args, run_name, distributed))
     else:
-        run = setup_run(args.config, run_name, args.overrides, args.outputs_dir)
+        run = setup_run(args.config, run_name, args.overrides, args.outputs_dir, origin="--set")
         stage("03").run(run)
         if args.num_processes * args.num_machines > 1:
             return subprocess.call(accelerate_command(args, run_name, run.cfg.train.distributed))

@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from .config import CONFIG_DIR, load_config, resolve_config_path
+from .config import CONFIG_DIR, load_config, origin_label, resolve_config_path
 from .errors import ConfigError
 from .opening import config_differences, saved_config
 from .paths import OUTPUTS_DIR, PROJECT_ROOT, read_json, read_utf8, run_dir, write_json_atomic, write_text_atomic
@@ -61,6 +61,7 @@ class SweepRun:
     tag: str                        # run folder name under runs/
     values: dict[str, Any]          # the swept keys of this run -> values
     overrides: tuple[str, ...]      # everything passed to the runner: fixed settings, then `values`
+    origins: tuple[str, ...] = ()   # where each override came from, for an error about its value
 
 
 @dataclass(frozen=True)
@@ -128,8 +129,11 @@ def plan_sweep(config: str, grid: list[str] = (), overrides: list[str] = (), sta
     base_dir = Path(outputs_dir) if outputs_dir else OUTPUTS_DIR
     # run_dir: the naming rules of a run folder, and no file where a folder must go
     folder = run_dir(name, (base_dir if base_dir.is_absolute() else PROJECT_ROOT / base_dir) / "sweeps", False)
-    settings = ([override_text(k, v) for k, v in fixed.items()] + list(overrides)
-                + [override_text("train.wandb_group", name)] * ("train.wandb_group" not in pinned))
+    # the settings fixed for every run, each with where it came from (an error about its value names it)
+    given = ([(override_text(k, v), f"sweep file {path.name} set:") for k, v in fixed.items()]
+             + [(text, "--set") for text in overrides]
+             + [(override_text("train.wandb_group", name), "the sweep's name")] * ("train.wandb_group" not in pinned))
+    settings = [text for text, _ in given]
     stage_list = [s.number for s in select_stages(stages or _stages_text(spec.get("stages")))]
     total = len(combos)
     limit = max_runs if max_runs is not None else spec.get("max_runs")
@@ -137,8 +141,11 @@ def plan_sweep(config: str, grid: list[str] = (), overrides: list[str] = (), sta
         if not isinstance(limit, int) or limit < 1:
             raise ConfigError(f"max_runs must be a positive whole number, not {limit!r}.")
         combos = combos[:limit]
-    runs = [SweepRun(tag, combo, tuple(settings + [override_text(k, v) for k, v in combo.items()]))
-            for tag, combo in zip(run_tags(combos), combos)]
+    runs = []
+    for i, (tag, combo) in enumerate(zip(run_tags(combos), combos)):
+        swept_from = [f"sweep file {path.name} runs[{i}]" if "runs" in spec else f"sweep grid key {k}" for k in combo]
+        pairs = given + [(override_text(k, v), how) for (k, v), how in zip(combo.items(), swept_from)]
+        runs.append(SweepRun(tag, combo, tuple(t for t, _ in pairs), tuple(origin_label(o, t) for t, o in pairs)))
     plan = SweepPlan(name, profile, stage_list, swept, runs, folder, total, tuple(settings))
     validate_plan(plan)
     return plan
@@ -161,7 +168,7 @@ def validate_plan(plan: SweepPlan) -> None:
     for i, run in enumerate(plan.runs, 1):
         label = " ".join(f"{k}={value_label(v)}" for k, v in run.values.items())
         try:
-            cfg = load_config(plan.config, run.overrides)
+            cfg = load_config(plan.config, run.overrides, run.origins or None)
         except ConfigError as exc:
             raise ConfigError(f"Sweep {plan.name!r}, run {i} ({label}): {exc}") from None
         written = ", ".join(override_text(k, v) for k, v in run.values.items())  # as given: "q_proj", ["q_proj"]

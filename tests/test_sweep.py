@@ -159,6 +159,25 @@ def test_resume_skips_finished_stages_and_refuses_a_changed_run(tmp_path):
         plan_sweep("smoke", ["lora.r=4,8"], stages="01,03,04,05", outputs_dir=str(tmp_path))
 
 
+def test_a_bad_value_is_blamed_on_the_sweep_setting_it_came_from_not_on_set(tmp_path, capsys):
+    # every override reached the config as a string and was called `--set TEXT` in the error
+    with pytest.raises(ConfigError, match=r"run 2 \(lora.r=0\): sweep grid key lora.r \(lora.r=0\): 'lora.r' is 0"):
+        plan_sweep("smoke", ["lora.r=8,0"], outputs_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match=r": --set lora.alpha=-1: 'lora.alpha' is -1"):  # a --set stays one
+        plan_sweep("smoke", ["lora.r=8,16"], ["lora.alpha=-1"], outputs_dir=str(tmp_path))
+    spec = tmp_path / "pairs.yaml"
+    spec.write_text("config: smoke\nruns:\n  - {lora.r: 4}\n  - lora: {r: -1}\n")
+    with pytest.raises(ConfigError, match=r"run 2 \(lora.r=-1\): sweep file pairs.yaml runs\[1\] \(lora.r=-1\): "):
+        plan_sweep(str(spec), outputs_dir=str(tmp_path))
+    spec.write_text("config: smoke\nset: {lora: {alpha: 0}}\ngrid: {lora.r: [4, 8]}\n")
+    with pytest.raises(ConfigError, match=r"sweep file pairs.yaml set: \(lora.alpha=0\): 'lora.alpha' is 0"):
+        plan_sweep(str(spec), outputs_dir=str(tmp_path))
+    assert main(["sweep", "--config", "smoke", "--grid", "lora={r: 0},{r: 4}", "--outputs-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "sweep grid key lora (lora={\"r\": 0}): 'lora.r' is 0" in err and "--set" not in err
+    assert not (tmp_path / "sweeps").exists()
+
+
 @pytest.mark.integration  # starts notebook kernels
 def test_failed_runs_are_recorded_the_sweep_goes_on_and_a_rerun_retries(tmp_path, capsys):
     # stage 02 alone, without 01: each run fails before its notebook starts (the runner checks that
