@@ -20,19 +20,10 @@ from .errors import QLoraError, UsageError
 from .opening import open_run, open_run_folder, setup_run
 from .paths import run_dir
 from .plan import describe_fix, describe_plan, fits, memory_plan
-from .runner import run_pipeline, select_stages
+from .runner import run_pipeline, stages_argument
 from .runs import stage
 from .sweep import add_arguments as add_sweep_arguments
 from .sweep import sweep_command
-
-
-def stages_argument(text: str) -> str:
-    """--stages: stage numbers the runner knows (checked before anything runs)."""
-    try:
-        select_stages(text)
-    except QLoraError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
 
 
 def run_name_argument(text: str) -> str:

@@ -178,6 +178,31 @@ def test_a_bad_value_is_blamed_on_the_sweep_setting_it_came_from_not_on_set(tmp_
     assert not (tmp_path / "sweeps").exists()
 
 
+@pytest.mark.parametrize("stages", ["", ",", "99", "01,4c"])
+def test_sweep_stages_are_checked_up_front_as_run_checks_them(stages, tmp_path, capsys):
+    said = {}
+    for command in ("run", "sweep"):  # "" ran every stage of every run; the others failed with exit 1
+        grid = ["--grid", "lora.r=4,8"] if command == "sweep" else []
+        with pytest.raises(SystemExit) as exited:
+            main([command, "--config", "smoke", *grid, "--stages", stages, "--outputs-dir", str(tmp_path)])
+        assert exited.value.code == 2
+        said[command] = capsys.readouterr().err.splitlines()[-1].split(" error: ")[1]
+    assert said["sweep"] == said["run"] and said["run"].startswith("argument --stages: ")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_sweep_of_stages_a_run_switches_off_is_refused_before_any_run_folder(tmp_path, capsys):
+    with pytest.raises(QLoraError, match=r"^Sweep 'smoke-r', run 1 \(lora.r=4\): Nothing to run: stage 04b runs "
+                                         r"only when preference.enabled is true"):
+        plan_sweep("smoke", ["lora.r=4,8"], stages="04b", outputs_dir=str(tmp_path))
+    with pytest.raises(QLoraError, match="No stage named in ''"):  # "" in Python too, not "every stage"
+        plan_sweep("smoke", ["lora.r=4,8"], stages="", outputs_dir=str(tmp_path))
+    args = ["sweep", "--config", "smoke", "--grid", "preference.enabled=true,false", "--stages", "04b"]
+    assert main([*args, "--outputs-dir", str(tmp_path)]) == 1  # the run that turns 04b off: refused too
+    assert "run 2 (preference.enabled=False): Nothing to run" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.integration  # starts notebook kernels
 def test_failed_runs_are_recorded_the_sweep_goes_on_and_a_rerun_retries(tmp_path, capsys):
     # stage 02 alone, without 01: each run fails before its notebook starts (the runner checks that
