@@ -4,6 +4,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -201,6 +202,22 @@ def test_a_sweep_of_stages_a_run_switches_off_is_refused_before_any_run_folder(t
     assert main([*args, "--outputs-dir", str(tmp_path)]) == 1  # the run that turns 04b off: refused too
     assert "run 2 (preference.enabled=False): Nothing to run" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("entry, both", [("{lora.r: 8, lora: {r: 16}}", "lora.r and r in lora: {...}"),
+                                         ("{lora: {r: 16, alpha: 8}, lora.r: 8}", "r in lora: {...} and lora.r"),
+                                         ("{lora: 8, lora.r: 16}", "lora and lora.r")])
+def test_a_runs_entry_that_sets_a_key_twice_is_refused_not_one_value_kept(entry, both, tmp_path, capsys):
+    spec = tmp_path / "twice.yaml"
+    spec.write_text(f"config: smoke\nstages: 01\nruns:\n  - {{lora.r: 4}}\n  - {entry}\n")
+    with pytest.raises(ConfigError, match=re.escape(f"twice.yaml: runs[1] sets lora.r twice ({both}); give it once.")):
+        plan_sweep(str(spec), outputs_dir=str(tmp_path))
+    assert main(["sweep", "--config", str(spec), "--outputs-dir", str(tmp_path)]) == 1
+    assert "error: twice.yaml: runs[1] sets lora.r twice" in capsys.readouterr().err
+    assert not (tmp_path / "sweeps").exists()
+    spec.write_text(f"config: smoke\nset: {entry}\ngrid: {{lora.alpha: [8, 16]}}\n")  # and in set:
+    with pytest.raises(ConfigError, match=r"^twice.yaml: set sets lora.r twice"):
+        plan_sweep(str(spec), outputs_dir=str(tmp_path))
 
 
 @pytest.mark.integration  # starts notebook kernels
