@@ -20,19 +20,10 @@ from .errors import QLoraError, UsageError
 from .opening import open_run, open_run_folder, setup_run
 from .paths import run_dir
 from .plan import describe_fix, describe_plan, fits, memory_plan
-from .runner import run_pipeline, select_stages
+from .runner import run_pipeline, stages_argument
 from .runs import stage
 from .sweep import add_arguments as add_sweep_arguments
 from .sweep import sweep_command
-
-
-def stages_argument(text: str) -> str:
-    """--stages: stage numbers the runner knows (checked before anything runs)."""
-    try:
-        select_stages(text)
-    except QLoraError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
 
 
 def run_name_argument(text: str) -> str:
@@ -229,7 +220,7 @@ def train_command(args) -> int:
         distributed = load_config(args.config, args.overrides).train.distributed
         return subprocess.call(accelerate_command(args, run_name, distributed))
     else:
-        run = setup_run(args.config, run_name, args.overrides, args.outputs_dir)
+        run = setup_run(args.config, run_name, args.overrides, args.outputs_dir, origin="--set")
         stage("03").run(run)
         if args.num_processes * args.num_machines > 1:
             return subprocess.call(accelerate_command(args, run_name, run.cfg.train.distributed))

@@ -430,24 +430,34 @@ def _leaf_keys(key: str, value: Any) -> list[str]:
     return [key]
 
 
-def load_config(config: str | Path = "default", overrides: typing.Iterable[str] = ()) -> Config:
-    """Load a profile (name or YAML path), apply dotted overrides, validate, return a frozen Config."""
+def load_config(config: str | Path = "default", overrides: typing.Iterable[str] = (),
+                origins: typing.Sequence[str] | None = None) -> Config:
+    """Load a profile (name or YAML path), apply dotted overrides, validate, return a frozen Config.
+    `origins` (one per override, `origin_label`'s) names where each came from in an error about its
+    value (`sweep grid key lora.r (lora.r=0)`); without them, each override is a `--set`."""
     path, overrides = resolve_config_path(config), list(overrides)
     data = apply_overrides(_load_profile(path), overrides)
     try:
         return build_dataclass(Config, data, prefix="")
     except ConfigError as exc:
-        raise ConfigError(f"{_origin(exc.key, path, overrides)}: {exc}", key=exc.key) from None
+        labels = [origin_label("--set", text) for text in overrides] if origins is None else origins
+        labelled = list(zip(overrides, labels, strict=True))
+        raise ConfigError(f"{_origin(exc.key, path, labelled)}: {exc}", key=exc.key) from None
 
 
-def _origin(key: str | None, path: Path, overrides: list[str]) -> str:
-    """Where the value of `key` came from: the last override that sets it (`--set lora.r=0`), else
-    the profile file in the `extends` chain that sets it, else `path`'s name."""
+def origin_label(origin: str, text: str) -> str:
+    """How an error names an override: `--set lora.r=0` as typed, else `origin (lora.r=0)`."""
+    return f"--set {text}" if origin == "--set" else f"{origin} ({text})"
+
+
+def _origin(key: str | None, path: Path, overrides: list[tuple[str, str]]) -> str:
+    """Where the value of `key` came from: the label of the last override (text, label) that sets it
+    (`--set lora.r=0`), else the profile file in the `extends` chain that sets it, else `path`'s name."""
     keys = key.split("[")[0].split(".") if key else []  # data.sources[0].weight: the list is set whole
-    for text in reversed(overrides if keys else []):  # a section's mapping sets only the keys it names
+    for text, label in reversed(overrides if keys else []):  # a section's mapping sets only the keys it names
         for set_keys in (k.split(".") for k in override_keys(text)):
             if set_keys[:len(keys)] == keys or keys[:len(set_keys)] == set_keys:
-                return f"--set {text}"
+                return label
     node: Path | None = path
     while keys and node is not None:  # _load_profile has read this chain already: it ends
         data = _read_yaml(node)

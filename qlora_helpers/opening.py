@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .config import Config, apply_overrides, config_from_dict, load_config
+from .config import Config, apply_overrides, config_from_dict, load_config, origin_label
 from .environment import collect_environment, plan_runtime, write_setup
 from .errors import ConfigError
 from .paths import read_json, run_dir
@@ -24,10 +24,12 @@ STAGE_SECTIONS = {"05": "eval", "06": "serve"}
 
 
 def setup_run(config: str, run_name: str, overrides: Iterable[str] = (),
-              outputs_dir: str | None = None) -> Run:
+              outputs_dir: str | None = None, origin: str = "notebook parameter overrides") -> Run:
     """Stage 01: validate the config, inspect the machine, write config.json and env.json. This is the
-    one place a run's settings are chosen (notebook 01's parameters, or `--set` on the command line)."""
-    cfg = load_config(config, list(overrides))
+    one place a run's settings are chosen (notebook 01's parameters, or `--set` on the command line);
+    `origin` names where `overrides` came from in an error about one (`--set` for the command line)."""
+    overrides = list(overrides)
+    cfg = load_config(config, overrides, [origin_label(origin, text) for text in overrides])
     folder = RunFolder(run_dir(run_name, outputs_dir))
     env = collect_environment()
     write_setup(folder.config_file, folder.env_file, cfg, env, plan_runtime(cfg, env))

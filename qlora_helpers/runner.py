@@ -10,6 +10,7 @@ its kernel machinery).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import time
@@ -43,6 +44,24 @@ def select_stages(stages: str | Iterable[str] | None) -> list[Stage]:
     return [s for s in STAGES if s.number in {stage_key(w) for w in wanted}]
 
 
+def stages_argument(text: str) -> str:
+    """--stages of `run` and `sweep`: stage numbers the runner knows (checked before anything runs)."""
+    try:
+        select_stages(text)
+    except QLoraError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def applying_stages(chosen: list[Stage], cfg: Config) -> list[Stage]:
+    """The stages of `chosen` that `cfg` runs (04b only when the profile enables it); none is an error."""
+    selected = [s for s in chosen if s.applies(cfg)]
+    if not selected:
+        raise QLoraError("Nothing to run: " + "; ".join(f"stage {s.number} runs only when {s.enabled_by} is true"
+                                                        for s in chosen) + ". Set it, or name other stages.")
+    return selected
+
+
 def run_pipeline(config: str, run_name: str | None = None, overrides: Iterable[str] = (),
                  stages: str | Iterable[str] | None = None, outputs_dir: str | None = None,
                  progress: bool = True) -> Path:
@@ -73,10 +92,7 @@ def plan_pipeline(config: str, run_name: str | None = None, overrides: Iterable[
     # (config.json) are the base, so only the --set keys can differ from them, not the profile's defaults
     saved = saved_config(RunFolder(run_dir(run_name, outputs_dir, create=False))) if chosen[0].number != "01" else None
     cfg = load_config(config_path, overrides) if saved is None else _with_overrides(saved, overrides, run_name)
-    selected = [s for s in chosen if s.applies(cfg)]  # 04b only when the profile enables it
-    if not selected:
-        raise QLoraError("Nothing to run: " + "; ".join(f"stage {s.number} runs only when {s.enabled_by} is true"
-                                                        for s in chosen) + ". Set it, or name other stages.")
+    selected = applying_stages(chosen, cfg)
     readers = [s.notebook for s in selected if s.reads_sources]
     if readers:  # and on a training file that cannot be read, instead of minutes into the run
         try:

@@ -33,11 +33,11 @@ from typing import Any
 
 import yaml
 
-from .config import CONFIG_DIR, load_config, resolve_config_path
-from .errors import ConfigError
+from .config import CONFIG_DIR, load_config, origin_label, resolve_config_path
+from .errors import ConfigError, QLoraError
 from .opening import config_differences, saved_config
 from .paths import OUTPUTS_DIR, PROJECT_ROOT, read_json, read_utf8, run_dir, write_json_atomic, write_text_atomic
-from .runner import run_pipeline, select_stages
+from .runner import applying_stages, run_pipeline, select_stages, stages_argument
 from .runs import RunFolder, stage
 from .sweep_grid import (  # noqa: F401 (expand_grid, parse_grid, run_tags: the grid's API, long imported from here)
     check_keys,
@@ -61,6 +61,7 @@ class SweepRun:
     tag: str                        # run folder name under runs/
     values: dict[str, Any]          # the swept keys of this run -> values
     overrides: tuple[str, ...]      # everything passed to the runner: fixed settings, then `values`
+    origins: tuple[str, ...] = ()   # where each override came from, for an error about its value
 
 
 @dataclass(frozen=True)
@@ -128,17 +129,24 @@ def plan_sweep(config: str, grid: list[str] = (), overrides: list[str] = (), sta
     base_dir = Path(outputs_dir) if outputs_dir else OUTPUTS_DIR
     # run_dir: the naming rules of a run folder, and no file where a folder must go
     folder = run_dir(name, (base_dir if base_dir.is_absolute() else PROJECT_ROOT / base_dir) / "sweeps", False)
-    settings = ([override_text(k, v) for k, v in fixed.items()] + list(overrides)
-                + [override_text("train.wandb_group", name)] * ("train.wandb_group" not in pinned))
-    stage_list = [s.number for s in select_stages(stages or _stages_text(spec.get("stages")))]
+    # the settings fixed for every run, each with where it came from (an error about its value names it)
+    given = ([(override_text(k, v), f"sweep file {path.name} set:") for k, v in fixed.items()]
+             + [(text, "--set") for text in overrides]
+             + [(override_text("train.wandb_group", name), "the sweep's name")] * ("train.wandb_group" not in pinned))
+    settings = [text for text, _ in given]
+    stages = stages if stages is not None else _stages_text(spec.get("stages"))  # "" is refused, not "all"
+    stage_list = [s.number for s in select_stages(stages)]
     total = len(combos)
     limit = max_runs if max_runs is not None else spec.get("max_runs")
     if limit is not None:
         if not isinstance(limit, int) or limit < 1:
             raise ConfigError(f"max_runs must be a positive whole number, not {limit!r}.")
         combos = combos[:limit]
-    runs = [SweepRun(tag, combo, tuple(settings + [override_text(k, v) for k, v in combo.items()]))
-            for tag, combo in zip(run_tags(combos), combos)]
+    runs = []
+    for i, (tag, combo) in enumerate(zip(run_tags(combos), combos)):
+        swept_from = [f"sweep file {path.name} runs[{i}]" if "runs" in spec else f"sweep grid key {k}" for k in combo]
+        pairs = given + [(override_text(k, v), how) for (k, v), how in zip(combo.items(), swept_from)]
+        runs.append(SweepRun(tag, combo, tuple(t for t, _ in pairs), tuple(origin_label(o, t) for t, o in pairs)))
     plan = SweepPlan(name, profile, stage_list, swept, runs, folder, total, tuple(settings))
     validate_plan(plan)
     return plan
@@ -155,15 +163,17 @@ def _stages_text(value: Any) -> str | None:
 
 
 def validate_plan(plan: SweepPlan) -> None:
-    """Every run's config must load, no two runs may load the same settings (`q_proj` and `[q_proj]`
-    are one value once loaded), and a run folder left by an earlier sweep must match its run."""
+    """Every run's config must load and run one of the stages, no two runs may load the same settings
+    (`q_proj` and `[q_proj]` are one value once loaded), and a run folder left by an earlier sweep must
+    match its run."""
     loaded: dict[str, tuple[int, str]] = {}
     for i, run in enumerate(plan.runs, 1):
         label = " ".join(f"{k}={value_label(v)}" for k, v in run.values.items())
         try:
-            cfg = load_config(plan.config, run.overrides)
-        except ConfigError as exc:
-            raise ConfigError(f"Sweep {plan.name!r}, run {i} ({label}): {exc}") from None
+            cfg = load_config(plan.config, run.overrides, run.origins or None)
+            applying_stages([stage(n) for n in plan.stages], cfg)  # as `run` refuses 04b alone, preference off
+        except QLoraError as exc:
+            raise type(exc)(f"Sweep {plan.name!r}, run {i} ({label}): {exc}") from None
         written = ", ".join(override_text(k, v) for k, v in run.values.items())  # as given: "q_proj", ["q_proj"]
         same = loaded.setdefault(json.dumps(cfg.to_dict(), sort_keys=True), (i, written))
         if same[0] != i:
@@ -397,7 +407,8 @@ def add_arguments(parser) -> None:
                              "value: --grid lora.r=8,16 --grid 'lora.target_modules=[q_proj,v_proj],all-linear'")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="a setting fixed for every run (repeatable)")
-    parser.add_argument("--stages", help="comma-separated stages per run (default: the sweep file's, else all)")
+    parser.add_argument("--stages", type=stages_argument,
+                        help="comma-separated stages per run (default: the sweep file's, else all)")
     parser.add_argument("--max-runs", type=int, help="run only the first N combinations")
     parser.add_argument("--name", help="sweep name (default: the sweep file's name, else profile + swept keys)")
     parser.add_argument("--outputs-dir", help="outputs root; the sweep goes to <root>/sweeps/<name>/")

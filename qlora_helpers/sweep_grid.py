@@ -54,12 +54,19 @@ def flatten_settings(settings: Any, where: str) -> dict[str, Any]:
     if not isinstance(settings, dict):
         raise ConfigError(f"{where} must be a mapping of sections (train: {{max_steps: 16}}) or dotted keys, "
                           f"not {settings!r}.")
-    flat = {}
+    flat: dict[str, Any] = {}
+    spelled: dict[str, str] = {}  # each flat key -> how the mapping wrote it, for a key written twice
     for key, value in settings.items():
         if "." not in str(key) and isinstance(value, dict):
-            flat.update({f"{key}.{sub}": v for sub, v in value.items()})
+            items = [(f"{key}.{sub}", v, f"{sub} in {key}: {{...}}") for sub, v in value.items()]
         else:
-            flat[str(key)] = value
+            items = [(str(key), value, str(key))]
+        for flat_key, v, how in items:  # one value used to win silently
+            both = [f for f in flat if _overlap(f, flat_key)]
+            if both:
+                raise ConfigError(f"{where} sets {max(both[0], flat_key, key=len)} twice ({spelled[both[0]]} "
+                                  f"and {how}); give it once.")
+            flat[flat_key], spelled[flat_key] = v, how
     return flat
 
 

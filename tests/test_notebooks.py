@@ -215,6 +215,23 @@ def test_papermill_runs_01_on_the_smoke_profile_as_it_is(tmp_path, tiny_dir, mon
     assert "(not Colab: nothing to install)" in text
 
 
+@pytest.mark.integration  # starts a notebook kernel
+def test_a_bad_override_in_01s_parameters_is_named_as_that_parameter(tmp_path):
+    """Run directly (Jupyter, plain papermill), 01's bad `overrides` value was blamed on a --set."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    with pytest.raises(PapermillExecutionError) as err:
+        papermill.execute_notebook(str(PROJECT_ROOT / "notebooks" / "01_setup.ipynb"), str(tmp_path / "01.ipynb"),
+                                   parameters={"config": "smoke", "run_name": "bad", "overrides": ["lora.r=0"],
+                                               "outputs_dir": str(tmp_path)},
+                                   cwd=str(PROJECT_ROOT / "notebooks"), kernel_name="python3",
+                                   progress_bar=False, execution_timeout=300)
+    assert err.value.ename == "ConfigError"
+    assert err.value.evalue.startswith("notebook parameter overrides (lora.r=0): 'lora.r' is 0: it must be >= 1")
+    assert not (tmp_path / "bad").exists()
+
+
 @pytest.mark.integration
 def test_the_runners_kernels_talk_over_encrypted_channels(tmp_path, capfd):
     """The runner's kernel manager provisions CurveZMQ keys (ipykernel 7 declares support): the kernel

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from qlora_helpers.errors import QLoraError
+from qlora_helpers.errors import ConfigError, QLoraError
 from qlora_helpers.opening import open_run_folder
 from qlora_helpers.paths import PROJECT_ROOT
 from qlora_helpers.runs import STAGES, MissingArtifact, RunFolder, Runtime, stage
@@ -235,6 +235,18 @@ def test_a_later_stage_alone_starts_from_the_runs_own_settings_not_the_profiles(
             "--set 'lora.r=4'") in message
     with pytest.raises(ConfigError, match=r"Run 'byname''s settings with --set lora.r=0: 'lora.r' is 0"):
         plan_pipeline("smoke", "byname", ["lora.r=0"], "05", by_name)
+
+
+def test_a_bad_override_of_01_is_named_as_a_notebook_parameter_or_a_set(tmp_path, capsys):
+    from qlora_helpers.cli import main
+    from qlora_helpers.opening import setup_run
+
+    # notebook 01's call: the value came from its `overrides` parameter, not from a --set
+    with pytest.raises(ConfigError, match=r"^notebook parameter overrides \(lora.r=0\): 'lora.r' is 0"):
+        setup_run("smoke", "nb", ["train.max_steps=2", "lora.r=0"], str(tmp_path))
+    assert main(["train", "--config", "smoke", "--set", "lora.r=0", "--outputs-dir", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.startswith("error: --set lora.r=0: 'lora.r' is 0")
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("stages", [",", "", " , "])

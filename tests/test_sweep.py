@@ -4,6 +4,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -157,6 +158,66 @@ def test_resume_skips_finished_stages_and_refuses_a_changed_run(tmp_path):
     write_json_atomic(folder / "config.json", load_config(plan.config, [*run.overrides, "lora.dropout=0.2"]).to_dict())
     with pytest.raises(ConfigError, match=r"made with other settings \(lora.dropout"):
         plan_sweep("smoke", ["lora.r=4,8"], stages="01,03,04,05", outputs_dir=str(tmp_path))
+
+
+def test_a_bad_value_is_blamed_on_the_sweep_setting_it_came_from_not_on_set(tmp_path, capsys):
+    # every override reached the config as a string and was called `--set TEXT` in the error
+    with pytest.raises(ConfigError, match=r"run 2 \(lora.r=0\): sweep grid key lora.r \(lora.r=0\): 'lora.r' is 0"):
+        plan_sweep("smoke", ["lora.r=8,0"], outputs_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match=r": --set lora.alpha=-1: 'lora.alpha' is -1"):  # a --set stays one
+        plan_sweep("smoke", ["lora.r=8,16"], ["lora.alpha=-1"], outputs_dir=str(tmp_path))
+    spec = tmp_path / "pairs.yaml"
+    spec.write_text("config: smoke\nruns:\n  - {lora.r: 4}\n  - lora: {r: -1}\n")
+    with pytest.raises(ConfigError, match=r"run 2 \(lora.r=-1\): sweep file pairs.yaml runs\[1\] \(lora.r=-1\): "):
+        plan_sweep(str(spec), outputs_dir=str(tmp_path))
+    spec.write_text("config: smoke\nset: {lora: {alpha: 0}}\ngrid: {lora.r: [4, 8]}\n")
+    with pytest.raises(ConfigError, match=r"sweep file pairs.yaml set: \(lora.alpha=0\): 'lora.alpha' is 0"):
+        plan_sweep(str(spec), outputs_dir=str(tmp_path))
+    assert main(["sweep", "--config", "smoke", "--grid", "lora={r: 0},{r: 4}", "--outputs-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "sweep grid key lora (lora={\"r\": 0}): 'lora.r' is 0" in err and "--set" not in err
+    assert not (tmp_path / "sweeps").exists()
+
+
+@pytest.mark.parametrize("stages", ["", ",", "99", "01,4c"])
+def test_sweep_stages_are_checked_up_front_as_run_checks_them(stages, tmp_path, capsys):
+    said = {}
+    for command in ("run", "sweep"):  # "" ran every stage of every run; the others failed with exit 1
+        grid = ["--grid", "lora.r=4,8"] if command == "sweep" else []
+        with pytest.raises(SystemExit) as exited:
+            main([command, "--config", "smoke", *grid, "--stages", stages, "--outputs-dir", str(tmp_path)])
+        assert exited.value.code == 2
+        said[command] = capsys.readouterr().err.splitlines()[-1].split(" error: ")[1]
+    assert said["sweep"] == said["run"] and said["run"].startswith("argument --stages: ")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_sweep_of_stages_a_run_switches_off_is_refused_before_any_run_folder(tmp_path, capsys):
+    with pytest.raises(QLoraError, match=r"^Sweep 'smoke-r', run 1 \(lora.r=4\): Nothing to run: stage 04b runs "
+                                         r"only when preference.enabled is true"):
+        plan_sweep("smoke", ["lora.r=4,8"], stages="04b", outputs_dir=str(tmp_path))
+    with pytest.raises(QLoraError, match="No stage named in ''"):  # "" in Python too, not "every stage"
+        plan_sweep("smoke", ["lora.r=4,8"], stages="", outputs_dir=str(tmp_path))
+    args = ["sweep", "--config", "smoke", "--grid", "preference.enabled=true,false", "--stages", "04b"]
+    assert main([*args, "--outputs-dir", str(tmp_path)]) == 1  # the run that turns 04b off: refused too
+    assert "run 2 (preference.enabled=False): Nothing to run" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("entry, both", [("{lora.r: 8, lora: {r: 16}}", "lora.r and r in lora: {...}"),
+                                         ("{lora: {r: 16, alpha: 8}, lora.r: 8}", "r in lora: {...} and lora.r"),
+                                         ("{lora: 8, lora.r: 16}", "lora and lora.r")])
+def test_a_runs_entry_that_sets_a_key_twice_is_refused_not_one_value_kept(entry, both, tmp_path, capsys):
+    spec = tmp_path / "twice.yaml"
+    spec.write_text(f"config: smoke\nstages: 01\nruns:\n  - {{lora.r: 4}}\n  - {entry}\n")
+    with pytest.raises(ConfigError, match=re.escape(f"twice.yaml: runs[1] sets lora.r twice ({both}); give it once.")):
+        plan_sweep(str(spec), outputs_dir=str(tmp_path))
+    assert main(["sweep", "--config", str(spec), "--outputs-dir", str(tmp_path)]) == 1
+    assert "error: twice.yaml: runs[1] sets lora.r twice" in capsys.readouterr().err
+    assert not (tmp_path / "sweeps").exists()
+    spec.write_text(f"config: smoke\nset: {entry}\ngrid: {{lora.alpha: [8, 16]}}\n")  # and in set:
+    with pytest.raises(ConfigError, match=r"^twice.yaml: set sets lora.r twice"):
+        plan_sweep(str(spec), outputs_dir=str(tmp_path))
 
 
 @pytest.mark.integration  # starts notebook kernels
