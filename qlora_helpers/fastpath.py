@@ -299,16 +299,36 @@ LOSS_RESERVE = GIB  # the least kept beside the model: optimizer step, workspace
 # 8-18% above the allocated one in every setting measured (BENCHMARKS.md), so the tensors may use the
 # card's memory divided by this (plan.py's verdict divides the same way).
 RESERVED_FACTOR = 1.15
+# LoRA dropout (lora.dropout > 0) gives every adapted layer its own dropped copy of its input (2 bytes a
+# value), which lora_A keeps for its gradient, and dropout's mask (1 byte a value). Without dropout the
+# adapters keep their inputs themselves, one copy per input they share (bitsandbytes' 4-bit matmul keeps
+# none): q/k/v's is in the factors above (measured with LoRA on q,v and no dropout), down_proj's is the one
+# more m. Measured on an H100 (qlora-paper: r=64 on every linear layer, dropout 0.1, 8,192 and 16,384 packed
+# tokens): without this term the plan was 15-23% under the peaks (BENCHMARKS.md, "memory plan").
+DROPOUT_BYTES = 2 + 1
+LORA_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def lora_inputs(model_config, lora_targets: Any) -> list[int]:
+    """The input width of each adapted linear layer of a decoder layer (LLaMA's names)."""
+    names = LORA_LAYERS if lora_targets == "all-linear" else [n for n in LORA_LAYERS if n in lora_targets]
+    return [model_config.intermediate_size if n == "down_proj" else model_config.hidden_size for n in names]
 
 
 def activation_bytes(model_config, tokens: int, lora_targets: Any = (), fused: bool = True,
-                     hidden_bytes: int = 2) -> tuple[int, int]:
+                     hidden_bytes: int = 2, lora_dropout: float = 0.0) -> tuple[int, int]:
     """(bytes a layer keeps without recomputation, bytes with) for `tokens` tokens, with or without the
-    fused kernels; `hidden_bytes` is the residual stream's element size."""
+    fused kernels; `hidden_bytes` is the residual stream's element size; `lora_dropout`: lora.dropout."""
     h, m = model_config.hidden_size, model_config.intermediate_size
     hidden, mlp = (ACT_HIDDEN_FACTOR, ACT_MLP_FACTOR) if fused else (UNFUSED_HIDDEN_FACTOR, UNFUSED_MLP_FACTOR)
-    mlp += 1 if lora_targets == "all-linear" or "down_proj" in lora_targets else 0
-    full = tokens * (hidden * h * hidden_bytes + mlp * m * 2)
+    down = lora_targets == "all-linear" or "down_proj" in lora_targets
+    lora = 0
+    if lora_dropout > 0:  # the dropped copies and masks replace the shared inputs the adapters kept
+        shared_qkv = lora_targets == "all-linear" or any(n in lora_targets for n in LORA_LAYERS[:3])
+        lora = DROPOUT_BYTES * sum(lora_inputs(model_config, lora_targets)) - (2 * h if shared_qkv else 0)
+    elif down:
+        mlp += 1
+    full = tokens * (hidden * h * hidden_bytes + mlp * m * 2 + lora)
     return full, tokens * h * hidden_bytes
 
 
@@ -323,23 +343,28 @@ def loss_bytes(model_config, tokens: int, fused: bool) -> int:
 
 
 def plan_recompute(model_config, tokens: int, budget_bytes: int, in_use_bytes: int,
-                   lora_targets: Any = (), fused: bool = True) -> dict[str, Any]:
+                   lora_targets: Any = (), fused: bool = True, lora_dropout: float = 0.0) -> dict[str, Any]:
     """The fewest decoder layers to recompute so that activations fit the budget beside what is
-    already allocated (the model), a reserve for the loss (`loss_bytes`; at least LOSS_RESERVE, which
-    also covers the optimizer step and cuBLAS' workspace) and one layer's recomputed activations during
-    backward; sized with the factors of the kernels that run (`fused`: Liger's; otherwise eager's)."""
+    already allocated (the model) and a reserve for the loss (`loss_bytes`; at least LOSS_RESERVE, which
+    also covers the optimizer step and cuBLAS' workspace), or, when every layer is recomputed, one
+    layer's recomputed activations during backward; sized with the factors of the kernels that run
+    (`fused`: Liger's; otherwise eager's) and the LoRA dropout's copies."""
     layers = model_config.num_hidden_layers
-    full, kept = activation_bytes(model_config, tokens, lora_targets, fused)
+    full, kept = activation_bytes(model_config, tokens, lora_targets, fused, lora_dropout=lora_dropout)
     reserve = max(LOSS_RESERVE, loss_bytes(model_config, tokens, fused))
-    room = budget_bytes - in_use_bytes - reserve - full  # one recomputed layer is live during backward
-    for recompute in range(layers + 1):
-        need = (layers - recompute) * full + recompute * kept
-        if need <= room:
-            break
-    fits = (layers - recompute) * full + recompute * kept <= room
-    return {"recompute_layers": recompute, "layers": layers, "fits": fits, "tokens": tokens,
+
+    def need(recompute: int) -> int:
+        # the stored activations and, on top, the loss at the forward's end; a recomputed layer's
+        # activations in the backward come after the stored layers freed theirs (backward meets them
+        # first), so they add to the peak only when every layer is recomputed
+        stored = (layers - recompute) * full + recompute * kept
+        return stored + (reserve if recompute < layers else max(reserve, full))
+
+    room = budget_bytes - in_use_bytes
+    recompute = next((r for r in range(layers + 1) if need(r) <= room), layers)
+    return {"recompute_layers": recompute, "layers": layers, "fits": need(recompute) <= room, "tokens": tokens,
             "budget_gib": budget_bytes / GIB, "in_use_gib": in_use_bytes / GIB,
-            "activations_gib": ((layers - recompute) * full + recompute * kept + full) / GIB}
+            "activations_gib": (need(recompute) - reserve) / GIB}
 
 
 def apply_recompute(model, recompute_layers: int) -> None:
@@ -369,10 +394,12 @@ def budget_bytes(train_cfg, device) -> int:
     return int((free + torch.cuda.memory_allocated(device)) / RESERVED_FACTOR)
 
 
-def prepare_fast_model(model, train_cfg, device, lora_targets: Any = (), adapter_bytes: int = 0) -> dict[str, Any]:
+def prepare_fast_model(model, train_cfg, device, lora_targets: Any = (), adapter_bytes: int = 0,
+                       lora_dropout: float = 0.0) -> dict[str, Any]:
     """Everything the fast path does to a loaded base before LoRA goes on: varlen attention, fused
     kernels, frozen base weights kept in their dtype, recomputation planned from the budget beside the
-    base and `adapter_bytes` (the LoRA weights, gradients and optimizer states still to come)."""
+    base and `adapter_bytes` (the LoRA weights, gradients and optimizer states still to come), with
+    the activations of `lora_targets` at `lora_dropout`."""
     import torch
 
     choice = choose_fast_path(train_cfg, device)
@@ -382,7 +409,8 @@ def prepare_fast_model(model, train_cfg, device, lora_targets: Any = (), adapter
     kernels = apply_fused_kernels(model) if choice["fused"] else []
     print(describe_choice(choice, model.dtype))
     plan = plan_recompute(model.config, train_cfg.packed_tokens, budget_bytes(train_cfg, device),
-                          torch.cuda.memory_allocated(device) + adapter_bytes, lora_targets, fused=bool(kernels))
+                          torch.cuda.memory_allocated(device) + adapter_bytes, lora_targets, fused=bool(kernels),
+                          lora_dropout=lora_dropout)
     apply_recompute(model, plan["recompute_layers"])
     if not plan["fits"]:
         print(f"train.packed_tokens={train_cfg.packed_tokens} may not fit the memory budget "

@@ -189,9 +189,10 @@ def adapter_bytes(cfg: Config, shape: Shape) -> dict[str, int]:
     return {"LoRA adapters": 4 * params, "LoRA gradients": 4 * params, "optimizer states": state * params}
 
 
-def _layer_bytes(shape: Shape, tokens: int, targets: Any, fused: bool, hidden_bytes: int = 2) -> tuple[int, int]:
+def _layer_bytes(cfg: Config, shape: Shape, tokens: int, fused: bool, hidden_bytes: int = 2) -> tuple[int, int]:
     """(bytes one decoder layer keeps for backward, bytes it keeps when recomputed: its input)."""
-    return fastpath.activation_bytes(_as_config(shape), tokens, lora_targets(shape, targets), fused, hidden_bytes)
+    return fastpath.activation_bytes(_as_config(shape), tokens, lora_targets(shape, cfg.lora.target_modules),
+                                     fused, hidden_bytes, cfg.lora.dropout)
 
 
 def _as_config(shape: Shape) -> SimpleNamespace:
@@ -223,17 +224,21 @@ def activation_plan(cfg: Config, shape: Shape, in_use: int, gpu_gib: float,
         tokens = cfg.train.packed_tokens
         # the same call as training, with the factors of the kernels that run
         if recompute is None:
-            recompute = fastpath.plan_recompute(_as_config(shape), tokens, budget_bytes(cfg, gpu_gib),
-                                                in_use, lora_targets(shape, targets), fused)["recompute_layers"]
+            recompute = fastpath.plan_recompute(_as_config(shape), tokens, budget_bytes(cfg, gpu_gib), in_use,
+                                                lora_targets(shape, targets), fused,
+                                                cfg.lora.dropout)["recompute_layers"]
         hidden_bytes = 2
     else:
         tokens = cfg.train.micro_batch_size * cfg.model.max_seq_length  # padded to the longest row
         recompute = shape.layers if cfg.train.gradient_checkpointing else 0
         # prepare_model_for_kbit_training upcasts the embeddings: the residual stream runs in float32
         hidden_bytes = 4 if cfg.quant.load_in_4bit else dtype_bytes(compute_dtype(cfg))
-    full, kept = _layer_bytes(shape, tokens, targets, fused, hidden_bytes)
+    full, kept = _layer_bytes(cfg, shape, tokens, fused, hidden_bytes)
     stored = (shape.layers - recompute) * full + recompute * kept
-    transient = max(loss_bytes(shape, tokens, fused), full if recompute else 0)
+    # On top of what is stored: at the end of the forward, the loss; in the backward, a recomputed
+    # layer's activations, but by then the layers that stored theirs have freed them (backward meets them
+    # first), so that layer adds to the peak only when every layer is recomputed.
+    transient = max(loss_bytes(shape, tokens, fused), full if recompute == shape.layers else 0)
     return {"path": "fast" if fast else "plain", "fused": fused, "tokens": tokens, "recompute_layers": recompute,
             "layers": shape.layers, "stored": stored, "transient": transient}
 

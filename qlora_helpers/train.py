@@ -113,7 +113,7 @@ def prepare_base(cfg: Config, model, device: str):
                                                gradient_checkpointing_kwargs=GC_KWARGS), None
     if fastpath.fast_path_active(cfg.train, device) and not fsdp_active(cfg):
         return model, fastpath.prepare_fast_model(model, cfg.train, device, cfg.lora.target_modules,
-                                                  adapter_state_bytes(cfg, model))
+                                                  adapter_state_bytes(cfg, model), cfg.lora.dropout)
     for p in model.parameters():
         p.requires_grad_(False)
     if cfg.train.gradient_checkpointing:

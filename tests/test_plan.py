@@ -22,6 +22,8 @@ from qlora_helpers.plan import (
 )
 
 MEASURED = PROJECT_ROOT / "benchmarks" / "results" / "2026-12-04_h200_memory_plan_loss_reserved.json"
+# 12gb again, and qlora-paper (LoRA r=64 on every linear layer, dropout 0.1) on a 24 GiB card's budget, on an H100
+MEASURED_DROPOUT = PROJECT_ROOT / "benchmarks" / "results" / "2026-12-05_h100_memory_plan_paper_dropout.json"
 
 
 def _tensor_bytes(*tensors) -> int:
@@ -85,8 +87,11 @@ def test_a_smaller_budget_recomputes_more_layers():
     assert layers[0] < layers[1] < layers[2]
 
 
-def test_predictions_are_within_ten_percent_of_the_peaks_measured_on_the_gpu():
-    result = json.loads(MEASURED.read_text())
+@pytest.mark.parametrize("measured,rows", [(MEASURED, 6), (MEASURED_DROPOUT, 4)])
+def test_predictions_are_within_ten_percent_of_the_peaks_measured_on_the_gpu(measured, rows):
+    """Each measured row against the plan at the layers that run recomputed. The second file's
+    qlora-paper rows were 15% and 23% above the plan before it counted LoRA dropout's copies."""
+    result = json.loads(measured.read_text())
     checked = 0
     for row in result["settings"]:
         for size in row.get("sizes", []):
@@ -97,7 +102,7 @@ def test_predictions_are_within_ten_percent_of_the_peaks_measured_on_the_gpu():
             plan = training_plan(cfg, model_shape("random:llama2-7b"), 141, recompute=size["recompute_layers"])
             assert plan["peak"] / GIB == pytest.approx(size["peak_allocated_gib"], rel=0.10), (row["setting"], size)
             checked += 1
-    assert checked == 6
+    assert checked == rows
 
 
 @pytest.mark.parametrize("profile,overrides", [("qlora-paper", []), ("llama2-7b-fast", []),
@@ -108,7 +113,7 @@ def test_when_recomputing_can_fit_the_card_the_plan_fits_it(profile, overrides):
     allocator's reserve) beside the base and the adapters' weights, gradients and optimizer states; so
     whenever recomputing enough layers fits, the plan's peak fits the card. qlora-paper (r=64 on every
     linear layer: 2.4 GiB of adapter state) on a 24 GiB card recomputed 26 layers when the adapters were
-    left out, and its peak needed a 26.4 GiB card; recomputing 28 fits."""
+    left out, and its peak needed a 26.4 GiB card; with LoRA dropout's copies counted it recomputes 29."""
     from qlora_helpers.plan import fits, memory_plan
 
     for card in (12, 16, 24, 40, 80):
@@ -118,7 +123,7 @@ def test_when_recomputing_can_fit_the_card_the_plan_fits_it(profile, overrides):
         everything = training_plan(cfg, model_shape(cfg.model.source), card, recompute=acts["layers"])
         if fits(everything["peak"], card):  # possible: then the plan's own choice fits too
             assert fits(train["peak"], card), (card, acts["recompute_layers"], train["peak"] / GIB)
-    assert memory_plan(load_config("qlora-paper"), 24)["training"]["activations"]["recompute_layers"] == 28
+    assert memory_plan(load_config("qlora-paper"), 24)["training"]["activations"]["recompute_layers"] == 29
 
 
 def test_measured_serving_peaks_match_the_plan_for_both_forms():
