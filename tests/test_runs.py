@@ -249,6 +249,18 @@ def test_a_bad_override_of_01_is_named_as_a_notebook_parameter_or_a_set(tmp_path
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("later", [["--stages", "02"], ["--stages", "05", "--set", "eval.answer_samples=3"]])
+def test_a_later_stage_of_a_run_never_set_up_is_refused_without_creating_its_folder(later, tmp_path, capsys):
+    """`run --stages 02 --run-name X` created outputs/X (and --outputs-dir) before saying X was never set up."""
+    from qlora_helpers.cli import main
+
+    outputs = tmp_path / "outputs"
+    assert main(["run", "--config", "smoke", "--run-name", "never", "--outputs-dir", str(outputs), *later]) == 1
+    err = capsys.readouterr().err
+    assert f"error: Run 'never' has not been set up ({outputs / 'never' / 'config.json'} is missing)" in err
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("stages", [",", "", " , "])
 def test_run_with_no_stage_named_is_a_usage_error_that_lists_the_stages(stages, tmp_path, capsys):
     from qlora_helpers.cli import main
