@@ -24,7 +24,8 @@ import yaml
 
 from .config_checks import build_dataclass
 from .errors import ConfigError
-from .paths import PROJECT_ROOT, read_utf8
+from .paths import PROJECT_ROOT
+from .user_yaml import load_yaml, read_yaml_file
 
 CONFIG_DIR = PROJECT_ROOT / "configs"
 
@@ -354,10 +355,7 @@ def resolve_config_path(config: str | Path) -> Path:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(read_utf8(path, ConfigError))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    data = read_yaml_file(path)
     if data is None:  # it used to become the built-in defaults, silently
         raise ConfigError(f"{path} holds no settings (it is empty or only comments). Start it with "
                           f"'extends: default' (or another profile) and set the keys you change below it.")
@@ -395,7 +393,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"Override {text!r} must look like section.key=value "
                           f"(for example train.learning_rate=1e-4).")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw, f"Override {text!r}", lines=False, setting=key.strip()) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.strip().split("."), value
