@@ -24,7 +24,8 @@ import yaml
 
 from .config_checks import build_dataclass
 from .errors import ConfigError
-from .paths import PROJECT_ROOT, read_utf8
+from .paths import PROJECT_ROOT
+from .user_yaml import load_yaml, read_yaml_file
 
 CONFIG_DIR = PROJECT_ROOT / "configs"
 
@@ -354,10 +355,7 @@ def resolve_config_path(config: str | Path) -> Path:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(read_utf8(path, ConfigError))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    data = read_yaml_file(path)
     if data is None:  # it used to become the built-in defaults, silently
         raise ConfigError(f"{path} holds no settings (it is empty or only comments). Start it with "
                           f"'extends: default' (or another profile) and set the keys you change below it.")
@@ -395,7 +393,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"Override {text!r} must look like section.key=value "
                           f"(for example train.learning_rate=1e-4).")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw, f"Override {text!r}", lines=False, setting=key.strip()) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.strip().split("."), value
@@ -436,13 +434,15 @@ def load_config(config: str | Path = "default", overrides: typing.Iterable[str] 
     `origins` (one per override, `origin_label`'s) names where each came from in an error about its
     value (`sweep grid key lora.r (lora.r=0)`); without them, each override is a `--set`."""
     path, overrides = resolve_config_path(config), list(overrides)
-    data = apply_overrides(_load_profile(path), overrides)
-    try:
-        return build_dataclass(Config, data, prefix="")
-    except ConfigError as exc:
-        labels = [origin_label("--set", text) for text in overrides] if origins is None else origins
-        labelled = list(zip(overrides, labels, strict=True))
-        raise ConfigError(f"{_origin(exc.key, path, labelled)}: {exc}", key=exc.key) from None
+    return _checked(apply_overrides(_load_profile(path), overrides), overrides, origins,
+                    lambda keys: _profile_origin(keys, path))
+
+
+def config_from_dict(data: dict[str, Any], overrides: typing.Iterable[str] = (),
+                     origins: typing.Sequence[str] | None = None) -> Config:
+    """Re-validate `Config.to_dict()` output (a run's config.json), `overrides` applied and named as load_config's."""
+    overrides = list(overrides)
+    return _checked(apply_overrides(data, overrides) if overrides else data, overrides, origins, lambda keys: None)
 
 
 def origin_label(origin: str, text: str) -> str:
@@ -450,32 +450,36 @@ def origin_label(origin: str, text: str) -> str:
     return f"--set {text}" if origin == "--set" else f"{origin} ({text})"
 
 
-def _origin(key: str | None, path: Path, overrides: list[tuple[str, str]]) -> str:
-    """Where the value of `key` came from: the label of the last override (text, label) that sets it
-    (`--set lora.r=0`), else the profile file in the `extends` chain that sets it, else `path`'s name."""
-    keys = key.split("[")[0].split(".") if key else []  # data.sources[0].weight: the list is set whole
-    for text, label in reversed(overrides if keys else []):  # a section's mapping sets only the keys it names
-        for set_keys in (k.split(".") for k in override_keys(text)):
-            if set_keys[:len(keys)] == keys or keys[:len(set_keys)] == set_keys:
-                return label
+def _checked(data: dict[str, Any], overrides: list[str], origins: typing.Sequence[str] | None,
+             otherwise: Callable[[list[str]], str | None]) -> Config:
+    """The Config of `data`; an error names the last override setting its key (by its label in `origins`,
+    default `--set TEXT`), else `otherwise(the key's parts)` names the origin (None: no origin)."""
+    try:
+        return build_dataclass(Config, data, prefix="")
+    except ConfigError as exc:
+        keys = exc.key.split("[")[0].split(".") if exc.key else []  # data.sources[0].weight: the list is set whole
+        labels = [origin_label("--set", text) for text in overrides] if origins is None else origins
+        setters = [label for text, label in zip(overrides, labels, strict=True) if keys and any(
+            k[:len(keys)] == keys or keys[:len(k)] == k for k in (o.split(".") for o in override_keys(text)))]
+        where = setters[-1] if setters else otherwise(keys)  # a section's mapping sets only the keys it names
+        if where is None:
+            raise
+        raise ConfigError(f"{where}: {exc}", key=exc.key) from None
+
+
+def _profile_origin(keys: list[str], path: Path) -> str:
+    """The profile file in the `extends` chain from `path` that sets the key `keys`, else `path`'s name."""
     node: Path | None = path
     while keys and node is not None:  # _load_profile has read this chain already: it ends
-        data = _read_yaml(node)
-        section: Any = data
+        data = section = _read_yaml(node)
         for part in keys:
-            section = section.get(part, _UNSET) if isinstance(section, dict) else _UNSET
-        if section is not _UNSET:
+            if not isinstance(section, dict) or part not in section:
+                break
+            section = section[part]
+        else:
             return node.name
         node = resolve_config_path(data["extends"]) if data.get("extends") is not None else None
     return path.name
-
-
-_UNSET = object()
-
-
-def config_from_dict(data: dict[str, Any]) -> Config:
-    """Rebuild (and re-validate) a Config from `Config.to_dict()` output, e.g. a run's config.json."""
-    return build_dataclass(Config, data, prefix="")
 
 
 def describe_config(cfg: Config, changed_only: bool = False) -> list[dict[str, Any]]:

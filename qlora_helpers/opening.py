@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .config import Config, apply_overrides, config_from_dict, load_config, origin_label
+from .config import Config, config_from_dict, load_config, origin_label
 from .environment import collect_environment, plan_runtime, write_setup
 from .errors import ConfigError
 from .paths import read_json, run_dir
@@ -37,19 +37,22 @@ def setup_run(config: str, run_name: str, overrides: Iterable[str] = (),
 
 
 def open_run(run_name: str, outputs_dir: str | None = None, overrides: Iterable[str] = (),
-             stage: str | None = None) -> Run:
+             stage: str | None = None, origin: str | None = None) -> Run:
     """Stages 02-06: reopen a run set up by 01 by its name alone, with the settings 01 saved.
 
     `overrides` may change only `stage`'s own section (`eval.*` for "05", `serve.*` for "06"): they
     apply to this stage only and travel in `Run.stage_overrides` into its report. Any other change is
-    an error naming the setting: it would make this stage disagree with what earlier stages made."""
+    an error naming the setting: it would make this stage disagree with what earlier stages made.
+    `origin` names where `overrides` came from in an error about a value (default: the notebook
+    parameter of 05 and 06, `eval_overrides` / `serve_overrides`, as papermill or a user sets it)."""
     folder = RunFolder(run_dir(run_name, outputs_dir, create=False))
     saved = _saved_config(folder, run_name)
     overrides = [o.strip() for o in overrides if o.strip()]
     if not overrides:
         return Run(run_name, folder.path, saved, read_json(folder.env_file))
-    asked = config_from_dict(apply_overrides(saved.to_dict(), overrides))
     section = STAGE_SECTIONS.get(str(stage).zfill(2) if stage is not None else "")
+    origin = origin or (f"notebook parameter {section}_overrides" if section else "override")
+    asked = config_from_dict(saved.to_dict(), overrides, [origin_label(origin, text) for text in overrides])
     changed = [c for c in config_differences(asked, saved) if section is None or not c.startswith(f"{section}.")]
     if changed:
         own = f" Only {section}.* settings can change in stage {stage}." if section else ""
@@ -60,15 +63,17 @@ def open_run(run_name: str, outputs_dir: str | None = None, overrides: Iterable[
     return Run(run_name, folder.path, asked, read_json(folder.env_file), tuple(overrides))
 
 
-def open_run_folder(path: str | Path, overrides: Iterable[str] = ()) -> Run:
+def open_run_folder(path: str | Path, overrides: Iterable[str] = (), origin: str = "--set") -> Run:
     """A finished run from its folder alone (`outputs/<run>`), as serving opens it; `overrides` may
-    change `serve.*` settings only, since everything else shaped the adapter."""
+    change `serve.*` settings only, since everything else shaped the adapter. `origin` names where
+    they came from in an error about one (the `serve` and `export` commands' --set by default)."""
     given = Path(path).expanduser()
     folder = RunFolder(given.resolve())
     overrides = list(overrides)
-    bad = [o for o in overrides if not o.strip().startswith("serve.")]
+    labels = [origin_label(origin, text) for text in overrides]
+    bad = [label for text, label in zip(overrides, labels) if not text.strip().startswith("serve.")]
     if bad:
-        raise ConfigError(f"Only serve.* settings can change for a finished run (serve, export); got {bad[0]!r}. "
+        raise ConfigError(f"Only serve.* settings can change for a finished run (serve, export); got {bad[0]}. "
                           f"Other settings belong to the run (set them in 01 and retrain).")
     if not folder.path.exists():
         raise NotSetUp(f"Run folder {given} does not exist: give --run the folder of a trained run, "
@@ -79,7 +84,7 @@ def open_run_folder(path: str | Path, overrides: Iterable[str] = ()) -> Run:
     if saved_config(folder) is None:  # open_run's advice (`run --run-name`) would set up outputs/<name>, not here
         raise NotSetUp(f"{given} is not a run folder ({folder.config_file} is missing): give --run the folder "
                        f"a run was set up and trained in, e.g. outputs/default.")
-    cfg = config_from_dict(apply_overrides(read_json(folder.config_file), overrides))
+    cfg = config_from_dict(read_json(folder.config_file), overrides, labels)
     return Run(folder.path.name, folder.path, cfg, read_json(folder.env_file), tuple(overrides))
 
 

@@ -102,7 +102,7 @@ def plan_pipeline(config: str, run_name: str | None = None, overrides: Iterable[
                             f"(data.sources). {exc}") from None
         if fallback:  # a hub source out of reach without an offline copy: the run still works
             print(builtin_notice(fallback), flush=True)
-    path = run_dir(run_name, outputs_dir)
+    path = run_dir(run_name, outputs_dir, create=selected[0].number == "01")  # without 01: refused if not set up
     parameters = {"config": str(config_path), "run_name": run_name, "overrides": overrides,
                   "outputs_dir": str(path.parent)}
     if selected[0].number != "01":  # the run exists: its settings were fixed by 01, check before starting

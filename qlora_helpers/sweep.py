@@ -31,12 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .config import CONFIG_DIR, load_config, origin_label, resolve_config_path
 from .errors import ConfigError, QLoraError
 from .opening import config_differences, saved_config
-from .paths import OUTPUTS_DIR, PROJECT_ROOT, read_json, read_utf8, run_dir, write_json_atomic, write_text_atomic
+from .paths import OUTPUTS_DIR, PROJECT_ROOT, read_json, run_dir, write_json_atomic, write_text_atomic
 from .runner import applying_stages, run_pipeline, select_stages, stages_argument
 from .runs import RunFolder, stage
 from .sweep_grid import (  # noqa: F401 (expand_grid, parse_grid, run_tags: the grid's API, long imported from here)
@@ -51,6 +49,7 @@ from .sweep_grid import (  # noqa: F401 (expand_grid, parse_grid, run_tags: the 
     value_label,
 )
 from .tasks import metrics
+from .user_yaml import read_yaml_file
 
 SWEEP_DIR = CONFIG_DIR / "sweeps"
 STATE_FILE = "sweep.json"
@@ -100,7 +99,7 @@ def resolve_sweep_source(config: str) -> tuple[Path, dict[str, Any] | None]:
             raise ConfigError(f"No profile or sweep file {config!r}. Profiles: {', '.join(profiles)}; "
                               f"sweep files (configs/sweeps/): {', '.join(sweeps) or 'none'}.") from None
         path = candidate.resolve()
-    data = yaml.safe_load(read_utf8(path, ConfigError)) or {}
+    data = read_yaml_file(path) or {}
     if isinstance(data, dict) and ("grid" in data or "runs" in data):
         return path, data
     return path, None

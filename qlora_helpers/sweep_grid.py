@@ -16,6 +16,7 @@ import yaml
 
 from .config import override_keys
 from .errors import ConfigError
+from .user_yaml import load_yaml
 
 
 def parse_grid(text: str) -> tuple[str, list[Any]]:
@@ -29,7 +30,7 @@ def parse_grid(text: str) -> tuple[str, list[Any]]:
         raise ConfigError(f"Grid {text!r} must look like section.key=value1,value2 "
                           f"(for example lora.r=8,16 or 'lora.target_modules=[q_proj,v_proj],all-linear').")
     try:
-        values = yaml.safe_load(f"[{raw}]")
+        values = load_yaml(f"[{raw}]", f"Grid {text!r}", lines=False, setting=key)  # its values: key[0], key[1]
     except yaml.YAMLError as exc:
         raise ConfigError(f"Grid {text!r}: the values are not valid YAML ({exc.problem}). Separate values "
                           f"with commas; put a list in brackets and a string with commas in quotes.") from None

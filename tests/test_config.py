@@ -1,4 +1,5 @@
 import dataclasses
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -160,6 +161,33 @@ def test_yaml_that_is_not_a_mapping(tmp_path: Path):
     path.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
         load_config(path)
+
+
+TWICE = "; YAML would silently keep the last one. Remove one of them (or merge the two)."
+
+
+def test_a_key_given_twice_in_a_profile_is_refused_with_its_lines_not_the_last_one_kept(tmp_path: Path, capsys):
+    """Two `lora:` sections (or `r:` twice) loaded as the last one, silently: the profile said r: 8."""
+    path = tmp_path / "twice.yaml"
+    path.write_text("extends: smoke\nlora:\n  r: 8\ntrain:\n  max_steps: 3\nlora:\n  alpha: 4\n")
+    assert main(["config", "--config", str(path)]) == 1
+    assert capsys.readouterr().err == f"error: {path}: key 'lora' is given twice at line 2 and again at line 6{TWICE}\n"
+    path.write_text("extends: smoke\nlora:\n  r: 8\n  alpha: 16\n  r: 4\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: key 'lora.r' is given twice at line 3 and again at "
+                                                    f"line 5{TWICE}")):
+        load_config(path)
+    parent = tmp_path / "parent.yaml"  # in a profile it extends, read the same way
+    parent.write_text("extends: smoke\ntrain: {max_steps: 3, max_steps: 4}\n")
+    path.write_text(f"extends: {parent}\nlora:\n  r: 8\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{parent}: key 'train.max_steps' is given twice at line 2, "
+                                                    f"column 9 and again at column 23")):
+        load_config(path)
+    assert main(["config", "--config", "smoke", "--set", "lora={r: 8, r: 16}"]) == 1  # and in a --set value
+    assert capsys.readouterr().err == f"error: Override 'lora={{r: 8, r: 16}}': key 'lora.r' is given twice{TWICE}\n"
+    # the same key in two mappings, and an anchor's key set again beside its `<<:`, are no repeats
+    path.write_text("extends: smoke\ndata:\n  sources:\n    - &s {path: a.json, weight: 1}\n    - <<: *s\n"
+                    "      weight: 2\n")
+    assert [s.weight for s in load_config(path).data.sources] == [1, 2]
 
 
 def test_config_is_frozen():

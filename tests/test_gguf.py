@@ -240,6 +240,34 @@ def test_serving_after_a_newer_adapter_merges_and_converts_again_and_warns_of_an
     assert copy.gguf_file("q8_0").stat().st_mtime < (copy.merged_dir / "config.json").stat().st_mtime
 
 
+def test_serving_a_gguf_written_again_from_the_same_merge_warns_that_the_gate_has_not_checked_it(
+        run, exported, tmp_path):
+    """serve wrote a missing q8_0 file again from the same merge and left export.json as it was; the
+    startup warning compared merge ids alone, so it passed the new, never-checked file as checked."""
+    from qlora_helpers.serve.forms import gguf_form
+    from qlora_helpers.serve.gate import gate_warning
+    from qlora_helpers.serve.process import ServerProcess
+
+    copy = copy_run(run, tmp_path)
+    report = copy.export_report.read_bytes()
+    copy.gguf_file("q8_0").unlink()
+    srv = ServerProcess(copy, overrides=["serve.form=gguf", "serve.gguf=[q8_0]"], api_key=API_KEY).start(600)
+    try:
+        log = srv.log_path.read_text()
+        assert f"reusing {copy.merged_dir} (merged from adapter/" in log  # the same merge
+        assert "exporting model-q8_0.gguf for serving (model-q8_0.gguf is missing)" in log
+        assert "writing model-q8_0.gguf: quantizing model-f16.gguf" in log
+        assert (f"WARNING: the export gate has not checked gguf-q8_0 as served: model-q8_0.gguf was written after "
+                f"export.json checked it, so export.json's result for it is an earlier file's: `python -m "
+                f"qlora_helpers export --run {copy.path} --gguf q8_0` checks this one") in log
+        assert log.index("WARNING: the export gate") < log.index("serving 'serve' on")
+        assert srv.health()["status"] == "ok"
+    finally:
+        srv.stop()
+    assert copy.export_report.read_bytes() == report  # the gate's record stays the gate's
+    assert gate_warning(copy, gguf_form("f16")) is None  # a file it did check, unchanged since, still passes
+
+
 def test_the_gate_flags_a_form_that_answers_differently():
     """check_form on real distributions: a form whose next-token distributions are another model's
     (a broken export) is flagged, with the probe, the token and the margin."""

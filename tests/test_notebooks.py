@@ -232,6 +232,29 @@ def test_a_bad_override_in_01s_parameters_is_named_as_that_parameter(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.integration  # starts a notebook kernel
+@pytest.mark.parametrize("notebook, parameter, override", [("05_evaluate", "eval_overrides", "eval.answer_samples=0"),
+                                                           ("06_serve", "serve_overrides", "serve.max_concurrent=0")])
+def test_a_bad_value_in_05s_or_06s_own_overrides_is_named_as_that_parameter(notebook, parameter, override, tmp_path):
+    """05's eval_overrides and 06's serve_overrides, run directly (plain papermill): a bad value's error
+    said nothing of where it came from."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    from qlora_helpers.opening import setup_run
+
+    setup_run("smoke", "set-up", outputs_dir=str(tmp_path))
+    with pytest.raises(PapermillExecutionError) as err:
+        papermill.execute_notebook(str(PROJECT_ROOT / "notebooks" / f"{notebook}.ipynb"), str(tmp_path / "out.ipynb"),
+                                   parameters={"run_name": "set-up", "outputs_dir": str(tmp_path),
+                                               parameter: [override]},
+                                   cwd=str(PROJECT_ROOT / "notebooks"), kernel_name="python3",
+                                   progress_bar=False, execution_timeout=300)
+    key = override.partition("=")[0]
+    assert err.value.ename == "ConfigError"
+    assert err.value.evalue.startswith(f"notebook parameter {parameter} ({override}): '{key}' is 0: it must be >= 1")
+
+
 @pytest.mark.integration
 def test_the_runners_kernels_talk_over_encrypted_channels(tmp_path, capfd):
     """The runner's kernel manager provisions CurveZMQ keys (ipykernel 7 declares support): the kernel

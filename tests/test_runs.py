@@ -237,6 +237,27 @@ def test_a_later_stage_alone_starts_from_the_runs_own_settings_not_the_profiles(
         plan_pipeline("smoke", "byname", ["lora.r=0"], "05", by_name)
 
 
+def test_a_bad_value_of_05s_or_06s_overrides_or_of_a_set_to_serve_or_export_is_named_where_it_came_from(
+        by_name, capsys):
+    """open_run (05's eval_overrides, 06's serve_overrides) and `serve` / `export --set` reported a bad
+    value with no origin at all."""
+    from qlora_helpers.cli import main
+    from qlora_helpers.opening import open_run
+
+    with pytest.raises(ConfigError, match=r"^notebook parameter eval_overrides \(eval.answer_samples=0\): "
+                                          r"'eval.answer_samples' is 0: it must be >= 1"):
+        open_run("byname", by_name, ["eval.answer_samples=3", "eval.answer_samples=0"], stage="05")
+    with pytest.raises(ConfigError, match=r"^notebook parameter serve_overrides \(serve.max_concurrent=x\): "
+                                          r"serve.max_concurrent = 'x' is invalid"):
+        open_run("byname", by_name, ["serve.bench_tokens=3", "serve.max_concurrent=x"], stage="06")
+    folder = str(Path(by_name) / "byname")
+    for command in ("serve", "export"):
+        assert main([command, "--run", folder, "--set", "serve.bench_tokens=3", "--set", "serve.max_concurrent=0"]) == 1
+        assert capsys.readouterr().err.startswith("error: --set serve.max_concurrent=0: 'serve.max_concurrent' is 0")
+        assert main([command, "--run", folder, "--set", "lora.r=4"]) == 1
+        assert "got --set lora.r=4. Other settings belong to the run" in capsys.readouterr().err
+
+
 def test_a_bad_override_of_01_is_named_as_a_notebook_parameter_or_a_set(tmp_path, capsys):
     from qlora_helpers.cli import main
     from qlora_helpers.opening import setup_run
@@ -246,6 +267,18 @@ def test_a_bad_override_of_01_is_named_as_a_notebook_parameter_or_a_set(tmp_path
         setup_run("smoke", "nb", ["train.max_steps=2", "lora.r=0"], str(tmp_path))
     assert main(["train", "--config", "smoke", "--set", "lora.r=0", "--outputs-dir", str(tmp_path)]) == 1
     assert capsys.readouterr().err.startswith("error: --set lora.r=0: 'lora.r' is 0")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("later", [["--stages", "02"], ["--stages", "05", "--set", "eval.answer_samples=3"]])
+def test_a_later_stage_of_a_run_never_set_up_is_refused_without_creating_its_folder(later, tmp_path, capsys):
+    """`run --stages 02 --run-name X` created outputs/X (and --outputs-dir) before saying X was never set up."""
+    from qlora_helpers.cli import main
+
+    outputs = tmp_path / "outputs"
+    assert main(["run", "--config", "smoke", "--run-name", "never", "--outputs-dir", str(outputs), *later]) == 1
+    err = capsys.readouterr().err
+    assert f"error: Run 'never' has not been set up ({outputs / 'never' / 'config.json'} is missing)" in err
     assert list(tmp_path.iterdir()) == []
 
 

@@ -98,6 +98,26 @@ def test_a_grid_key_given_twice_is_refused_not_overwritten(tmp_path):
         plan_sweep("smoke", ["lora.r=8,16", "lora={r: 4},{r: 2}"], outputs_dir=str(tmp_path))
 
 
+def test_a_key_given_twice_in_a_sweep_file_or_a_grid_value_is_refused_not_the_last_one_kept(tmp_path, capsys):
+    """A sweep file's `grid:` given twice swept only the second one's values, silently."""
+    spec = tmp_path / "twice.yaml"
+    spec.write_text("config: smoke\ngrid:\n  lora.r: [4, 8]\nstages: 01\ngrid:\n  lora.alpha: [8, 16]\n")
+    assert main(["sweep", "--config", str(spec), "--outputs-dir", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.startswith(f"error: {spec}: key 'grid' is given twice at line 2 and again at "
+                                              f"line 5; YAML would silently keep the last one.")
+    spec.write_text("config: smoke\nruns:\n  - {lora.r: 4}\n  - lora.r: 8\n    lora.alpha: 8\n    lora.r: 16\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{spec}: key 'runs[1].lora.r' is given twice at line 4 and "
+                                                    f"again at line 6")):
+        plan_sweep(str(spec), outputs_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match=re.escape("Grid 'lora={r: 4},{r: 8, r: 16}': key 'lora[1].r' is given "
+                                                    "twice;")):
+        plan_sweep("smoke", ["lora={r: 4},{r: 8, r: 16}"], outputs_dir=str(tmp_path))
+    spec.write_text("config: smoke\ngrid: [\n")  # read by the same reader: not YAML is no traceback either
+    assert main(["sweep", "--config", str(spec), "--outputs-dir", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.startswith(f"error: {spec} is not valid YAML: while parsing a flow node")
+    assert not (tmp_path / "sweeps").exists()
+
+
 def test_values_that_load_alike_are_one_run_not_two(tmp_path):
     # a lone layer name becomes a list at load: the two runs would be the same run
     with pytest.raises(ConfigError, match=r'run 1 \(lora.target_modules="q_proj"\) and run 2 '

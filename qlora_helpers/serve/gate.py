@@ -267,20 +267,30 @@ def reference_of(report: dict) -> list:
             [[p.get("prompt"), p.get("reference_tokens")] for p in report.get("probes", [])]]
 
 
+def checked_file_staleness(run: Run, gguf_type: str) -> str | None:
+    """Why export.json's result for `gguf_type`, if it has one, was not measured on the file there now
+    (None: it was): the file is missing, older than merged/, or written after export.json (as serving
+    writes a missing GGUF, and an export a stale one, before its gate)."""
+    stale = gguf_staleness(run, gguf_type)
+    if stale:
+        return stale
+    if gguf_path(run, gguf_type).stat().st_mtime > run.export_report.stat().st_mtime:
+        return f"{gguf_path(run, gguf_type).name} was written after {run.export_report.name} checked it"
+    return None
+
+
 def earlier_staleness(run: Run, earlier: dict, measured: dict, gguf_type: str) -> str | None:
     """Why the earlier export.json's result for `gguf_type` no longer holds (None: it does): its file
-    is missing, made from an earlier merge or written since that gate checked it, or that gate's
-    reference is not this one's."""
+    is missing, made from an earlier merge or written since that gate checked it (checked_file_staleness),
+    or that gate's reference is not this one's."""
     report = run.export_report.name
-    stale = gguf_staleness(run, gguf_type)
+    stale = checked_file_staleness(run, gguf_type)
     if stale:
         return stale
     if earlier.get("merge_id") is None:
         return f"{report} does not say which merge it checked"
     if earlier["merge_id"] != measured["merge_id"]:
         return f"{report} checked it against an earlier merge than merged/ holds"
-    if gguf_path(run, gguf_type).stat().st_mtime > run.export_report.stat().st_mtime:
-        return f"{gguf_path(run, gguf_type).name} was written after {report} checked it"
     if gguf_type not in earlier.get("tokenization", {}):
         return f"{report} has no tokenization check for it"
     if reference_of(earlier) != reference_of(measured):
@@ -351,8 +361,9 @@ def merge_id(run: Run) -> str | None:
 
 def gate_warning(run: Run, form: Form) -> str | None:
     """What serving `form` should warn about from export.json: a form the gate flagged, one it never
-    checked, or a check older than the files served; None when the gate passed it (or for the
-    adapter form, the gate's own reference)."""
+    checked, a check of an earlier merge, or of an earlier GGUF file than the one served (serving
+    wrote it again: checked_file_staleness); None when the gate passed it (or for the adapter form,
+    the gate's own reference)."""
     if form.name == "adapter":
         return None
     redo = f"`python -m qlora_helpers export --run {run.path}{f' --gguf {form.gguf_type}' if form.gguf_type else ''}`"
@@ -365,6 +376,10 @@ def gate_warning(run: Run, form: Form) -> str | None:
         return f"{unchecked}has no result for it): {redo} checks it"
     if report.get("merge_id") not in (None, merge_id(run)):  # merged/ (and its GGUFs) made again since
         return f"{run.export_report.name} checked an earlier merge than the one served: {redo} checks this one"
+    rewritten = checked_file_staleness(run, form.gguf_type) if form.gguf_type else None
+    if rewritten:
+        return (f"the export gate has not checked {form.name} as served: {rewritten}, so {run.export_report.name}'s "
+                f"result for it is an earlier file's: {redo} checks this one")
     if not result.get("passed", False):
         why = result.get("explanation") or "; ".join(result.get("problems", [])) or "see export.json"
         return f"the export gate flagged {form.name}: {why}"
