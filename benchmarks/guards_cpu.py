@@ -51,8 +51,9 @@ def build(form: str, layers: int, folder: Path):
 
 def measure(form: str, layers: int, folder: Path, steps: int, guards: str) -> dict:
     """`guards`: "all" (the step compiled without a guard filter), "skip_eval" (that, with
-    torch.compiler.set_stance's skip_guard_eval_unsafe around the steps), "no_module_guards" (the decoder
-    as it is: guard_filter_fn=torch.compiler.skip_guard_on_all_nn_modules_unsafe)."""
+    torch.compiler.set_stance's skip_guard_eval_unsafe around the steps), "no_module_guards"
+    (guard_filter_fn=torch.compiler.skip_guard_on_all_nn_modules_unsafe, which the decoder used until the
+    H200 found the compiled step's tokens differing from the dynamic path's with it)."""
     from torch._dynamo.utils import get_compilation_metrics
     from torch.profiler import ProfilerActivity, profile
 
@@ -62,8 +63,10 @@ def measure(form: str, layers: int, folder: Path, steps: int, guards: str) -> di
     before = len(get_compilation_metrics())
     model = build(form, layers, folder)
     decoder = StaticDecoder(model, slots=1, max_len=64, compile=True, buckets=(1,), tune=False)
-    if guards != "no_module_guards":
-        decoder._step = torch.compile(decoder._decode, options=decoder.options, fullgraph=False, dynamic=None)
+    options = decoder.options  # the decoder as it is: every guard
+    if guards == "no_module_guards":
+        options = dict(options, guard_filter_fn=torch.compiler.skip_guard_on_all_nn_modules_unsafe)
+    decoder._step = torch.compile(decoder._decode, options=options, fullgraph=False, dynamic=None)
     warm = decoder.warm_up()
     metrics = [m for m in get_compilation_metrics()[before:] if m.guard_count]
     decoder.columns.zero_(), decoder.positions.zero_()
