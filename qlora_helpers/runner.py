@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from .config import Config, apply_overrides, config_from_dict, load_config, resolve_config_path
+from .config import Config, config_from_dict, load_config, origin_label, resolve_config_path
 from .errors import ConfigError, DataError, QLoraError
 from .opening import STAGE_SECTIONS, config_differences, saved_config
 from .paths import PROJECT_ROOT, run_dir
@@ -125,11 +125,15 @@ def notebook_parameters(stage: Stage, parameters: dict) -> dict:
 
 
 def _with_overrides(saved: Config, overrides: list[str], run_name: str) -> Config:
+    """The run's saved settings with `overrides`; an error about a value names the --set at fault
+    (config_from_dict's labels), or every --set where none sets the key it is about."""
+    labels = [origin_label("--set", text) for text in overrides]
     try:
-        return config_from_dict(apply_overrides(saved.to_dict(), overrides))
+        return config_from_dict(saved.to_dict(), overrides, labels)
     except ConfigError as exc:
-        raise ConfigError(f"Run {run_name!r}'s settings with {' '.join(f'--set {o}' for o in overrides)}: "
-                          f"{exc}", key=exc.key) from None
+        named = any(str(exc).startswith(f"{label}: ") for label in labels)
+        raise ConfigError(f"Run {run_name!r}'s settings with {exc if named else ' '.join(labels) + ': ' + str(exc)}",
+                          key=exc.key) from None
 
 
 def stage_overrides(folder: RunFolder, run_name: str, asked, stages: list[Stage], profile=None) -> dict:

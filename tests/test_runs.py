@@ -237,6 +237,17 @@ def test_a_later_stage_alone_starts_from_the_runs_own_settings_not_the_profiles(
         plan_pipeline("smoke", "byname", ["lora.r=0"], "05", by_name)
 
 
+def test_a_bad_set_on_an_existing_run_is_named_alone_among_the_others(by_name, capsys):
+    """`run --stages 05 --set a --set b` on an existing run: the error for b's value listed every --set."""
+    from qlora_helpers.cli import main
+
+    assert main(["run", "--config", "smoke", "--run-name", "byname", "--outputs-dir", by_name, "--stages", "05",
+                 "--set", "eval.answer_samples=3", "--set", "lora.r=0", "--set", "serve.bench_tokens=3"]) == 1
+    err = capsys.readouterr().err
+    assert "error: Run 'byname''s settings with --set lora.r=0: 'lora.r' is 0" in err
+    assert "eval.answer_samples" not in err and "bench_tokens" not in err
+
+
 def test_a_bad_value_of_05s_or_06s_overrides_or_of_a_set_to_serve_or_export_is_named_where_it_came_from(
         by_name, capsys):
     """open_run (05's eval_overrides, 06's serve_overrides) and `serve` / `export --set` reported a bad
