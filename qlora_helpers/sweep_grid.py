@@ -30,11 +30,24 @@ def parse_grid(text: str) -> tuple[str, list[Any]]:
         raise ConfigError(f"Grid {text!r} must look like section.key=value1,value2 "
                           f"(for example lora.r=8,16 or 'lora.target_modules=[q_proj,v_proj],all-linear').")
     try:
-        values = load_yaml(f"[{raw}]", f"Grid {text!r}", lines=False, setting=key)  # its values: key[0], key[1]
+        values = load_yaml(f"[{raw}]", f"Grid {text!r}", lines=False)  # a key twice: at [i].key
     except yaml.YAMLError as exc:
         raise ConfigError(f"Grid {text!r}: the values are not valid YAML ({exc.problem}). Separate values "
                           f"with commas; put a list in brackets and a string with commas in quotes.") from None
+    except ConfigError as exc:  # said by the value's place in the option, not as `[1].r`
+        index, _, inner = (exc.key or "").partition("]")
+        if not index.startswith("[") or not inner:
+            raise
+        raise ConfigError(f"Grid {text!r}: --grid {key}'s {_ordinal(int(index[1:]) + 1)} value sets "
+                          f"{inner.lstrip('.')} twice; YAML would silently keep the last one. Remove one of "
+                          f"them (or merge the two).", key=f"{key}{index}]{inner}") from None
     return key, values
+
+
+def _ordinal(n: int) -> str:
+    """1 -> '1st', 2 -> '2nd', 11 -> '11th', 23 -> '23rd'."""
+    suffix = "th" if n % 100 in (11, 12, 13) else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
 
 
 def expand_grid(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:

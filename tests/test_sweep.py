@@ -109,9 +109,13 @@ def test_a_key_given_twice_in_a_sweep_file_or_a_grid_value_is_refused_not_the_la
     with pytest.raises(ConfigError, match=re.escape(f"{spec}: key 'runs[1].lora.r' is given twice at line 4 and "
                                                     f"again at line 6")):
         plan_sweep(str(spec), outputs_dir=str(tmp_path))
-    with pytest.raises(ConfigError, match=re.escape("Grid 'lora={r: 4},{r: 8, r: 16}': key 'lora[1].r' is given "
-                                                    "twice;")):
-        plan_sweep("smoke", ["lora={r: 4},{r: 8, r: 16}"], outputs_dir=str(tmp_path))
+    # a key twice in one --grid value is said by which value of which --grid, not by its place (`lora[1].r`)
+    assert main(["sweep", "--config", "smoke", "--grid", "lora.alpha=8,16", "--grid", "lora={r: 4},{r: 8, r: 16}",
+                 "--outputs-dir", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.startswith("error: Grid 'lora={r: 4},{r: 8, r: 16}': --grid lora's 2nd value "
+                                              "sets r twice; YAML would silently keep the last one.")
+    with pytest.raises(ConfigError, match=re.escape("--grid lora's 3rd value sets dropout.x twice;")):
+        plan_sweep("smoke", ["lora={r: 4},{r: 8},{dropout: {x: 1, x: 2}}"], outputs_dir=str(tmp_path))
     spec.write_text("config: smoke\ngrid: [\n")  # read by the same reader: not YAML is no traceback either
     assert main(["sweep", "--config", str(spec), "--outputs-dir", str(tmp_path)]) == 1
     assert capsys.readouterr().err.startswith(f"error: {spec} is not valid YAML: while parsing a flow node")
