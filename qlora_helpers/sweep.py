@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import CONFIG_DIR, load_config, origin_label, resolve_config_path
-from .errors import ConfigError, QLoraError
+from .errors import ConfigError, QLoraError, UsageError
 from .opening import config_differences, saved_config
 from .paths import OUTPUTS_DIR, PROJECT_ROOT, read_json, run_dir, write_json_atomic, write_text_atomic
 from .runner import applying_stages, run_pipeline, select_stages, stages_argument
@@ -148,7 +148,19 @@ def plan_sweep(config: str, grid: list[str] = (), overrides: list[str] = (), sta
         runs.append(SweepRun(tag, combo, tuple(t for t, _ in pairs), tuple(origin_label(o, t) for t, o in pairs)))
     plan = SweepPlan(name, profile, stage_list, swept, runs, folder, total, tuple(settings))
     validate_plan(plan)
+    check_set_up(plan)
     return plan
+
+
+def check_set_up(plan: SweepPlan) -> None:
+    """Stages without 01 continue runs 01 set up: refused before anything is made when none of the
+    sweep's runs is set up (each would fail late, one by one); resuming a sweep that has some is not."""
+    if "01" in plan.stages or any(plan.run_folder(r.tag).config_file.is_file() for r in plan.runs):
+        return
+    stages = ",".join(plan.stages)
+    raise UsageError(f"The sweep's stages ({stages}) leave out 01, and none of sweep {plan.name!r}'s "
+                     f"{len(plan.runs)} runs has been set up (nothing in {plan.runs_dir}): 01 sets each run up. "
+                     f"Start the sweep with 01 (--stages 01,{stages}), or leave --stages out for every stage.")
 
 
 def _stages_text(value: Any) -> str | None:

@@ -246,21 +246,41 @@ def test_a_runs_entry_that_sets_a_key_twice_is_refused_not_one_value_kept(entry,
 
 @pytest.mark.integration  # starts notebook kernels
 def test_failed_runs_are_recorded_the_sweep_goes_on_and_a_rerun_retries(tmp_path, capsys):
-    # stage 02 alone, without 01: each run fails before its notebook starts (the runner checks that
-    # 01 set the run up), quickly and for real
-    args = ["sweep", "--config", "smoke", "--grid", "lora.r=4,8", "--stages", "02", "--outputs-dir", str(tmp_path)]
+    # stage 02 of a sweep whose first run is set up, with a training file that is not there: each run
+    # fails before its notebook starts (the runner checks the data 02 reads), quickly and for real
+    missing = "data.sources=[{path: missing.jsonl}]"
+    plan = plan_sweep("smoke", ["lora.r=4,8"], [missing], stages="01,02", outputs_dir=str(tmp_path))
+    write_json_atomic(plan.run_folder(plan.runs[0].tag).config_file,
+                      load_config(plan.config, plan.runs[0].overrides).to_dict())
+    args = ["sweep", "--config", "smoke", "--grid", "lora.r=4,8", "--set", missing, "--stages", "02",
+            "--outputs-dir", str(tmp_path)]
     assert main(args) == 1
     state = json.loads((tmp_path / "sweeps" / "smoke-r" / "sweep.json").read_text())
     assert [r["status"] for r in state["runs"]] == ["failed", "failed"]  # the second ran after the first failed
     for record in state["runs"]:
-        assert "has not been set up" in record["error"] and record["attempts"] == 1
+        assert "missing.jsonl does not exist" in record["error"] and record["attempts"] == 1
         assert record["notebook"] is None  # no notebook ran
     assert "failed: r-4, r-8 (rerun to retry)" in capsys.readouterr().out
     assert main(args) == 1
     state = json.loads((tmp_path / "sweeps" / "smoke-r" / "sweep.json").read_text())
     assert [r["attempts"] for r in state["runs"]] == [2, 2]
     table = pd.read_csv(tmp_path / "sweeps" / "smoke-r" / "comparison.csv")
-    assert list(table["status"]) == ["failed", "failed"] and table["note"].str.contains("NotSetUp").all()
+    assert list(table["status"]) == ["failed", "failed"] and table["note"].str.contains("DataUnavailable").all()
+
+
+def test_a_sweep_without_01_whose_runs_were_never_set_up_is_refused_before_anything_is_made(tmp_path, capsys):
+    """`sweep --stages 02` on a new sweep made its folder and failed each run late ("has not been set up")."""
+    args = ["sweep", "--config", "smoke", "--grid", "lora.r=4,8", "--stages", "02,03", "--outputs-dir", str(tmp_path)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python -m qlora_helpers sweep: error: The sweep's stages (02,03) leave out 01, and none "
+                          "of sweep 'smoke-r''s 2 runs has been set up")
+    assert "(--stages 01,02,03)" in err and list(tmp_path.iterdir()) == []
+    # a sweep with a run set up goes on from its later stages (resume)
+    plan = plan_sweep("smoke", ["lora.r=4,8"], stages="01,05", outputs_dir=str(tmp_path))
+    write_json_atomic(plan.run_folder(plan.runs[1].tag).config_file,
+                      load_config(plan.config, plan.runs[1].overrides).to_dict())
+    assert plan_sweep("smoke", ["lora.r=4,8"], stages="05", outputs_dir=str(tmp_path)).stages == ["05"]
 
 
 @pytest.mark.integration  # starts a notebook kernel
