@@ -156,13 +156,19 @@ def test_an_export_of_one_type_keeps_the_earlier_results_that_hold_and_says_why_
     """`export --gguf q8_0` after an export of four types used to rewrite export.json with q8_0's result
     alone, although the other files were still there and still the merge's. f16's result stays, its
     file unchanged since and from the same merge; q5_k_m's file is gone and q4_k_m's is older than
-    merged/ (an earlier merge's): those two are dropped, each with a line saying why."""
+    merged/ (an earlier merge's, by the times an export.json without recorded digests goes by): those
+    two are dropped, each with a line saying why."""
     from qlora_helpers.paths import read_json
     from qlora_helpers.serve.forms import gguf_form
     from qlora_helpers.serve.gate import gate_warning
 
     copy = copy_run(run, tmp_path)
     before = read_json(copy.export_report)
+    # q4_k_m's result as an export.json from before the recorded digests has it: judged by file times
+    older = [{k: v for k, v in f.items() if k != "file" or f["form"] != "gguf-q4_k_m"} for f in before["forms"]]
+    stamp = copy.export_report.stat().st_mtime
+    copy.export_report.write_text(json.dumps({**before, "forms": older}))
+    os.utime(copy.export_report, (stamp, stamp))
     copy.gguf_file("q5_k_m").unlink()
     merged_at = (copy.merged_dir / "config.json").stat().st_mtime
     os.utime(copy.gguf_file("q4_k_m"), (merged_at - 60, merged_at - 60))
@@ -207,10 +213,63 @@ def test_an_earlier_result_goes_when_its_file_was_rewritten_or_its_merge_or_refe
     assert ("dropping gguf-f16's earlier result: export.json checked it against other reference answers "
             "(another device, compute dtype or token budget)") in capsys.readouterr().out
     later = copy.export_report.stat().st_mtime + 5
-    os.utime(copy.gguf_file("q5_k_m"), (later, later))  # as serve writes a missing GGUF, unchecked
+    os.utime(copy.gguf_file("q5_k_m"), (later, later))  # touched, not changed: still the file checked
+    assert list(earlier_gguf_results(copy, measured, [])) == ["q8_0", "f16", "q4_k_m", "q5_k_m"]
+    with open(copy.gguf_file("q5_k_m"), "r+b") as f:  # written again, same size, other bytes
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 1]))
+    os.utime(copy.gguf_file("q5_k_m"), (later, later))
+    capsys.readouterr()
     assert list(earlier_gguf_results(copy, measured, [])) == ["q8_0", "f16", "q4_k_m"]
     assert ("dropping gguf-q5_k_m's earlier result: model-q5_k_m.gguf was written after export.json checked "
             "it") in capsys.readouterr().out
+
+
+def test_a_run_copied_without_its_file_times_keeps_its_gate_results(run, exported, tmp_path):
+    """A run folder copied as `cp -r` does (times not kept: every file is as new as the copy) used to
+    read as GGUFs written after export.json checked them, or older than merged/: serving warned of an
+    unchecked file and the next export dropped the kept results. export.json records each checked
+    file's size and sha256, so the copy is known to hold the files the gate checked."""
+    import shutil
+
+    from qlora_helpers.paths import read_json
+    from qlora_helpers.serve import open_run_folder
+    from qlora_helpers.serve.forms import gguf_form
+    from qlora_helpers.serve.gate import gate_warning
+
+    report = read_json(run.export_report)
+    for t in ("f16", "q8_0", "q4_k_m", "q5_k_m"):
+        checked = next(f for f in report["forms"] if f["form"] == f"gguf-{t}")["file"]
+        assert checked["size"] == run.gguf_file(t).stat().st_size and len(checked["sha256"]) == 64
+    shutil.copytree(run.path, tmp_path / run.path.name, copy_function=shutil.copy)  # `cp -r`: no times kept
+    copy = open_run_folder(tmp_path / run.path.name)
+    later = copy.export_report.stat().st_mtime + 5  # as the copy may order them: each GGUF newer than both
+    for t in ("f16", "q8_0", "q4_k_m", "q5_k_m"):
+        os.utime(copy.gguf_file(t), (later, later))
+    for t in ("f16", "q8_0", "q4_k_m", "q5_k_m"):
+        assert gate_warning(copy, gguf_form(t)) is None, t
+    recorded, stamp = copy.export_report.read_bytes(), copy.export_report.stat().st_mtime
+    older = {**report, "forms": [{k: v for k, v in f.items() if k != "file"} for f in report["forms"]]}
+    copy.export_report.write_text(json.dumps(older))  # an export.json from before the digests: by time
+    os.utime(copy.export_report, (stamp, stamp))
+    assert "model-f16.gguf was written after export.json checked it" in gate_warning(copy, gguf_form("f16"))
+    copy.export_report.write_bytes(recorded)
+    os.utime(copy.export_report, (stamp, stamp))
+    cmd = [sys.executable, "-m", "qlora_helpers", "export", "--run", str(copy.path), "--gguf", "q8_0"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "dropping" not in done.stdout
+    for t in ("f16", "q4_k_m", "q5_k_m"):
+        assert f"export gate: keeping gguf-{t}'s earlier result" in done.stdout
+    after = read_json(copy.export_report)
+    assert [f["form"] for f in after["forms"]] == ["adapter", "merged", "gguf-q8_0", "gguf-f16", "gguf-q4_k_m",
+                                                   "gguf-q5_k_m"]
+    with open(copy.gguf_file("f16"), "ab") as f:  # another size: another file, whatever its time
+        f.write(b"\0")
+    os.utime(copy.gguf_file("f16"), (0, 0))
+    assert "model-f16.gguf was written after export.json checked it" in gate_warning(copy, gguf_form("f16"))
 
 
 def test_serving_after_a_newer_adapter_merges_and_converts_again_and_warns_of_an_unchecked_gguf(
@@ -240,16 +299,19 @@ def test_serving_after_a_newer_adapter_merges_and_converts_again_and_warns_of_an
     assert copy.gguf_file("q8_0").stat().st_mtime < (copy.merged_dir / "config.json").stat().st_mtime
 
 
-def test_serving_a_gguf_written_again_from_the_same_merge_warns_that_the_gate_has_not_checked_it(
+def test_a_gguf_written_again_from_the_same_merge_is_judged_by_its_bytes_against_what_the_gate_checked(
         run, exported, tmp_path):
     """serve wrote a missing q8_0 file again from the same merge and left export.json as it was; the
-    startup warning compared merge ids alone, so it passed the new, never-checked file as checked."""
+    startup warning compared merge ids alone, so it passed a new, never-checked file as checked. The
+    gate's recorded sha256 decides: the quantizer wrote the same bytes again (no warning: the gate
+    checked them), and a file of other bytes is one the gate has not checked."""
     from qlora_helpers.serve.forms import gguf_form
     from qlora_helpers.serve.gate import gate_warning
     from qlora_helpers.serve.process import ServerProcess
 
     copy = copy_run(run, tmp_path)
     report = copy.export_report.read_bytes()
+    checked = copy.gguf_file("q8_0").read_bytes()
     copy.gguf_file("q8_0").unlink()
     srv = ServerProcess(copy, overrides=["serve.form=gguf", "serve.gguf=[q8_0]"], api_key=API_KEY).start(600)
     try:
@@ -257,14 +319,18 @@ def test_serving_a_gguf_written_again_from_the_same_merge_warns_that_the_gate_ha
         assert f"reusing {copy.merged_dir} (merged from adapter/" in log  # the same merge
         assert "exporting model-q8_0.gguf for serving (model-q8_0.gguf is missing)" in log
         assert "writing model-q8_0.gguf: quantizing model-f16.gguf" in log
-        assert (f"WARNING: the export gate has not checked gguf-q8_0 as served: model-q8_0.gguf was written after "
-                f"export.json checked it, so export.json's result for it is an earlier file's: `python -m "
-                f"qlora_helpers export --run {copy.path} --gguf q8_0` checks this one") in log
-        assert log.index("WARNING: the export gate") < log.index("serving 'serve' on")
+        assert "WARNING" not in log  # newer than export.json, but the very bytes the gate checked
         assert srv.health()["status"] == "ok"
     finally:
         srv.stop()
     assert copy.export_report.read_bytes() == report  # the gate's record stays the gate's
+    assert copy.gguf_file("q8_0").read_bytes() == checked
+    assert copy.gguf_file("q8_0").stat().st_mtime > copy.export_report.stat().st_mtime
+    copy.gguf_file("q8_0").write_bytes(checked[:-1] + bytes([checked[-1] ^ 1]))  # same size, other bytes
+    assert gate_warning(copy, gguf_form("q8_0")) == (
+        f"the export gate has not checked gguf-q8_0 as served: model-q8_0.gguf was written after export.json "
+        f"checked it, so export.json's result for it is an earlier file's: `python -m qlora_helpers export "
+        f"--run {copy.path} --gguf q8_0` checks this one")
     assert gate_warning(copy, gguf_form("f16")) is None  # a file it did check, unchanged since, still passes
 
 

@@ -229,7 +229,8 @@ def run_export_gate(run: Run, gguf_types: list[str] | tuple[str, ...] = (), new_
                             else (form.load(run, context=context, rows=1), reference))
         try:
             forms.append(check_loaded_form(run, form, model, tokenizer, probes, new_tokens))
-            if form.gguf_type:
+            if form.gguf_type:  # the file checked, by content: a later check trusts no copy's mtimes
+                forms[-1]["file"] = file_digest(gguf_path(run, form.gguf_type))
                 tokenization[form.gguf_type] = tokenization_check(model, probes)
         finally:
             if hasattr(model, "close"):
@@ -267,24 +268,44 @@ def reference_of(report: dict) -> list:
             [[p.get("prompt"), p.get("reference_tokens")] for p in report.get("probes", [])]]
 
 
-def checked_file_staleness(run: Run, gguf_type: str) -> str | None:
-    """Why export.json's result for `gguf_type`, if it has one, was not measured on the file there now
-    (None: it was): the file is missing, older than merged/, or written after export.json (as serving
-    writes a missing GGUF, and an export a stale one, before its gate)."""
+def file_digest(path) -> dict[str, Any]:
+    """A file's size and sha256: what the gate records of each GGUF file it checked."""
+    with open(path, "rb") as f:
+        return {"size": path.stat().st_size, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+
+
+def checked_file_staleness(run: Run, gguf_type: str, result: dict | None = None) -> str | None:
+    """Why export.json's result for `gguf_type` (`result`: that form's entry there), if it has one, was
+    not measured on the file there now (None: it was): the file is missing, or was written after
+    export.json checked it (as serving writes a missing GGUF, and an export a stale one, before its
+    gate). With the file's size and sha256 the gate recorded, by content: another size is another file;
+    one no newer than export.json is the one checked; a newer one is hashed (a copy that did not keep
+    times). Without them (an older export.json), by time: also older than merged/ is an earlier merge's."""
+    path = gguf_path(run, gguf_type)
+    rewritten = f"{path.name} was written after {run.export_report.name} checked it"
+    checked = (result or {}).get("file") or {}
+    if "sha256" in checked:  # which merge it was made from: export.json's merge_id says
+        if not path.is_file():
+            return f"{path.name} is missing"
+        if path.stat().st_size != checked["size"]:
+            return rewritten
+        if path.stat().st_mtime <= run.export_report.stat().st_mtime:
+            return None
+        return None if file_digest(path)["sha256"] == checked["sha256"] else rewritten
     stale = gguf_staleness(run, gguf_type)
     if stale:
         return stale
-    if gguf_path(run, gguf_type).stat().st_mtime > run.export_report.stat().st_mtime:
-        return f"{gguf_path(run, gguf_type).name} was written after {run.export_report.name} checked it"
+    if path.stat().st_mtime > run.export_report.stat().st_mtime:
+        return rewritten
     return None
 
 
-def earlier_staleness(run: Run, earlier: dict, measured: dict, gguf_type: str) -> str | None:
+def earlier_staleness(run: Run, earlier: dict, measured: dict, gguf_type: str, result: dict) -> str | None:
     """Why the earlier export.json's result for `gguf_type` no longer holds (None: it does): its file
     is missing, made from an earlier merge or written since that gate checked it (checked_file_staleness),
-    or that gate's reference is not this one's."""
+    or that gate's reference is not this one's. `result`: its entry there for the form."""
     report = run.export_report.name
-    stale = checked_file_staleness(run, gguf_type)
+    stale = checked_file_staleness(run, gguf_type, result)
     if stale:
         return stale
     if earlier.get("merge_id") is None:
@@ -313,7 +334,7 @@ def earlier_gguf_results(run: Run, measured: dict, checked: list[str] | tuple[st
         form = FORMS.get(result.get("form"))
         if form is None or form.gguf_type is None or form.gguf_type in checked:
             continue
-        why = earlier_staleness(run, earlier, measured, form.gguf_type)
+        why = earlier_staleness(run, earlier, measured, form.gguf_type, result)
         if why:
             say(f"export gate: dropping {form.name}'s earlier result: {why}")
             continue
@@ -376,7 +397,7 @@ def gate_warning(run: Run, form: Form) -> str | None:
         return f"{unchecked}has no result for it): {redo} checks it"
     if report.get("merge_id") not in (None, merge_id(run)):  # merged/ (and its GGUFs) made again since
         return f"{run.export_report.name} checked an earlier merge than the one served: {redo} checks this one"
-    rewritten = checked_file_staleness(run, form.gguf_type) if form.gguf_type else None
+    rewritten = checked_file_staleness(run, form.gguf_type, result) if form.gguf_type else None
     if rewritten:
         return (f"the export gate has not checked {form.name} as served: {rewritten}, so {run.export_report.name}'s "
                 f"result for it is an earlier file's: {redo} checks this one")
