@@ -342,6 +342,15 @@ def loss_bytes(model_config, tokens: int, fused: bool) -> int:
     return chunk * vocab * 2 + 2 * tokens * hidden * 2
 
 
+def activation_peak(layers: int, recompute: int, full: int, kept: int, on_top: int) -> tuple[int, int]:
+    """(bytes the layers keep for backward, bytes on top at the peak) with `recompute` of `layers`
+    recomputed. On top: `on_top` (the loss) at the forward's end; a recomputed layer's activations in
+    the backward come after the stored layers freed theirs (backward meets them first), so they add to
+    the peak only when every layer is recomputed."""
+    stored = (layers - recompute) * full + recompute * kept
+    return stored, on_top if recompute < layers else max(on_top, full)
+
+
 def plan_recompute(model_config, tokens: int, budget_bytes: int, in_use_bytes: int,
                    lora_targets: Any = (), fused: bool = True, lora_dropout: float = 0.0) -> dict[str, Any]:
     """The fewest decoder layers to recompute so that activations fit the budget beside what is
@@ -354,11 +363,7 @@ def plan_recompute(model_config, tokens: int, budget_bytes: int, in_use_bytes: i
     reserve = max(LOSS_RESERVE, loss_bytes(model_config, tokens, fused))
 
     def need(recompute: int) -> int:
-        # the stored activations and, on top, the loss at the forward's end; a recomputed layer's
-        # activations in the backward come after the stored layers freed theirs (backward meets them
-        # first), so they add to the peak only when every layer is recomputed
-        stored = (layers - recompute) * full + recompute * kept
-        return stored + (reserve if recompute < layers else max(reserve, full))
+        return sum(activation_peak(layers, recompute, full, kept, reserve))
 
     room = budget_bytes - in_use_bytes
     recompute = next((r for r in range(layers + 1) if need(r) <= room), layers)

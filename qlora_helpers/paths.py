@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -115,6 +116,12 @@ def read_utf8(path: Path, error: type[QLoraError] = QLoraError) -> str:
         line = raw[:at].count(b"\n") + 1
         raise error(f"{path} is not UTF-8 text (line {line}, byte {at}: {exc.reason}). "
                     f"Re-save it as UTF-8.") from None
+
+
+def sha256_file(path: str | Path) -> str:
+    """A file's sha256, hex (what a copied run keeps, where it may not keep modification times)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def read_json(path: str | Path) -> Any:

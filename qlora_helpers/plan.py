@@ -234,11 +234,7 @@ def activation_plan(cfg: Config, shape: Shape, in_use: int, gpu_gib: float,
         # prepare_model_for_kbit_training upcasts the embeddings: the residual stream runs in float32
         hidden_bytes = 4 if cfg.quant.load_in_4bit else dtype_bytes(compute_dtype(cfg))
     full, kept = _layer_bytes(cfg, shape, tokens, fused, hidden_bytes)
-    stored = (shape.layers - recompute) * full + recompute * kept
-    # On top of what is stored: at the end of the forward, the loss; in the backward, a recomputed
-    # layer's activations, but by then the layers that stored theirs have freed them (backward meets them
-    # first), so that layer adds to the peak only when every layer is recomputed.
-    transient = max(loss_bytes(shape, tokens, fused), full if recompute == shape.layers else 0)
+    stored, transient = fastpath.activation_peak(shape.layers, recompute, full, kept, loss_bytes(shape, tokens, fused))
     return {"path": "fast" if fast else "plain", "fused": fused, "tokens": tokens, "recompute_layers": recompute,
             "layers": shape.layers, "stored": stored, "transient": transient}
 

@@ -8,14 +8,13 @@ checks on a few probe texts (relative to the logits' scale) before and after sav
 from __future__ import annotations
 
 import gc
-import hashlib
 import time
 from pathlib import Path
 from typing import Any
 
 from ..errors import QLoraError
 from ..models import load_model, load_tokenizer, load_tuned_model, resolve_model
-from ..paths import atomic_dir, read_json, write_json_atomic, write_text_atomic
+from ..paths import atomic_dir, read_json, sha256_file, write_json_atomic, write_text_atomic
 from ..runs import Run
 from .run import adapter_dir, context_length, model_name, say
 
@@ -134,8 +133,7 @@ def adapter_fingerprint(folder: Path) -> dict[str, str]:
     out = {}
     for name in ADAPTER_FILES:
         if (folder / name).is_file():
-            with open(folder / name, "rb") as f:
-                out[name] = hashlib.file_digest(f, "sha256").hexdigest()
+            out[name] = sha256_file(folder / name)
     return out
 
 

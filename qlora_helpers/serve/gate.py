@@ -30,7 +30,7 @@ import time
 from typing import Any
 
 from ..models import load_tuned_model
-from ..paths import read_json, write_json_atomic
+from ..paths import read_json, sha256_file, write_json_atomic
 from ..prompts import encode_text, render_instruction
 from ..runs import Run
 from .forms import FORMS, Form, checked_forms
@@ -270,8 +270,7 @@ def reference_of(report: dict) -> list:
 
 def file_digest(path) -> dict[str, Any]:
     """A file's size and sha256: what the gate records of each GGUF file it checked."""
-    with open(path, "rb") as f:
-        return {"size": path.stat().st_size, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+    return {"size": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def checked_file_staleness(run: Run, gguf_type: str, result: dict | None = None) -> str | None:
@@ -287,11 +286,12 @@ def checked_file_staleness(run: Run, gguf_type: str, result: dict | None = None)
     if "sha256" in checked:  # which merge it was made from: export.json's merge_id says
         if not path.is_file():
             return f"{path.name} is missing"
-        if path.stat().st_size != checked["size"]:
+        now = path.stat()
+        if now.st_size != checked["size"]:
             return rewritten
-        if path.stat().st_mtime <= run.export_report.stat().st_mtime:
+        if now.st_mtime <= run.export_report.stat().st_mtime:
             return None
-        return None if file_digest(path)["sha256"] == checked["sha256"] else rewritten
+        return None if sha256_file(path) == checked["sha256"] else rewritten
     stale = gguf_staleness(run, gguf_type)
     if stale:
         return stale
