@@ -253,8 +253,21 @@ def apply_fused_kernels(model) -> list[str]:
         return []
     if model.config.model_type != "llama" or getattr(model.config, "hidden_act", "silu") not in ("silu", "swish"):
         return []
-    apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                fused_linear_cross_entropy=False, model=model)
+    from transformers.models.llama import modeling_llama
+
+    # Liger replaces transformers' LLaMA classes and rope function module-wide as well as patching this
+    # instance: every model built later in the process (an evaluation copy, a server's compiled step)
+    # would get Triton kernels it never asked for. Keep its instance patches, undo the module-wide ones.
+    module_wide = {name: getattr(modeling_llama, name) for name in ("LlamaRMSNorm", "LlamaMLP", "apply_rotary_pos_emb")}
+    try:
+        apply_liger_kernel_to_llama(rope=False, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False, model=model)
+    finally:
+        for name, value in module_wide.items():
+            setattr(modeling_llama, name, value)
+    applied = ["rms_norm", "swiglu"]
+    if scope_liger_rope(model, modeling_llama):
+        applied.insert(1, "rope")
     plain_forward = model.forward
 
     def forward(self, input_ids=None, labels=None, num_items_in_batch=None, **kwargs):
@@ -271,7 +284,26 @@ def apply_fused_kernels(model) -> list[str]:
 
     # keep the signature's **kwargs so Trainer passes num_items_in_batch (correct accumulation)
     model.forward = types.MethodType(forward, model)
-    return ["rms_norm", "rope", "swiglu", "fused_linear_cross_entropy"]
+    return applied + ["fused_linear_cross_entropy"]
+
+
+def scope_liger_rope(model, modeling_llama) -> bool:
+    """Liger's RoPE for this model's attention layers only: each gets a copy of LlamaAttention.forward
+    (without its keyword-renaming decorator; the decoder layer passes the current names) whose globals
+    name Liger's `apply_rotary_pos_emb`. False, and transformers' RoPE kept, when that forward does
+    not look the function up as a global (a transformers release that moved it)."""
+    from liger_kernel.transformers.rope import liger_rotary_pos_emb
+
+    plain = inspect.unwrap(modeling_llama.LlamaAttention.forward)
+    if "apply_rotary_pos_emb" not in plain.__code__.co_names:
+        return False
+    scoped = types.FunctionType(plain.__code__, {**plain.__globals__, "apply_rotary_pos_emb": liger_rotary_pos_emb},
+                                plain.__name__, plain.__defaults__, plain.__closure__)
+    scoped.__kwdefaults__ = plain.__kwdefaults__
+    base = getattr(model, model.base_model_prefix, model)
+    for layer in base.layers:
+        layer.self_attn.forward = types.MethodType(scoped, layer.self_attn)
+    return True
 
 
 # --- recomputation by memory budget ------------------------------------------------------------------

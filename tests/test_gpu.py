@@ -129,3 +129,28 @@ def test_fast_path_loss_matches_padded_loss(tiny_dir):
         model.eval()
         plain = float(model(**{k: v.cuda() for k, v in collate(examples, 0).items()}).loss)
     assert abs(fast - plain) / plain < 0.01, (fast, plain)
+
+
+def test_fused_kernels_stay_on_their_model(tiny_dir):
+    """Liger's RMSNorm, RoPE and SwiGLU on one model give its own logits, and a model built afterwards
+    in the same process is transformers' plain LLaMA (Liger patches the classes module-wide otherwise:
+    a server compiled later in the process met its Triton kernels)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.llama import modeling_llama
+
+    from qlora_helpers.fastpath import apply_fused_kernels
+
+    plain_rope = modeling_llama.apply_rotary_pos_emb
+    load = lambda: AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).cuda().eval()  # noqa: E731
+    reference, fused = load(), load()
+    assert apply_fused_kernels(fused) == ["rms_norm", "rope", "swiglu", "fused_linear_cross_entropy"]
+    assert "forward" in vars(fused.model.layers[0].self_attn)
+    ids = torch.randint(0, fused.config.vocab_size, (2, 48), device="cuda")
+    with torch.no_grad():
+        torch.testing.assert_close(fused(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=1e-3, atol=1e-3)
+    later = load()
+    layer = later.model.layers[0]
+    assert type(layer.input_layernorm) is modeling_llama.LlamaRMSNorm
+    assert type(layer.input_layernorm).__module__ == "transformers.models.llama.modeling_llama"
+    assert type(layer.mlp).__module__ == "transformers.models.llama.modeling_llama"
+    assert "forward" not in vars(layer.self_attn) and modeling_llama.apply_rotary_pos_emb is plain_rope
