@@ -238,6 +238,7 @@ def test_a_run_copied_without_its_file_times_keeps_its_gate_results(run, exporte
     from qlora_helpers.serve import open_run_folder
     from qlora_helpers.serve.forms import gguf_form
     from qlora_helpers.serve.gate import gate_warning
+    from qlora_helpers.serve.gguf import gguf_staleness
 
     report = read_json(run.export_report)
     for t in ("f16", "q8_0", "q4_k_m", "q5_k_m"):
@@ -257,6 +258,10 @@ def test_a_run_copied_without_its_file_times_keeps_its_gate_results(run, exporte
     assert "model-f16.gguf was written after export.json checked it" in gate_warning(copy, gguf_form("f16"))
     copy.export_report.write_bytes(recorded)
     os.utime(copy.export_report, (stamp, stamp))
+    newest = later + 5
+    os.utime(copy.merged_dir / "config.json", (newest, newest))  # or merged/ copied last: every GGUF older
+    for t in ("f16", "q8_0", "q4_k_m", "q5_k_m"):
+        assert gguf_staleness(copy, t) is None, t  # serving would have converted them all again
     cmd = [sys.executable, "-m", "qlora_helpers", "export", "--run", str(copy.path), "--gguf", "q8_0"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -270,6 +275,9 @@ def test_a_run_copied_without_its_file_times_keeps_its_gate_results(run, exporte
         f.write(b"\0")
     os.utime(copy.gguf_file("f16"), (0, 0))
     assert "model-f16.gguf was written after export.json checked it" in gate_warning(copy, gguf_form("f16"))
+    with open(copy.merge_report, "a") as f:  # another merge: a GGUF older than merged/ is an earlier one's
+        f.write("\n")
+    assert gguf_staleness(copy, "q4_k_m") == "model-q4_k_m.gguf is older than merged/ (made from an earlier merge)"
 
 
 def test_serving_after_a_newer_adapter_merges_and_converts_again_and_warns_of_an_unchecked_gguf(

@@ -19,7 +19,7 @@ from ..errors import QLoraError
 from ..models import load_tokenizer, load_tuned_model
 from ..runs import Run
 from .export import ensure_merged, estimate_merged_bytes, free_memory_bytes, load_merged
-from .gguf import gguf_available, gguf_path, llama_cpp_version
+from .gguf import gguf_available, gguf_form_name, gguf_path, llama_cpp_version
 from .llamacpp import LlamaCppModel, load_gguf_serving
 from .run import context_length
 
@@ -74,7 +74,7 @@ def _auto_merged(run: Run) -> tuple[bool, str]:
 
 
 def _gguf_form(gguf_type: str, kl_bound: float) -> Form:
-    return Form(f"gguf-{gguf_type}", "gguf", kl_bound,
+    return Form(gguf_form_name(gguf_type), "gguf", kl_bound,
                 lambda run: f"{gguf_path(run, gguf_type).name} through llama.cpp "
                             f"(llama-cpp-python {llama_cpp_version()})",
                 _gguf_loader(gguf_type), _auto_gguf, gguf_type=gguf_type, quantized=gguf_type != "f16")

@@ -25,7 +25,6 @@ reference answers; one that does not is dropped, saying why.
 from __future__ import annotations
 
 import gc
-import hashlib
 import time
 from typing import Any
 
@@ -38,10 +37,12 @@ from .gguf import (
     INSTALL_HINT,
     bits_per_weight,
     export_gguf,
+    file_digest,
     gguf_available,
     gguf_path,
     gguf_staleness,
     llama_cpp_version,
+    merge_id,
     merged_parameters,
 )
 from .llamacpp import LlamaCppModel
@@ -268,11 +269,6 @@ def reference_of(report: dict) -> list:
             [[p.get("prompt"), p.get("reference_tokens")] for p in report.get("probes", [])]]
 
 
-def file_digest(path) -> dict[str, Any]:
-    """A file's size and sha256: what the gate records of each GGUF file it checked."""
-    return {"size": path.stat().st_size, "sha256": sha256_file(path)}
-
-
 def checked_file_staleness(run: Run, gguf_type: str, result: dict | None = None) -> str | None:
     """Why export.json's result for `gguf_type` (`result`: that form's entry there), if it has one, was
     not measured on the file there now (None: it was): the file is missing, or was written after
@@ -371,13 +367,6 @@ def export_and_check(run: Run, types: list[str] | tuple[str, ...] | None = None)
         note = "GGUF left out: " + ("none asked." if asked else "serve.gguf is empty.")
     exported = export_gguf(run, types) if types else None
     return run_export_gate(run, types, extra={"note": note, "export": exported})
-
-
-def merge_id(run: Run) -> str | None:
-    """Which merge merged/ holds: a hash of its merge.json (written once per merge; a copy keeps it)."""
-    if not run.merge_report.is_file():
-        return None
-    return hashlib.sha256(run.merge_report.read_bytes()).hexdigest()[:16]
 
 
 def gate_warning(run: Run, form: Form) -> str | None:

@@ -21,6 +21,7 @@ second or two for a 135M model.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import importlib.metadata
 import math
 import os
@@ -37,7 +38,7 @@ from typing import Any
 from ..config import GGUF_TYPES
 from ..errors import QLoraError
 from ..models import load_tokenizer
-from ..paths import write_text_atomic
+from ..paths import read_json, sha256_file, write_text_atomic
 from ..prompts import render_conversation, template_stops
 from ..runs import Run
 from .run import context_length, model_name, say
@@ -237,14 +238,49 @@ def bits_per_weight(path: Path, parameters: int) -> float:
 
 def gguf_staleness(run: Run, gguf_type: str) -> str | None:
     """Why the GGUF file of `gguf_type` cannot be used as it is (missing, or older than merged/, which a
-    re-merge rewrote), or None."""
+    re-merge rewrote), or None. A file older than merged/ that export.json's gate checked, byte for byte,
+    from the merge merged/ holds is current: a run copied without its file times (`cp -r`) may order
+    them either way."""
     path = gguf_path(run, gguf_type)
     if not path.is_file():
         return f"{path.name} is missing"
     merged = run.merged_dir / "config.json"
-    if merged.is_file() and path.stat().st_mtime < merged.stat().st_mtime:
+    older = merged.is_file() and path.stat().st_mtime < merged.stat().st_mtime
+    if older and not checked_from_this_merge(run, gguf_type):
         return f"{path.name} is older than merged/ (made from an earlier merge)"
     return None
+
+
+def gguf_form_name(gguf_type: str) -> str:
+    """The export gate's name for the GGUF form of `gguf_type` (its results in export.json)."""
+    return f"gguf-{gguf_type}"
+
+
+def merge_id(run: Run) -> str | None:
+    """Which merge merged/ holds: a hash of its merge.json (written once per merge; a copy keeps it)."""
+    if not run.merge_report.is_file():
+        return None
+    return hashlib.sha256(run.merge_report.read_bytes()).hexdigest()[:16]
+
+
+def file_digest(path: Path) -> dict[str, Any]:
+    """A file's size and sha256: what the gate records of each GGUF file it checked."""
+    return {"size": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def checked_from_this_merge(run: Run, gguf_type: str) -> bool:
+    """Whether export.json's gate checked the GGUF file of `gguf_type` as it is now (same size and
+    sha256) and against the merge merged/ holds, so the file was made from that merge."""
+    if not run.export_report.is_file():
+        return False
+    report = read_json(run.export_report)
+    if report.get("merge_id") is None or report["merge_id"] != merge_id(run):
+        return False
+    result = next((f for f in report.get("forms", []) if f.get("form") == gguf_form_name(gguf_type)), {})
+    checked = result.get("file") or {}
+    path = gguf_path(run, gguf_type)
+    return ("sha256" in checked and path.stat().st_size == checked.get("size")
+            and sha256_file(path) == checked["sha256"])
 
 
 def export_gguf(run: Run, types: list[str] | tuple[str, ...], served: str | None = None,
