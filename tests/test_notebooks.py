@@ -255,6 +255,27 @@ def test_a_bad_value_in_05s_or_06s_own_overrides_is_named_as_that_parameter(note
     assert err.value.evalue.startswith(f"notebook parameter {parameter} ({override}): '{key}' is 0: it must be >= 1")
 
 
+@pytest.mark.integration  # starts a notebook kernel
+@pytest.mark.parametrize("notebook", ["04_train", "04b_preference"])
+def test_a_run_without_03s_sets_is_told_before_the_model_loads(notebook, tmp_path):
+    """04 (and 04b) loaded the base, minutes on a 7B model, before finding that 03 never ran."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    from qlora_helpers.opening import setup_run
+
+    run = setup_run("smoke", "no-data", ["preference.enabled=true"], outputs_dir=str(tmp_path))
+    with pytest.raises(PapermillExecutionError) as err:
+        papermill.execute_notebook(str(PROJECT_ROOT / "notebooks" / f"{notebook}.ipynb"), str(tmp_path / "out.ipynb"),
+                                   parameters={"run_name": "no-data", "outputs_dir": str(tmp_path)},
+                                   cwd=str(PROJECT_ROOT / "notebooks"), kernel_name="python3",
+                                   progress_bar=False, execution_timeout=300)
+    assert err.value.ename == "MissingArtifact"
+    assert err.value.evalue == (f"{run.data_report} is missing. Run 03_data_prep.ipynb for this run first "
+                                f"(python -m qlora_helpers run --stages 03).")
+    assert "open_run(" in err.value.source and "load_" not in err.value.source  # the run's first cell
+
+
 @pytest.mark.integration
 def test_the_runners_kernels_talk_over_encrypted_channels(tmp_path, capfd):
     """The runner's kernel manager provisions CurveZMQ keys (ipykernel 7 declares support): the kernel
