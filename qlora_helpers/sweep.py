@@ -154,7 +154,8 @@ def plan_sweep(config: str, grid: list[str] = (), overrides: list[str] = (), sta
 
 def check_set_up(plan: SweepPlan) -> None:
     """Stages without 01 continue runs 01 set up: refused before anything is made when none of the
-    sweep's runs is set up (each would fail late, one by one); resuming a sweep that has some is not."""
+    sweep's runs is set up (each would fail late, one by one); resuming a sweep that has some is not
+    (run_sweep skips the runs never set up, saying so, and the sweep ends unfinished)."""
     if "01" in plan.stages or any(plan.run_folder(r.tag).config_file.is_file() for r in plan.runs):
         return
     stages = ",".join(plan.stages)
@@ -258,6 +259,12 @@ def run_sweep(plan: SweepPlan, progress: bool = True) -> dict[str, Any]:
         label = " ".join(f"{k}={value_label(v)}" for k, v in run.values.items())
         todo = remaining_stages(plan, run)
         head = f"[sweep {plan.name}] run {i}/{len(plan.runs)} {run.tag} ({label})"
+        if "01" not in plan.stages and not plan.run_folder(run.tag).config_file.is_file():
+            stages = ",".join(plan.stages)  # its first stage would only fail, a kernel start later
+            why = f"never set up, and the stages ({stages}) leave out 01, which sets a run up"
+            print(f"{head}: skipped, {why} (--stages 01,{stages} runs it)", flush=True)
+            record.update(status="not set up", error=why, notebook=None)
+            continue
         if not todo:
             print(f"{head}: finished earlier, skipped", flush=True)
             record.update(status="finished", error=None, notebook=None)
@@ -337,7 +344,7 @@ def collect_results(folder: Path) -> list[dict[str, Any]]:
         report = _read_optional(run_folder.eval_report)
         if report:
             row.update(_eval_columns(report))
-        if record["status"] == "failed":
+        if record["status"] in ("failed", "not set up"):
             row["note"] = record.get("error", "")[:200]
         rows.append(row)
     return rows
@@ -434,7 +441,9 @@ def sweep_command(args) -> int:
         print(f"Sweep {plan.name} interrupted; run the same command again to finish the missing runs.")
         return 130
     print((plan.folder / "comparison.md").read_text(encoding="utf-8"))
-    failed = [r["tag"] for r in state["runs"] if r["status"] != "finished"]
-    print(f"Sweep {plan.name}: {len(state['runs']) - len(failed)} of {len(state['runs'])} runs finished; "
-          f"comparison in {plan.folder}" + (f"; failed: {', '.join(failed)} (rerun to retry)" if failed else ""))
-    return 1 if failed else 0
+    failed = [r["tag"] for r in state["runs"] if r["status"] not in ("finished", "not set up")]
+    unset = [r["tag"] for r in state["runs"] if r["status"] == "not set up"]
+    print(f"Sweep {plan.name}: {len(state['runs']) - len(failed) - len(unset)} of {len(state['runs'])} runs finished; "
+          f"comparison in {plan.folder}" + (f"; failed: {', '.join(failed)} (rerun to retry)" if failed else "")
+          + (f"; not set up: {', '.join(unset)} (rerun with 01 in --stages)" if unset else ""))
+    return 1 if failed or unset else 0

@@ -283,6 +283,30 @@ def test_a_sweep_without_01_whose_runs_were_never_set_up_is_refused_before_anyth
     assert plan_sweep("smoke", ["lora.r=4,8"], stages="05", outputs_dir=str(tmp_path)).stages == ["05"]
 
 
+
+def test_a_partly_set_up_sweep_without_01_skips_the_runs_never_set_up_and_says_so(tmp_path, capsys):
+    """Resuming with stages that leave out 01, a run 01 never set up started a kernel for each stage
+    only to fail in it; it is skipped with the reason, and the sweep does not end as finished."""
+    import pandas as pd
+
+    from qlora_helpers.runs import RunFolder
+
+    plan = plan_sweep("smoke", ["lora.r=4,8"], stages="01,05", outputs_dir=str(tmp_path))
+    done = plan.run_folder(plan.runs[1].tag)
+    write_json_atomic(done.config_file, load_config(plan.config, plan.runs[1].overrides).to_dict())
+    write_json_atomic(RunFolder(done.path).eval_report, {"summary": {}, "samples": {}})  # 05 done
+    args = ["sweep", "--config", "smoke", "--grid", "lora.r=4,8", "--stages", "05", "--outputs-dir", str(tmp_path)]
+    assert main(args) == 1
+    out = capsys.readouterr().out
+    assert ("run 1/2 r-4 (lora.r=4): skipped, never set up, and the stages (05) leave out 01, which sets a run up "
+            "(--stages 01,05 runs it)") in out
+    assert "run 2/2 r-8 (lora.r=8): finished earlier, skipped" in out
+    assert "1 of 2 runs finished" in out and "not set up: r-4 (rerun with 01 in --stages)" in out
+    assert not plan.run_folder("r-4").path.exists()
+    table = pd.read_csv(plan.folder / "comparison.csv")
+    assert list(table["status"]) == ["not set up", "finished"] and "leave out 01" in table["note"][0]
+
+
 @pytest.mark.integration  # starts a notebook kernel
 def test_ctrl_c_records_the_run_as_interrupted_and_rewrites_the_comparison(tmp_path):
     folder = tmp_path / "sweeps" / "smoke-r"
