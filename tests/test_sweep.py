@@ -246,12 +246,12 @@ def test_a_runs_entry_that_sets_a_key_twice_is_refused_not_one_value_kept(entry,
 
 @pytest.mark.integration  # starts notebook kernels
 def test_failed_runs_are_recorded_the_sweep_goes_on_and_a_rerun_retries(tmp_path, capsys):
-    # stage 02 of a sweep whose first run is set up, with a training file that is not there: each run
+    # stage 02 of a sweep whose runs are set up, with a training file that is not there: each run
     # fails before its notebook starts (the runner checks the data 02 reads), quickly and for real
     missing = "data.sources=[{path: missing.jsonl}]"
     plan = plan_sweep("smoke", ["lora.r=4,8"], [missing], stages="01,02", outputs_dir=str(tmp_path))
-    write_json_atomic(plan.run_folder(plan.runs[0].tag).config_file,
-                      load_config(plan.config, plan.runs[0].overrides).to_dict())
+    for run in plan.runs:
+        write_json_atomic(plan.run_folder(run.tag).config_file, load_config(plan.config, run.overrides).to_dict())
     args = ["sweep", "--config", "smoke", "--grid", "lora.r=4,8", "--set", missing, "--stages", "02",
             "--outputs-dir", str(tmp_path)]
     assert main(args) == 1
