@@ -12,7 +12,8 @@ idles. Each change here is measured in benchmarks/BENCHMARKS.md (benchmarks/trai
    block-diagonal mask does the same job with O(tokens^2) mask memory. Without boundaries
    (evaluation, generation) both fall back to transformers' own sdpa with the usual padding mask.
 3. Fused kernels from Liger (RMSNorm, RoPE, SwiGLU, and linear + cross-entropy without the logits)
-   when `liger-kernel` is installed (`requirements-gpu.txt`) and Triton supports the card.
+   when `liger-kernel` is installed (`requirements-gpu.txt`) and Triton supports the card, on the
+   model being trained only (a model built later in the process is transformers' own).
 4. No fp32 copies of the norms and the LM head (peft's k-bit preparation makes them; bf16 autocast
    does the matmuls in bf16 either way), so the loss head stays one bf16 weight.
 5. Recomputation by memory budget: only as many decoder layers are checkpointed as the budget
