@@ -156,12 +156,17 @@ def check_set_up(plan: SweepPlan) -> None:
     """Stages without 01 continue runs 01 set up: refused before anything is made when none of the
     sweep's runs is set up (each would fail late, one by one); resuming a sweep that has some is not
     (run_sweep skips the runs never set up, saying so, and the sweep ends unfinished)."""
-    if "01" in plan.stages or any(plan.run_folder(r.tag).config_file.is_file() for r in plan.runs):
+    if not all(never_set_up(plan, r) for r in plan.runs):
         return
     stages = ",".join(plan.stages)
     raise UsageError(f"The sweep's stages ({stages}) leave out 01, and none of sweep {plan.name!r}'s "
                      f"{len(plan.runs)} runs has been set up (nothing in {plan.runs_dir}): 01 sets each run up. "
                      f"Start the sweep with 01 (--stages 01,{stages}), or leave --stages out for every stage.")
+
+
+def never_set_up(plan: SweepPlan, run: SweepRun) -> bool:
+    """A run the plan's stages cannot start: 01 is not among them and never set it up (no config.json)."""
+    return "01" not in plan.stages and not plan.run_folder(run.tag).config_file.is_file()
 
 
 def _stages_text(value: Any) -> str | None:
@@ -259,8 +264,8 @@ def run_sweep(plan: SweepPlan, progress: bool = True) -> dict[str, Any]:
         label = " ".join(f"{k}={value_label(v)}" for k, v in run.values.items())
         todo = remaining_stages(plan, run)
         head = f"[sweep {plan.name}] run {i}/{len(plan.runs)} {run.tag} ({label})"
-        if "01" not in plan.stages and not plan.run_folder(run.tag).config_file.is_file():
-            stages = ",".join(plan.stages)  # its first stage would only fail, a kernel start later
+        if never_set_up(plan, run):  # its first stage would only fail, a kernel start later
+            stages = ",".join(plan.stages)
             why = f"never set up, and the stages ({stages}) leave out 01, which sets a run up"
             print(f"{head}: skipped, {why} (--stages 01,{stages} runs it)", flush=True)
             record.update(status="not set up", error=why, notebook=None)

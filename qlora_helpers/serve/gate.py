@@ -29,7 +29,7 @@ import time
 from typing import Any
 
 from ..models import load_tuned_model
-from ..paths import read_json, sha256_file, write_json_atomic
+from ..paths import read_json, write_json_atomic
 from ..prompts import encode_text, render_instruction
 from ..runs import Run
 from .forms import FORMS, Form, checked_forms
@@ -41,6 +41,7 @@ from .gguf import (
     gguf_available,
     gguf_path,
     gguf_staleness,
+    is_checked_file,
     llama_cpp_version,
     merge_id,
     merged_parameters,
@@ -282,12 +283,7 @@ def checked_file_staleness(run: Run, gguf_type: str, result: dict | None = None)
     if "sha256" in checked:  # which merge it was made from: export.json's merge_id says
         if not path.is_file():
             return f"{path.name} is missing"
-        now = path.stat()
-        if now.st_size != checked["size"]:
-            return rewritten
-        if now.st_mtime <= run.export_report.stat().st_mtime:
-            return None
-        return None if sha256_file(path) == checked["sha256"] else rewritten
+        return None if is_checked_file(run, gguf_type, checked) else rewritten
     stale = gguf_staleness(run, gguf_type)
     if stale:
         return stale

@@ -268,9 +268,20 @@ def file_digest(path: Path) -> dict[str, Any]:
     return {"size": path.stat().st_size, "sha256": sha256_file(path)}
 
 
+def is_checked_file(run: Run, gguf_type: str, checked: dict[str, Any]) -> bool:
+    """Whether the GGUF file of `gguf_type` (there) is the one export.json's gate recorded as `checked`
+    (its file_digest): another size is another file; one no newer than export.json is the one checked;
+    a newer one is hashed (a copy that did not keep times), so the common case reads no GGUF bytes."""
+    path = gguf_path(run, gguf_type)
+    now = path.stat()
+    if now.st_size != checked["size"]:
+        return False
+    return now.st_mtime <= run.export_report.stat().st_mtime or sha256_file(path) == checked["sha256"]
+
+
 def checked_from_this_merge(run: Run, gguf_type: str) -> bool:
-    """Whether export.json's gate checked the GGUF file of `gguf_type` as it is now (same size and
-    sha256) and against the merge merged/ holds, so the file was made from that merge."""
+    """Whether export.json's gate checked the GGUF file of `gguf_type` as it is now (is_checked_file)
+    and against the merge merged/ holds, so the file was made from that merge."""
     if not run.export_report.is_file():
         return False
     report = read_json(run.export_report)
@@ -278,9 +289,7 @@ def checked_from_this_merge(run: Run, gguf_type: str) -> bool:
         return False
     result = next((f for f in report.get("forms", []) if f.get("form") == gguf_form_name(gguf_type)), {})
     checked = result.get("file") or {}
-    path = gguf_path(run, gguf_type)
-    return ("sha256" in checked and path.stat().st_size == checked.get("size")
-            and sha256_file(path) == checked["sha256"])
+    return "sha256" in checked and is_checked_file(run, gguf_type, checked)
 
 
 def export_gguf(run: Run, types: list[str] | tuple[str, ...], served: str | None = None,
