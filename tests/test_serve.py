@@ -144,6 +144,32 @@ def test_32_concurrent_requests_half_streaming_all_complete_and_correct(server):
     # recorded (greedy on the smoke model): the tokens served, the same alone and under load
     assert sum(r["completion_tokens"] for r in result["per_request"]) == RECORDED_LOAD_TOKENS
     assert server.health()["completed"] >= 64
+    # alone and at once are the same figures (a table of the two has no empty cells)
+    assert result["single"].keys() == result["loaded"].keys()
+    assert None not in result["single"].values() and None not in result["loaded"].values()
+    chat = load_test(server, "serve", n=4, max_tokens=6, chat=True)  # the template-framed requests 06 sends
+    assert chat["problems"] == [] and chat["chat"] and chat["single"]["ttft_s_median"] > 0
+
+
+def test_an_empty_reference_answer_is_a_problem_not_a_pass():
+    from qlora_helpers.serve.checks import _answer, compare_answers
+
+    def answer(text, tokens, finish):
+        return {"text": text, "completion_tokens": tokens, "finish_reason": finish}
+
+    alone = [answer("", 1, "stop"), answer("Three is odd.", 4, "stop"), answer("Hi", 6, "length")]
+    at_once = [{**answer("", 1, "stop"), "index": 0}, {**answer("Three is even.", 4, "stop"), "index": 1},
+               {"index": 2, "error": "APITimeoutError: timed out", "stream": True}]
+    problems = compare_answers(alone, at_once)
+    assert len(problems) == 3
+    assert problems[0].startswith("request 0: the answer alone was empty (1 token(s), finish stop)")
+    assert "use chat requests" in problems[0]
+    assert problems[1] == "request 1: 'Three is even.' != alone 'Three is odd.'"
+    assert problems[2] == "request 2: APITimeoutError: timed out"
+    assert compare_answers(alone[1:2], [{**alone[1], "index": 0}]) == []
+    assert _answer(answer("Paris.", 2, "stop")) == "Paris."
+    with pytest.raises(ValueError, match=r"empty answer \(1 token\(s\), finish stop\)"):
+        _answer(answer("", 1, "stop"))
 
 
 def test_a_full_queue_answers_503_with_retry_after(run, export):

@@ -172,10 +172,17 @@ def load_prompts(n: int) -> list[str]:
 def load_test(server: ServerProcess, model: str, n: int, max_tokens: int, chat: bool = False) -> dict[str, Any]:
     """First each prompt alone (streaming: the single-request reference text and latency), then all
     `n` at once from `n` threads, half streaming. Every concurrent answer must equal its prompt's
-    reference (greedy decoding), finish, and count its tokens correctly."""
+    reference (greedy decoding), finish, and count its tokens correctly; a reference that is empty
+    (the model ended at once) is a problem too, since it compares nothing. `chat`: chat requests (the
+    server frames each prompt in the run's template) instead of bare completions."""
+    if n < 1:  # serve.load_requests: 0 turns the load test off
+        return {"requests": 0, "streaming": 0, "max_tokens": max_tokens, "chat": chat, "ok": 0,
+                "problems": [], "off": "serve.load_requests is 0", "single": {}, "loaded": {}, "per_request": []}
     prompts = load_prompts(n)
     client = _client(server, max_retries=0, timeout=600)
+    start = time.perf_counter()
     single = [stream_request(client, model, p, max_tokens, chat) for p in prompts]
+    single_wall = time.perf_counter() - start
     barrier = threading.Barrier(n)
 
     def one(i: int) -> dict[str, Any]:
@@ -190,29 +197,42 @@ def load_test(server: ServerProcess, model: str, n: int, max_tokens: int, chat: 
     with ThreadPoolExecutor(max_workers=n) as pool:
         loaded = list(pool.map(one, range(n)))
     wall = time.perf_counter() - start
-    problems = []
-    for ref, got in zip(single, loaded):
-        if "error" in got:
-            problems.append(f"request {got['index']}: {got['error']}")
-        elif got["text"] != ref["text"]:
-            problems.append(f"request {got['index']}: {got['text']!r} != alone {ref['text']!r}")
-        elif got["finish_reason"] not in ("stop", "length") or got["completion_tokens"] != ref["completion_tokens"]:
-            problems.append(f"request {got['index']}: finish {got['finish_reason']}, "
-                            f"{got['completion_tokens']} tokens (alone: {ref['completion_tokens']})")
-    tokens = sum(g.get("completion_tokens") or 0 for g in loaded)
-    ttfts = [g["ttft_s"] for g in loaded if g.get("ttft_s")]
+    problems = compare_answers(single, loaded)
     return {
-        "requests": n, "streaming": sum(1 for g in loaded if g["stream"]), "max_tokens": max_tokens,
+        "requests": n, "streaming": sum(1 for g in loaded if g["stream"]), "max_tokens": max_tokens, "chat": chat,
         "ok": n - len(problems), "problems": problems,
-        "single": {"ttft_s_median": _median([s["ttft_s"] for s in single]),
-                   "tokens_per_s": round(sum(s["completion_tokens"] for s in single)
-                                         / sum(s["total_s"] for s in single), 1),
-                   "latency_s_median": _median([s["total_s"] for s in single])},
-        "loaded": {"ttft_s_median": _median(ttfts), "ttft_s_max": round(max(ttfts), 3) if ttfts else None,
-                   "latency_s_median": _median([g["total_s"] for g in loaded if "total_s" in g]),
-                   "tokens_per_s": round(tokens / wall, 1), "wall_s": round(wall, 2)},
+        "single": _load_stats(single, single_wall), "loaded": _load_stats(loaded, wall),
         "per_request": [{k: v for k, v in g.items() if k != "text"} for g in loaded],
     }
+
+
+def compare_answers(single: list[dict[str, Any]], loaded: list[dict[str, Any]]) -> list[str]:
+    """One line per request whose answer under load is not the one it got alone (or failed, or stopped
+    otherwise), and per request whose answer alone was empty: an empty reference checks nothing."""
+    problems = []
+    for i, (ref, got) in enumerate(zip(single, loaded)):
+        if "error" in got:
+            problems.append(f"request {i}: {got['error']}")
+        elif not ref["text"]:
+            problems.append(f"request {i}: the answer alone was empty ({ref['completion_tokens']} token(s), "
+                            f"finish {ref['finish_reason']}): the model ended at once, so there is nothing to "
+                            "compare (a tuned model reads a bare prompt as a finished text: use chat requests)")
+        elif got["text"] != ref["text"]:
+            problems.append(f"request {i}: {got['text']!r} != alone {ref['text']!r}")
+        elif got["finish_reason"] not in ("stop", "length") or got["completion_tokens"] != ref["completion_tokens"]:
+            problems.append(f"request {i}: finish {got['finish_reason']}, "
+                            f"{got['completion_tokens']} tokens (alone: {ref['completion_tokens']})")
+    return problems
+
+
+def _load_stats(results: list[dict[str, Any]], wall: float) -> dict[str, Any]:
+    """The same figures for the requests alone and at once: time to the first token (streaming
+    requests), latency, and completion tokens per second of wall time."""
+    ttfts = [r["ttft_s"] for r in results if r.get("ttft_s")]
+    tokens = sum(r.get("completion_tokens") or 0 for r in results)
+    return {"ttft_s_median": _median(ttfts), "ttft_s_max": round(max(ttfts), 3) if ttfts else None,
+            "latency_s_median": _median([r["total_s"] for r in results if "total_s" in r]),
+            "tokens_per_s": round(tokens / wall, 1), "wall_s": round(wall, 2)}
 
 
 def _median(values: list[float | None]) -> float | None:
@@ -251,10 +271,10 @@ def smoke_test(server: ServerProcess, model: str) -> list[dict[str, Any]]:
         return result if result.startswith(str(code)) else False
 
     check("GET /v1/models", lambda: [m.id for m in client.models.list().data] == [model] and model)
-    check("completion", lambda: plain_request(client, model, "The capital of France is", 8)["text"])
-    check("chat", lambda: plain_request(client, model, "Name a colour.", 8, chat=True)["text"])
-    check("streaming chat", lambda: stream_request(client, model, "Count to three.", 8, chat=True)["text"])
-    check("streaming completion", lambda: stream_request(client, model, "Once upon a time", 8)["text"])
+    check("completion", lambda: _answer(plain_request(client, model, "The capital of France is", 8)))
+    check("chat", lambda: _answer(plain_request(client, model, "Name a colour.", 8, chat=True)))
+    check("streaming chat", lambda: _answer(stream_request(client, model, "Count to three.", 8, chat=True)))
+    check("streaming completion", lambda: _answer(stream_request(client, model, "Once upon a time", 8)))
     if server.api_key:
         def refused():
             try:
@@ -274,6 +294,13 @@ def smoke_test(server: ServerProcess, model: str) -> list[dict[str, Any]]:
                                                            json={**body, "prompt": "word " * 100_000}))
     check("unknown field -> 400", lambda: expect(400, "POST", "/v1/completions", json={**body, "frobnicate": 3}))
     return checks
+
+
+def _answer(result: dict[str, Any]) -> str:
+    """A check's answer text; an empty one fails the check (the request worked, but shows nothing)."""
+    if not result["text"]:
+        raise ValueError(f"empty answer ({result['completion_tokens']} token(s), finish {result['finish_reason']})")
+    return result["text"]
 
 
 def save_serve_results(run: Run, server: ServerProcess, checks: list[dict[str, Any]],
