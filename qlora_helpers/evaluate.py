@@ -325,6 +325,17 @@ def task_table(results: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def task_frame(results: dict[str, Any]):
+    """`task_table` as a table to read: examples as counts, seconds to a tenth, scores to four
+    significant digits, and blank cells where a task has no number (off, skipped)."""
+    import pandas as pd
+
+    frame = pd.DataFrame(task_table(results)).set_index(["task", "metric"]).astype({"examples": "Int64"})
+    scores = [c for c in ("base", "tuned") if c in frame.columns]
+    return (frame.style.format(na_rep="").format("{:.1f}", subset=["seconds"])
+            .format(lambda v: f"{v:.4g}", subset=scores, na_rep=""))
+
+
 def write_eval_report(run, model=None, extra: dict[str, Any] | None = None, **tasks: Any) -> dict[str, Any]:
     """eval.json, the report stage 05 writes last, assembled from each task's result (`loss=...,
     answers=..., gsm8k=..., ifeval=..., showcase=..., lm_eval=...`; a task left out, None or {} is not

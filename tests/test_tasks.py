@@ -63,6 +63,17 @@ def test_summary_counts_differences_and_table_follow_the_registry():
     assert [r["better"] for r in table[2:6]] == ["higher", "lower", "lower", "higher"]
 
 
+def test_the_task_frame_reads_as_counts_and_scores_with_blanks_not_nan():
+    import re
+
+    page = evaluate.task_frame({**RESULTS, "choice": {"off": "eval.choice_path is null"}}).to_html()
+    cells = [re.findall(r">([^<>]*)</td>", row) for row in re.findall(r"<tr>(.*?)</tr>", page, re.S)[2:]]
+    assert cells[0] == ["2", "2.0", "2", "1.5", "lower"]  # examples a count, seconds to 0.1, scores as given
+    assert cells[1][2:4] == ["7.39", "4.48"]  # perplexity exp(2), exp(1.5): four significant digits
+    assert cells[-1] == ["", "0.0", "", "", ""]  # a task turned off: no numbers, and no NaN
+    assert not re.search(r"NaN|nan|<NA>|\d\.0000", page)
+
+
 def test_exact_match_is_reported_only_when_the_answers_hold_it():
     answers = {side: {**RESULTS["answers"][side], "exact match": value,
                       "per_example": {**RESULTS["answers"][side]["per_example"], "exact match": [value, value]}}
