@@ -183,10 +183,15 @@ def resolve_checkpoint(setting: str, checkpoint_dir: Path, key: str, newer_than_
     return str(path)
 
 
+def checkpoint_step(checkpoint: str) -> int:
+    """The optimizer steps a checkpoint holds (its trainer_state.json's global_step)."""
+    return json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("global_step", 0)
+
+
 def resume_notice(resume: str, max_steps: int, what: str, setting: str) -> str:
     """The line a resumed run prints: from which checkpoint and step; when that checkpoint already reached
     `max_steps`, that nothing is left to train (its adapter is the result) and how to train again."""
-    step = json.loads((Path(resume) / "trainer_state.json").read_text()).get("global_step", 0)
+    step = checkpoint_step(resume)
     if step < max_steps:
         return f"{what} resumes from {resume} at step {step} of {max_steps} ({setting}=auto)."
     return (f"{what} resumes from {resume}, which already reached step {step} of {max_steps}: nothing is left "
@@ -200,6 +205,9 @@ def train_or_checkpoint(trainer, resume: str | None, what: str, again: str, sett
     `what` interrupted at step N, then `again`."""
     if resume:
         print(resume_notice(resume, trainer.args.max_steps, what, setting), flush=True)
+        if checkpoint_step(resume) >= trainer.args.max_steps and not (trainer.is_fsdp_enabled
+                                                                     or trainer.is_deepspeed_enabled):
+            return finished_checkpoint(trainer, resume)
     try:
         return trainer.train(resume_from_checkpoint=resume)
     except KeyboardInterrupt:
@@ -207,6 +215,20 @@ def train_or_checkpoint(trainer, resume: str | None, what: str, again: str, sett
         trainer.callback_handler.on_save(trainer.args, trainer.state, trainer.control)  # marks it complete
         raise QLoraError(f"{what} interrupted at step {trainer.state.global_step}; a checkpoint was "
                          f"saved. {again}") from None
+
+
+def finished_checkpoint(trainer, resume: str):
+    """A checkpoint that already reached max_steps, taken as the result without trainer.train: on such a
+    resume transformers trains one step past max_steps (a checkpoint-41 of a 40-step run), because its loop
+    skips the batches already seen and steps before it checks the count. The model gets the checkpoint's
+    weights as trainer.train would load them, and the trainer its state (steps, log history); nothing is
+    trained, so there is no mean training loss (None)."""
+    from transformers.trainer_callback import TrainerState
+    from transformers.trainer_utils import TrainOutput
+
+    trainer._load_from_checkpoint(resume)
+    trainer.state = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json"))
+    return TrainOutput(trainer.state.global_step, None, {})
 
 
 class LogRunConfig(TrainerCallback):

@@ -202,6 +202,17 @@ def test_resume_after_sigkill_gives_the_same_adapter(tmp_path, tiny_dir):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     straight = subprocess.run(_train_cmd(tmp_path / "a", "run", *steps), env=env, capture_output=True, text=True)
     assert straight.returncode == 0, straight.stderr[-2000:]
+    # run again on the finished run: it resumes from checkpoint-60, trains nothing (transformers would train
+    # a step 61) and saves that checkpoint's adapter
+    first = load_file(tmp_path / "a" / "run" / "adapter" / "adapter_model.safetensors")
+    again = subprocess.run(_train_cmd(tmp_path / "a", "run", *steps), env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "already reached step 60 of 60: nothing is left to train" in again.stdout
+    assert json.loads(RunFolder(tmp_path / "a" / "run").train_log.read_text())["summary"]["steps"] == 60
+    assert not (tmp_path / "a" / "run" / "checkpoints" / "checkpoint-61").exists()
+    assert load_file(tmp_path / "a" / "run" / "adapter" / "adapter_model.safetensors").keys() == first.keys()
+    for key, value in load_file(tmp_path / "a" / "run" / "adapter" / "adapter_model.safetensors").items():
+        assert torch.equal(value, first[key]), key
 
     proc = _frozen_at_checkpoint(tmp_path / "b", "run", 15, *steps)
     proc.send_signal(signal.SIGKILL)  # no chance to clean up
