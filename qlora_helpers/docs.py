@@ -349,6 +349,11 @@ def build_site(notebooks_dir: Path, site_dir: Path, pages_dir: Path | None = Non
     from nbconvert.filters import markdown2html
 
     executed = _executed(Path(notebooks_dir))
+    run_folder = RunFolder(Path(notebooks_dir).resolve().parent)
+    resumed = read_json(run_folder.train_log)["summary"].get("resumed_from") if run_folder.train_log.is_file() else None
+    if resumed:  # its pages would show no base held-out loss and the minutes of the last piece only
+        raise QLoraError(f"{run_folder.path}'s training resumed from {resumed}: the pages and the README's numbers "
+                         f"come from a run trained in one go. Delete {run_folder.path} and run `make docs` again.")
     site_dir, pages_dir = Path(site_dir), Path(pages_dir or Path(site_dir).parent / "tutorial")
     site_dir.mkdir(parents=True, exist_ok=True)
     pages_dir.mkdir(parents=True, exist_ok=True)
@@ -377,7 +382,6 @@ def build_site(notebooks_dir: Path, site_dir: Path, pages_dir: Path | None = Non
                                                       items="\n".join(items), source=html.escape(str(source))))
     (pages_dir / "README.md").write_text(f"# {title}\n\n{intro}\n\n" + "\n".join(md_items) + "\n")
     written += [site_dir / "index.html", pages_dir / "README.md"]
-    run_folder = RunFolder(Path(notebooks_dir).resolve().parent)
     if run_folder.train_log.is_file():
         written.append(write_json_atomic(pages_dir.parent / "results.json", results_digest(run_folder)))
     return written

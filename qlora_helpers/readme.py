@@ -120,6 +120,11 @@ def fill_readme(text: str, results: dict[str, dict[str, Any]]) -> str:
     if unknown:
         raise QLoraError(f"README.md quotes {', '.join(unknown)}, which docs/results.json does not have "
                          f"(known: {', '.join(results)}). Fix the marker or readme.RESULTS.")
+    missing = [f"{key} ({results[key]['file']} {results[key]['key']} is null)" for key in
+               dict.fromkeys(m.group(1) for m in _MARKER.finditer(text)) if results[key]["value"] is None]
+    if missing:
+        raise QLoraError(f"The page quotes numbers the run did not measure: {'; '.join(missing)}. Build the pages "
+                         f"from a run that measured them (a fresh `make docs`).")
     return _MARKER.sub(lambda m: f"<!-- r:{m.group(1)} -->{results[m.group(1)]['text']}<!-- /r -->", text)
 
 

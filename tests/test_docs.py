@@ -167,6 +167,12 @@ def test_pages_github_renders_are_clean_titled_linked_and_illustrated(executed, 
     assert "<title>01 · First page</title>" in page and "No description has been provided" not in page
     assert 'href="02_second.html"' in page and "Errno" not in page and "/root/" not in page
     assert tmp_path / "site" / "index.html" in written
+    # pages from a run whose training resumed would show no base loss and the last piece's minutes: refused
+    (executed / "train_log.json").write_text('{"summary": {"resumed_from": "checkpoints/checkpoint-40"}}')
+    with pytest.raises(QLoraError, match="training resumed from checkpoints/checkpoint-40: the pages"):
+        build_site(executed / "notebooks", tmp_path / "site2", tmp_path / "tutorial2")
+    assert not (tmp_path / "site2").exists()  # refused before anything was written
+    (executed / "train_log.json").unlink()  # the module's fixture, as the other tests find it
 
 
 def test_readme_results_come_from_the_reports_and_disagreements_are_found(tmp_path):
@@ -195,6 +201,11 @@ def test_readme_results_come_from_the_reports_and_disagreements_are_found(tmp_pa
         "heldout_loss_tuned: README says '1.400', train_log.json says '1.500'"]
     with pytest.raises(QLoraError, match="quotes rouge_tuned"):
         fill_readme("<!-- r:rouge_tuned -->0<!-- /r -->", results)
+    # a number the run did not measure (a resumed run has no base loss) is refused, not printed as n/a
+    unmeasured = {**results, "heldout_loss_base": {**results["heldout_loss_base"], "value": None, "text": "n/a"}}
+    with pytest.raises(QLoraError, match=r"did not measure: heldout_loss_base \(train_log.json "
+                                         r"summary.heldout_loss_base is null\)"):
+        fill_readme("from <!-- r:heldout_loss_base -->2.3<!-- /r --> to <!-- r:train_steps -->1<!-- /r -->", unmeasured)
     # after 04b, 05's "tuned" is SFT+DPO: the README's SFT ROUGE-L comes from its three-way table
     metrics = ("ROUGE-L F1", "clean stop", "repetition", "length gap")
     summary = {"summary": {m: {"base": 0.2, "tuned": 0.25} for m in metrics},
