@@ -290,6 +290,15 @@ def test_the_compile_cache_file_is_keyed_by_what_changes_the_compiled_step(model
     assert state["state"] == "unreadable" and state["error"]  # a broken file costs a cold compile, not the server
 
 
+def test_a_torch_that_re_tunes_at_every_start_is_named_at_the_start():
+    from qlora_helpers.serve.compile_cache import retune_note
+
+    for old in ("2.11.0+cu130", "2.9.1", "2.4.0"):  # pytorch#172819: fixed in 2.12
+        assert "pytorch#172819" in retune_note(old) and old in retune_note(old)
+    for fixed in ("2.12.0", "2.13.0+cpu", "3.0.0"):
+        assert retune_note(fixed) is None
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_a_second_decoder_loads_the_compile_cache_the_first_saved(tiny_dir, tmp_path, monkeypatch):

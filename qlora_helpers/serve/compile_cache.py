@@ -40,6 +40,17 @@ def _version(name: str) -> str | None:
     return getattr(module, "__version__", None) if module is not None else None
 
 
+def retune_note(torch_version: str) -> str | None:
+    """What a cached start cannot skip on this torch: 2.9-2.11 take a kernel's tuned config back only from
+    a bundle of several (pytorch#172819, fixed in 2.12 by #173391), so coordinate-descent tuning runs again
+    at every start: 18.8 of a cached start's 41.7 s at buckets 1, 2, 4, 8 on the H200 (torch 2.11)."""
+    major, minor = (int(part) for part in torch_version.split("+")[0].split(".")[:2])
+    if (major, minor) >= (2, 12):
+        return None
+    return (f"torch {torch_version} re-runs Inductor's kernel tuning at every start (pytorch#172819, fixed in "
+            "torch 2.12; requirements.txt pins 2.13.0): a cached start takes about twice as long")
+
+
 def cache_key(model, dtype: torch.dtype, slots: int, max_len: int, buckets: tuple[int, ...],
               options: dict) -> dict[str, Any]:
     """What the compiled step depends on (the weights' values are inputs, not part of the code)."""
@@ -78,8 +89,11 @@ class CompileCache:
         return os.environ["TORCHINDUCTOR_CACHE_DIR"]
 
     def load(self) -> dict[str, Any]:
-        """Load the artefacts into torch's caches before compiling: {'state': 'hit'|'miss'|'unreadable', ...}."""
+        """Load the artefacts into torch's caches before compiling: {'state': 'hit'|'miss'|'unreadable', ...},
+        with a 'note' where this torch re-tunes anyway (retune_note)."""
         inductor = {"inductor_dir": self.use_inductor_dir()}
+        if note := retune_note(torch.__version__):
+            inductor["note"] = note
         if not self.file.is_file():
             return {"state": "miss", "file": str(self.file), **inductor}
         try:  # torch logs a file it cannot read and returns None; other versions may raise

@@ -328,6 +328,8 @@ def start_decoder(model, compile_setting: bool, slots: int, max_len: int,
           f"(per bucket: {decoder.warmup_s}; compile cache: {used}, {decoder.compile_cache.get('file')}; "
           f"Inductor's tuned kernels: {decoder.compile_cache.get('inductor_dir')})",
           flush=True)
+    if note := decoder.compile_cache.get("note"):
+        print(f"note: {note}", flush=True)
     return decoder
 
 
