@@ -205,9 +205,12 @@ def train_or_checkpoint(trainer, resume: str | None, what: str, again: str, sett
     `what` interrupted at step N, then `again`."""
     if resume:
         print(resume_notice(resume, trainer.args.max_steps, what, setting), flush=True)
-        if checkpoint_step(resume) >= trainer.args.max_steps and not (trainer.is_fsdp_enabled
-                                                                     or trainer.is_deepspeed_enabled):
-            return finished_checkpoint(trainer, resume)
+        if checkpoint_step(resume) >= trainer.args.max_steps:
+            if not (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
+                return finished_checkpoint(trainer, resume)
+            print(f"Under FSDP or DeepSpeed the checkpoint's sharded weights load inside trainer.train, which "
+                  f"then trains one more step (step {checkpoint_step(resume) + 1}); the adapter as the "
+                  f"checkpoint holds it is in {resume}.", flush=True)
     try:
         return trainer.train(resume_from_checkpoint=resume)
     except KeyboardInterrupt:
