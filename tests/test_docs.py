@@ -175,6 +175,18 @@ def test_pages_github_renders_are_clean_titled_linked_and_illustrated(executed, 
     (executed / "train_log.json").unlink()  # the module's fixture, as the other tests find it
 
 
+def test_a_number_the_run_did_not_measure_is_refused_not_printed_as_n_a():
+    from qlora_helpers.readme import fill_readme
+
+    results = {"heldout_loss_base": {"value": None, "text": "n/a", "file": "train_log.json",  # a resumed run's
+                                     "key": "summary.heldout_loss_base"},
+               "train_steps": {"value": 40, "text": "40", "file": "train_log.json", "key": "summary.steps"}}
+    with pytest.raises(QLoraError, match=r"did not measure: heldout_loss_base \(train_log.json "
+                                         r"summary.heldout_loss_base is null\)"):
+        fill_readme("from <!-- r:heldout_loss_base -->2.3<!-- /r --> in <!-- r:train_steps -->1<!-- /r -->", results)
+    assert fill_readme("in <!-- r:train_steps -->1<!-- /r -->", results) == "in <!-- r:train_steps -->40<!-- /r -->"
+
+
 def test_readme_results_come_from_the_reports_and_disagreements_are_found(tmp_path):
     import json
 
@@ -201,11 +213,6 @@ def test_readme_results_come_from_the_reports_and_disagreements_are_found(tmp_pa
         "heldout_loss_tuned: README says '1.400', train_log.json says '1.500'"]
     with pytest.raises(QLoraError, match="quotes rouge_tuned"):
         fill_readme("<!-- r:rouge_tuned -->0<!-- /r -->", results)
-    # a number the run did not measure (a resumed run has no base loss) is refused, not printed as n/a
-    unmeasured = {**results, "heldout_loss_base": {**results["heldout_loss_base"], "value": None, "text": "n/a"}}
-    with pytest.raises(QLoraError, match=r"did not measure: heldout_loss_base \(train_log.json "
-                                         r"summary.heldout_loss_base is null\)"):
-        fill_readme("from <!-- r:heldout_loss_base -->2.3<!-- /r --> to <!-- r:train_steps -->1<!-- /r -->", unmeasured)
     # after 04b, 05's "tuned" is SFT+DPO: the README's SFT ROUGE-L comes from its three-way table
     metrics = ("ROUGE-L F1", "clean stop", "repetition", "length gap")
     summary = {"summary": {m: {"base": 0.2, "tuned": 0.25} for m in metrics},

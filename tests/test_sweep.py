@@ -314,7 +314,10 @@ def test_ctrl_c_records_the_run_as_interrupted_and_rewrites_the_comparison(tmp_p
     (folder / "comparison.md").write_text("| run | status |\n| old-run | finished |\n")  # an earlier sweep's
     args = [sys.executable, "-m", "qlora_helpers", "sweep", "--config", "smoke", "--grid", "lora.r=4,8",
             "--stages", "01", "--outputs-dir", str(tmp_path)]
-    proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT's default disposition, as a terminal's Ctrl-C finds it: a suite started in the background by a
+    # non-interactive shell inherits SIGINT ignored, and Python then never raises KeyboardInterrupt
+    proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     notebook = folder / "runs" / "r-4" / "notebooks" / "01_setup.ipynb"
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline and not notebook.exists():  # 01 has started
