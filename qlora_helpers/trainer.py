@@ -188,29 +188,29 @@ def checkpoint_step(checkpoint: str) -> int:
     return json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("global_step", 0)
 
 
-def resume_notice(resume: str, max_steps: int, what: str, setting: str) -> str:
-    """The line a resumed run prints: from which checkpoint and step; when that checkpoint already reached
-    `max_steps`, that nothing is left to train (its adapter is the result) and how to train again."""
-    step = checkpoint_step(resume)
+def resume_notice(resume: str, step: int, max_steps: int, what: str, setting: str, sharded: bool = False) -> str:
+    """The line a resumed run prints: from which checkpoint and step; when that checkpoint (at `step`)
+    already reached `max_steps`, that nothing is left to train (its adapter is the result) and how to train
+    again. `sharded` (FSDP, DeepSpeed): the weights load inside trainer.train, which then trains one more step."""
     if step < max_steps:
         return f"{what} resumes from {resume} at step {step} of {max_steps} ({setting}=auto)."
-    return (f"{what} resumes from {resume}, which already reached step {step} of {max_steps}: nothing is left "
-            f"to train, and the adapter saved is that checkpoint's. To train again from the start, set "
-            f"{setting}=never or delete {Path(resume).parent}.")
+    result = ("nothing is left to train, and the adapter saved is that checkpoint's" if not sharded else
+              f"under FSDP or DeepSpeed its sharded weights load inside trainer.train, which trains one more "
+              f"step (step {step + 1}); the adapter as the checkpoint holds it is in {resume}")
+    return (f"{what} resumes from {resume}, which already reached step {step} of {max_steps}: {result}. To train "
+            f"again from the start, set {setting}=never or delete {Path(resume).parent}.")
 
 
 def train_or_checkpoint(trainer, resume: str | None, what: str, again: str, setting: str):
-    """trainer.train from checkpoint `resume` (saying so: `resume_notice`, `setting` the resume key); Ctrl-C
-    saves the Trainer's own full checkpoint, marks it complete (MarkComplete) and stops with an error:
-    `what` interrupted at step N, then `again`."""
+    """trainer.train from checkpoint `resume` (saying so: `resume_notice`, `setting` the resume key); a
+    checkpoint that already reached max_steps is the result as it is (`finished_checkpoint`). Ctrl-C saves
+    the Trainer's own full checkpoint, marks it complete (MarkComplete) and stops with an error: `what`
+    interrupted at step N, then `again`."""
     if resume:
-        print(resume_notice(resume, trainer.args.max_steps, what, setting), flush=True)
-        if checkpoint_step(resume) >= trainer.args.max_steps:
-            if not (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
-                return finished_checkpoint(trainer, resume)
-            print(f"Under FSDP or DeepSpeed the checkpoint's sharded weights load inside trainer.train, which "
-                  f"then trains one more step (step {checkpoint_step(resume) + 1}); the adapter as the "
-                  f"checkpoint holds it is in {resume}.", flush=True)
+        step, sharded = checkpoint_step(resume), trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+        print(resume_notice(resume, step, trainer.args.max_steps, what, setting, sharded), flush=True)
+        if step >= trainer.args.max_steps and not sharded:
+            return finished_checkpoint(trainer, resume)
     try:
         return trainer.train(resume_from_checkpoint=resume)
     except KeyboardInterrupt:

@@ -170,6 +170,10 @@ def test_an_empty_reference_answer_is_a_problem_not_a_pass():
     assert _answer(answer("Paris.", 2, "stop")) == "Paris."
     with pytest.raises(ValueError, match=r"empty answer \(1 token\(s\), finish stop\)"):
         _answer(answer("", 1, "stop"))
+    from qlora_helpers.serve import load_test
+
+    off = load_test(None, "serve", n=0, max_tokens=6)  # serve.load_requests: 0 (a pool of 0 threads raises)
+    assert (off["requests"], off["ok"], off["problems"], off["off"]) == (0, 0, [], "serve.load_requests is 0")
 
 
 def test_a_full_queue_answers_503_with_retry_after(run, export):
