@@ -69,15 +69,16 @@ class Shape:
     kv_heads: int
     vocab: int
     tied: bool = False
+    head_size: int | None = None  # config.json's head_dim where it differs from hidden / heads (Qwen3, Gemma)
 
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.heads
+        return self.head_size or self.hidden // self.heads
 
     def linears(self) -> dict[str, tuple[int, int]]:
         """(in, out) of each linear layer of one decoder layer."""
-        h, m, kv = self.hidden, self.intermediate, self.kv_heads * self.head_dim
-        return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+        h, m, kv, q = self.hidden, self.intermediate, self.kv_heads * self.head_dim, self.heads * self.head_dim
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
                 "gate_proj": (h, m), "up_proj": (h, m), "down_proj": (m, h)}
 
     def linear_weights(self) -> int:
@@ -88,12 +89,32 @@ class Shape:
         return self.vocab * self.hidden * (1 if self.tied else 2) + (2 * self.layers + 1) * self.hidden
 
 
+SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+
+
 def shape_from_config(config: dict[str, Any]) -> Shape:
     heads = config["num_attention_heads"]
     return Shape(hidden=config["hidden_size"], intermediate=config["intermediate_size"],
                  layers=config["num_hidden_layers"], heads=heads,
                  kv_heads=config.get("num_key_value_heads") or heads, vocab=config["vocab_size"],
-                 tied=bool(config.get("tie_word_embeddings", False)))
+                 tied=bool(config.get("tie_word_embeddings", False)), head_size=config.get("head_dim"))
+
+
+def _read_shape(found: Path, source: str) -> Shape:
+    """The shape in a config.json, or a ModelSourceError that says what is wrong with it (a traceback
+    of KeyError or JSONDecodeError used to come out of a config.json of another model family)."""
+    try:
+        config = json.loads(found.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelSourceError(f"{found} (model.source={source!r}) is not valid JSON: {exc}.") from None
+    config = config.get("text_config", config) if isinstance(config, dict) else {}
+    missing = [k for k in SHAPE_KEYS if not isinstance(config.get(k), int)]
+    if missing:
+        raise ModelSourceError(
+            f"{found} (model.source={source!r}) lacks {', '.join(missing)}: the plan knows decoder-only "
+            f"models of the LLaMA family's config (LLaMA, Mistral, Qwen, SmolLM), not model_type="
+            f"{config.get('model_type')!r}.")
+    return shape_from_config(config)
 
 
 def model_shape(source: str) -> Shape:
@@ -113,8 +134,7 @@ def model_shape(source: str) -> Shape:
             f"No config.json for model.source={source!r}: the plan reads the model's shape without "
             f"downloading it. Pass a local folder holding config.json, download the model once, or use "
             f"one of: {', '.join(sorted(KNOWN_SHAPES))}, random:<{'|'.join(RANDOM_SHAPES)}>.")
-    config = json.loads(found.read_text(encoding="utf-8"))
-    return shape_from_config(config.get("text_config", config))
+    return _read_shape(found, source)
 
 
 def _cached_config(repo_id: str) -> Path | None:

@@ -205,3 +205,23 @@ def test_a_local_model_folder_that_does_not_exist_gets_the_missing_source_messag
     assert main(["plan", "--config", str(profile)]) == 1
     err = capsys.readouterr().err
     assert "error: No config.json for model.source='/nonexistent/model'" in err and "Traceback" not in err
+
+
+def test_a_config_json_of_another_family_or_broken_is_a_clear_error_and_head_dim_is_read(tmp_path, capsys):
+    # a GPT-2 config.json raised KeyError 'num_attention_heads' and a broken one JSONDecodeError: tracebacks
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 768, "n_layer": 12}))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    for name, said in (("gpt2", "lacks hidden_size"), ("broken", "is not valid JSON")):
+        assert main(["plan", "--config", "smoke", "--set", f"model.source={tmp_path / name}"]) == 1
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err, err
+    # Qwen3-4B's shape: head_dim 128 where hidden / heads is 80 (q_proj is 2560 -> 4096)
+    qwen = {"hidden_size": 2560, "intermediate_size": 9728, "num_hidden_layers": 36, "num_attention_heads": 32,
+            "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936, "tie_word_embeddings": True}
+    shape = shape_from_config(qwen)
+    assert shape.linears()["q_proj"] == (2560, 4096) and shape.linears()["o_proj"] == (4096, 2560)
+    assert shape.linears()["k_proj"] == (2560, 1024)
+    cfg = load_config("smoke", ["serve.max_concurrent=1", "serve.context_length=1024"])
+    assert serving_plan(cfg, shape)["kv_cache"] == 1024 * 36 * 2 * 8 * 128 * 2
