@@ -307,6 +307,12 @@ def fits(peak: int, gpu_gib: float) -> bool:
     return card_gib(peak) <= gpu_gib
 
 
+def card_text(peak: int) -> str:
+    """The card a peak needs, rounded up to 0.1 GiB: rounded to nearest, a 9.71 GiB need printed
+    "needs a 9.7 GiB card: does NOT fit" for --gpu-gib 9.7."""
+    return f"{math.ceil(round(card_gib(peak) * 10, 6)) / 10:.1f} GiB"
+
+
 FUSED_NOTE = (", Liger kernels (a card below compute capability 8.0, a T4, runs without them: plan it with "
               "train.fused_kernels=false)")
 
@@ -318,7 +324,7 @@ def describe_plan(plan: dict[str, Any]) -> list[str]:
     train, acts = plan["training"], plan["training"]["activations"]
 
     def verdict(peak: int) -> str:
-        return f"needs a {card_gib(peak):.1f} GiB card: {'fits' if fits(peak, card) else 'does NOT fit'}"
+        return f"needs a {card_text(peak)} card: {'fits' if fits(peak, card) else 'does NOT fit'}"
 
     lines = [f"Memory plan for {plan['model']} on a {card:g} GiB card (peaks of PyTorch's allocator; a card "
              f"needs x{RESERVED_FACTOR} for its reserve + {CUDA_CONTEXT_GIB} GiB CUDA context)",
@@ -396,5 +402,5 @@ def describe_fix(cfg: Config, profile: str, overrides: list[str], gpu_gib: float
     changes, plan = found
     sets = " ".join(f"--set {c}" for c in changes)
     return [f"To fit training on {gpu_gib:g} GiB: {sets} (peak {plan['peak'] / GIB:.2f} GiB, needs a "
-            f"{card_gib(plan['peak']):.1f} GiB card; {plan['activations']['recompute_layers']} of "
+            f"{card_text(plan['peak'])} card; {plan['activations']['recompute_layers']} of "
             f"{plan['activations']['layers']} layers recomputed)."]

@@ -225,3 +225,13 @@ def test_a_config_json_of_another_family_or_broken_is_a_clear_error_and_head_dim
     assert shape.linears()["k_proj"] == (2560, 1024)
     cfg = load_config("smoke", ["serve.max_concurrent=1", "serve.context_length=1024"])
     assert serving_plan(cfg, shape)["kv_cache"] == 1024 * 36 * 2 * 8 * 128 * 2
+
+
+def test_the_card_size_printed_is_rounded_up_so_it_agrees_with_the_verdict(capsys):
+    # the plain path's peak needs a 9.71 GiB card: it printed "needs a 9.7 GiB card: does NOT fit" on 9.7
+    args = ["plan", "--config", "llama2-7b", "--set", "train.fast_path=never"]
+    assert main([*args, "--gpu-gib", "9.7"]) == 1
+    peak = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("peak"))
+    assert "needs a 9.8 GiB card: does NOT fit" in peak, peak
+    assert main([*args, "--gpu-gib", "9.8"]) == 0
+    assert "needs a 9.8 GiB card: fits" in capsys.readouterr().out
