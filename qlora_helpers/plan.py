@@ -32,7 +32,7 @@ from typing import Any
 
 from . import fastpath
 from .config import RANDOM_SHAPES, Config
-from .errors import ModelSourceError
+from .errors import ConfigError, ModelSourceError
 
 GIB = 2**30
 BLOCK = 64  # bitsandbytes' 4-bit block size: one absmax per 64 weights
@@ -231,6 +231,11 @@ def budget_bytes(cfg: Config, gpu_gib: float) -> int:
     plan within it is one `fits` accepts."""
     if cfg.train.memory_budget_gib > 0:
         return int(cfg.train.memory_budget_gib * GIB)
+    return card_budget(gpu_gib)
+
+
+def card_budget(gpu_gib: float) -> int:
+    """The tensors' peak an empty card of `gpu_gib` holds: less the CUDA context, over the allocator's reserve."""
     return int((gpu_gib - CUDA_CONTEXT_GIB) * GIB / RESERVED_FACTOR)
 
 
@@ -292,8 +297,26 @@ def serving_plan(cfg: Config, shape: Shape) -> dict[str, Any]:
             "forms": {name: {"weights": w, "peak": w + kv + prefill} for name, w in forms.items()}}
 
 
+def check_plannable(cfg: Config, shape: Shape) -> None:
+    """What training would refuse is refused here too (the plan printed 0 GiB of adapters for targets that
+    name no layer, and a fit for train.packed_tokens below model.max_seq_length)."""
+    targets = cfg.lora.target_modules
+    if not lora_targets(shape, targets):
+        named = targets if isinstance(targets, str) else f"[{', '.join(targets)}]"
+        raise ConfigError(f"lora.target_modules={named} names none of the model's linear layers "
+                          f"({', '.join(shape.linears())}): peft would find no layer to adapt. Name some of them "
+                          f"or use all-linear.", key="lora.target_modules")
+    if fast_path_runs(cfg) and cfg.train.packed_tokens < cfg.model.max_seq_length:
+        raise ConfigError(f"train.packed_tokens={cfg.train.packed_tokens} is below model.max_seq_length="
+                          f"{cfg.model.max_seq_length}: the fast path (train.fast_path={cfg.train.fast_path}) "
+                          f"refuses it, the longest examples would not fit a micro-batch. Raise "
+                          f"train.packed_tokens, or plan the plain path with train.fast_path=never.",
+                          key="train.packed_tokens")
+
+
 def memory_plan(cfg: Config, gpu_gib: float) -> dict[str, Any]:
     shape = model_shape(cfg.model.source)
+    check_plannable(cfg, shape)
     return {"model": cfg.model.source, "shape": shape, "gpu_gib": gpu_gib, "distributed": cfg.train.distributed,
             "training": training_plan(cfg, shape, gpu_gib), "serving": serving_plan(cfg, shape)}
 
@@ -349,15 +372,20 @@ def describe_plan(plan: dict[str, Any]) -> list[str]:
 # --- when it does not fit: what would ------------------------------------------------------------------
 
 
-def _halved(key: str, value: int, least: int, keep: tuple[str, int] | None = None) -> list[list[str]]:
-    """`key` halved step by step down to `least` (with `keep`: that key doubled alongside, so the batch
-    per optimizer step stays the same)."""
+def _halved(key: str, value: int, least: int) -> list[list[str]]:
+    """`key` halved step by step down to `least`."""
     out = []
     while value // 2 >= least:
         value //= 2
-        keep = (keep[0], keep[1] * 2) if keep else None
-        out.append([f"{key}={value}"] + ([f"{keep[0]}={keep[1]}"] if keep else []))
+        out.append([f"{key}={value}"])
     return out
+
+
+def _smaller_batches(micro: int, accumulation: int) -> list[list[str]]:
+    """train.micro_batch_size through its divisors down to 1, gradient_accumulation_steps raised alike, so
+    the batch per optimizer step stays the same (halving 3 to 1 and doubling 2 to 4 made 6 sequences 4)."""
+    return [[f"train.micro_batch_size={d}", f"train.gradient_accumulation_steps={accumulation * micro // d}"]
+            for d in range(micro - 1, 0, -1) if micro % d == 0]
 
 
 def fitting_changes(profile: str, overrides: list[str], gpu_gib: float) -> tuple[list[str], dict] | None:
@@ -370,11 +398,13 @@ def fitting_changes(profile: str, overrides: list[str], gpu_gib: float) -> tuple
     cfg = load_config(profile, overrides)
     shape, t = model_shape(cfg.model.source), cfg.train
     if fast_path_runs(cfg):
-        steps = _halved("train.packed_tokens", t.packed_tokens, 1024)
+        # not below model.max_seq_length, which training refuses (the advice said packed_tokens=1024 at 4096)
+        steps = _halved("train.packed_tokens", t.packed_tokens, max(1024, cfg.model.max_seq_length))
+        if t.memory_budget_gib * GIB > card_budget(gpu_gib):  # a budget above the card: the card's own first
+            steps.insert(0, ["train.memory_budget_gib=0"])
     else:
-        steps = ([] if t.gradient_checkpointing else [["train.gradient_checkpointing=true"]]) + _halved(
-            "train.micro_batch_size", t.micro_batch_size, 1, ("train.gradient_accumulation_steps",
-                                                               t.gradient_accumulation_steps))
+        steps = ([] if t.gradient_checkpointing else [["train.gradient_checkpointing=true"]]) + _smaller_batches(
+            t.micro_batch_size, t.gradient_accumulation_steps)
     if t.optimizer != "paged_adamw_8bit":
         steps.append(["train.optimizer=paged_adamw_8bit"])
     taken: dict[str, str] = {}

@@ -235,3 +235,32 @@ def test_the_card_size_printed_is_rounded_up_so_it_agrees_with_the_verdict(capsy
     assert "needs a 9.8 GiB card: does NOT fit" in peak, peak
     assert main([*args, "--gpu-gib", "9.8"]) == 0
     assert "needs a 9.8 GiB card: fits" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("overrides,said", [
+    (["lora.target_modules=nosuch"], "lora.target_modules=[nosuch] names none of the model's linear layers"),
+    (["train.packed_tokens=512"], "train.packed_tokens=512 is below model.max_seq_length=1024"),
+])
+def test_what_training_would_refuse_the_plan_refuses_too(overrides, said, capsys):
+    # both printed a plan that fits: 0 GiB of adapters for targets naming no layer; a micro-batch that
+    # training refuses (train.training_rows: packed_tokens below max_seq_length)
+    assert main(["plan", "--config", "llama2-7b", *[x for o in overrides for x in ("--set", o)]]) == 1
+    err = capsys.readouterr().err
+    assert said in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("profile,overrides,card,expected", [
+    # a budget above the card: the advice shrank micro-batches 16x (packed_tokens=1024) instead of dropping it
+    ("llama2-7b-fast", ["train.memory_budget_gib=20"], 12, ["train.memory_budget_gib=0"]),
+    # the packed micro-batch stays at least model.max_seq_length: it advised packed_tokens=1024 at 4,096
+    ("qlora-paper", ["model.max_seq_length=4096"], 10, ["train.packed_tokens=4096"]),
+    ("qlora-paper", ["model.max_seq_length=4096"], 8, None),
+    # micro-batches of 3 x 2: 1 x 6 keeps 6 sequences a step (halving and doubling gave 1 x 4)
+    ("default", ["train.fast_path=never", "train.micro_batch_size=3"], 1.5,
+     ["train.gradient_checkpointing=true", "train.micro_batch_size=1", "train.gradient_accumulation_steps=6"]),
+])
+def test_the_advice_keeps_to_what_training_accepts_and_the_batch_per_step(profile, overrides, card, expected):
+    from qlora_helpers.plan import fitting_changes
+
+    found = fitting_changes(profile, overrides, card)
+    assert (found and found[0]) == expected
