@@ -70,6 +70,7 @@ class Shape:
     vocab: int
     tied: bool = False
     head_size: int | None = None  # config.json's head_dim where it differs from hidden / heads (Qwen3, Gemma)
+    positions: int | None = None  # max_position_embeddings: the longest context the server accepts
 
     @property
     def head_dim(self) -> int:
@@ -97,7 +98,8 @@ def shape_from_config(config: dict[str, Any]) -> Shape:
     return Shape(hidden=config["hidden_size"], intermediate=config["intermediate_size"],
                  layers=config["num_hidden_layers"], heads=heads,
                  kv_heads=config.get("num_key_value_heads") or heads, vocab=config["vocab_size"],
-                 tied=bool(config.get("tie_word_embeddings", False)), head_size=config.get("head_dim"))
+                 tied=bool(config.get("tie_word_embeddings", False)), head_size=config.get("head_dim"),
+                 positions=config.get("max_position_embeddings"))
 
 
 def _read_shape(found: Path, source: str) -> Shape:
@@ -288,13 +290,42 @@ def serving_plan(cfg: Config, shape: Shape) -> dict[str, Any]:
     tokens = slots * context
     prefill = (tokens * (4 * shape.hidden + 3 * shape.intermediate) * dense + slots * context * context * (dense + 1)
                + slots * shape.vocab * 4)
-    forms = {
-        "merged": (shape.linear_weights() + shape.float_weights()) * dtype_bytes(cfg.serve.export_dtype),
-        "adapter": (sum(weight_bytes(cfg, shape, dense).values())
+    forms = {  # name: (label, weights); a base not in 4 bit is served in the compute dtype
+        "merged": ("merged 16-bit weights",
+                   (shape.linear_weights() + shape.float_weights()) * dtype_bytes(cfg.serve.export_dtype)),
+        "adapter": (("4-bit" if cfg.quant.load_in_4bit else f"{8 * dense}-bit") + " base + adapter weights",
+                    sum(weight_bytes(cfg, shape, dense).values())
                     + 4 * lora_parameters(shape, cfg.lora.r, cfg.lora.target_modules)),
     }
     return {"slots": slots, "context": context, "kv_cache": kv, "prefill": prefill,
-            "forms": {name: {"weights": w, "peak": w + kv + prefill} for name, w in forms.items()}}
+            "forms": {name: {"label": label, "weights": w, "peak": w + kv + prefill}
+                      for name, (label, w) in forms.items()}}
+
+
+def plan_notes(cfg: Config, shape: Shape, train: dict[str, Any]) -> list[str]:
+    """What the figures leave out or assume, said rather than left silent."""
+    notes = []
+    if cfg.quant.compute_dtype == "auto":
+        notes.append("quant.compute_dtype=auto is planned as bfloat16, as on a CUDA card. On a CPU this profile "
+                     "trains in float32 on the plain path in system memory (RAM), which this plan does not predict.")
+    budget = cfg.train.memory_budget_gib
+    if train["activations"]["path"] == "fast" and 0 < budget < train["peak"] / GIB:
+        notes.append(f"The peak is above train.memory_budget_gib={budget:g} even with every layer recomputed "
+                     f"(training warns so): lower train.packed_tokens, or raise the budget.")
+    if cfg.lora.use_dora:
+        notes.append("lora.use_dora=true: DoRA's magnitude vectors and its extra activations are not planned "
+                     "(the figures are plain LoRA's).")
+    context = cfg.serve.context_length or cfg.model.max_seq_length
+    if shape.positions and context > shape.positions:
+        notes.append(f"Serving's context of {context} tokens is above the model's max_position_embeddings="
+                     f"{shape.positions}: the server refuses it; lower serve.context_length.")
+    if cfg.serve.form == "gguf":
+        notes.append("serve.form=gguf: llama.cpp serves the GGUF on the CPU, not planned here; the serving "
+                     "figures are the other two forms on a GPU.")
+    elif cfg.serve.compile:
+        notes.append("serve.compile=true: the compiled decode step's CUDA graphs come on top of the serving "
+                     "peaks (measured eager).")
+    return notes
 
 
 def check_plannable(cfg: Config, shape: Shape) -> None:
@@ -317,8 +348,9 @@ def check_plannable(cfg: Config, shape: Shape) -> None:
 def memory_plan(cfg: Config, gpu_gib: float) -> dict[str, Any]:
     shape = model_shape(cfg.model.source)
     check_plannable(cfg, shape)
+    train = training_plan(cfg, shape, gpu_gib)
     return {"model": cfg.model.source, "shape": shape, "gpu_gib": gpu_gib, "distributed": cfg.train.distributed,
-            "training": training_plan(cfg, shape, gpu_gib), "serving": serving_plan(cfg, shape)}
+            "training": train, "serving": serving_plan(cfg, shape), "notes": plan_notes(cfg, shape, train)}
 
 
 def card_gib(peak: int) -> float:
@@ -349,8 +381,8 @@ def describe_plan(plan: dict[str, Any]) -> list[str]:
     def verdict(peak: int) -> str:
         return f"needs a {card_text(peak)} card: {'fits' if fits(peak, card) else 'does NOT fit'}"
 
-    lines = [f"Memory plan for {plan['model']} on a {card:g} GiB card (peaks of PyTorch's allocator; a card "
-             f"needs x{RESERVED_FACTOR} for its reserve + {CUDA_CONTEXT_GIB} GiB CUDA context)",
+    lines = [f"GPU memory plan for {plan['model']} on a {card:g} GiB CUDA card (peaks of PyTorch's allocator; a "
+             f"card needs x{RESERVED_FACTOR} for its reserve + {CUDA_CONTEXT_GIB} GiB CUDA context)",
              f"Training ({acts['path']} path, {acts['tokens']} tokens per micro-batch"
              f"{FUSED_NOTE if acts['fused'] else ''}):"]
     if plan["distributed"] == "fsdp":
@@ -362,11 +394,10 @@ def describe_plan(plan: dict[str, Any]) -> list[str]:
     lines.append(f"Serving ({serve['slots']} slots x {serve['context']} tokens of context):")
     lines.append(f"  {'KV cache':<52}{gib(serve['kv_cache'])}")
     lines.append(f"  {'prefill of every slot (transient)':<52}{gib(serve['prefill'])}")
-    for name, form in serve["forms"].items():
-        label = "merged 16-bit weights" if name == "merged" else "4-bit base + adapter weights"
-        lines.append(f"  {label:<52}{gib(form['weights'])}  peak {form['peak'] / GIB:.2f} GiB, "
+    for form in serve["forms"].values():
+        lines.append(f"  {form['label']:<52}{gib(form['weights'])}  peak {form['peak'] / GIB:.2f} GiB, "
                      f"{verdict(form['peak'])}")
-    return lines
+    return lines + [f"Note: {note}" for note in plan.get("notes", [])]
 
 
 # --- when it does not fit: what would ------------------------------------------------------------------

@@ -264,3 +264,21 @@ def test_the_advice_keeps_to_what_training_accepts_and_the_batch_per_step(profil
 
     found = fitting_changes(profile, overrides, card)
     assert (found and found[0]) == expected
+
+
+def test_the_plan_says_it_is_gpu_memory_and_what_its_figures_leave_out(capsys):
+    # the CPU default profile got a "12 GiB card" plan with no word that a CPU run is float32 in RAM
+    assert main(["plan"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("GPU memory plan for embedded on a 12 GiB CUDA card")
+    assert "On a CPU this profile trains in float32 on the plain path in system memory" in out
+    sets = ["train.memory_budget_gib=5", "lora.use_dora=true", "serve.form=gguf", "serve.context_length=8192"]
+    overrides = [x for s in sets for x in ("--set", s)]
+    assert main(["plan", "--config", "llama2-7b-fast", "--gpu-gib", "24", *overrides]) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Note: ")]
+    assert [n.split()[1] for n in notes] == ["The", "lora.use_dora=true:", "Serving's", "serve.form=gguf:"], notes
+    assert "above train.memory_budget_gib=5" in notes[0] and "max_position_embeddings=4096" in notes[2]
+    # a base that is not 4-bit was served under the label "4-bit base + adapter weights"
+    assert main(["plan", "--config", "llama2-7b", "--gpu-gib", "24", "--set", "quant.load_in_4bit=false"]) == 0
+    out = capsys.readouterr().out
+    assert "16-bit base + adapter weights" in out and "4-bit base + adapter" not in out
