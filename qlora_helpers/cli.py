@@ -91,6 +91,19 @@ def config_lines(cfg) -> list[str]:
     return lines
 
 
+PLAN_HELP = ("predict the peak GPU memory of training and serving a profile, from the model's shape (no "
+             "download, no GPU); exits 1 when training does not fit the card")
+
+
+def add_plan_parser(sub) -> None:
+    plan = sub.add_parser("plan", help=PLAN_HELP, description=PLAN_HELP[0].upper() + PLAN_HELP[1:] + ", and then "
+                          "prints the settings that would fit. A CUDA card's memory: a CPU run is not planned.")
+    plan.add_argument("--config", default="default", help=CONFIG_HELP)
+    plan.add_argument("--gpu-gib", type=gib_argument, default=12.0, help="the card's memory in GiB (default: 12)")
+    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override one setting, e.g. --set train.packed_tokens=8192 (repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m qlora_helpers",
                                      description="QLoRA fine-tuning, one stage notebook at a time.")
@@ -142,11 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "--set serve.export_dtype=float16 (repeatable)")
     add_sweep_arguments(sub.add_parser("sweep", help="run the pipeline once per combination of settings "
                                        "into outputs/sweeps/<name>/ and compare the runs"))
-    plan = sub.add_parser("plan", help="predict the peak GPU memory of training and serving a profile, from the "
-                          "model's shape (no download, no GPU); exits 1 when training does not fit the card")
-    plan.add_argument("--config", default="default", help=CONFIG_HELP)
-    plan.add_argument("--gpu-gib", type=gib_argument, default=12.0, help="the card's memory in GiB (default: 12)")
-    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_plan_parser(sub)
     show = sub.add_parser("config", help="validate a config and print it with every key explained")
     show.add_argument("--config", default="default", help=CONFIG_HELP)
     show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")

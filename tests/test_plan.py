@@ -282,3 +282,13 @@ def test_the_plan_says_it_is_gpu_memory_and_what_its_figures_leave_out(capsys):
     assert main(["plan", "--config", "llama2-7b", "--gpu-gib", "24", "--set", "quant.load_in_4bit=false"]) == 0
     out = capsys.readouterr().out
     assert "16-bit base + adapter weights" in out and "4-bit base + adapter" not in out
+
+
+def test_plan_help_says_what_it_does_and_what_set_is(capsys):
+    # `plan --help` printed only the usage and options: no word of GPU memory, the exit status or --set
+    with pytest.raises(SystemExit) as exited:
+        main(["plan", "--help"])
+    assert exited.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "peak GPU memory" in out and "exits 1 when training does not fit" in out and "CPU run is not planned" in out
+    assert "--set KEY=VALUE override one setting" in out
