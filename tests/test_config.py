@@ -269,3 +269,15 @@ def test_config_option_is_explained_in_each_commands_help(command, capsys):
         main([command, "--help"])
     assert "a profile name in configs/ (default, llama2-7b, ...) or a YAML file" in " ".join(
         capsys.readouterr().out.split())
+
+
+def test_a_reader_that_stops_early_gets_no_traceback():
+    """`python -m qlora_helpers config | head -3` ended in a BrokenPipeError traceback on stderr."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-m", "qlora_helpers", "config", "--config", "default"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=Path(__file__).parents[1])
+    child.stdout.close()  # before the child writes anything: its first flush meets a closed pipe
+    err = child.stderr.read().decode()
+    assert child.wait(timeout=120) == 1 and "Traceback" not in err and "BrokenPipe" not in err, err
