@@ -114,6 +114,26 @@ def quiet_logs(lib) -> None:
     lib.llama_log_set(log, ctypes.c_void_p(0))
 
 
+AMX_NOTE = ("llama.cpp was built with Intel AMX kernels for this CPU, which crash the process on the first "
+            "forward pass of quantized weights on some Xeons, virtual machines included (llama.cpp#20824; here "
+            "the q8_0 and the embedded Q4_1 GGUF did, f16 did not): loading without llama.cpp's extra buffer "
+            "types (AMX and weight repacking), which is slower but sound")
+_AMX_SAID = False
+
+
+def model_params(lib):
+    """llama.cpp's load parameters for this machine. On one where llama.cpp would use AMX (its system info
+    says `AMX_INT8 = 1`), extra buffer types are off, and the reason is printed once per process."""
+    global _AMX_SAID
+    params = lib.llama_model_default_params()
+    if "AMX_INT8 = 1" in lib.llama_print_system_info().decode("utf-8", "replace"):
+        params.use_extra_bufts = False
+        if not _AMX_SAID:
+            print(f"note: {AMX_NOTE}.", file=sys.stderr, flush=True)
+            _AMX_SAID = True
+    return params
+
+
 def cpu_threads() -> int:
     """The cores this process may use (llama-cpp-python's default is half of them; torch uses all)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -21,7 +21,7 @@ import torch
 from ..errors import QLoraError
 from ..runs import Run
 from .batch import Job, Rows
-from .gguf import cpu_threads, export_gguf, gguf_path, gguf_staleness, quiet_logs, require_llama_cpp
+from .gguf import cpu_threads, export_gguf, gguf_path, gguf_staleness, model_params, quiet_logs, require_llama_cpp
 from .run import context_length, say
 
 
@@ -36,7 +36,7 @@ class LlamaCppModel:
             raise QLoraError(f"No GGUF file at {self.path}: export it first (python -m qlora_helpers export "
                              f"--run <run> --gguf q8_0).")
         lib.llama_backend_init()
-        self.model = lib.llama_model_load_from_file(str(self.path).encode(), lib.llama_model_default_params())
+        self.model = lib.llama_model_load_from_file(str(self.path).encode(), model_params(lib))
         if not self.model:
             raise QLoraError(f"llama.cpp could not load {self.path}.")
         params = lib.llama_context_default_params()
