@@ -92,6 +92,24 @@ def test_penalties_follow_openai_and_transformers():
     assert got.tolist() == [[1.0, -4.0, 1.0, 0.5]]
 
 
+def test_a_tiny_temperature_or_repetition_penalty_samples_its_limit_and_fails_no_row(model_and_tokenizer):
+    """temperature 1e-38 (1e-300 is 0 in float32) or repetition_penalty 1e-39 pushed the scores to inf,
+    and inf - inf is NaN: multinomial raised, a 500 for the request and, in a decode step, for every
+    row sharing it. The limit of a tiny temperature is the greedy answer."""
+    model, tokenizer = model_and_tokenizer
+    greedy = alone(model, tokenizer, PROMPTS[0], 8)
+    for temperature in (1e-38, 1e-300, 5e-324):
+        assert alone(model, tokenizer, PROMPTS[0], 8, temperature=temperature, seed=1) == greedy
+    batch = Batch(model, tokenizer)
+    rows = [job(tokenizer, PROMPTS[1], 8), job(tokenizer, PROMPTS[0], 8, temperature=1.0, repetition_penalty=1e-39)]
+    for row in rows:
+        batch.add(row)
+    while batch.jobs:
+        batch.step()
+    assert [len(r.tokens) for r in rows] == [8, 8]
+    assert rows[0].tokens == alone(model, tokenizer, PROMPTS[1], 8)
+
+
 def test_min_tokens_holds_eos_back_and_logprobs_are_the_models(model_and_tokenizer):
     import torch
 

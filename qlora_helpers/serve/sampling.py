@@ -64,7 +64,13 @@ def choose_token(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[
         scores[0, eos] = float("-inf")
     if params.temperature == 0:
         return int(scores[0].argmax())
-    scores = scores / params.temperature
+    # softmax(scores / t) with the top score moved to 0 first, t no smaller than the dtype's smallest
+    # normal number: a tiny temperature (1e-38, or 1e-300, which is 0 in float32) or repetition penalty
+    # (1e-39) made inf or 0/0 of the scores, and multinomial's RuntimeError on the NaN failed every row of
+    # the decode step. Shifted, the top scores stay 0 and the rest go to -inf: the limit of a tiny t.
+    info = torch.finfo(scores.dtype)
+    scores = scores.nan_to_num(nan=-float("inf"), posinf=info.max)
+    scores = (scores - scores.max()) / max(params.temperature, info.tiny)
     if params.top_k > 0:
         scores = TopKLogitsWarper(params.top_k)(None, scores)
     if params.top_p < 1.0:
