@@ -411,6 +411,12 @@ def test_retry_after_is_the_waiting_queue_at_the_measured_drain_rate():
     assert drain_seconds([], 64, now=160.0, fallback=7.2) == 7  # nothing measured yet
     assert drain_seconds([10.0], 64, now=1000.0, fallback=5) == 5  # long ago: not the current rate
     assert drain_seconds(finished, 0, now=160.0, fallback=5) == 1
+    # idle time is no draining time: 8 jobs finished 2 s apart (60-74), idle until 150, busy since; two
+    # finished in the 5 s since (2.5 s a job), 4 waiting: 10 s (counted from 60: 9.5 s a job, 38 s)
+    earlier = [60.0 + 2 * i for i in range(8)]
+    assert drain_seconds(earlier + [152.0, 154.0], 4, now=155.0, fallback=999, busy_since=150.0) == 10
+    assert drain_seconds(earlier, 4, now=155.0, fallback=3, busy_since=150.0) == 3  # none since: the fallback
+
 
 
 # --- fuzz: ~1,000 requests over the request schema, valid and hostile --------------------------------------

@@ -2,6 +2,7 @@
 its own sampling settings, and every row computes what it computes alone (tiny random LLaMA, CPU)."""
 
 import threading
+import time
 
 import pytest
 
@@ -225,3 +226,20 @@ def test_a_sentencepiece_answer_keeps_its_first_space_and_its_tokens_bytes():
     assert "".join(p[0] for k, p in sent if k == "text") == " Paris.\U0001f984"
     assert token_bytes(tokenizer, word("\u2581Paris")) == b" Paris" and token_bytes(tokenizer, unicorn[0]) == b"\xf0"
     assert b"".join(token_bytes(tokenizer, t) for t in unicorn).decode() == "\U0001f984"
+
+
+def test_retry_after_leaves_out_the_time_the_engine_sat_idle():
+    """After 90 s idle, a burst that filled a queue draining in ~2 s was told Retry-After: 26."""
+    from qlora_helpers.serve.engine import QueueFull
+
+    class NoModel:  # the engine is not started: only its queue is tested
+        def new_batch(self, tokenizer):
+            return type("Rows", (), {"jobs": []})()
+
+    engine = BatchEngine(NoModel(), None, max_batch=1, max_queue=1)
+    now = time.perf_counter()
+    engine.finished_at.extend(now - 100 + i for i in range(10))  # a busy period ending 90 s ago
+    engine.submit(Job([1], 1, lambda *a: None))  # busy from now on, nothing finished since
+    with pytest.raises(QueueFull) as full:
+        engine.submit(Job([1], 1, lambda *a: None))
+    assert full.value.retry_after == 2  # the fallback: 2 rounds of ~1 s jobs, not 1 x 100 s / 10 = 10

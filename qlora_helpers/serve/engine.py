@@ -137,14 +137,19 @@ def generate_jobs(model, tokenizer, jobs: list[Job], decoder=None) -> None:
 DRAIN_WINDOW_S = 120.0  # completions this recent measure how fast the queue drains
 
 
-def drain_seconds(finished_at, waiting: int, now: float, fallback: float) -> int:
+def drain_seconds(finished_at, waiting: int, now: float, fallback: float, busy_since: float | None = None) -> int:
     """Retry-After for a full queue: the seconds its `waiting` jobs take to finish at the rate jobs
-    finished over the last DRAIN_WINDOW_S (`finished_at`: their perf_counter times, oldest first);
-    `fallback` until a second of completions has been seen."""
-    recent = [t for t in finished_at if now - t <= DRAIN_WINDOW_S]
-    if not recent or now - recent[0] < 1.0:
+    finished over the last DRAIN_WINDOW_S (`finished_at`: their perf_counter times, oldest first),
+    counted from `busy_since` (when the engine last went from idle to busy) where that is later: time
+    the engine sat idle is no time it spent draining (after 90 s idle, a queue that drained in 2 s
+    answered Retry-After: 26). `fallback` until a second of completions has been seen."""
+    start = now - DRAIN_WINDOW_S if busy_since is None else max(now - DRAIN_WINDOW_S, busy_since)
+    recent = [t for t in finished_at if t >= start]
+    if busy_since is None and recent:
+        start = recent[0]
+    if not recent or now - start < 1.0:
         return max(1, round(fallback))
-    return max(1, round(waiting * (now - recent[0]) / len(recent)))
+    return max(1, round(waiting * (now - start) / len(recent)))
 
 
 class QueueFull(QLoraError):
@@ -173,6 +178,7 @@ class BatchEngine:
         self.completed = 0
         self._job_seconds = 1.0
         self.finished_at: collections.deque[float] = collections.deque(maxlen=512)  # for Retry-After
+        self.busy_since = time.perf_counter()  # when the engine last went from idle to busy (Retry-After)
         self._cond = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -200,7 +206,10 @@ class BatchEngine:
             if len(self.waiting) >= self.max_queue:
                 rounds = 1 + len(self.waiting) // self.max_batch
                 raise QueueFull(len(self.waiting), drain_seconds(self.finished_at, len(self.waiting),
-                                                                 time.perf_counter(), rounds * self._job_seconds))
+                                                                 time.perf_counter(), rounds * self._job_seconds,
+                                                                 self.busy_since))
+            if not self.waiting and not self.running:  # idle until now
+                self.busy_since = time.perf_counter()
             self.waiting.append(job)
             self._cond.notify_all()
 
