@@ -67,39 +67,55 @@ async def collect(request: Request, jobs: list[Job]) -> bool:
     return True
 
 
+def _chunk(index: int, job: Job, kind: str, payload: Any, held: list[dict], piece) -> tuple[str | None, list[dict]]:
+    """The SSE line for one of a job's events (None: nothing to send yet) and the logprob entries still held:
+    those that came without text (the end token's) go with what follows."""
+    if kind == "text" and not payload[0]:
+        return None, held + payload[1]
+    if kind == "text":
+        return out.sse(piece(index, job, payload[0], held + payload[1], None)), []
+    if kind == "done":
+        return out.sse(piece(index, job, "", held, payload)), []
+    return out.sse({"error": {"message": payload, "type": "server_error", "code": "generation_failed"}}), []
+
+
 def streamed(request: Request, jobs: list[Job], head, piece, tail: dict | None, copies: int = 1) -> StreamingResponse:
     """SSE: per job `head(index, job)` (or None) once it is prefilled, then `piece(index, job, text,
-    entries, finish)` per event; then `tail` (the usage chunk, each prompt of `copies` jobs counted
-    once) when asked, and [DONE]."""
+    entries, finish)` per event, the jobs' chunks interleaved as they come, as OpenAI streams n choices
+    (sent job after job, choice 1 waited for the whole of choice 0); then `tail` (the usage chunk, each
+    prompt of `copies` jobs counted once) when asked, and [DONE]."""
     async def events():
         finished = False
+        waits: dict[asyncio.Future, int] = {}  # each unfinished job's next event
         try:
-            for index, job in enumerate(jobs):
-                kind, payload = await job.emit.queue.get()
-                first = head(index, job)
-                if first:
-                    yield out.sse(first)
-                held: list[dict] = []  # entries that came without text (the end token's): sent with what follows
-                while True:
-                    if kind == "text" and not payload[0]:
-                        held += payload[1]
-                    elif kind == "text":
-                        yield out.sse(piece(index, job, payload[0], held + payload[1], None))
-                        held = []
-                    elif kind == "done":
-                        yield out.sse(piece(index, job, "", held, payload))
-                        break
-                    else:
-                        yield out.sse({"error": {"message": payload, "type": "server_error",
-                                                 "code": "generation_failed"}})
+            held: list[list[dict]] = [[] for _ in jobs]
+            started = [False] * len(jobs)
+            waits = {asyncio.ensure_future(job.emit.queue.get()): i for i, job in enumerate(jobs)}
+            while waits:
+                ready, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                for wait in sorted(ready, key=waits.get):
+                    index = waits.pop(wait)
+                    job, (kind, payload) = jobs[index], wait.result()
+                    if not started[index]:
+                        started[index] = True
+                        first = head(index, job)
+                        if first:
+                            yield out.sse(first)
+                    line, held[index] = _chunk(index, job, kind, payload, held[index], piece)
+                    if line is not None:
+                        yield line
+                    if kind == "error":
                         finished = True
                         return
-                    kind, payload = await job.emit.queue.get()
+                    if kind != "done":
+                        waits[asyncio.ensure_future(job.emit.queue.get())] = index
             if tail is not None:
                 yield out.sse(tail | {"usage": out.usage(jobs, copies)})
             yield out.sse("[DONE]")
             finished = True
         finally:  # the client left (or we finished): free the rows still generating
+            for wait in waits:
+                wait.cancel()
             for job in jobs:
                 job.cancelled = True
             if not finished:
