@@ -126,6 +126,22 @@ def test_n_streamed_choices_come_side_by_side_and_each_equals_its_whole_answer(s
     assert sorted((c.index, c.finish_reason) for c in chunks if c.finish_reason) == [(0, "length"), (1, "length")]
 
 
+def test_stream_chunks_share_created_and_carry_usage_null_until_the_usage_chunk(server):
+    """OpenAI: with include_usage every chunk has `usage`, null but in the last (it was left out), and all
+    chunks of a stream have the same `created` (it was the second each chunk was made)."""
+    import httpx
+
+    body = {"model": "serve", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 200, "n": 2,
+            "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+    with httpx.stream("POST", f"{server.base_url}/chat/completions", json=body, timeout=120,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as response:
+        lines = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    chunks = [json.loads(line) for line in lines[:-1]]
+    assert all(c["usage"] is None for c in chunks[:-1]) and chunks[-1]["usage"]["completion_tokens"] == 400
+    assert chunks[-1]["choices"] == [] and len({c["created"] for c in chunks}) == 1
+
+
 def test_requests_without_the_key_are_refused(server):
     import httpx
     import openai

@@ -306,11 +306,14 @@ async def respond(state: Serving, request: Request, req: Sampling, jobs: list[Jo
     copies = req.n or 1
     submit(state.engine, request, jobs, copies)
     if req.stream:
-        def wrap(choice: Optional[dict]) -> Optional[dict]:
-            return None if choice is None else out.envelope(shape.rid, shape.chunk_kind, state.name, [choice])
-
+        # as OpenAI's chunks: one `created` for them all and, with include_usage, `usage: null` in each but the last
         usage = req.stream_options is not None and req.stream_options.include_usage
-        tail = out.envelope(shape.rid, shape.chunk_kind, state.name, []) if usage else None
+        extra = {"created": int(time.time()), **({"usage": None} if usage else {})}
+
+        def wrap(choice: Optional[dict]) -> Optional[dict]:
+            return None if choice is None else out.envelope(shape.rid, shape.chunk_kind, state.name, [choice], **extra)
+
+        tail = out.envelope(shape.rid, shape.chunk_kind, state.name, [], **extra) if usage else None
         return streamed(request, jobs, lambda i, job: wrap(shape.head(i, job)),
                         lambda *piece: wrap(shape.piece(*piece)), tail, copies)
     if not await collect(request, jobs):

@@ -103,6 +103,7 @@ def sse(data: dict | str) -> str:
 
 
 def envelope(rid: str, kind: str, model: str, choices: list[dict], **extra) -> dict[str, Any]:
+    """A response or stream chunk; `extra` adds fields or overrides `created` (a stream's chunks share one)."""
     return {"id": rid, "object": kind, "created": int(time.time()), "model": model, "choices": choices, **extra}
 
 
