@@ -170,8 +170,9 @@ def test_the_engine_thread_lets_a_short_request_overtake_a_long_one(model_and_to
     assert engine.completed == 2 and short.tokens == alone(model, tokenizer, PROMPTS[0], 5)
 
 
-def test_a_job_whose_prefill_fails_ends_alone_with_an_error(model_and_tokenizer):
+def test_a_job_whose_prefill_fails_ends_alone_with_an_error(model_and_tokenizer, caplog):
     model, tokenizer = model_and_tokenizer
+    caplog.set_level("ERROR", logger="qlora_helpers.serve")
     engine = BatchEngine(model, tokenizer, max_batch=4, max_queue=4).start()
     ended = {}
     events = {name: threading.Event() for name in ("good", "bad")}
@@ -192,6 +193,9 @@ def test_a_job_whose_prefill_fails_ends_alone_with_an_error(model_and_tokenizer)
         engine.stop()
     assert ended["bad"][0] == "error" and "generation failed" in ended["bad"][1]
     assert ended["good"] == ("done", "length") and good.tokens == alone(model, tokenizer, PROMPTS[0], 6)
+    # the server log says why (the request log line alone says only 500)
+    failed = [r for r in caplog.records if r.name == "qlora_helpers.serve" and r.exc_info]
+    assert len(failed) == 1 and "prefill failed" in failed[0].getMessage()
 
 
 def sentencepiece_tokenizer():

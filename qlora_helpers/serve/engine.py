@@ -19,6 +19,7 @@ A `Job` is one prompt's generation (`batch.py`, with the step skeleton every bac
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 import time
 from typing import Any
@@ -29,6 +30,8 @@ from transformers import DynamicCache
 from ..errors import QLoraError
 from .batch import Job, Rows, with_cache
 from .static import StaticBatch
+
+log = logging.getLogger("qlora_helpers.serve")
 
 
 def decode_step(model, cache: DynamicCache, tokens: torch.Tensor, mask: torch.Tensor,
@@ -247,6 +250,7 @@ class BatchEngine:
             try:
                 self.batch.add(job)
             except Exception as exc:  # noqa: BLE001 - its client must hear about it
+                log.exception("a prefill failed; its request ends with an error")  # the 500 alone says not why
                 job.finish_reason = "error"
                 job.emit("error", f"generation failed: {type(exc).__name__}: {exc}")
             if job.finish_reason is not None:
@@ -259,6 +263,7 @@ class BatchEngine:
             try:
                 done += self.batch.step()
             except Exception as exc:  # noqa: BLE001 - every client in the batch must hear about it
+                log.exception("a decode step failed; its %d rows end with an error", len(self.batch.jobs))
                 done += self.batch.jobs
                 self.batch.fail(f"generation failed: {type(exc).__name__}: {exc}")
             with self._cond:
