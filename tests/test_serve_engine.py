@@ -247,3 +247,29 @@ def test_retry_after_leaves_out_the_time_the_engine_sat_idle():
     with pytest.raises(QueueFull) as full:
         engine.submit(Job([1], 1, lambda *a: None))
     assert full.value.retry_after == 2  # the fallback: 2 rounds of ~1 s jobs, not 1 x 100 s / 10 = 10
+
+
+def test_a_failed_choice_ends_the_whole_non_streaming_request_and_cancels_its_other_rows():
+    """n > 1 without streaming: one row's error was a 500 while the other rows generated on for nobody."""
+    import asyncio
+
+    from qlora_helpers.serve.middleware import APIError
+    from qlora_helpers.serve.relay import Events, collect
+
+    class Client:  # still there
+        async def is_disconnected(self):
+            return False
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        jobs = [Job([1], 100, Events(loop)) for _ in range(3)]
+        jobs[0].emit("text", ("Once", []))
+        jobs[0].emit("done", "length")
+        jobs[1].emit("error", "generation failed: RuntimeError: boom")
+        with pytest.raises(APIError) as failed:
+            await collect(Client(), jobs)
+        return jobs, failed.value
+
+    jobs, error = asyncio.run(run())
+    assert error.status == 500 and error.code == "generation_failed"
+    assert [j.cancelled for j in jobs] == [True, True, True]

@@ -55,7 +55,9 @@ async def collect(request: Request, jobs: list[Job]) -> bool:
                 kind, payload = await asyncio.wait_for(job.emit.queue.get(), timeout=DISCONNECT_POLL_S)
             except asyncio.TimeoutError:
                 kind = None
-            if kind == "error":
+            if kind == "error":  # the request ends here: the other choices' rows need not generate on
+                for j in jobs:
+                    j.cancelled = True
                 raise APIError(500, payload, kind="server_error", code="generation_failed")
             if time.monotonic() - checked >= DISCONNECT_POLL_S:
                 checked = time.monotonic()
