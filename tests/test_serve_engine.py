@@ -273,3 +273,24 @@ def test_a_failed_choice_ends_the_whole_non_streaming_request_and_cancels_its_ot
     jobs, error = asyncio.run(run())
     assert error.status == 500 and error.code == "generation_failed"
     assert [j.cancelled for j in jobs] == [True, True, True]
+
+
+def test_retry_afters_fallback_counts_each_jobs_run_time_not_its_wait(model_and_tokenizer):
+    """The fallback is rounds of waiting x a job's seconds; those seconds counted the time the job had
+    waited in the queue too, so a full queue was counted twice (64 waiting 60 s for 5 s jobs: 585 s)."""
+    model, tokenizer = model_and_tokenizer
+    engine = BatchEngine(model, tokenizer, max_batch=1, max_queue=4).start()
+    finished = [threading.Event() for _ in range(3)]
+    jobs = [Job(tokenizer(PROMPTS[0])["input_ids"], 30, lambda kind, payload, i=i: kind == "done" and finished[i].set(),
+                ignore_eos=True) for i in range(3)]
+    try:
+        for one in jobs:  # one at a time: the second and third wait for the ones before
+            engine.submit(one)
+        assert all(f.wait(120) for f in finished)
+    finally:
+        engine.stop()
+    expected = 1.0
+    for one in sorted(jobs, key=lambda j: j.done_at):
+        expected = 0.7 * expected + 0.3 * (one.done_at - one.first_token_at)
+    assert jobs[2].first_token_at - jobs[2].submitted > jobs[0].done_at - jobs[0].first_token_at  # it waited
+    assert engine._job_seconds == pytest.approx(expected, rel=1e-9)

@@ -270,9 +270,9 @@ class BatchEngine:
                 self.running = len(self.batch.jobs)
                 self.completed += len(done)
                 self.finished_at.extend(job.done_at or time.perf_counter() for job in done)
-                for job in done:
-                    self._job_seconds = 0.7 * self._job_seconds + 0.3 * ((job.done_at or time.perf_counter())
-                                                                         - job.submitted)
+                for job in done:  # a job's own run time: the fallback's rounds count the turns it waited
+                    ran = (job.done_at or time.perf_counter()) - (job.first_token_at or job.submitted)
+                    self._job_seconds = 0.7 * self._job_seconds + 0.3 * ran
         with self._cond:
             for job in list(self.waiting) + self.batch.jobs:
                 job.emit("error", "the server is shutting down")
