@@ -10,13 +10,13 @@ import argparse
 import dataclasses
 import math
 import os
-import subprocess
 import sys
 
 import yaml
 
 from .config import CONFIG_DIR, GGUF_TYPES, describe_config, load_config, resolve_config_path
 from .errors import QLoraError, UsageError
+from .machines import launch
 from .opening import open_run, open_run_folder, setup_run
 from .paths import run_dir
 from .plan import describe_fix, describe_plan, fits, memory_plan
@@ -218,12 +218,12 @@ def train_command(args) -> int:
                else open_run(run_name, args.outputs_dir))  # the parent set it up with these settings
     elif args.machine_rank > 0:  # another machine: its workers wait for machine 0's
         distributed = load_config(args.config, args.overrides).train.distributed
-        return subprocess.call(accelerate_command(args, run_name, distributed))
+        return launch(accelerate_command(args, run_name, distributed))
     else:
         run = setup_run(args.config, run_name, args.overrides, args.outputs_dir, origin="--set")
         stage("03").run(run)
         if args.num_processes * args.num_machines > 1:
-            return subprocess.call(accelerate_command(args, run_name, run.cfg.train.distributed))
+            return launch(accelerate_command(args, run_name, run.cfg.train.distributed))
     summary = stage("04").run(run)
     if os.environ.get("RANK", "0") == "0":
         losses = (f"held-out loss {summary['heldout_loss_base']} -> {summary['heldout_loss_tuned']}"
