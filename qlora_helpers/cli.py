@@ -16,7 +16,7 @@ import yaml
 
 from .config import CONFIG_DIR, GGUF_TYPES, describe_config, load_config, resolve_config_path
 from .errors import QLoraError, UsageError
-from .machines import launch
+from .machines import launch, open_run_in_worker
 from .opening import open_run, open_run_folder, setup_run
 from .paths import run_dir
 from .plan import describe_fix, describe_plan, fits, memory_plan
@@ -188,23 +188,6 @@ def check_layout(args) -> None:
     if args.main_port is not None and not 1 <= args.main_port <= 65535:
         raise UsageError(f"--main-port {args.main_port} is not a TCP port: use 1 .. 65535, a free port on "
                          f"machine 0 (default 29500).")
-
-
-def open_run_in_worker(args, run_name: str):
-    """A worker opens the run once machine 0's parent prepared it (it was launched after): rank 0
-    opens it first while the others wait at a barrier of the process group (machines other than 0
-    start their workers at once; a shared filesystem carries the run folder to them)."""
-    import torch
-    from accelerate import PartialState
-
-    # the backend Trainer will pick: gloo on CPU, nccl on CUDA (PartialState is one per process)
-    with PartialState(cpu=not torch.cuda.is_available()).main_process_first():
-        try:
-            return open_run(run_name, args.outputs_dir)  # machine 0's parent set it up with these settings
-        except QLoraError as exc:
-            raise QLoraError(f"{exc} (machine rank {os.environ.get('GROUP_RANK', '?')}: with several machines "
-                             f"--outputs-dir must be a folder every machine sees, e.g. on a shared "
-                             f"filesystem; machine 0 prepares the run there)") from None
 
 
 def train_command(args) -> int:

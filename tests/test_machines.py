@@ -1,5 +1,6 @@
-"""qlora_helpers.machines: the launch that passes a signal on to accelerate's launcher. The two-machine
-runs themselves are tests/test_multinode.py's."""
+"""qlora_helpers.machines: the workers' check that every machine was started on the same run, and the
+launch that passes a signal on to accelerate's launcher. The two-machine runs themselves (and a
+disagreement seen from both machines) are tests/test_multinode.py's."""
 
 import os
 import signal
@@ -11,7 +12,40 @@ from pathlib import Path
 
 import pytest
 
+from qlora_helpers.machines import disagreement
 from qlora_helpers.paths import PROJECT_ROOT
+
+
+def _facts(machine: int = 0, **changes) -> dict:
+    facts = {"machine": machine, "run_name": "two", "processes": 8, "folder": "/shared/outputs/two",
+             "problem": None, "differs": [], "setup": "abc", "resume": None}
+    return {**facts, **changes}
+
+
+def test_workers_that_agree_train():
+    assert disagreement([_facts(), _facts(), _facts(1), _facts(1)]) is None
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"run_name": "other"}, "machine 1 was started with --run-name other, machine 0 with two"),
+    ({"processes": 4}, "machine 1 was started with --num-processes 4, machine 0 with 8"),
+    ({"problem": "its config.json is missing", "folder": "/local/two", "setup": None},
+     "machine 1 cannot open run 'two' in /local/two (its config.json is missing); with several machines "
+     "--outputs-dir must be a folder every machine sees (a shared filesystem): machine 0 set the run up in "
+     "/shared/outputs/two"),
+    # an old copy of the run on machine 1's own disk: its settings differ too, but the folder is the cause
+    ({"setup": "def", "differs": ["train.max_steps: now 3, run has 5"], "folder": "/local/two"},
+     "machine 1 reads another copy of run 'two' in /local/two (its config.json or env.json differ"),
+    ({"resume": "/local/two/checkpoints/checkpoint-2", "folder": "/local/two"},
+     "it would resume from /local/two/checkpoints/checkpoint-2, machine 0 from no checkpoint"),
+    ({"differs": ["train.learning_rate: now 0.001, run has 0.0002"]},
+     "machine 1 was started with other settings than machine 0 set run 'two' up with "
+     "(train.learning_rate: now 0.001, run has 0.0002): give every machine the same --config and --set"),
+])
+def test_a_machine_that_disagrees_is_named_once_for_all_its_processes(changes, words):
+    message = disagreement([_facts(), _facts(), _facts(1, **changes), _facts(1, **changes)])
+    assert message.startswith("The machines of this run disagree, so none trains: ") and words in message
+    assert message.count("machine 1 ") == 1  # both of machine 1's processes said it
 
 
 def _children(pid: int) -> list[int]:
