@@ -91,24 +91,17 @@ def config_lines(cfg) -> list[str]:
     return lines
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m qlora_helpers",
-                                     description="QLoRA fine-tuning, one stage notebook at a time.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="execute the stage notebooks with papermill into outputs/<run>/")
-    run.add_argument("--config", default="default", help=CONFIG_HELP)
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override one setting, e.g. --set train.learning_rate=1e-4 (repeatable)")
-    run.add_argument("--run-name", type=run_name_argument,
-                     help="run folder name under outputs/ (default: the profile name)")
-    run.add_argument("--stages", type=stages_argument, help="comma-separated stage numbers, e.g. 01,02 (default: all)")
-    run.add_argument("--outputs-dir", help="where run folders go (default: outputs/)")
+def add_train_parser(sub) -> None:
+    """`train`: the run's settings, and the layout of its processes on one machine or several."""
     train = sub.add_parser("train", help="set up the run, prepare the data and train (no notebooks)")
     train.add_argument("--config", default="default", help=CONFIG_HELP)
-    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one setting, e.g. --set train.max_steps=100 (repeatable; with several "
+                            "machines, the same on each)")
     train.add_argument("--run-name", type=run_name_argument,
                        help="run folder name under outputs/ (default: the profile name)")
-    train.add_argument("--outputs-dir", help="where run folders go (default: outputs/)")
+    train.add_argument("--outputs-dir", help="where run folders go (default: outputs/); with several machines, a "
+                       "folder every machine sees (a shared filesystem)")
     train.add_argument("--num-processes", type=int, default=1,
                        help="processes on this machine, one per GPU, launched with accelerate (DDP, or FSDP when "
                             "train.distributed=fsdp); the global batch is micro_batch_size x "
@@ -121,6 +114,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--main-address", help="address of machine 0, which every machine can reach "
                        "(needed with --num-machines > 1)")
     train.add_argument("--main-port", type=int, help="a free TCP port on machine 0 (default: 29500)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m qlora_helpers",
+                                     description="QLoRA fine-tuning, one stage notebook at a time.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="execute the stage notebooks with papermill into outputs/<run>/")
+    run.add_argument("--config", default="default", help=CONFIG_HELP)
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override one setting, e.g. --set train.learning_rate=1e-4 (repeatable)")
+    run.add_argument("--run-name", type=run_name_argument,
+                     help="run folder name under outputs/ (default: the profile name)")
+    run.add_argument("--stages", type=stages_argument, help="comma-separated stage numbers, e.g. 01,02 (default: all)")
+    run.add_argument("--outputs-dir", help="where run folders go (default: outputs/)")
+    add_train_parser(sub)
     serve = sub.add_parser("serve", help="serve a trained run on the OpenAI API (FastAPI + uvicorn)",
                            description="Serve a trained run on the OpenAI API (FastAPI + uvicorn) on 127.0.0.1. "
                            "merged/ and the GGUF served are made first when missing or older than the adapter.")

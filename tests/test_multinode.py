@@ -147,3 +147,12 @@ def test_a_port_out_of_range_is_a_usage_error_before_the_run_is_set_up(rank, tmp
     assert code == 2 and list(tmp_path.iterdir()) == []
     err = capsys.readouterr().err
     assert "train: error: --main-port 70000 is not a TCP port: use 1 .. 65535" in err and "Traceback" not in err
+
+
+def test_train_help_explains_every_option():
+    """`train --help` listed --set with no word on it; with several machines it must be the same on each."""
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    silent = [a.option_strings[0] for a in train._actions if a.option_strings and not a.help]
+    assert silent == []
+    helps = {a.option_strings[0]: a.help for a in train._actions if a.option_strings}
+    assert "the same on each" in helps["--set"] and "every machine sees" in helps["--outputs-dir"]
