@@ -16,7 +16,7 @@ import yaml
 
 from .config import CONFIG_DIR, GGUF_TYPES, describe_config, load_config, resolve_config_path
 from .errors import QLoraError, UsageError
-from .machines import launch, open_run_in_worker
+from .machines import check_port_free, launch, open_run_in_worker
 from .opening import open_run, open_run_folder, setup_run
 from .paths import run_dir
 from .plan import describe_fix, describe_plan, fits, memory_plan
@@ -211,6 +211,8 @@ def train_command(args) -> int:
         distributed = load_config(args.config, args.overrides).train.distributed
         return launch(accelerate_command(args, run_name, distributed))
     else:
+        if args.num_machines > 1:
+            check_port_free(args.main_port or 29500)
         run = setup_run(args.config, run_name, args.overrides, args.outputs_dir, origin="--set")
         stage("03").run(run)
         if args.num_processes * args.num_machines > 1:

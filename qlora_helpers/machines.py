@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -59,6 +60,18 @@ def launch(cmd: list[str]) -> int:
               file=sys.stderr)
         return 128 + got[0]
     return code
+
+
+def check_port_free(port: int) -> None:
+    """Machine 0's --main-port, before the run is set up: accelerate refuses a port in use only after the
+    data are prepared (minutes on a real data set), naming its own option (--main_process_port). The
+    same test as accelerate's: something answers on localhost:port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        if s.connect_ex(("localhost", port)) != 0:
+            return
+    raise QLoraError(f"--main-port {port} is in use on this machine (machine 0), where the machines meet: "
+                     f"start every machine again with another --main-port, e.g. {port + 1 if port < 65535 else 29500} "
+                     f"(stop the others first: they may be waiting on whatever holds port {port}).")
 
 
 def _digest(run) -> str:

@@ -109,3 +109,18 @@ def test_a_signal_to_train_stops_accelerates_launcher_too(sig, tmp_path):
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
         proc.wait()
+
+
+def test_a_port_in_use_on_machine_0_is_said_before_the_run_is_set_up(tmp_path, capsys):
+    """accelerate refused it only after stages 01 and 03 (minutes on real data), naming --main_process_port."""
+    from qlora_helpers.cli import main
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        code = main(["train", "--config", "smoke", "--run-name", "busy", "--outputs-dir", str(tmp_path),
+                     "--num-machines", "2", "--main-address", "127.0.0.1", "--main-port", str(port)])
+    assert code == 1 and list(tmp_path.iterdir()) == []
+    err = capsys.readouterr().err
+    assert f"error: --main-port {port} is in use on this machine (machine 0), where the machines meet" in err
