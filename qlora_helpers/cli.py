@@ -10,13 +10,13 @@ import argparse
 import dataclasses
 import math
 import os
-import subprocess
 import sys
 
 import yaml
 
 from .config import CONFIG_DIR, GGUF_TYPES, describe_config, load_config, resolve_config_path
 from .errors import QLoraError, UsageError
+from .machines import check_port_free, launch, open_run_in_worker
 from .opening import open_run, open_run_folder, setup_run
 from .paths import run_dir
 from .plan import describe_fix, describe_plan, fits, memory_plan
@@ -104,24 +104,17 @@ def add_plan_parser(sub) -> None:
                       help="override one setting, e.g. --set train.packed_tokens=8192 (repeatable)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m qlora_helpers",
-                                     description="QLoRA fine-tuning, one stage notebook at a time.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="execute the stage notebooks with papermill into outputs/<run>/")
-    run.add_argument("--config", default="default", help=CONFIG_HELP)
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override one setting, e.g. --set train.learning_rate=1e-4 (repeatable)")
-    run.add_argument("--run-name", type=run_name_argument,
-                     help="run folder name under outputs/ (default: the profile name)")
-    run.add_argument("--stages", type=stages_argument, help="comma-separated stage numbers, e.g. 01,02 (default: all)")
-    run.add_argument("--outputs-dir", help="where run folders go (default: outputs/)")
+def add_train_parser(sub) -> None:
+    """`train`: the run's settings, and the layout of its processes on one machine or several."""
     train = sub.add_parser("train", help="set up the run, prepare the data and train (no notebooks)")
     train.add_argument("--config", default="default", help=CONFIG_HELP)
-    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one setting, e.g. --set train.max_steps=100 (repeatable; with several "
+                            "machines, the same on each)")
     train.add_argument("--run-name", type=run_name_argument,
                        help="run folder name under outputs/ (default: the profile name)")
-    train.add_argument("--outputs-dir", help="where run folders go (default: outputs/)")
+    train.add_argument("--outputs-dir", help="where run folders go (default: outputs/); with several machines, a "
+                       "folder every machine sees (a shared filesystem)")
     train.add_argument("--num-processes", type=int, default=1,
                        help="processes on this machine, one per GPU, launched with accelerate (DDP, or FSDP when "
                             "train.distributed=fsdp); the global batch is micro_batch_size x "
@@ -134,6 +127,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--main-address", help="address of machine 0, which every machine can reach "
                        "(needed with --num-machines > 1)")
     train.add_argument("--main-port", type=int, help="a free TCP port on machine 0 (default: 29500)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m qlora_helpers",
+                                     description="QLoRA fine-tuning, one stage notebook at a time.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="execute the stage notebooks with papermill into outputs/<run>/")
+    run.add_argument("--config", default="default", help=CONFIG_HELP)
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override one setting, e.g. --set train.learning_rate=1e-4 (repeatable)")
+    run.add_argument("--run-name", type=run_name_argument,
+                     help="run folder name under outputs/ (default: the profile name)")
+    run.add_argument("--stages", type=stages_argument, help="comma-separated stage numbers, e.g. 01,02 (default: all)")
+    run.add_argument("--outputs-dir", help="where run folders go (default: outputs/)")
+    add_train_parser(sub)
     serve = sub.add_parser("serve", help="serve a trained run on the OpenAI API (FastAPI + uvicorn)",
                            description="Serve a trained run on the OpenAI API (FastAPI + uvicorn) on 127.0.0.1. "
                            "merged/ and the GGUF served are made first when missing or older than the adapter.")
@@ -199,23 +207,6 @@ def check_layout(args) -> None:
                          f"machine 0 (default 29500).")
 
 
-def open_run_in_worker(args, run_name: str):
-    """A worker opens the run once machine 0's parent prepared it (it was launched after): rank 0
-    opens it first while the others wait at a barrier of the process group (machines other than 0
-    start their workers at once; a shared filesystem carries the run folder to them)."""
-    import torch
-    from accelerate import PartialState
-
-    # the backend Trainer will pick: gloo on CPU, nccl on CUDA (PartialState is one per process)
-    with PartialState(cpu=not torch.cuda.is_available()).main_process_first():
-        try:
-            return open_run(run_name, args.outputs_dir)  # machine 0's parent set it up with these settings
-        except QLoraError as exc:
-            raise QLoraError(f"{exc} (machine rank {os.environ.get('GROUP_RANK', '?')}: with several machines "
-                             f"--outputs-dir must be a folder every machine sees, e.g. on a shared "
-                             f"filesystem; machine 0 prepares the run there)") from None
-
-
 def train_command(args) -> int:
     """Stages 01, 03 and 04 through their entry points (`runs.STAGES`); with --num-processes N (and
     --num-machines M) machine 0's parent sets up and prepares, then every machine launches its N
@@ -227,12 +218,14 @@ def train_command(args) -> int:
                else open_run(run_name, args.outputs_dir))  # the parent set it up with these settings
     elif args.machine_rank > 0:  # another machine: its workers wait for machine 0's
         distributed = load_config(args.config, args.overrides).train.distributed
-        return subprocess.call(accelerate_command(args, run_name, distributed))
+        return launch(accelerate_command(args, run_name, distributed))
     else:
+        if args.num_machines > 1:
+            check_port_free(args.main_port or 29500)
         run = setup_run(args.config, run_name, args.overrides, args.outputs_dir, origin="--set")
         stage("03").run(run)
         if args.num_processes * args.num_machines > 1:
-            return subprocess.call(accelerate_command(args, run_name, run.cfg.train.distributed))
+            return launch(accelerate_command(args, run_name, run.cfg.train.distributed))
     summary = stage("04").run(run)
     if os.environ.get("RANK", "0") == "0":
         losses = (f"held-out loss {summary['heldout_loss_base']} -> {summary['heldout_loss_tuned']}"

@@ -21,6 +21,8 @@ COMMON = ["train.wandb=disabled", "train.eval_samples=0", "train.max_steps=3", "
           "train.learning_rate=5e-3", "lora.dropout=0.0", "train.gradient_accumulation_steps=1"]
 TIMEOUT_S = 480  # a hung rendezvous fails the test instead of the whole CI run
 
+Done = subprocess.CompletedProcess
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -43,22 +45,31 @@ def _adapter(outputs: Path, run_name: str) -> dict[str, torch.Tensor]:
     return load_file(outputs / run_name / "adapter" / "adapter_model.safetensors")
 
 
-def test_two_machines_train_the_adapter_of_one_process_with_the_same_global_batch(tmp_path, tiny_dir):
+def _two_machines(outputs: Path, run_name: str, overrides: dict[int, list[str]]) -> dict[int, Done]:
+    """Machines 1 and 0 (`overrides` by rank) launched at once, to the end of both: their exit and output."""
     port = _free_port()
     machines = {rank: subprocess.Popen(
-        _train(tmp_path, "two", [*COMMON, "train.micro_batch_size=2"], "--num-machines", "2",
-               "--machine-rank", str(rank), "--main-address", "127.0.0.1", "--main-port", str(port)),
+        _train(outputs, run_name, overrides[rank], "--num-machines", "2", "--machine-rank", str(rank),
+               "--main-address", "127.0.0.1", "--main-port", str(port)),
         env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (1, 0)}
-    logs = {}
+    done = {}
     try:
         for rank in (0, 1):  # machine 0 first: if it fails, machine 1 would wait for it until the timeout
-            logs[rank] = machines[rank].communicate(timeout=TIMEOUT_S)[0]
-            assert machines[rank].returncode == 0, f"machine {rank}:\n{logs[rank][-4000:]}"
+            out = machines[rank].communicate(timeout=TIMEOUT_S)[0]
+            done[rank] = Done(machines[rank].args, machines[rank].returncode, out)
     finally:
         for proc in machines.values():
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+    return done
+
+
+def test_two_machines_train_the_adapter_of_one_process_with_the_same_global_batch(tmp_path, tiny_dir):
+    runs = _two_machines(tmp_path, "two", {rank: [*COMMON, "train.micro_batch_size=2"] for rank in (0, 1)})
+    logs = {rank: done.stdout for rank, done in runs.items()}
+    for rank, done in runs.items():
+        assert done.returncode == 0, f"machine {rank}:\n{done.stdout[-4000:]}"
     one = subprocess.run(_train(tmp_path, "one", [*COMMON, "train.micro_batch_size=4"]), env=_env(),
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=TIMEOUT_S)
     assert one.returncode == 0, one.stdout[-4000:]
@@ -70,6 +81,18 @@ def test_two_machines_train_the_adapter_of_one_process_with_the_same_global_batc
     # adapters would prove nothing)
     assert all(single[n].abs().max() > 1e-4 for n in single if "lora_B" in n)
     assert "Adapter saved to" in logs[0] and "Adapter saved to" not in logs[1]  # world rank 0 writes it
+
+
+def test_machines_started_with_other_settings_both_stop_and_say_which(tmp_path, tiny_dir):
+    """Machine 1's --set differs: its workers used to train with machine 0's settings without a word
+    (the run folder's), both exiting 0; a stale run folder on machine 1 made machine 0 die on gloo."""
+    runs = _two_machines(tmp_path, "differ", {0: COMMON, 1: [*COMMON, "train.max_steps=4"]})
+    said = ("error: The machines of this run disagree, so none trains: machine 1 was started with other settings "
+            "than machine 0 set run 'differ' up with (train.max_steps: now 4, run has 3): give every machine the "
+            "same --config and --set.")
+    for rank, done in runs.items():
+        assert done.returncode == 1 and said in done.stdout, f"machine {rank}:\n{done.stdout[-4000:]}"
+    assert not (tmp_path / "differ" / "adapter").exists()
 
 
 def _args(*argv: str):
@@ -124,3 +147,12 @@ def test_a_port_out_of_range_is_a_usage_error_before_the_run_is_set_up(rank, tmp
     assert code == 2 and list(tmp_path.iterdir()) == []
     err = capsys.readouterr().err
     assert "train: error: --main-port 70000 is not a TCP port: use 1 .. 65535" in err and "Traceback" not in err
+
+
+def test_train_help_explains_every_option():
+    """`train --help` listed --set with no word on it; with several machines it must be the same on each."""
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    silent = [a.option_strings[0] for a in train._actions if a.option_strings and not a.help]
+    assert silent == []
+    helps = {a.option_strings[0]: a.help for a in train._actions if a.option_strings}
+    assert "the same on each" in helps["--set"] and "every machine sees" in helps["--outputs-dir"]
