@@ -240,6 +240,12 @@ def test_a_full_queue_answers_503_with_retry_after(run, export):
         assert srv.health()["waiting"] == 0
         ok = httpx.post(url, headers=headers, json={**body, "stream": False, "max_tokens": 2}, timeout=60)
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+        # more rows than the queue holds is the request's fault: a 400 naming the field (n, not prompt)
+        chat = {"model": "serve", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "n": 2}
+        two = httpx.post(f"{srv.base_url}/chat/completions", headers=headers, json=chat, timeout=60)
+        assert two.status_code == 400 and two.json()["error"]["param"] == "n", two.text
+        both = httpx.post(url, headers=headers, json={**body, "stream": False, "prompt": ["a", "b"]}, timeout=60)
+        assert both.status_code == 400 and both.json()["error"]["param"] == "prompt", both.text
         assert srv.stop(), (srv.proc.returncode, srv.log_tail())  # SIGTERM: a clean shutdown
         assert not srv.healthy()
 

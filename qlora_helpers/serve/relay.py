@@ -31,8 +31,10 @@ class Events:
 def submit(engine, request: Request, jobs: list[Job], copies: int = 1) -> None:
     """Queue every job of the request (`copies` per prompt: n), or none (503 + Retry-After when the
     queue is full)."""
-    if len(jobs) > engine.max_queue:
-        raise APIError(400, f"At most {engine.max_queue} prompts x n per request.", param="prompt")
+    if len(jobs) > engine.max_queue:  # the field at fault: n when the prompts alone would fit
+        prompts = len(jobs) // copies
+        raise APIError(400, f"At most {engine.max_queue} prompts x n per request (serve.max_queue), this one "
+                       f"asks {prompts} x {copies}.", param="prompt" if prompts > engine.max_queue else "n")
     try:
         for job in jobs:
             engine.submit(job)
