@@ -98,6 +98,7 @@ def worker_facts(args, run_name: str, run, problem: str | None) -> dict:
         try:
             asked = load_config(args.config, args.overrides)
             facts.update(differs=config_differences(asked, run.cfg), setup=_digest(run),
+                         files=" or ".join(path.name for path in (run.config_file, run.env_file)),
                          resume=resolve_checkpoint(run.cfg.train.resume, run.checkpoints_dir, "train.resume"))
         except QLoraError as exc:  # this machine's --config or --set is wrong; its parent checked them, so rare
             facts["problem"] = str(exc)
@@ -121,7 +122,7 @@ def _complaint(facts: dict, main: dict) -> str | None:
     if facts["setup"] != main["setup"] or facts["resume"] != main["resume"]:  # before the settings: a copy's differ too
         seen = (f"it would resume from {facts['resume'] or 'no checkpoint'}, machine 0 from "
                 f"{main['resume'] or 'no checkpoint'}"
-                if facts["setup"] == main["setup"] else "its config.json or env.json differ from machine 0's")
+                if facts["setup"] == main["setup"] else f"its {facts['files']} differ from machine 0's")
         return (f"machine {m} reads another copy of run {name!r} in {facts['folder']} ({seen}): --outputs-dir "
                 f"must be the folder machine 0 set the run up in ({main['folder']}), shared by every machine")
     if facts["differs"]:
@@ -155,7 +156,7 @@ def open_run_in_worker(args, run_name: str):
         try:
             run = open_run(run_name, args.outputs_dir)  # machine 0's parent set it up with these settings
         except NotSetUp:
-            problem = "its config.json is missing"
+            problem = "stage 01 never set it up there"
         except QLoraError as exc:
             problem = str(exc)
     every: list = [None] * dist.get_world_size()

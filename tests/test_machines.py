@@ -18,7 +18,7 @@ from qlora_helpers.paths import PROJECT_ROOT
 
 def _facts(machine: int = 0, **changes) -> dict:
     facts = {"machine": machine, "run_name": "two", "processes": 8, "folder": "/shared/outputs/two",
-             "problem": None, "differs": [], "setup": "abc", "resume": None}
+             "problem": None, "differs": [], "setup": "abc", "resume": None, "files": "config.json or env.json"}
     return {**facts, **changes}
 
 
@@ -29,8 +29,8 @@ def test_workers_that_agree_train():
 @pytest.mark.parametrize("changes, words", [
     ({"run_name": "other"}, "machine 1 was started with --run-name other, machine 0 with two"),
     ({"processes": 4}, "machine 1 was started with --num-processes 4, machine 0 with 8"),
-    ({"problem": "its config.json is missing", "folder": "/local/two", "setup": None},
-     "machine 1 cannot open run 'two' in /local/two (its config.json is missing); with several machines "
+    ({"problem": "stage 01 never set it up there", "folder": "/local/two", "setup": None},
+     "machine 1 cannot open run 'two' in /local/two (stage 01 never set it up there); with several machines "
      "--outputs-dir must be a folder every machine sees (a shared filesystem): machine 0 set the run up in "
      "/shared/outputs/two"),
     # an old copy of the run on machine 1's own disk: its settings differ too, but the folder is the cause
