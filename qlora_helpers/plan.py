@@ -337,11 +337,17 @@ def check_plannable(cfg: Config, shape: Shape) -> None:
         raise ConfigError(f"lora.target_modules={named} names none of the model's linear layers "
                           f"({', '.join(shape.linears())}): peft would find no layer to adapt. Name some of them "
                           f"or use all-linear.", key="lora.target_modules")
-    if fast_path_runs(cfg) and cfg.train.packed_tokens < cfg.model.max_seq_length:
+    if fast_path_runs(cfg):
+        check_packed_tokens(cfg)
+
+
+def check_packed_tokens(cfg: Config) -> None:
+    """The fast path's packing budget holds the longest example (training's rule, and the plan's)."""
+    if cfg.train.packed_tokens < cfg.model.max_seq_length:
         raise ConfigError(f"train.packed_tokens={cfg.train.packed_tokens} is below model.max_seq_length="
                           f"{cfg.model.max_seq_length}: the fast path (train.fast_path={cfg.train.fast_path}) "
                           f"refuses it, the longest examples would not fit a micro-batch. Raise "
-                          f"train.packed_tokens, or plan the plain path with train.fast_path=never.",
+                          f"train.packed_tokens, or take the plain path with train.fast_path=never.",
                           key="train.packed_tokens")
 
 

@@ -201,10 +201,7 @@ class Collator:
 def training_rows(cfg: Config, data: PreparedData, fast: bool = False) -> list[dict[str, Any]]:
     rows = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in data.train]
     if fast:
-        if cfg.train.packed_tokens < cfg.model.max_seq_length:
-            raise QLoraError(f"train.packed_tokens={cfg.train.packed_tokens} is below model.max_seq_length="
-                             f"{cfg.model.max_seq_length}: the longest examples would not fit a micro-batch. "
-                             f"Raise train.packed_tokens.")
+        plan.check_packed_tokens(cfg)
         return pack_examples(rows, cfg.train.packed_tokens, seed=cfg.data.seed)
     if cfg.data.packing:
         return pack_examples(rows, cfg.model.max_seq_length, seed=cfg.data.seed)
